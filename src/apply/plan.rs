@@ -1,0 +1,634 @@
+//! Planning one segment of a batch (files that share a schema): which DDL the target
+//! needs, how each column is loaded, and whether the schema policy holds the table.
+//!
+//! Two comparisons drive it. The *source changes* (last accepted source schema vs. the
+//! file) decide whether a policy holds the table and what the alert says. The *target
+//! comparison* (the warehouse's columns vs. the file) decides the DDL and casts. Keeping
+//! them apart makes the plan idempotent: a crash between DDL and commit, or a change
+//! accepted with `cdc-worker schema accept`, is simply planned again from what is there.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::schema::diff::{ChangeKind, SchemaChange, TypeChange, classify, fold};
+use crate::schema::policy::{
+    IncompatiblePolicy, NewColumnPolicy, NewTablePolicy, RemovedColumnPolicy, SchemaPolicy,
+    WideningPolicy,
+};
+use crate::schema::types::{Column, ColumnType, FileSchema};
+use crate::warehouse::{BatchFile, TargetTable};
+
+/// A statement that changes the target's shape, run before the load in the same
+/// transaction where the warehouse allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "ddl", rename_all = "snake_case")]
+pub enum Ddl {
+    CreateTable {
+        columns: Vec<Column>,
+        /// Firebolt's primary index; DuckDB declares no constraint (see its module).
+        primary_key: Vec<String>,
+    },
+    AddColumn {
+        column: Column,
+    },
+    WidenColumn {
+        column: String,
+        from: ColumnType,
+        to: ColumnType,
+    },
+}
+
+/// How one target column is filled from the staged batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadExpr {
+    /// The source column as it is.
+    Column(String),
+    /// A cast that cannot fail (the file's type is narrower than the column's).
+    Cast { column: String, to: ColumnType },
+    /// A cast that may fail: such values load as NULL and are counted.
+    TryCast { column: String, to: ColumnType },
+    /// The source value only where it does not cast to `fits` (a variant column).
+    Variant { column: String, fits: ColumnType },
+}
+
+impl LoadExpr {
+    pub fn source_column(&self) -> &str {
+        match self {
+            LoadExpr::Column(c)
+            | LoadExpr::Cast { column: c, .. }
+            | LoadExpr::TryCast { column: c, .. }
+            | LoadExpr::Variant { column: c, .. } => c,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadColumn {
+    pub target: String,
+    pub expr: LoadExpr,
+}
+
+/// A key column: its name in the target and in the staged files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyColumn {
+    pub target: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadMode {
+    /// One row per key, the latest change winning; `D` deletes.
+    Merge { key: Vec<KeyColumn> },
+    /// No key: every non-delete row is appended in file and row order.
+    Append,
+}
+
+/// Everything a warehouse needs to apply one segment.
+#[derive(Debug, Clone)]
+pub struct ApplyPlan {
+    pub batch_id: String,
+    pub table: String,
+    pub ddl: Vec<Ddl>,
+    pub load: Vec<LoadColumn>,
+    pub mode: LoadMode,
+    /// The operation column, when at least one file carries it.
+    pub op_column: Option<String>,
+    /// The ordering column (source name), when configured and present.
+    pub ordering_column: Option<String>,
+    /// All source columns of the segment, in order: the staging table's shape.
+    pub staged_columns: Vec<Column>,
+    /// The files to record in the ledger, in DMS order.
+    pub files: Vec<BatchFile>,
+    /// The lease token this apply runs under; the ledger commit checks it.
+    pub fence: Option<Fence>,
+}
+
+/// Fencing: the commit succeeds only if no newer lease holder has committed this table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub token: u64,
+    pub holder: String,
+}
+
+/// What the worker did (or will do) about a change, for alerts and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    CreatedTable { key: Vec<String> },
+    AddedColumn { column: String, #[serde(rename = "type")] ty: ColumnType },
+    IgnoredColumn { column: String, reason: String },
+    KeptColumn { column: String, note: String },
+    WidenedColumn { column: String, from: ColumnType, to: ColumnType },
+    CastOnLoad { column: String, to: ColumnType, lossless: bool },
+    AddedVariantColumn { column: String, variant: String, #[serde(rename = "type")] ty: ColumnType },
+    Held { reason: String },
+    IgnoredTable,
+    AppendOnly { note: String },
+}
+
+impl Action {
+    pub fn describe(&self) -> String {
+        match self {
+            Action::CreatedTable { key } if key.is_empty() => {
+                "created the table (no key: rows are appended)".into()
+            }
+            Action::CreatedTable { key } => format!("created the table, key ({})", key.join(", ")),
+            Action::AddedColumn { column, ty } => format!("added column {column} {ty}"),
+            Action::IgnoredColumn { column, reason } => format!("ignored column {column}: {reason}"),
+            Action::KeptColumn { column, note } => format!("kept column {column}: {note}"),
+            Action::WidenedColumn { column, from, to } => {
+                format!("widened column {column} {from} -> {to}")
+            }
+            Action::CastOnLoad {
+                column,
+                to,
+                lossless,
+            } => format!(
+                "values of {column} are cast to {to}{}",
+                if *lossless {
+                    " (lossless)"
+                } else {
+                    "; values that do not cast load as NULL"
+                }
+            ),
+            Action::AddedVariantColumn {
+                column,
+                variant,
+                ty,
+            } => format!("values of {column} that do not fit go to new column {variant} {ty}"),
+            Action::Held { reason } => format!("table held: {reason}"),
+            Action::IgnoredTable => "table ignored: its files are dropped".into(),
+            Action::AppendOnly { note } => note.clone(),
+        }
+    }
+}
+
+/// What the planner decided for a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Apply {
+        ddl: Vec<Ddl>,
+        load: Vec<LoadColumn>,
+        mode: LoadMode,
+        actions: Vec<Action>,
+    },
+    /// The policy says stop: nothing is applied until the change is accepted.
+    Hold {
+        reason: String,
+        kinds: Vec<ChangeKind>,
+    },
+    /// `new_table = "ignore"`: the table's files are dropped.
+    Ignore,
+}
+
+/// The inputs of [`plan`].
+pub struct PlanInput<'a> {
+    pub target: Option<&'a TargetTable>,
+    pub file: &'a FileSchema,
+    pub policy: SchemaPolicy,
+    /// Changes from the last accepted source schema to this file (empty: none).
+    pub source_changes: &'a [SchemaChange],
+    /// Per-column choices made with `cdc-worker schema accept` for incompatible types.
+    pub resolutions: &'a BTreeMap<String, IncompatiblePolicy>,
+    /// Key columns (source names); empty: no key, append.
+    pub key: &'a [String],
+    pub column_name: &'a dyn Fn(&str) -> String,
+}
+
+/// Suffix of variant columns: `price__v_string`.
+pub fn variant_column(column: &str, ty: &ColumnType) -> String {
+    let ty = ty.to_string();
+    let ty: String = ty
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{column}__v_{}", ty.trim_end_matches('_'))
+}
+
+/// Decides DDL, load expressions and holds for one segment.
+pub fn plan(input: &PlanInput<'_>) -> Decision {
+    if let Some(hold) = policy_hold(input) {
+        return hold;
+    }
+    let name = input.column_name;
+    let file_columns = &input.file.table.columns;
+
+    // Key columns must be in the file, whatever the target.
+    let mut key = Vec::new();
+    for k in input.key {
+        match file_columns.iter().find(|c| fold(&c.name) == fold(k)) {
+            Some(c) => key.push(KeyColumn {
+                target: name(&c.name),
+                source: c.name.clone(),
+            }),
+            None => {
+                return Decision::Hold {
+                    reason: format!(
+                        "key column `{k}` is not in the file; fix the table's key (config, table_keys.json) or the source"
+                    ),
+                    kinds: vec![],
+                };
+            }
+        }
+    }
+    let mode = if key.is_empty() {
+        LoadMode::Append
+    } else {
+        LoadMode::Merge { key: key.clone() }
+    };
+
+    let mut ddl = Vec::new();
+    let mut load = Vec::new();
+    let mut actions = Vec::new();
+    let loadable: Vec<&Column> = file_columns
+        .iter()
+        .filter(|c| {
+            if let ColumnType::Unsupported(what) = &c.ty {
+                actions.push(Action::IgnoredColumn {
+                    column: c.name.clone(),
+                    reason: format!("type {what} cannot be loaded"),
+                });
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+
+    let Some(target) = input.target else {
+        let columns: Vec<Column> = loadable
+            .iter()
+            .map(|c| Column {
+                name: name(&c.name),
+                ty: c.ty.clone(),
+                nullable: true,
+            })
+            .collect();
+        actions.insert(
+            0,
+            Action::CreatedTable {
+                key: key.iter().map(|k| k.target.clone()).collect(),
+            },
+        );
+        if key.is_empty() {
+            actions.push(Action::AppendOnly {
+                note: "no key configured: rows are appended and deletes ignored; set [tables.NAME] key = [...] or add the table to table_keys.json to merge".into(),
+            });
+        }
+        ddl.push(Ddl::CreateTable {
+            columns,
+            primary_key: key.iter().map(|k| k.target.clone()).collect(),
+        });
+        load = loadable
+            .iter()
+            .map(|c| LoadColumn {
+                target: name(&c.name),
+                expr: LoadExpr::Column(c.name.clone()),
+            })
+            .collect();
+        return Decision::Apply {
+            ddl,
+            load,
+            mode,
+            actions,
+        };
+    };
+
+    let removed: Vec<&str> = input
+        .source_changes
+        .iter()
+        .filter_map(|c| match c {
+            SchemaChange::RemovedColumn { column, .. } => Some(column.as_str()),
+            SchemaChange::ProbableRename { from, .. } => Some(from.as_str()),
+            _ => None,
+        })
+        .collect();
+    for column in removed {
+        actions.push(Action::KeptColumn {
+            column: column.to_string(),
+            note: "inserted rows get NULL; updated rows keep their last value".into(),
+        });
+    }
+
+    for c in loadable {
+        let target_name = name(&c.name);
+        let existing = target
+            .columns
+            .iter()
+            .find(|t| fold(&t.name) == fold(&target_name));
+        let Some(existing) = existing else {
+            match input.policy.new_column {
+                NewColumnPolicy::Ignore => actions.push(Action::IgnoredColumn {
+                    column: c.name.clone(),
+                    reason: "policy new_column = ignore: its values are not loaded".into(),
+                }),
+                // Fail reaches here only once accepted: then it is added.
+                NewColumnPolicy::Add | NewColumnPolicy::Fail => {
+                    let column = Column {
+                        name: target_name.clone(),
+                        ty: c.ty.clone(),
+                        nullable: true,
+                    };
+                    actions.push(Action::AddedColumn {
+                        column: target_name.clone(),
+                        ty: c.ty.clone(),
+                    });
+                    ddl.push(Ddl::AddColumn { column });
+                    load.push(LoadColumn {
+                        target: target_name,
+                        expr: LoadExpr::Column(c.name.clone()),
+                    });
+                }
+            }
+            continue;
+        };
+        let target_name = existing.name.clone();
+        match classify(&existing.ty, &c.ty) {
+            TypeChange::Same => load.push(LoadColumn {
+                target: target_name,
+                expr: LoadExpr::Column(c.name.clone()),
+            }),
+            TypeChange::Narrowing => {
+                if input.source_changes.iter().any(|ch| matches!(ch, SchemaChange::TypeChanged { column, .. } if fold(column) == fold(&c.name))) {
+                    actions.push(Action::CastOnLoad {
+                        column: target_name.clone(),
+                        to: existing.ty.clone(),
+                        lossless: true,
+                    });
+                }
+                load.push(LoadColumn {
+                    target: target_name,
+                    expr: LoadExpr::Cast {
+                        column: c.name.clone(),
+                        to: existing.ty.clone(),
+                    },
+                });
+            }
+            TypeChange::Widening => {
+                // `widening = "fail"` reaches here only once accepted.
+                actions.push(Action::WidenedColumn {
+                    column: target_name.clone(),
+                    from: existing.ty.clone(),
+                    to: c.ty.clone(),
+                });
+                ddl.push(Ddl::WidenColumn {
+                    column: target_name.clone(),
+                    from: existing.ty.clone(),
+                    to: c.ty.clone(),
+                });
+                load.push(LoadColumn {
+                    target: target_name,
+                    expr: LoadExpr::Column(c.name.clone()),
+                });
+            }
+            TypeChange::Incompatible => {
+                let resolution = input
+                    .resolutions
+                    .get(&fold(&c.name))
+                    .copied()
+                    .unwrap_or(match input.policy.incompatible {
+                        // Fail reaches here only once accepted without a choice.
+                        IncompatiblePolicy::Fail => IncompatiblePolicy::Variant,
+                        other => other,
+                    });
+                match resolution {
+                    IncompatiblePolicy::Variant | IncompatiblePolicy::Fail => {
+                        let variant = variant_column(&target_name, &c.ty);
+                        let has_variant = target
+                            .columns
+                            .iter()
+                            .any(|t| fold(&t.name) == fold(&variant));
+                        if !has_variant {
+                            ddl.push(Ddl::AddColumn {
+                                column: Column::new(variant.clone(), c.ty.clone()),
+                            });
+                        }
+                        actions.push(Action::AddedVariantColumn {
+                            column: target_name.clone(),
+                            variant: variant.clone(),
+                            ty: c.ty.clone(),
+                        });
+                        load.push(LoadColumn {
+                            target: target_name,
+                            expr: LoadExpr::TryCast {
+                                column: c.name.clone(),
+                                to: existing.ty.clone(),
+                            },
+                        });
+                        load.push(LoadColumn {
+                            target: variant,
+                            expr: LoadExpr::Variant {
+                                column: c.name.clone(),
+                                fits: existing.ty.clone(),
+                            },
+                        });
+                    }
+                    IncompatiblePolicy::Cast => {
+                        actions.push(Action::CastOnLoad {
+                            column: target_name.clone(),
+                            to: existing.ty.clone(),
+                            lossless: false,
+                        });
+                        load.push(LoadColumn {
+                            target: target_name,
+                            expr: LoadExpr::TryCast {
+                                column: c.name.clone(),
+                                to: existing.ty.clone(),
+                            },
+                        });
+                    }
+                    IncompatiblePolicy::Ignore => actions.push(Action::IgnoredColumn {
+                        column: target_name,
+                        reason: format!(
+                            "type changed to {} (incompatible = ignore): inserted rows get NULL, updated rows keep their last value",
+                            c.ty
+                        ),
+                    }),
+                }
+            }
+        }
+    }
+    Decision::Apply {
+        ddl,
+        load,
+        mode,
+        actions,
+    }
+}
+
+/// Whether a new (not yet accepted) change meets a policy that stops the table.
+fn policy_hold(input: &PlanInput<'_>) -> Option<Decision> {
+    let p = &input.policy;
+    let mut kinds = Vec::new();
+    let mut reasons = Vec::new();
+    for change in input.source_changes {
+        let stop = match change {
+            SchemaChange::NewTable { .. } => match p.new_table {
+                NewTablePolicy::Ignore => return Some(Decision::Ignore),
+                NewTablePolicy::Hold => input.target.is_none(),
+                NewTablePolicy::Create => false,
+            },
+            SchemaChange::NewColumn { .. } => p.new_column == NewColumnPolicy::Fail,
+            SchemaChange::RemovedColumn { .. } => p.removed_column == RemovedColumnPolicy::Fail,
+            SchemaChange::ProbableRename { .. } => {
+                p.new_column == NewColumnPolicy::Fail
+                    || p.removed_column == RemovedColumnPolicy::Fail
+            }
+            SchemaChange::TypeChanged { change, .. } => match change {
+                TypeChange::Widening => p.widening == WideningPolicy::Fail,
+                TypeChange::Incompatible => p.incompatible == IncompatiblePolicy::Fail,
+                TypeChange::Narrowing | TypeChange::Same => false,
+            },
+            SchemaChange::Nullability { .. } => false,
+        };
+        if stop {
+            kinds.push(change.kind());
+            reasons.push(change.describe());
+        }
+    }
+    if kinds.is_empty() {
+        return None;
+    }
+    kinds.sort();
+    kinds.dedup();
+    Some(Decision::Hold {
+        reason: format!(
+            "{} (policy {})",
+            reasons.join("; "),
+            serde_json::to_value(p.preset)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        ),
+        kinds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::diff::diff;
+    use crate::schema::policy::PolicyPreset;
+    use crate::schema::types::TableSchema;
+
+    fn file(cols: &[(&str, ColumnType)]) -> FileSchema {
+        FileSchema {
+            table: TableSchema::new(cols.iter().map(|(n, t)| Column::new(*n, t.clone())).collect()),
+            has_op: true,
+            rows: 1,
+        }
+    }
+
+    fn target(cols: &[(&str, ColumnType)]) -> TargetTable {
+        TargetTable {
+            name: "t".into(),
+            columns: cols.iter().map(|(n, t)| Column::new(*n, t.clone())).collect(),
+            primary_key: vec![],
+        }
+    }
+
+    fn run(
+        target: Option<&TargetTable>,
+        stored: Option<&TableSchema>,
+        f: &FileSchema,
+        preset: PolicyPreset,
+        key: &[&str],
+    ) -> Decision {
+        let changes = if stored.map(|s| s == &f.table).unwrap_or(false) {
+            vec![]
+        } else {
+            diff(stored, &f.table)
+        };
+        let key: Vec<String> = key.iter().map(|s| s.to_string()).collect();
+        let identity = |s: &str| s.to_string();
+        plan(&PlanInput {
+            target,
+            file: f,
+            policy: preset.policy(),
+            source_changes: &changes,
+            resolutions: &BTreeMap::new(),
+            key: &key,
+            column_name: &identity,
+        })
+    }
+
+    #[test]
+    fn new_table_is_created_with_its_key() {
+        let f = file(&[("id", ColumnType::Int64), ("name", ColumnType::String)]);
+        match run(None, None, &f, PolicyPreset::Evolve, &["ID"]) {
+            Decision::Apply { ddl, mode, .. } => {
+                assert!(matches!(&ddl[0], Ddl::CreateTable { primary_key, .. } if primary_key == &["id"]));
+                assert!(matches!(mode, LoadMode::Merge { .. }));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            run(None, None, &f, PolicyPreset::Strict, &["id"]),
+            Decision::Hold { .. }
+        ));
+    }
+
+    #[test]
+    fn new_column_is_added_or_holds() {
+        let t = target(&[("id", ColumnType::Int64)]);
+        let stored = t.columns.clone();
+        let stored = TableSchema::new(stored);
+        let f = file(&[("id", ColumnType::Int64), ("email", ColumnType::String)]);
+        match run(Some(&t), Some(&stored), &f, PolicyPreset::Evolve, &["id"]) {
+            Decision::Apply { ddl, load, .. } => {
+                assert!(matches!(&ddl[0], Ddl::AddColumn { column } if column.name == "email"));
+                assert_eq!(load.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            run(Some(&t), Some(&stored), &f, PolicyPreset::Strict, &["id"]),
+            Decision::Hold { .. }
+        ));
+        // Once accepted (stored schema = file schema), strict adds it too.
+        match run(Some(&t), Some(&f.table), &f, PolicyPreset::Strict, &["id"]) {
+            Decision::Apply { ddl, .. } => assert_eq!(ddl.len(), 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn type_changes_widen_cast_or_variant() {
+        let t = target(&[("id", ColumnType::Int64), ("n", ColumnType::Int32), ("p", ColumnType::Int64)]);
+        let stored = TableSchema::new(t.columns.clone());
+        let f = file(&[("id", ColumnType::Int32), ("n", ColumnType::Int64), ("p", ColumnType::String)]);
+        match run(Some(&t), Some(&stored), &f, PolicyPreset::Evolve, &["id"]) {
+            Decision::Apply { ddl, load, .. } => {
+                assert!(matches!(&load[0].expr, LoadExpr::Cast { to: ColumnType::Int64, .. }));
+                assert!(ddl.iter().any(|d| matches!(d, Ddl::WidenColumn { column, .. } if column == "n")));
+                assert!(ddl.iter().any(|d| matches!(d, Ddl::AddColumn { column } if column.name == "p__v_string")));
+                assert!(load.iter().any(|l| matches!(&l.expr, LoadExpr::Variant { .. })));
+            }
+            other => panic!("{other:?}"),
+        }
+        match run(Some(&t), Some(&stored), &f, PolicyPreset::Lenient, &["id"]) {
+            Decision::Apply { load, .. } => {
+                assert!(load.iter().any(|l| matches!(&l.expr, LoadExpr::TryCast { to: ColumnType::Int64, .. })));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_key_column_holds() {
+        let f = file(&[("name", ColumnType::String)]);
+        assert!(matches!(
+            run(None, None, &f, PolicyPreset::Evolve, &["id"]),
+            Decision::Hold { .. }
+        ));
+    }
+
+    #[test]
+    fn variant_names_are_plain() {
+        assert_eq!(
+            variant_column("price", &ColumnType::Decimal { precision: 10, scale: 2 }),
+            "price__v_decimal_10_2"
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! The command-line tools around the daemon: setup, simulation, the demo, schema history,
+//! status, replay and connection checks. `anyhow` lives here, at the edge.
+
+pub mod bench;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+
+use crate::aws::AwsClients;
+use crate::config::Config;
+use crate::dev::{self, ResourceSpec, Resources};
+use crate::dms::{KeyClass, TableRouter, classify_key};
+use crate::schema::policy::IncompatiblePolicy;
+use crate::schema::store::{SchemaStore, TableStatus};
+use crate::simulate;
+use crate::storage::{ObjectStore, WriteCondition};
+use crate::worker::{self, Worker};
+
+fn last_segment(s: &str, sep: char) -> &str {
+    s.rsplit(sep).next().unwrap_or(s)
+}
+
+/// The resource names a config implies.
+pub fn resource_spec(config: &Config) -> ResourceSpec {
+    let topic = config
+        .alerts
+        .sns_topic_arn
+        .as_deref()
+        .map(|a| last_segment(a, ':').to_string())
+        .unwrap_or_else(|| "cdc-worker-alerts".into());
+    ResourceSpec {
+        bucket: config.source.bucket.clone(),
+        prefix: config.source.prefix.clone(),
+        queue: last_segment(config.queue.url.trim_end_matches('/'), '/').to_string(),
+        topic,
+        max_receive_count: 5,
+        visibility_timeout_s: 60,
+    }
+}
+
+pub async fn dev_setup(config: &Config) -> anyhow::Result<Resources> {
+    let aws = AwsClients::new(&config.aws).await;
+    let resources = dev::ensure_resources(&aws, &resource_spec(config)).await?;
+    if resources.queue_url != config.queue.url {
+        tracing::warn!(created = %resources.queue_url, configured = %config.queue.url, "the queue URL differs from queue.url; use the created one");
+    }
+    println!("bucket        s3://{}", resources.bucket);
+    println!("queue         {}", resources.queue_url);
+    println!("dead letters  {}", resources.dlq_url);
+    println!("alerts topic  {}", resources.topic_arn);
+    println!("alerts inbox  {}", resources.alerts_queue_url);
+    Ok(resources)
+}
+
+fn table_keys_key(config: &Config) -> String {
+    format!(
+        "{}/{}",
+        config.metadata.prefix.trim_end_matches('/'),
+        config.metadata.table_keys
+    )
+}
+
+pub async fn simulate(config: &Config, seed: u64, pace_ms: u64) -> anyhow::Result<simulate::Simulation> {
+    let aws = AwsClients::new(&config.aws).await;
+    let store = ObjectStore::new(aws.s3.clone());
+    let dir = tempfile::tempdir()?;
+    let sim = simulate::demo(dir.path(), &config.source.prefix, seed)?;
+    simulate::upload(
+        &store,
+        config.metadata_bucket(),
+        &table_keys_key(config),
+        &sim,
+        Duration::ZERO,
+    )
+    .await?;
+    // The table keys document goes to the metadata bucket; the files to the source bucket.
+    for f in &sim.files {
+        let body = tokio::fs::read(&f.path).await?;
+        store
+            .put(&config.source.bucket, &f.key, Bytes::from(body), "application/octet-stream", WriteCondition::Unconditional)
+            .await?;
+        if pace_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(pace_ms)).await;
+        }
+    }
+    println!("uploaded {} DMS files to s3://{}/{}", sim.files.len(), config.source.bucket, config.source.prefix);
+    Ok(sim)
+}
+
+/// Visible plus in-flight messages of a queue.
+async fn queue_depth(aws: &AwsClients, url: &str) -> anyhow::Result<u64> {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let out = aws
+        .sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await?;
+    let attrs = out.attributes().cloned().unwrap_or_default();
+    let n = |k: A| attrs.get(&k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible))
+}
+
+/// Waits until the queue is empty and no lane has work, for `quiet` in a row.
+pub async fn wait_until_idle(
+    aws: &AwsClients,
+    worker: &Worker,
+    queue_url: &str,
+    quiet: Duration,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    while started.elapsed() < timeout {
+        let depth = queue_depth(aws, queue_url).await?;
+        let busy = worker.engine().lanes().iter().any(|(_, l)| l.pending_files > 0);
+        if depth == 0 && !busy {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= quiet {
+                return Ok(());
+            }
+        } else {
+            idle_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("the worker did not finish within {}s", timeout.as_secs())
+}
+
+pub async fn demo(mut config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    println!("== cdc-worker demo: LocalStack S3 -> SQS -> cdc-worker -> DuckDB ({})", config.warehouse.duckdb.path.display());
+    let resources = dev_setup(&config).await?;
+    config.queue.url = resources.queue_url.clone();
+    config.alerts.sns_topic_arn = Some(resources.topic_arn.clone());
+    let aws = AwsClients::new(&config.aws).await;
+    let _ = dev::drain_alerts(&aws, &resources.alerts_queue_url).await;
+
+    let worker = Worker::start(config.clone()).await?;
+    println!("== worker started ({} receivers); simulating DMS: full load, then 12 minutes of CDC", config.worker.concurrency);
+    let sim = simulate(&config, 7, 20).await?;
+    wait_until_idle(&aws, &worker, &resources.queue_url, Duration::from_secs(3), Duration::from_secs(180)).await?;
+
+    let warehouse = worker.warehouse().clone();
+    let mut rows = BTreeMap::new();
+    for table in sim.expected_rows.keys() {
+        rows.insert(table.clone(), warehouse.row_count(table).await.unwrap_or(0));
+    }
+    worker.shutdown().await;
+
+    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    println!();
+    println!("{:<14} {:>10} {:>10}  {:<8} schema", "table", "rows", "expected", "match");
+    let mut all_match = true;
+    for (table, expected) in &sim.expected_rows {
+        let actual = rows.get(table).copied().unwrap_or(0);
+        let version = schemas
+            .load(table)
+            .await
+            .ok()
+            .flatten()
+            .map(|s| format!("v{} ({} columns)", s.current.version, s.current.columns.len()))
+            .unwrap_or_default();
+        let ok = actual == *expected as u64;
+        all_match &= ok;
+        println!("{table:<14} {actual:>10} {expected:>10}  {:<8} {version}", if ok { "yes" } else { "NO" });
+    }
+    let alerts = dev::drain_alerts(&aws, &resources.alerts_queue_url).await?;
+    println!();
+    println!("alerts published to {} ({}):", resources.topic_arn, alerts.len());
+    for a in &alerts {
+        println!("  {}", a.subject);
+    }
+    println!();
+    println!(
+        "DuckDB file: {}  (inspect: duckdb {} \"SELECT * FROM orders LIMIT 5\")",
+        config.warehouse.duckdb.path.display(),
+        config.warehouse.duckdb.path.display()
+    );
+    println!("done in {:.1}s", started.elapsed().as_secs_f64());
+    if !all_match {
+        anyhow::bail!("some tables do not match the simulated source");
+    }
+    Ok(())
+}
+
+pub async fn schema_show(config: &Config, table: &str) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    let stored = schemas
+        .load(table)
+        .await?
+        .with_context(|| format!("no schema recorded for table `{table}` (s3://{}/{})", schemas.bucket(), schemas.current_key(table)))?;
+    println!("{}", serde_json::to_string_pretty(&stored.current)?);
+    Ok(())
+}
+
+pub async fn schema_history(config: &Config, table: &str) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    let versions = schemas.history(table).await?;
+    if versions.is_empty() {
+        anyhow::bail!("no schema history for table `{table}`");
+    }
+    for v in versions {
+        let status = match &v.status {
+            TableStatus::Active => "accepted".to_string(),
+            TableStatus::Held { .. } => "held".to_string(),
+            TableStatus::Ignored { .. } => "ignored".to_string(),
+        };
+        println!("v{}  {}  {}  {}", v.version, v.detected_at, status, v.file.as_deref().unwrap_or("-"));
+        for c in &v.changes {
+            println!("      change: {}", c.describe());
+        }
+        for a in &v.actions {
+            if let Ok(action) = serde_json::from_value::<serde_json::Value>(a.clone()) {
+                println!("      action: {}", action);
+            }
+        }
+        println!(
+            "      columns: {}",
+            v.columns.iter().map(|c| format!("{} {}", c.name, c.ty)).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn schema_accept(config: &Config, table: &str, incompatible: Option<&str>) -> anyhow::Result<()> {
+    let resolution = match incompatible {
+        None => None,
+        Some("variant") => Some(IncompatiblePolicy::Variant),
+        Some("cast") => Some(IncompatiblePolicy::Cast),
+        Some("ignore") => Some(IncompatiblePolicy::Ignore),
+        Some(other) => anyhow::bail!("--incompatible takes variant, cast or ignore, not `{other}`"),
+    };
+    let aws = AwsClients::new(&config.aws).await;
+    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    let before = schemas
+        .load(table)
+        .await?
+        .with_context(|| format!("no schema recorded for table `{table}`"))?;
+    let TableStatus::Held { version, reason, .. } = &before.current.status else {
+        println!("table `{table}` is not held (status: {:?}); nothing to do", before.current.status);
+        return Ok(());
+    };
+    println!("accepting v{version} of `{table}`: {reason}");
+    let stored = schemas
+        .update(table, |c| {
+            if let Some(r) = resolution {
+                let changed: Vec<String> = c.columns.iter().map(|col| crate::schema::diff::fold(&col.name)).collect();
+                for name in changed {
+                    c.resolutions.entry(name).or_insert(r);
+                }
+            }
+            c.status = TableStatus::Active;
+        })
+        .await?;
+    println!("table `{table}` released at schema v{}; running workers apply its waiting files within seconds", stored.current.version);
+    Ok(())
+}
+
+pub async fn status(config: &Config) -> anyhow::Result<()> {
+    if let Some(addr) = config.telemetry.listen {
+        let url = format!("http://{}/metrics", addr.to_string().replace("0.0.0.0", "127.0.0.1"));
+        if let Ok(resp) = reqwest::get(&url).await {
+            if resp.status().is_success() {
+                println!("a worker answers on {addr}: lanes and lag are in its /metrics");
+            }
+        }
+    }
+    let aws = AwsClients::new(&config.aws).await;
+    let store = ObjectStore::new(aws.s3.clone());
+    let schemas = SchemaStore::new(store.clone(), config.metadata_bucket(), &config.metadata.prefix);
+    let mut tables = schemas.tables().await?;
+    tables.sort();
+    let ledger = match worker::open_warehouse(config, store).await {
+        Ok(w) => w.ledger_summary().await.unwrap_or_default(),
+        Err(e) => {
+            println!("(warehouse not readable while a worker holds it, or unreachable: {e:#})");
+            vec![]
+        }
+    };
+    println!("{:<20} {:<8} {:<10} last applied file", "table", "schema", "status");
+    for t in &tables {
+        let stored = schemas.load(t).await?.map(|s| s.current);
+        let (version, status) = match &stored {
+            Some(c) => (
+                format!("v{}", c.version),
+                match &c.status {
+                    TableStatus::Active => "active".to_string(),
+                    TableStatus::Held { reason, .. } => format!("HELD: {reason}"),
+                    TableStatus::Ignored { .. } => "ignored".to_string(),
+                },
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let last = ledger
+            .iter()
+            .find(|l| &l.table == t)
+            .map(|l| format!("{} ({})", l.key, l.applied_at))
+            .unwrap_or_else(|| "-".into());
+        println!("{t:<20} {version:<8} {status:<10} {last}");
+    }
+    Ok(())
+}
+
+/// Sends synthetic S3 notifications for a table's files, in DMS order.
+pub async fn replay(config: &Config, table: &str, since: Option<&str>, dry_run: bool) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let store = ObjectStore::new(aws.s3.clone());
+    let schemas = SchemaStore::new(store.clone(), config.metadata_bucket(), &config.metadata.prefix);
+    let router = TableRouter::new(&config.routing);
+    // The source folder: from the schema history, else every source that routes here.
+    let source = schemas.load(table).await?.and_then(|s| s.current.source);
+    let prefix = config.source.prefix.trim_end_matches('/');
+    let folder = match &source {
+        Some(s) => {
+            let (schema, name) = s.split_once('.').context("malformed source in schema document")?;
+            if prefix.is_empty() { format!("{schema}/{name}/") } else { format!("{prefix}/{schema}/{name}/") }
+        }
+        None => if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+    };
+    let listed = store.list(&config.source.bucket, &folder, since).await?;
+    let mut files = Vec::new();
+    for o in listed {
+        if let Ok(KeyClass::Dms(k)) = classify_key(&config.source.prefix, &o.key) {
+            if router.render(&k.source) == table {
+                files.push((k.order(), o));
+            }
+        }
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    if files.is_empty() {
+        anyhow::bail!("no DMS files of table `{table}` under s3://{}/{folder}", config.source.bucket);
+    }
+    let progress = indicatif::ProgressBar::new(files.len() as u64);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} replay {pos}/{len} [{bar:40}] {per_sec} eta {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+    } else {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    for chunk in files.chunks(10) {
+        let records: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|(_, o)| {
+                serde_json::json!({
+                    "eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                    "eventTime": chrono::Utc::now().to_rfc3339(),
+                    "s3": {"bucket": {"name": config.source.bucket},
+                           "object": {"key": encode_key(&o.key), "size": o.size, "eTag": o.etag.trim_matches('"')}}
+                })
+            })
+            .collect();
+        if dry_run {
+            for (_, o) in chunk {
+                println!("would send {}", o.key);
+            }
+        } else {
+            aws.sqs
+                .send_message()
+                .queue_url(&config.queue.url)
+                .message_body(serde_json::json!({ "Records": records }).to_string())
+                .send()
+                .await
+                .context("sending replay notifications")?;
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    println!(
+        "{} {} files of `{table}` to {}",
+        if dry_run { "would replay" } else { "replayed" },
+        files.len(),
+        config.queue.url
+    );
+    Ok(())
+}
+
+/// URL-encodes a key as S3 notifications do (space as `+`).
+fn encode_key(key: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b' ');
+    percent_encoding::utf8_percent_encode(key, SET).to_string().replace(' ', "+")
+}
+
+/// Probes the local worker's `/healthz`.
+pub async fn health(config: &Config) -> anyhow::Result<()> {
+    let addr = config
+        .telemetry
+        .listen
+        .context("telemetry.listen is not set: the worker serves no health endpoint")?;
+    let url = format!("http://127.0.0.1:{}/healthz", addr.port());
+    let response = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(response.status().is_success(), "GET {url}: {}", response.status());
+    Ok(())
+}
+
+pub async fn check_connection(config: Config) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let mut failures = 0;
+    let mut report = |what: &str, result: anyhow::Result<String>| match result {
+        Ok(detail) => println!("ok    {what}: {detail}"),
+        Err(e) => {
+            failures += 1;
+            println!("FAIL  {what}: {e:#}");
+        }
+    };
+    let queue = crate::queue::SqsQueue::new(aws.sqs.clone(), &config.queue.url);
+    report("queue", crate::queue::Queue::ping(&queue).await.map(|_| config.queue.url.clone()).map_err(Into::into));
+    let store = ObjectStore::new(aws.s3.clone());
+    report(
+        "source bucket",
+        store.list(&config.source.bucket, &config.source.prefix, None).await.map(|l| format!("s3://{}/{} ({} objects listed)", config.source.bucket, config.source.prefix, l.len())).map_err(Into::into),
+    );
+    report(
+        "metadata bucket",
+        store.get(config.metadata_bucket(), &table_keys_key(&config)).await.map(|o| format!("s3://{}/{} {}", config.metadata_bucket(), table_keys_key(&config), if o.is_some() { "found" } else { "(no table keys document)" })).map_err(Into::into),
+    );
+    match &config.alerts.sns_topic_arn {
+        Some(topic) => report(
+            "alerts topic",
+            aws.sns.get_topic_attributes().topic_arn(topic).send().await.map(|_| topic.clone()).map_err(|e| anyhow::anyhow!("{}", aws_sdk_sns::error::DisplayErrorContext(&e))),
+        ),
+        None => println!("skip  alerts topic: alerts.sns_topic_arn not set (alerts are only logged)"),
+    }
+    let warehouse = worker::open_warehouse(&config, store).await;
+    match warehouse {
+        Ok(w) => report(&format!("warehouse ({})", w.name()), w.ping(Duration::from_secs(10)).await.map(|_| "answers".to_string()).map_err(Into::into)),
+        Err(e) => report("warehouse", Err(e)),
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} check(s) failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,612 @@
+//! Configuration: one TOML document, layered defaults < file < environment.
+//!
+//! `config/default.toml` is compiled in as the bottom layer, so that file is both the
+//! documentation of every key and the source of every default (a unit test keeps it in
+//! step with the `Default` impls below). Environment variables override with
+//! `CDC_WORKER__SECTION__KEY` (double underscores separate levels, so keys keep theirs).
+
+mod size;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use size::ByteSize;
+pub use validate::ConfigError;
+
+pub use crate::schema::policy::{SchemaConfig, TableSchemaConfig};
+
+/// The embedded defaults: the same file users read to learn the keys.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Environment prefix: `CDC_WORKER__WORKER__CONCURRENCY=8` sets `worker.concurrency`.
+pub const ENV_PREFIX: &str = "CDC_WORKER";
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub aws: AwsConfig,
+    pub queue: QueueConfig,
+    pub source: SourceConfig,
+    pub dms: DmsConfig,
+    pub routing: RoutingConfig,
+    pub worker: WorkerConfig,
+    pub batch: BatchConfig,
+    pub warehouse: WarehouseConfig,
+    pub metadata: MetadataConfig,
+    pub schema: SchemaConfig,
+    pub alerts: AlertsConfig,
+    pub lease: LeaseConfig,
+    pub telemetry: TelemetryConfig,
+    /// Per-table settings, keyed by *target* table name.
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// How to reach AWS (or LocalStack).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region; empty means the SDK's default chain (AWS_REGION, profile, IMDS).
+    pub region: Option<String>,
+    /// Endpoint override for every AWS service, e.g. `http://127.0.0.1:4566` for LocalStack.
+    pub endpoint_url: Option<String>,
+    /// Path-style S3 addressing (`host/bucket/key`), needed by LocalStack.
+    pub force_path_style: bool,
+    /// Static credentials; when unset the SDK's default chain is used (task role on ECS).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            region: None,
+            endpoint_url: None,
+            force_path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+        }
+    }
+}
+
+/// The SQS queue that receives the S3 notifications.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Queue URL (required).
+    pub url: String,
+    /// Long-poll wait per ReceiveMessage call (at most 20 s).
+    #[serde(with = "humantime_serde")]
+    pub wait_time: Duration,
+    /// Messages per ReceiveMessage call (1 to 10).
+    pub max_messages: i32,
+    /// Visibility the keep-alive grants each time it extends an in-flight message.
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// First delay before a failed message is seen again; doubles per receive.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Upper bound of that delay (SQS allows at most 12 h).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            wait_time: Duration::from_secs(20),
+            max_messages: 10,
+            visibility_timeout: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(15),
+            retry_backoff_max: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Where DMS writes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Bucket DMS writes to (required); notifications for other buckets are ignored.
+    pub bucket: String,
+    /// DMS `BucketFolder`: keys outside it are ignored. Empty means the bucket root.
+    pub prefix: String,
+}
+
+/// What DMS adds to each file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DmsConfig {
+    /// Name of the operation column (`I`/`U`/`D`); it is never stored in the target.
+    pub op_column: String,
+    /// Column that orders changes across and within files (DMS `TimestampColumnName` or an
+    /// `AR_H_CHANGE_SEQ` transformation column). Empty: file order, then row order.
+    pub ordering_column: Option<String>,
+}
+
+impl Default for DmsConfig {
+    fn default() -> Self {
+        Self {
+            op_column: "Op".into(),
+            ordering_column: None,
+        }
+    }
+}
+
+/// How source `schema.table` becomes a target table name.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Template with `{schema}` and `{table}`, e.g. `"{schema}_{table}"`.
+    pub table_name: String,
+    /// Lower-case the rendered name (DMS from Oracle writes upper-case names).
+    pub lowercase: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            table_name: "{table}".into(),
+            lowercase: true,
+        }
+    }
+}
+
+/// The worker pool.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Tasks long-polling SQS.
+    pub concurrency: usize,
+    /// Batches applied at once across all tables; 0 means `concurrency`.
+    pub max_parallel_batches: usize,
+    /// On SIGTERM: time to finish in-flight batches before releasing the rest.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// A table's lane with no work for this long is dropped (it is recreated on demand).
+    #[serde(with = "humantime_serde")]
+    pub lane_idle_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            max_parallel_batches: 0,
+            shutdown_timeout: Duration::from_secs(30),
+            lane_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn parallel_batches(&self) -> usize {
+        if self.max_parallel_batches == 0 {
+            self.concurrency
+        } else {
+            self.max_parallel_batches
+        }
+    }
+}
+
+/// How files waiting for one table are coalesced.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most files in one batch.
+    pub max_files: usize,
+    /// Most bytes (sum of object sizes) in one batch.
+    pub max_bytes: ByteSize,
+    /// How long a table waits for more files after the first one arrives.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Files older than the last applied one are held; a gap (an earlier file seen in the
+    /// S3 listing but not yet notified) is waited for at most this long, then applied.
+    #[serde(with = "humantime_serde")]
+    pub gap_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_files: 100,
+            max_bytes: ByteSize::mib(512),
+            linger: Duration::from_secs(2),
+            gap_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WarehouseKind {
+    #[default]
+    Duckdb,
+    Firebolt,
+}
+
+/// The target warehouse.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarehouseConfig {
+    pub kind: WarehouseKind,
+    pub duckdb: DuckdbConfig,
+    pub firebolt: FireboltConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DuckdbConfig {
+    /// Database file (created when missing).
+    pub path: PathBuf,
+    /// Schema that holds the target tables.
+    pub schema: String,
+    /// DuckDB `memory_limit`, e.g. "1GB"; empty keeps DuckDB's default (80% of RAM).
+    pub memory_limit: Option<String>,
+    /// DuckDB `threads`; 0 keeps DuckDB's default (all cores).
+    pub threads: u32,
+    /// Directory for downloaded batch files; empty means the system temp directory.
+    pub download_dir: Option<PathBuf>,
+}
+
+impl Default for DuckdbConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("cdc-worker.duckdb"),
+            schema: "main".into(),
+            memory_limit: None,
+            threads: 0,
+            download_dir: None,
+        }
+    }
+}
+
+/// Firebolt Cloud (`client_id` set) or Firebolt Core (`url` set).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FireboltConfig {
+    /// Firebolt Core: base URL, e.g. `http://localhost:3473`. Leave empty for Cloud.
+    pub url: Option<String>,
+    /// Cloud: service account credentials and names.
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub account: Option<String>,
+    pub engine: Option<String>,
+    /// Database (Core's default is `firebolt`).
+    pub database: String,
+    /// Schema that holds the target tables.
+    pub schema: String,
+    /// Cloud API host; the token host is derived from it (`api.` becomes `id.`).
+    pub api_host: String,
+    /// Statements in flight to the engine at once, across all workers.
+    pub max_concurrent_statements: usize,
+    /// Per-request timeout.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries for transient failures (429, 502, 503, 504, timeouts, connection errors).
+    pub max_retries: u32,
+    /// How COPY reads the DMS bucket: an IAM role Firebolt assumes, static keys, or the
+    /// name of a `LOCATION` object created beforehand.
+    pub s3_role_arn: Option<String>,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<Secret>,
+    pub s3_location: Option<String>,
+}
+
+impl Default for FireboltConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            client_id: None,
+            client_secret: None,
+            account: None,
+            engine: None,
+            database: "firebolt".into(),
+            schema: "public".into(),
+            api_host: "api.app.firebolt.io".into(),
+            max_concurrent_statements: 8,
+            request_timeout: Duration::from_secs(300),
+            max_retries: 3,
+            s3_role_arn: None,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_location: None,
+        }
+    }
+}
+
+/// Where the worker keeps its own state in S3 (schemas, history, keys, leases).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataConfig {
+    /// Bucket; empty means `source.bucket`.
+    pub bucket: Option<String>,
+    /// Key prefix for everything the worker writes.
+    pub prefix: String,
+    /// Key of the table-keys document, relative to `prefix`.
+    pub table_keys: String,
+    /// How long a fetched `table_keys.json` is trusted before it is read again.
+    #[serde(with = "humantime_serde")]
+    pub table_keys_refresh: Duration,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        Self {
+            bucket: None,
+            prefix: "cdc-worker".into(),
+            table_keys: "table_keys.json".into(),
+            table_keys_refresh: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where alerts go.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// SNS topic; empty disables publishing (alerts are still logged).
+    pub sns_topic_arn: Option<String>,
+}
+
+/// The per-table lease that keeps several worker tasks from applying one table at once.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// Take a lease in S3 before applying a batch. Needed with more than one task.
+    pub enabled: bool,
+    /// A lease not renewed for this long may be taken by another worker.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal (containers), human-readable otherwise.
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// `tracing` filter, e.g. "info" or "info,cdc_worker::apply=debug". `RUST_LOG` wins.
+    pub log_level: String,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints; empty disables them.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Auto,
+            log_level: "info".into(),
+            listen: None,
+        }
+    }
+}
+
+/// Settings of one target table.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableConfig {
+    /// Key columns. A list (`["order_id", "line_no"]`), one name, or `[]` for "no key,
+    /// append". Unset: `table_keys.json`, then the target's declared primary key.
+    pub key: Option<KeySpec>,
+    /// Overrides `dms.ordering_column`.
+    pub ordering_column: Option<String>,
+    /// Refinements of `[schema]` for this table.
+    pub schema: Option<TableSchemaConfig>,
+}
+
+/// A key as written in the config file or `table_keys.json`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum KeySpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl KeySpec {
+    pub fn columns(&self) -> Vec<String> {
+        match self {
+            KeySpec::One(c) => vec![c.clone()],
+            KeySpec::Many(cs) => cs.clone(),
+        }
+    }
+}
+
+/// A string that never prints: `Debug`, `Display` and serialization show `****`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself: call only where it is handed to the service that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"****\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("****")
+    }
+}
+
+impl Config {
+    /// Loads defaults < `file` < environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        use ::config::{Environment, File, FileFormat};
+        let mut builder = ::config::Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::file(path, "no such file"));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(env),
+        );
+        let layered = builder
+            .build()
+            .map_err(|e| ConfigError::from_config_crate(file, e))?;
+        let config: Config = layered
+            .try_deserialize()
+            .map_err(|e| ConfigError::from_config_crate(file, e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document on top of the defaults, without the environment (tests,
+    /// embedded use).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        use ::config::{File, FileFormat};
+        let config: Config = ::config::Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .add_source(File::from_str(text, FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::from_config_crate(None, e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    pub fn metadata_bucket(&self) -> &str {
+        self.metadata
+            .bucket
+            .as_deref()
+            .filter(|b| !b.is_empty())
+            .unwrap_or(&self.source.bucket)
+    }
+
+    /// The settings of a target table (defaults when it has no section).
+    pub fn table(&self, name: &str) -> TableConfig {
+        self.tables.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The ordering column for a table: its own, else the global one.
+    pub fn ordering_column(&self, table: &str) -> Option<String> {
+        self.tables
+            .get(table)
+            .and_then(|t| t.ordering_column.clone())
+            .or_else(|| self.dms.ordering_column.clone())
+            .filter(|c| !c.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_matches_default_impls() {
+        let from_file: Config = ::config::Config::builder()
+            .add_source(::config::File::from_str(
+                DEFAULT_TOML,
+                ::config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[worker]\nconcurrency = 2\n",
+        )
+        .unwrap();
+        let env = [("CDC_WORKER__WORKER__CONCURRENCY", "7")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::load_with_env(Some(&path), Some(env)).unwrap();
+        assert_eq!(config.worker.concurrency, 7);
+        assert_eq!(config.queue.url, "http://q");
+    }
+
+    #[test]
+    fn secrets_are_masked_everywhere() {
+        let config = Config::from_toml(
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[aws]\naccess_key_id = \"AKIA\"\nsecret_access_key = \"hunter2\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.aws.secret_access_key.as_ref().unwrap().expose(), "hunter2");
+        assert!(!config.to_masked_toml().contains("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn table_keys_accept_one_or_many() {
+        let config = Config::from_toml(
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[tables.orders]\nkey = \"id\"\n[tables.items]\nkey = [\"order_id\", \"line_no\"]\n[tables.events]\nkey = []\n",
+        )
+        .unwrap();
+        assert_eq!(config.table("orders").key.unwrap().columns(), vec!["id"]);
+        assert_eq!(
+            config.table("items").key.unwrap().columns(),
+            vec!["order_id", "line_no"]
+        );
+        assert!(config.table("events").key.unwrap().columns().is_empty());
+    }
+}

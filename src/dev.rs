@@ -1,0 +1,228 @@
+//! Local development: creates what the worker needs around it (bucket, queue with a
+//! dead-letter queue, the bucket's notification, the alerts topic) in LocalStack or any
+//! AWS account. Idempotent. Production accounts use deploy/cloudformation instead.
+
+use anyhow::Context;
+use aws_sdk_s3::types::{
+    Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
+    QueueConfiguration, S3KeyFilter,
+};
+use aws_sdk_sqs::types::QueueAttributeName;
+
+use crate::aws::AwsClients;
+
+/// Names of the resources to create.
+#[derive(Debug, Clone)]
+pub struct ResourceSpec {
+    pub bucket: String,
+    /// Only keys under this prefix are notified ("" for all).
+    pub prefix: String,
+    pub queue: String,
+    pub topic: String,
+    /// Receives after which a message moves to the dead-letter queue.
+    pub max_receive_count: u32,
+    /// Queue default visibility timeout, seconds.
+    pub visibility_timeout_s: u32,
+}
+
+/// What was created, with the URLs and ARNs the config and tests need.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    pub bucket: String,
+    pub queue_url: String,
+    pub queue_arn: String,
+    pub dlq_url: String,
+    pub topic_arn: String,
+    /// A queue subscribed to the alerts topic, to read alerts back.
+    pub alerts_queue_url: String,
+}
+
+async fn arn_of_queue(aws: &AwsClients, url: &str) -> anyhow::Result<String> {
+    let attrs = aws
+        .sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .with_context(|| format!("reading attributes of {url}"))?;
+    attrs
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+        .cloned()
+        .context("queue has no ARN")
+}
+
+async fn create_queue(
+    aws: &AwsClients,
+    name: &str,
+    attributes: Vec<(QueueAttributeName, String)>,
+) -> anyhow::Result<String> {
+    let mut request = aws.sqs.create_queue().queue_name(name);
+    for (k, v) in attributes {
+        request = request.attributes(k, v);
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+        .with_context(|| format!("creating queue {name}"))?;
+    out.queue_url().map(str::to_string).context("no queue URL")
+}
+
+/// Creates (or finds) every resource of `spec`.
+pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::Result<Resources> {
+    match aws.s3.create_bucket().bucket(&spec.bucket).send().await {
+        Ok(_) => {}
+        Err(e) => {
+            let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+            if !text.contains("BucketAlreadyOwnedByYou") && !text.contains("BucketAlreadyExists") {
+                anyhow::bail!("creating bucket {}: {text}", spec.bucket);
+            }
+        }
+    }
+    let dlq_url = create_queue(aws, &format!("{}-dlq", spec.queue), vec![]).await?;
+    let dlq_arn = arn_of_queue(aws, &dlq_url).await?;
+    let redrive = serde_json::json!({
+        "deadLetterTargetArn": dlq_arn,
+        "maxReceiveCount": spec.max_receive_count.to_string(),
+    })
+    .to_string();
+    let queue_url = create_queue(
+        aws,
+        &spec.queue,
+        vec![
+            (QueueAttributeName::RedrivePolicy, redrive),
+            (
+                QueueAttributeName::VisibilityTimeout,
+                spec.visibility_timeout_s.to_string(),
+            ),
+        ],
+    )
+    .await?;
+    let queue_arn = arn_of_queue(aws, &queue_url).await?;
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Principal": {"Service": "s3.amazonaws.com"},
+            "Action": "sqs:SendMessage",
+            "Resource": queue_arn,
+            "Condition": {"ArnLike": {"aws:SourceArn": format!("arn:aws:s3:::{}", spec.bucket)}}
+        }]
+    })
+    .to_string();
+    aws.sqs
+        .set_queue_attributes()
+        .queue_url(&queue_url)
+        .attributes(QueueAttributeName::Policy, policy)
+        .send()
+        .await
+        .context("setting the queue policy")?;
+
+    let mut queue_config = QueueConfiguration::builder()
+        .queue_arn(&queue_arn)
+        .events(Event::S3ObjectCreated);
+    if !spec.prefix.is_empty() {
+        queue_config = queue_config.filter(
+            NotificationConfigurationFilter::builder()
+                .key(
+                    S3KeyFilter::builder()
+                        .filter_rules(
+                            FilterRule::builder()
+                                .name(FilterRuleName::Prefix)
+                                .value(&spec.prefix)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    aws.s3
+        .put_bucket_notification_configuration()
+        .bucket(&spec.bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .queue_configurations(queue_config.build().context("queue configuration")?)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)))
+        .context("configuring the bucket notification")?;
+
+    let topic_arn = aws
+        .sns
+        .create_topic()
+        .name(&spec.topic)
+        .send()
+        .await
+        .context("creating the alerts topic")?
+        .topic_arn()
+        .map(str::to_string)
+        .context("no topic ARN")?;
+    let alerts_queue_url = create_queue(aws, &format!("{}-inbox", spec.topic), vec![]).await?;
+    let alerts_queue_arn = arn_of_queue(aws, &alerts_queue_url).await?;
+    aws.sns
+        .subscribe()
+        .topic_arn(&topic_arn)
+        .protocol("sqs")
+        .endpoint(&alerts_queue_arn)
+        .send()
+        .await
+        .context("subscribing the alerts inbox queue")?;
+    Ok(Resources {
+        bucket: spec.bucket.clone(),
+        queue_url,
+        queue_arn,
+        dlq_url,
+        topic_arn,
+        alerts_queue_url,
+    })
+}
+
+/// One alert read back from the inbox queue: the SNS envelope's subject, attributes and
+/// the parsed JSON body.
+#[derive(Debug, Clone)]
+pub struct ReceivedAlert {
+    pub subject: String,
+    pub attributes: serde_json::Value,
+    pub body: serde_json::Value,
+}
+
+/// Drains the alerts inbox queue (SNS envelopes, raw delivery off).
+pub async fn drain_alerts(aws: &AwsClients, inbox_url: &str) -> anyhow::Result<Vec<ReceivedAlert>> {
+    let mut alerts = Vec::new();
+    loop {
+        let out = aws
+            .sqs
+            .receive_message()
+            .queue_url(inbox_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .context("reading the alerts inbox")?;
+        let messages = out.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return Ok(alerts);
+        }
+        for m in messages {
+            let envelope: serde_json::Value =
+                serde_json::from_str(m.body().unwrap_or("{}")).unwrap_or_default();
+            let body = envelope["Message"]
+                .as_str()
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default();
+            alerts.push(ReceivedAlert {
+                subject: envelope["Subject"].as_str().unwrap_or_default().to_string(),
+                attributes: envelope["MessageAttributes"].clone(),
+                body,
+            });
+            if let Some(h) = m.receipt_handle() {
+                let _ = aws.sqs.delete_message().queue_url(inbox_url).receipt_handle(h).send().await;
+            }
+        }
+    }
+}

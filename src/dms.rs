@@ -1,0 +1,385 @@
+//! The DMS S3 layout: which table a key belongs to, whether it is a full-load or a CDC
+//! file, and the order DMS wrote it in.
+//!
+//! Keys look like `[prefix/]schema/table/[date folders/]file.parquet`. Full-load files are
+//! `LOAD00000001.parquet` (a hex counter, optionally `SEGMENTn_`-prefixed or in a partition
+//! folder); CDC files are `YYYYMMDD-HHMMSSmmm.parquet`, optionally under date folders. Within a
+//! table, DMS order is: full-load files by counter, then CDC files by *file name* (never by
+//! the whole key: some date-folder sequences do not sort).
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RoutingConfig;
+
+/// A table of the source database.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourceTable {
+    pub schema: String,
+    pub table: String,
+}
+
+impl fmt::Display for SourceTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Full load or change data, with what orders the file within its table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    Load { segment: u32, counter: u32 },
+    Cdc,
+}
+
+/// A key that belongs to the DMS layout.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DmsKey {
+    pub source: SourceTable,
+    pub kind: FileKind,
+    /// Folders between the table folder and the file (date or partition folders).
+    pub folders: String,
+    pub file_name: String,
+}
+
+/// Sorts files of one table in the order DMS wrote them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DmsOrder {
+    kind: FileKind,
+    folders: String,
+    file_name: String,
+}
+
+impl DmsKey {
+    pub fn order(&self) -> DmsOrder {
+        DmsOrder {
+            kind: self.kind.clone(),
+            folders: self.folders.clone(),
+            file_name: self.file_name.clone(),
+        }
+    }
+
+    pub fn is_load(&self) -> bool {
+        matches!(self.kind, FileKind::Load { .. })
+    }
+}
+
+impl DmsOrder {
+    /// A string that sorts like the order itself, for the ledger (`max()` of it is the
+    /// last applied file of a table).
+    pub fn sort_key(&self) -> String {
+        match &self.kind {
+            FileKind::Load { segment, counter } => {
+                format!("0/{counter:08x}/{segment:08x}/{}", self.folders)
+            }
+            FileKind::Cdc => format!("1/{}/{}", self.file_name, self.folders),
+        }
+    }
+}
+
+impl Ord for DmsOrder {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (&self.kind, &other.kind) {
+            (
+                FileKind::Load { segment, counter },
+                FileKind::Load {
+                    segment: s2,
+                    counter: c2,
+                },
+            ) => counter
+                .cmp(c2)
+                .then(segment.cmp(s2))
+                .then(self.folders.cmp(&other.folders)),
+            (FileKind::Load { .. }, FileKind::Cdc) => Ordering::Less,
+            (FileKind::Cdc, FileKind::Load { .. }) => Ordering::Greater,
+            (FileKind::Cdc, FileKind::Cdc) => self
+                .file_name
+                .cmp(&other.file_name)
+                .then(self.folders.cmp(&other.folders)),
+        }
+    }
+}
+
+impl PartialOrd for DmsOrder {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Why a key inside the prefix is not a DMS file the worker can apply.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("key `{0}` has an empty, `.` or `..` path segment")]
+    UnsafeSegment(String),
+    #[error("key `{0}` is not schema/table/file under the prefix")]
+    TooShallow(String),
+    #[error("key `{key}`: folder `{folder}` between table and file is not a date folder")]
+    UnexpectedFolder { key: String, folder: String },
+    #[error("key `{0}` contains a NUL or control character")]
+    ControlCharacter(String),
+}
+
+/// Where a key stands relative to the DMS layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyClass {
+    Dms(DmsKey),
+    /// Outside the prefix, or not a `.parquet` file: none of the worker's business.
+    Ignored(&'static str),
+}
+
+/// Parses a decoded object key.
+pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
+    let prefix = prefix.trim_end_matches('/');
+    let rest = if prefix.is_empty() {
+        key
+    } else {
+        match key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
+            Some(rest) => rest,
+            None => return Ok(KeyClass::Ignored("outside the configured prefix")),
+        }
+    };
+    if !key.ends_with(".parquet") {
+        return Ok(KeyClass::Ignored("not a .parquet file"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(LayoutError::ControlCharacter(key.escape_debug().to_string()));
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    if segments.iter().any(|s| s.is_empty() || *s == "." || *s == "..") {
+        return Err(LayoutError::UnsafeSegment(key.to_string()));
+    }
+    if segments.len() < 3 {
+        return Err(LayoutError::TooShallow(key.to_string()));
+    }
+    let file_name = segments[segments.len() - 1].to_string();
+    let middle = &segments[2..segments.len() - 1];
+    let kind = load_kind(&file_name).unwrap_or(FileKind::Cdc);
+    if kind == FileKind::Cdc {
+        if let Some(folder) = middle.iter().find(|f| !is_date_folder(f)) {
+            return Err(LayoutError::UnexpectedFolder {
+                key: key.to_string(),
+                folder: folder.to_string(),
+            });
+        }
+    }
+    Ok(KeyClass::Dms(DmsKey {
+        source: SourceTable {
+            schema: segments[0].to_string(),
+            table: segments[1].to_string(),
+        },
+        kind,
+        folders: middle.join("/"),
+        file_name,
+    }))
+}
+
+/// `LOAD0000000A.parquet` or `SEGMENT2_LOAD00000001.parquet`.
+fn load_kind(file_name: &str) -> Option<FileKind> {
+    let stem = file_name.strip_suffix(".parquet")?;
+    let (segment, load) = match stem.split_once('_') {
+        Some((seg, load)) => (seg.strip_prefix("SEGMENT")?.parse().ok()?, load),
+        None => (0, stem),
+    };
+    let hex = load.strip_prefix("LOAD")?;
+    if hex.is_empty() || hex.len() > 8 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(FileKind::Load {
+        segment,
+        counter: u32::from_str_radix(hex, 16).ok()?,
+    })
+}
+
+/// `2021`, `11`, `20211123`, `2021-11-23`, `2021_11_23`, `2021112310`.
+fn is_date_folder(folder: &str) -> bool {
+    folder.chars().any(|c| c.is_ascii_digit())
+        && folder
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Turns source tables into target table names, and refuses two sources for one target.
+#[derive(Debug)]
+pub struct TableRouter {
+    template: String,
+    lowercase: bool,
+    claimed: Mutex<HashMap<String, SourceTable>>,
+}
+
+/// Two source tables that render to the same target.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("source tables {first} and {second} both map to target table `{target}`; change routing.table_name (for example to \"{{schema}}_{{table}}\")")]
+pub struct RoutingCollision {
+    pub target: String,
+    pub first: SourceTable,
+    pub second: SourceTable,
+}
+
+impl TableRouter {
+    pub fn new(config: &RoutingConfig) -> Self {
+        Self {
+            template: config.table_name.clone(),
+            lowercase: config.lowercase,
+            claimed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The target name the template gives, without claiming it.
+    pub fn render(&self, source: &SourceTable) -> String {
+        let name = self
+            .template
+            .replace("{schema}", &source.schema)
+            .replace("{table}", &source.table);
+        if self.lowercase {
+            name.to_lowercase()
+        } else {
+            name
+        }
+    }
+
+    /// The target for `source`, claiming it; a target already claimed by another source
+    /// is an error. (The schema store also records the source, so the claim survives
+    /// restarts and holds across worker tasks.)
+    pub fn route(&self, source: &SourceTable) -> Result<String, RoutingCollision> {
+        let target = self.render(source);
+        let mut claimed = self.claimed.lock().expect("router lock");
+        match claimed.get(&target) {
+            Some(first) if first != source => Err(RoutingCollision {
+                target,
+                first: first.clone(),
+                second: source.clone(),
+            }),
+            Some(_) => Ok(target),
+            None => {
+                claimed.insert(target.clone(), source.clone());
+                Ok(target)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dms(prefix: &str, key: &str) -> DmsKey {
+        match classify_key(prefix, key).unwrap() {
+            KeyClass::Dms(k) => k,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn load_and_cdc_files() {
+        let k = dms("dms", "dms/public/orders/LOAD0000000A.parquet");
+        assert_eq!(k.source.to_string(), "public.orders");
+        assert_eq!(
+            k.kind,
+            FileKind::Load {
+                segment: 0,
+                counter: 10
+            }
+        );
+        let k = dms("", "hr/emp/SEGMENT2_LOAD00000001.parquet");
+        assert_eq!(
+            k.kind,
+            FileKind::Load {
+                segment: 2,
+                counter: 1
+            }
+        );
+        let k = dms("dms/", "dms/public/orders/2021/11/23/20211123-013830913.parquet");
+        assert_eq!(k.kind, FileKind::Cdc);
+        assert_eq!(k.folders, "2021/11/23");
+    }
+
+    #[test]
+    fn dms_order_is_load_counter_then_cdc_file_name() {
+        let keys = [
+            "p/s/t/20211123-013830913.parquet",
+            "p/s/t/LOAD00000010.parquet",
+            "p/s/t/2021/11/22/20211122-235959000.parquet",
+            "p/s/t/LOAD0000000F.parquet",
+            "p/s/t/LOAD00000002.parquet",
+        ];
+        let mut parsed: Vec<DmsKey> = keys.iter().map(|k| dms("p", k)).collect();
+        parsed.sort_by_key(|k| k.order());
+        let names: Vec<&str> = parsed.iter().map(|k| k.file_name.as_str()).collect();
+        let sort_keys: Vec<String> = parsed.iter().map(|k| k.order().sort_key()).collect();
+        let mut sorted = sort_keys.clone();
+        sorted.sort();
+        assert_eq!(sort_keys, sorted, "sort keys sort like the order");
+        assert_eq!(
+            names,
+            [
+                "LOAD00000002.parquet",
+                "LOAD0000000F.parquet",
+                "LOAD00000010.parquet",
+                "20211122-235959000.parquet",
+                "20211123-013830913.parquet"
+            ]
+        );
+    }
+
+    #[test]
+    fn ignored_and_bad_keys() {
+        assert!(matches!(
+            classify_key("dms", "other/s/t/x.parquet").unwrap(),
+            KeyClass::Ignored(_)
+        ));
+        assert!(matches!(
+            classify_key("dms", "dmsx/s/t/x.parquet").unwrap(),
+            KeyClass::Ignored(_)
+        ));
+        assert!(matches!(
+            classify_key("dms", "dms/s/t/x.csv").unwrap(),
+            KeyClass::Ignored(_)
+        ));
+        assert!(matches!(
+            classify_key("dms", "dms/s/../t/x.parquet"),
+            Err(LayoutError::UnsafeSegment(_))
+        ));
+        assert!(matches!(
+            classify_key("", "/s/t/x.parquet"),
+            Err(LayoutError::UnsafeSegment(_))
+        ));
+        assert!(matches!(
+            classify_key("dms", "dms/t/x.parquet"),
+            Err(LayoutError::TooShallow(_))
+        ));
+        assert!(matches!(
+            classify_key("", "dms/public/orders/20211123-013830913.parquet"),
+            Err(LayoutError::UnexpectedFolder { .. })
+        ));
+        assert!(matches!(
+            classify_key("", "s/t\n/x.parquet"),
+            Err(LayoutError::ControlCharacter(_))
+        ));
+    }
+
+    #[test]
+    fn routing_refuses_two_sources_for_one_target() {
+        let router = TableRouter::new(&RoutingConfig::default());
+        let a = SourceTable {
+            schema: "sales".into(),
+            table: "Orders".into(),
+        };
+        let b = SourceTable {
+            schema: "archive".into(),
+            table: "orders".into(),
+        };
+        assert_eq!(router.route(&a).unwrap(), "orders");
+        assert_eq!(router.route(&a).unwrap(), "orders");
+        let err = router.route(&b).unwrap_err();
+        assert_eq!(err.first, a);
+        let prefixed = TableRouter::new(&RoutingConfig {
+            table_name: "{schema}_{table}".into(),
+            lowercase: false,
+        });
+        assert_eq!(prefixed.route(&a).unwrap(), "sales_Orders");
+    }
+}

@@ -1,0 +1,75 @@
+//! `/healthz` (the process is alive), `/readyz` (queue and warehouse answer) and
+//! `/metrics` (Prometheus text), for ECS health checks and scraping.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+use crate::apply::Engine;
+use crate::queue::Queue;
+use crate::telemetry;
+use crate::warehouse::Warehouse;
+
+#[derive(Clone)]
+struct Probes {
+    queue: Arc<dyn Queue>,
+    warehouse: Arc<dyn Warehouse>,
+    engine: Arc<Engine>,
+}
+
+/// Binds `addr` and serves until the returned task is aborted.
+pub async fn serve(
+    addr: SocketAddr,
+    queue: Arc<dyn Queue>,
+    warehouse: Arc<dyn Warehouse>,
+    engine: Arc<Engine>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(Probes {
+            queue,
+            warehouse,
+            engine,
+        });
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "health endpoint stopped");
+        }
+    }))
+}
+
+async fn ready(State(p): State<Probes>) -> (StatusCode, String) {
+    let timeout = Duration::from_secs(5);
+    let queue = tokio::time::timeout(timeout, p.queue.ping()).await;
+    let warehouse = p.warehouse.ping(timeout).await;
+    match (queue, warehouse) {
+        (Ok(Ok(())), Ok(())) => (StatusCode::OK, "ready\n".into()),
+        (q, w) => {
+            let q = match q {
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".into(),
+            };
+            let w = w.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready\nqueue: {q}\nwarehouse: {w}\n"),
+            )
+        }
+    }
+}
+
+async fn metrics(State(p): State<Probes>) -> String {
+    let held = p.engine.lanes().iter().filter(|(_, l)| l.held.is_some()).count();
+    metrics::gauge!("cdc_worker_tables_held").set(held as f64);
+    telemetry::metrics_handle().render()
+}

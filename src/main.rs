@@ -1,0 +1,173 @@
+//! The `cdc-worker` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cdc_worker::config::Config;
+use cdc_worker::{commands, telemetry};
+
+#[derive(Parser)]
+#[command(name = "cdc-worker", version, about = "Keeps a warehouse in sync with AWS DMS Parquet files on S3")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Configuration file (TOML). Environment variables CDC_WORKER__SECTION__KEY override it.
+    #[arg(long, short, env = "CDC_WORKER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker until SIGINT or SIGTERM.
+    Run(ConfigArg),
+    /// Validate the configuration and print it with defaults filled in (secrets masked).
+    CheckConfig(ConfigArg),
+    /// Contact the queue, the buckets, the topic and the warehouse, and report what works.
+    CheckConnection(ConfigArg),
+    /// Exit 0 if the running worker's /healthz answers (for container health checks).
+    Health(ConfigArg),
+    /// Create the bucket, queue (with DLQ), notification and alerts topic the config names
+    /// (for LocalStack and test accounts; production uses deploy/cloudformation).
+    DevSetup(ConfigArg),
+    /// Write realistic DMS output (full load, then CDC) into the source bucket.
+    Simulate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Seed of the generated data.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Pause between uploads, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
+    },
+    /// Set up LocalStack resources, simulate DMS, run the worker until every file is
+    /// applied, and print the target tables and the alerts.
+    Demo(ConfigArg),
+    /// Schema history and held tables.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaCommand,
+    },
+    /// Lanes, held tables, and the last applied file and schema version of each table.
+    Status(ConfigArg),
+    /// Re-drive a table's files from an S3 listing through the queue (safe: the ledger
+    /// skips what is applied).
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Target table.
+        #[arg(long)]
+        table: String,
+        /// Only keys after this one (S3 key order).
+        #[arg(long)]
+        since: Option<String>,
+        /// List what would be sent, send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Measure throughput and latency on LocalStack (release build recommended).
+    Bench(commands::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// The current schema of a table.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+    },
+    /// Every schema version of a table with its changes.
+    History {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+    },
+    /// Release a held table: its pending change is applied as the evolve preset would.
+    Accept {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+        /// For incompatible type changes: variant (default), cast or ignore.
+        #[arg(long)]
+        incompatible: Option<String>,
+    },
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(arg.config.as_deref()).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_arg = match &cli.command {
+        Command::Run(c)
+        | Command::CheckConfig(c)
+        | Command::CheckConnection(c)
+        | Command::Health(c)
+        | Command::DevSetup(c)
+        | Command::Demo(c)
+        | Command::Status(c) => Some(c.clone()),
+        Command::Simulate { config, .. } | Command::Replay { config, .. } => Some(config.clone()),
+        Command::Schema { action } => Some(match action {
+            SchemaCommand::Show { config, .. }
+            | SchemaCommand::History { config, .. }
+            | SchemaCommand::Accept { config, .. } => config.clone(),
+        }),
+        Command::Bench(_) => None,
+    };
+    let config = match config_arg.as_ref().map(load) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(code)) => return code,
+        None => None,
+    };
+    if let Some(c) = &config {
+        if !matches!(cli.command, Command::Health(_)) {
+            telemetry::init_logging(&c.telemetry);
+            telemetry::metrics_handle();
+        }
+    }
+    let result = match cli.command {
+        Command::Run(_) => cdc_worker::worker::run_until_signal(config.expect("loaded")).await,
+        Command::CheckConfig(_) => {
+            print!("{}", config.expect("loaded").to_masked_toml());
+            Ok(())
+        }
+        Command::CheckConnection(_) => commands::check_connection(config.expect("loaded")).await,
+        Command::Health(_) => commands::health(&config.expect("loaded")).await,
+        Command::DevSetup(_) => commands::dev_setup(&config.expect("loaded")).await.map(|_| ()),
+        Command::Simulate { seed, pace_ms, .. } => {
+            commands::simulate(&config.expect("loaded"), seed, pace_ms).await.map(|_| ())
+        }
+        Command::Demo(_) => commands::demo(config.expect("loaded")).await,
+        Command::Schema { action } => match action {
+            SchemaCommand::Show { table, .. } => commands::schema_show(&config.expect("loaded"), &table).await,
+            SchemaCommand::History { table, .. } => commands::schema_history(&config.expect("loaded"), &table).await,
+            SchemaCommand::Accept { table, incompatible, .. } => {
+                commands::schema_accept(&config.expect("loaded"), &table, incompatible.as_deref()).await
+            }
+        },
+        Command::Status(_) => commands::status(&config.expect("loaded")).await,
+        Command::Replay { table, since, dry_run, .. } => {
+            commands::replay(&config.expect("loaded"), &table, since.as_deref(), dry_run).await
+        }
+        Command::Bench(args) => commands::bench::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The queue that announces new files. A message moves through typed stages:
+//! [`RawMessage`] (received) -> parsed notifications -> [`InFlight`] (files handed to
+//! table lanes, visibility kept alive) -> deleted once every file is committed, or released
+//! with a backoff when one failed.
+
+mod sqs;
+mod tracker;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use sqs::SqsQueue;
+pub use tracker::{FileOutcome, InFlight, MessageHandle, Tracker};
+
+/// A message as received, before its body is looked at.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub message_id: String,
+    pub receipt_handle: String,
+    pub body: String,
+    /// How many times SQS has handed this message out (1 on first delivery).
+    pub receive_count: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("receiving from {queue}: {message}")]
+    Receive { queue: String, message: String },
+    #[error("deleting from {queue}: {message}")]
+    Delete { queue: String, message: String },
+    #[error("changing visibility on {queue}: {message}")]
+    Visibility { queue: String, message: String },
+}
+
+/// The few operations the worker needs from a queue.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Long-polls for up to `max` messages, hiding them for `visibility`.
+    async fn receive(
+        &self,
+        max: i32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<RawMessage>, QueueError>;
+
+    /// Deletes messages by receipt handle (at most 10); returns the handles that failed.
+    async fn delete(&self, receipt_handles: &[String]) -> Result<Vec<String>, QueueError>;
+
+    /// Hides (or with zero, releases) a message for `timeout`.
+    async fn set_visibility(&self, receipt_handle: &str, timeout: Duration)
+    -> Result<(), QueueError>;
+
+    /// A cheap call that proves the queue is reachable (for `/readyz`).
+    async fn ping(&self) -> Result<(), QueueError>;
+}

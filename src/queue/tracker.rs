@@ -1,0 +1,184 @@
+//! In-flight messages: a message's files travel to their table lanes holding a
+//! [`MessageHandle`]; while any is unresolved a keep-alive task extends the message's
+//! visibility. The last file to resolve decides its fate: deleted when all were committed
+//! or skipped, released with a backoff when one must be retried. A handle dropped without
+//! being resolved stops its keep-alive, so the message simply reappears later.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{Queue, RawMessage};
+use crate::config::QueueConfig;
+
+/// What became of one file of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileOutcome {
+    /// Applied and recorded in the ledger.
+    Committed,
+    /// Will never be applied (already applied, gone, outside the layout): acknowledged.
+    Skipped,
+    /// Must be tried again. `None` backs off by the message's receive count; `Some(d)`
+    /// releases it after exactly `d` (zero on shutdown: another worker takes it at once).
+    Retry(Option<Duration>),
+}
+
+/// A message whose files are being applied.
+pub struct InFlight {
+    pub message_id: String,
+    pub receipt_handle: String,
+    pub receive_count: u32,
+    remaining: AtomicUsize,
+    retry: Mutex<Option<Duration>>,
+    tracker: Tracker,
+    keepalive: Mutex<Option<DropGuard>>,
+}
+
+pub type MessageHandle = Arc<InFlight>;
+
+impl InFlight {
+    /// Records one file's outcome; the last one deletes or releases the message.
+    pub fn resolve(&self, outcome: FileOutcome) {
+        if let FileOutcome::Retry(delay) = outcome {
+            let delay = delay.unwrap_or_else(|| self.tracker.backoff(self.receive_count));
+            let mut retry = self.retry.lock().expect("retry lock");
+            *retry = Some(retry.map_or(delay, |d| d.max(delay)));
+        }
+        let before = self.remaining.fetch_sub(1, Ordering::AcqRel);
+        if before != 1 {
+            return;
+        }
+        // Last file: the keep-alive is no longer needed.
+        self.keepalive.lock().expect("keepalive lock").take();
+        match *self.retry.lock().expect("retry lock") {
+            None => self.tracker.delete(self.receipt_handle.clone()),
+            Some(delay) => self
+                .tracker
+                .release(self.message_id.clone(), self.receipt_handle.clone(), delay),
+        }
+    }
+}
+
+/// Creates [`InFlight`] messages and carries out their fate.
+#[derive(Clone)]
+pub struct Tracker {
+    queue: Arc<dyn Queue>,
+    visibility: Duration,
+    backoff: Duration,
+    backoff_max: Duration,
+    deletes: mpsc::UnboundedSender<String>,
+}
+
+impl Tracker {
+    /// The tracker and the task that batches deletes (run it until the sender side is
+    /// dropped; it drains what is left).
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        config: &QueueConfig,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let acker = run_acker(queue.clone(), rx);
+        (
+            Self {
+                queue,
+                visibility: config.visibility_timeout,
+                backoff: config.retry_backoff,
+                backoff_max: config.retry_backoff_max,
+                deletes: tx,
+            },
+            acker,
+        )
+    }
+
+    /// Starts tracking a message with `files` files to resolve.
+    pub fn track(&self, raw: &RawMessage, files: usize) -> MessageHandle {
+        assert!(files > 0, "a tracked message has files");
+        let token = CancellationToken::new();
+        tokio::spawn(keep_alive(
+            self.queue.clone(),
+            raw.message_id.clone(),
+            raw.receipt_handle.clone(),
+            self.visibility,
+            token.clone(),
+        ));
+        Arc::new(InFlight {
+            message_id: raw.message_id.clone(),
+            receipt_handle: raw.receipt_handle.clone(),
+            receive_count: raw.receive_count,
+            remaining: AtomicUsize::new(files),
+            retry: Mutex::new(None),
+            tracker: self.clone(),
+            keepalive: Mutex::new(Some(token.drop_guard())),
+        })
+    }
+
+    /// Deletes a message (acknowledged: nothing more to do for it).
+    pub fn delete(&self, receipt_handle: String) {
+        if self.deletes.send(receipt_handle).is_err() {
+            tracing::warn!("delete requested after shutdown; the message will be redelivered");
+        }
+    }
+
+    /// Makes a message visible again after `delay`.
+    pub fn release(&self, message_id: String, receipt_handle: String, delay: Duration) {
+        let queue = self.queue.clone();
+        metrics::counter!("cdc_worker_messages_released_total").increment(1);
+        tokio::spawn(async move {
+            if let Err(e) = queue.set_visibility(&receipt_handle, delay).await {
+                tracing::warn!(message_id, error = %e, "could not release message; it reappears when its visibility times out");
+            } else {
+                tracing::debug!(message_id, delay_s = delay.as_secs(), "message released for redelivery");
+            }
+        });
+    }
+
+    /// The delay before the `receive_count`-th delivery is tried again.
+    pub fn backoff(&self, receive_count: u32) -> Duration {
+        let exp = receive_count.saturating_sub(1).min(16);
+        self.backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.backoff_max)
+    }
+}
+
+async fn keep_alive(
+    queue: Arc<dyn Queue>,
+    message_id: String,
+    receipt_handle: String,
+    visibility: Duration,
+    stop: CancellationToken,
+) {
+    let every = (visibility / 2).max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match queue.set_visibility(&receipt_handle, visibility).await {
+            Ok(()) => metrics::counter!("cdc_worker_visibility_extensions_total").increment(1),
+            Err(e) => tracing::warn!(message_id, error = %e, "could not extend visibility"),
+        }
+    }
+}
+
+async fn run_acker(queue: Arc<dyn Queue>, mut rx: mpsc::UnboundedReceiver<String>) {
+    let mut batch = Vec::with_capacity(10);
+    while rx.recv_many(&mut batch, 10).await > 0 {
+        match queue.delete(&batch).await {
+            Ok(failed) => {
+                metrics::counter!("cdc_worker_messages_deleted_total")
+                    .increment((batch.len() - failed.len()) as u64);
+                if !failed.is_empty() {
+                    tracing::warn!(count = failed.len(), "some deletes failed; those messages will be redelivered and skipped by the ledger");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "delete failed; the messages will be redelivered and skipped by the ledger")
+            }
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,8 @@
+//! Source schemas: the type system, reading Parquet footers, comparing schemas, the
+//! evolution policies, and the schema history kept in S3.
+
+pub mod diff;
+pub mod parquet;
+pub mod policy;
+pub mod store;
+pub mod types;

@@ -1,0 +1,588 @@
+//! The embedded DuckDB warehouse: downloads a batch's objects to a temporary directory,
+//! reads them with `read_parquet`, and runs DDL, MERGE (or append) and the ledger insert
+//! in one transaction. A crash at any point leaves either everything or nothing.
+//!
+//! Target tables get no PRIMARY KEY constraint: DuckDB's ART indexes slow every MERGE and
+//! reject some valid update sequences inside one transaction; the worker enforces one row
+//! per key itself. A key declared on a table you create yourself is still honoured.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use duckdb::{Connection, params_from_iter};
+use futures::StreamExt;
+
+use crate::apply::plan::{ApplyPlan, Ddl, LoadMode};
+use crate::config::DuckdbConfig;
+use crate::schema::parquet;
+use crate::storage::{ObjectStore, StorageError, bare_etag};
+
+use super::merge::{self, Dialect, RESERVED_PREFIX};
+use super::sql::{ident, qualified};
+use super::{
+    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, StageError, Staged,
+    StagedFile, TargetTable, Warehouse, WarehouseError,
+};
+
+/// Column names DuckDB's `read_parquet` uses for its virtual columns: a source column of
+/// that name would shadow them.
+const VIRTUAL_COLUMNS: [&str; 3] = ["file_index", "file_row_number", "filename"];
+
+/// How many objects of one batch download at once.
+const DOWNLOAD_CONCURRENCY: usize = 8;
+
+pub struct DuckdbWarehouse {
+    schema: String,
+    op_column: String,
+    download_dir: Option<PathBuf>,
+    store: ObjectStore,
+    /// Idle connections; each apply borrows one (a DuckDB connection is not `Sync`).
+    pool: Mutex<Vec<Connection>>,
+    /// Kept so new connections can be cloned from the open database.
+    primary: Mutex<Connection>,
+}
+
+fn sql_err(e: duckdb::Error) -> WarehouseError {
+    let text = e.to_string();
+    if text.contains("onflict") {
+        WarehouseError::Conflict(text)
+    } else {
+        WarehouseError::Sql(text)
+    }
+}
+
+impl DuckdbWarehouse {
+    /// Opens (or creates) the database file.
+    pub fn open(
+        config: &DuckdbConfig,
+        op_column: &str,
+        store: ObjectStore,
+    ) -> Result<Self, WarehouseError> {
+        if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                WarehouseError::Other(format!("creating {}: {e}", parent.display()))
+            })?;
+        }
+        let mut db_config = duckdb::Config::default();
+        if config.threads > 0 {
+            db_config = db_config.threads(config.threads as i64).map_err(sql_err)?;
+        }
+        if let Some(limit) = config.memory_limit.as_deref().filter(|l| !l.is_empty()) {
+            db_config = db_config.max_memory(limit).map_err(sql_err)?;
+        }
+        let conn = Connection::open_with_flags(&config.path, db_config).map_err(|e| {
+            WarehouseError::Other(format!("opening {}: {e}", config.path.display()))
+        })?;
+        Ok(Self {
+            schema: config.schema.clone(),
+            op_column: op_column.to_string(),
+            download_dir: config.download_dir.clone(),
+            store,
+            pool: Mutex::new(Vec::new()),
+            primary: Mutex::new(conn),
+        })
+    }
+
+    fn checkout(&self) -> Result<Connection, WarehouseError> {
+        if let Some(conn) = self.pool.lock().expect("pool lock").pop() {
+            return Ok(conn);
+        }
+        self.primary
+            .lock()
+            .expect("primary lock")
+            .try_clone()
+            .map_err(sql_err)
+    }
+
+    fn checkin(&self, conn: Connection) {
+        self.pool.lock().expect("pool lock").push(conn);
+    }
+
+    /// Runs `f` on a pooled connection on the blocking thread pool.
+    async fn with_conn<T, F>(self: &Arc<Self>, f: F) -> Result<T, WarehouseError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &str) -> Result<T, WarehouseError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = this.checkout()?;
+            let result = f(&conn, &this.schema);
+            this.checkin(conn);
+            result
+        })
+        .await
+        .map_err(|e| WarehouseError::Other(format!("DuckDB task failed: {e}")))?
+    }
+
+    fn ledger(schema: &str) -> String {
+        qualified(schema, LEDGER_TABLE)
+    }
+}
+
+/// `Arc` wrapper so the blocking closures can own the warehouse.
+pub struct Duckdb(pub Arc<DuckdbWarehouse>);
+
+impl Duckdb {
+    pub fn open(
+        config: &DuckdbConfig,
+        op_column: &str,
+        store: ObjectStore,
+    ) -> Result<Self, WarehouseError> {
+        Ok(Self(Arc::new(DuckdbWarehouse::open(config, op_column, store)?)))
+    }
+}
+
+fn ddl_sql(schema: &str, table: &str, ddl: &Ddl) -> String {
+    let target = qualified(schema, table);
+    let d = Dialect::Duckdb;
+    match ddl {
+        Ddl::CreateTable { columns, .. } => format!(
+            "CREATE TABLE IF NOT EXISTS {target} ({})",
+            columns
+                .iter()
+                .map(|c| format!("{} {}", ident(&c.name), d.type_name(&c.ty)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ddl::AddColumn { column } => format!(
+            "ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {} {}",
+            ident(&column.name),
+            d.type_name(&column.ty)
+        ),
+        Ddl::WidenColumn { column, to, .. } => format!(
+            "ALTER TABLE {target} ALTER COLUMN {} SET DATA TYPE {}",
+            ident(column),
+            d.type_name(to)
+        ),
+    }
+}
+
+/// Refuses source columns that would collide with the staging query's own names.
+fn check_stage_names(plan: &ApplyPlan) -> Result<(), WarehouseError> {
+    for c in &plan.staged_columns {
+        let lower = c.name.to_lowercase();
+        if lower.starts_with(RESERVED_PREFIX) || VIRTUAL_COLUMNS.contains(&lower.as_str()) {
+            return Err(WarehouseError::Sql(format!(
+                "source column `{}` collides with a name the DuckDB loader reserves ({}*, {}); rename it in DMS with a transformation rule",
+                c.name,
+                RESERVED_PREFIX,
+                VIRTUAL_COLUMNS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn apply_in_transaction(
+    conn: &Connection,
+    schema: &str,
+    plan: &ApplyPlan,
+    paths: &[String],
+) -> Result<ApplyStats, WarehouseError> {
+    let d = Dialect::Duckdb;
+    let target = qualified(schema, &plan.table);
+    let rows = merge::duckdb_read_parquet(paths);
+    let mut stats = ApplyStats::default();
+
+    if let Some(fence) = &plan.fence {
+        let fence_table = qualified(schema, FENCE_TABLE);
+        conn.execute(
+            &format!("INSERT INTO {fence_table} (table_name, token, holder) SELECT ?, 0, '' WHERE NOT EXISTS (SELECT 1 FROM {fence_table} WHERE table_name = ?)"),
+            duckdb::params![plan.table, plan.table],
+        )
+        .map_err(sql_err)?;
+        let updated = conn
+            .execute(
+                &format!("UPDATE {fence_table} SET token = ?, holder = ? WHERE table_name = ? AND token <= ?"),
+                duckdb::params![fence.token as i64, fence.holder, plan.table, fence.token as i64],
+            )
+            .map_err(sql_err)?;
+        stats.statements += 2;
+        if updated != 1 {
+            return Err(WarehouseError::Fenced(format!(
+                "a newer lease holder has committed `{}`; lease token {} is stale",
+                plan.table, fence.token
+            )));
+        }
+    }
+    for ddl in &plan.ddl {
+        conn.execute_batch(&ddl_sql(schema, &plan.table, ddl))
+            .map_err(sql_err)?;
+        stats.statements += 1;
+    }
+    match &plan.mode {
+        LoadMode::Merge { .. } => {
+            let sql = merge::merge_statement(d, &target, plan, &rows);
+            stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
+        }
+        LoadMode::Append => {
+            let sql = merge::append_statement(d, &target, plan, &rows);
+            stats.rows_appended = conn.execute(&sql, []).map_err(sql_err)? as u64;
+            if let Some(q) = merge::ignored_deletes_query(plan, &rows) {
+                stats.deletes_ignored = conn
+                    .query_row(&q, [], |r| r.get::<_, i64>(0))
+                    .map_err(sql_err)? as u64;
+                stats.statements += 1;
+            }
+        }
+    }
+    stats.statements += 1;
+    if let Some((names, q)) = merge::cast_failures_query(d, plan, &rows) {
+        let counts: Vec<i64> = conn
+            .query_row(&q, [], |r| (0..names.len()).map(|i| r.get(i)).collect())
+            .map_err(sql_err)?;
+        stats.statements += 1;
+        stats.cast_failures = names
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c, n as u64))
+            .collect();
+    }
+    let ledger = DuckdbWarehouse::ledger(schema);
+    let mut insert = conn
+        .prepare(&format!(
+            "INSERT INTO {ledger} (table_name, s3_key, etag, size_bytes, batch_id, order_key) VALUES (?, ?, ?, ?, ?, ?)"
+        ))
+        .map_err(sql_err)?;
+    for f in &plan.files {
+        insert
+            .execute(duckdb::params![
+                plan.table,
+                f.key,
+                f.etag,
+                f.size as i64,
+                plan.batch_id,
+                f.order_key
+            ])
+            .map_err(sql_err)?;
+    }
+    stats.statements += 1;
+    Ok(stats)
+}
+
+#[async_trait]
+impl Warehouse for Duckdb {
+    fn name(&self) -> &'static str {
+        "duckdb"
+    }
+
+    fn can_alter_column_type(&self) -> bool {
+        true
+    }
+
+    fn max_identifier_len(&self) -> usize {
+        // DuckDB has no limit; keep names portable to Firebolt.
+        255
+    }
+
+    fn column_name(&self, source: &str) -> String {
+        source.to_string()
+    }
+
+    async fn prepare(&self) -> Result<(), WarehouseError> {
+        self.0
+            .with_conn(|conn, schema| {
+                conn.execute_batch(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {s};
+                     CREATE TABLE IF NOT EXISTS {ledger} (
+                         table_name VARCHAR NOT NULL,
+                         s3_key VARCHAR NOT NULL,
+                         etag VARCHAR,
+                         size_bytes BIGINT,
+                         batch_id VARCHAR,
+                         order_key VARCHAR,
+                         applied_at TIMESTAMPTZ DEFAULT current_timestamp);
+                     CREATE TABLE IF NOT EXISTS {fence} (
+                         table_name VARCHAR NOT NULL,
+                         token BIGINT NOT NULL,
+                         holder VARCHAR);",
+                    s = ident(schema),
+                    ledger = DuckdbWarehouse::ledger(schema),
+                    fence = qualified(schema, FENCE_TABLE),
+                ))
+                .map_err(sql_err)
+            })
+            .await
+    }
+
+    async fn describe(&self, table: &str) -> Result<Option<TargetTable>, WarehouseError> {
+        let table = table.to_string();
+        self.0
+            .with_conn(move |conn, schema| {
+                let mut stmt = conn
+                    .prepare(
+                        "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns
+                         WHERE table_schema = ? AND lower(table_name) = lower(?) ORDER BY ordinal_position",
+                    )
+                    .map_err(sql_err)?;
+                let rows = stmt
+                    .query_map(duckdb::params![schema, table], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    })
+                    .map_err(sql_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(sql_err)?;
+                let Some((name, ..)) = rows.first().cloned() else {
+                    return Ok(None);
+                };
+                let columns = rows
+                    .into_iter()
+                    .map(|(_, c, t, n)| crate::schema::types::Column {
+                        name: c,
+                        ty: Dialect::Duckdb.parse_type(&t),
+                        nullable: n == "YES",
+                    })
+                    .collect();
+                let mut pk_stmt = conn
+                    .prepare(
+                        "SELECT unnest(constraint_column_names) FROM duckdb_constraints()
+                         WHERE schema_name = ? AND lower(table_name) = lower(?) AND constraint_type = 'PRIMARY KEY'",
+                    )
+                    .map_err(sql_err)?;
+                let primary_key = pk_stmt
+                    .query_map(duckdb::params![schema, name], |r| r.get::<_, String>(0))
+                    .map_err(sql_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(sql_err)?;
+                Ok(Some(TargetTable {
+                    name,
+                    columns,
+                    primary_key,
+                }))
+            })
+            .await
+    }
+
+    async fn applied(
+        &self,
+        table: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, WarehouseError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let table = table.to_string();
+        let keys = keys.to_vec();
+        self.0
+            .with_conn(move |conn, schema| {
+                let mut found = HashMap::new();
+                for chunk in keys.chunks(500) {
+                    let placeholders = vec!["?"; chunk.len()].join(", ");
+                    let sql = format!(
+                        "SELECT s3_key, etag FROM {} WHERE table_name = ? AND s3_key IN ({placeholders})",
+                        DuckdbWarehouse::ledger(schema)
+                    );
+                    let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
+                    let params = std::iter::once(table.as_str()).chain(chunk.iter().map(String::as_str));
+                    let rows = stmt
+                        .query_map(params_from_iter(params), |r| {
+                            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                        })
+                        .map_err(sql_err)?;
+                    for row in rows {
+                        let (k, e) = row.map_err(sql_err)?;
+                        found.insert(k, e.unwrap_or_default());
+                    }
+                }
+                Ok(found)
+            })
+            .await
+    }
+
+    async fn last_applied_order(&self, table: &str) -> Result<Option<String>, WarehouseError> {
+        let table = table.to_string();
+        self.0
+            .with_conn(move |conn, schema| {
+                conn.query_row(
+                    &format!(
+                        "SELECT max(order_key) FROM {} WHERE table_name = ?",
+                        DuckdbWarehouse::ledger(schema)
+                    ),
+                    duckdb::params![table],
+                    |r| r.get::<_, Option<String>>(0),
+                )
+                .map_err(sql_err)
+            })
+            .await
+    }
+
+    async fn stage(&self, batch_id: &str, files: Vec<BatchFile>) -> Staged {
+        let dir = match &self.0.download_dir {
+            Some(dir) => std::fs::create_dir_all(dir)
+                .and_then(|_| tempfile::Builder::new().prefix(batch_id).tempdir_in(dir)),
+            None => tempfile::Builder::new().prefix(batch_id).tempdir(),
+        };
+        let dir = match dir {
+            Ok(dir) => dir,
+            Err(e) => {
+                let reason = format!("cannot create a download directory: {e}");
+                return Staged {
+                    files: files
+                        .into_iter()
+                        .map(|f| Err((f, StageError::Transient(reason.clone()))))
+                        .collect(),
+                    workspace: None,
+                };
+            }
+        };
+        let root = dir.path().to_path_buf();
+        let op_column = self.0.op_column.clone();
+        let store = self.0.store.clone();
+        let results = futures::stream::iter(files.into_iter().enumerate())
+            .map(|(i, file)| {
+                let path = root.join(format!("{i:06}.parquet"));
+                let store = store.clone();
+                let op_column = op_column.clone();
+                async move { download_one(&store, file, path, &op_column).await }
+            })
+            .buffered(DOWNLOAD_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        Staged {
+            files: results,
+            workspace: Some(dir),
+        }
+    }
+
+    async fn apply(
+        &self,
+        plan: &ApplyPlan,
+        files: &[StagedFile],
+    ) -> Result<ApplyStats, WarehouseError> {
+        check_stage_names(plan)?;
+        let paths: Vec<String> = files
+            .iter()
+            .map(|f| {
+                f.local_path
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .ok_or_else(|| WarehouseError::Other("DuckDB needs downloaded files".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        let rows_staged: u64 = files.iter().map(|f| f.schema.rows).sum();
+        let plan = plan.clone();
+        let mut stats = self
+            .0
+            .with_conn(move |conn, schema| {
+                conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
+                match apply_in_transaction(conn, schema, &plan, &paths) {
+                    Ok(stats) => {
+                        conn.execute_batch("COMMIT").map_err(sql_err)?;
+                        Ok(stats)
+                    }
+                    Err(e) => {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        Err(e)
+                    }
+                }
+            })
+            .await?;
+        stats.rows_staged = rows_staged;
+        stats.statements += 2;
+        Ok(stats)
+    }
+
+    async fn row_count(&self, table: &str) -> Result<u64, WarehouseError> {
+        let Some(found) = self.describe(table).await? else {
+            return Ok(0);
+        };
+        self.0
+            .with_conn(move |conn, schema| {
+                conn.query_row(
+                    &format!("SELECT count(*) FROM {}", qualified(schema, &found.name)),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|n| n as u64)
+                .map_err(sql_err)
+            })
+            .await
+    }
+
+    async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
+        self.0
+            .with_conn(|conn, schema| {
+                let sql = format!(
+                    "SELECT table_name, arg_max(s3_key, applied_at), arg_max(etag, applied_at), arg_max(size_bytes, applied_at),
+                            arg_max(batch_id, applied_at), CAST(max(applied_at) AS VARCHAR)
+                     FROM {} GROUP BY table_name ORDER BY table_name",
+                    DuckdbWarehouse::ledger(schema)
+                );
+                let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok(LedgerEntry {
+                            table: r.get(0)?,
+                            key: r.get(1)?,
+                            etag: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                            size: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                            batch_id: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                            applied_at: r.get(5)?,
+                        })
+                    })
+                    .map_err(sql_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(sql_err)?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn ping(&self, _timeout: Duration) -> Result<(), WarehouseError> {
+        self.0
+            .with_conn(|conn, _| {
+                conn.query_row("SELECT 1", [], |r| r.get::<_, i32>(0))
+                    .map(|_| ())
+                    .map_err(sql_err)
+            })
+            .await
+    }
+}
+
+async fn download_one(
+    store: &ObjectStore,
+    mut file: BatchFile,
+    path: PathBuf,
+    op_column: &str,
+) -> Result<StagedFile, (BatchFile, StageError)> {
+    match store.download(&file.bucket, &file.key, &path).await {
+        Ok((_, etag)) => {
+            // The object's own ETag is what the ledger records.
+            if !etag.is_empty() {
+                file.etag = bare_etag(&etag).to_string();
+            }
+        }
+        Err(StorageError::NotFound { .. }) => return Err((file, StageError::Missing)),
+        Err(e) => return Err((file, StageError::Transient(e.to_string()))),
+    }
+    let read_path = path.clone();
+    let op = op_column.to_string();
+    let schema = tokio::task::spawn_blocking(move || parquet::read_local(&read_path, &op))
+        .await
+        .map_err(|e| StageError::Transient(format!("footer task failed: {e}")));
+    match schema {
+        Ok(Ok(schema)) => Ok(StagedFile {
+            file,
+            schema,
+            local_path: Some(path),
+        }),
+        Ok(Err(e)) => Err((file, StageError::Poison(e))),
+        Err(e) => Err((file, e)),
+    }
+}
+
+/// For tests and tools: a direct query on the database file.
+pub fn open_read_only(path: &Path) -> duckdb::Result<Connection> {
+    let config = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
+    Connection::open_with_flags(path, config)
+}

@@ -1,0 +1,388 @@
+//! The dedupe, MERGE and append statements, shared by both warehouses: they differ only
+//! in type names and in where the staged rows come from (DuckDB reads the downloaded
+//! files directly, Firebolt a staging table filled by COPY). A test runs the Firebolt
+//! rendering on DuckDB, so the logic is checked on a real engine.
+
+use crate::apply::plan::{ApplyPlan, LoadExpr, LoadMode};
+use crate::schema::types::ColumnType;
+
+use super::sql::{ident, literal};
+
+/// Name of the rank column the dedupe adds; source columns may not use the `__cdc_` prefix.
+pub const RANK_COLUMN: &str = "__cdc_rank";
+pub const FILE_ORDINAL_COLUMN: &str = "__cdc_file";
+pub const ROW_ORDINAL_COLUMN: &str = "__cdc_row";
+pub const RESERVED_PREFIX: &str = "__cdc_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Duckdb,
+    Firebolt,
+}
+
+impl Dialect {
+    /// The SQL type a column of this type gets when the worker creates it.
+    pub fn type_name(self, ty: &ColumnType) -> String {
+        use ColumnType::*;
+        match self {
+            Dialect::Duckdb => match ty {
+                Boolean => "BOOLEAN".into(),
+                Int8 => "TINYINT".into(),
+                Int16 => "SMALLINT".into(),
+                Int32 => "INTEGER".into(),
+                Int64 => "BIGINT".into(),
+                UInt8 => "UTINYINT".into(),
+                UInt16 => "USMALLINT".into(),
+                UInt32 => "UINTEGER".into(),
+                UInt64 => "UBIGINT".into(),
+                Float32 => "FLOAT".into(),
+                Float64 => "DOUBLE".into(),
+                Decimal { precision, scale } => {
+                    format!("DECIMAL({},{})", (*precision).min(38), (*scale).min(38))
+                }
+                String | Unsupported(_) => "VARCHAR".into(),
+                Binary => "BLOB".into(),
+                Date => "DATE".into(),
+                Time => "TIME".into(),
+                Timestamp => "TIMESTAMP".into(),
+                TimestampTz => "TIMESTAMPTZ".into(),
+            },
+            // The mapping of Firebolt's own ADBC driver (firebolt-protocol.md).
+            Dialect::Firebolt => match ty {
+                Boolean => "BOOLEAN".into(),
+                Int8 | Int16 | Int32 | UInt8 | UInt16 => "INTEGER".into(),
+                UInt32 | Int64 => "BIGINT".into(),
+                // BIGINT cannot hold the top half of uint64.
+                UInt64 => "NUMERIC(20, 0)".into(),
+                Float32 => "REAL".into(),
+                Float64 => "DOUBLE PRECISION".into(),
+                Decimal { precision, scale } => {
+                    format!("NUMERIC({}, {})", (*precision).min(38), (*scale).min(38))
+                }
+                String | Time | Unsupported(_) => "TEXT".into(),
+                Binary => "BYTEA".into(),
+                Date => "DATE".into(),
+                Timestamp => "TIMESTAMP".into(),
+                TimestampTz => "TIMESTAMPTZ".into(),
+            },
+        }
+    }
+
+    /// Parses a type as the warehouse reports it (information_schema.columns.data_type).
+    pub fn parse_type(self, text: &str) -> ColumnType {
+        use ColumnType::*;
+        let t = text.trim().to_ascii_lowercase();
+        let t = t.strip_suffix(" null").unwrap_or(&t).trim();
+        let t = t.strip_suffix(" not null").unwrap_or(t).trim();
+        if let Some(inner) = t
+            .strip_prefix("decimal(")
+            .or_else(|| t.strip_prefix("numeric("))
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            let mut parts = inner.split(',').map(|p| p.trim().parse::<u8>());
+            if let (Some(Ok(precision)), Some(Ok(scale))) = (parts.next(), parts.next()) {
+                if self == Dialect::Firebolt && precision == 20 && scale == 0 {
+                    return UInt64;
+                }
+                return Decimal { precision, scale };
+            }
+        }
+        match t {
+            "boolean" | "bool" => Boolean,
+            "tinyint" | "int1" => Int8,
+            "smallint" | "int2" => Int16,
+            "integer" | "int" | "int4" => Int32,
+            "bigint" | "int8" | "long" => Int64,
+            "utinyint" => UInt8,
+            "usmallint" => UInt16,
+            "uinteger" => UInt32,
+            "ubigint" => UInt64,
+            "float" | "real" | "float4" => Float32,
+            "double" | "double precision" | "float8" => Float64,
+            "varchar" | "text" | "string" => String,
+            "blob" | "bytea" => Binary,
+            "date" | "pgdate" => Date,
+            "time" => Time,
+            "timestamp" | "timestampntz" | "timestamp without time zone" => Timestamp,
+            "timestamptz" | "timestamp with time zone" => TimestampTz,
+            other if other.starts_with("varchar(") => String,
+            other => Unsupported(other.to_string()),
+        }
+    }
+}
+
+/// Where the staged rows of a segment come from.
+#[derive(Debug, Clone)]
+pub struct StagedRows {
+    /// A relation in a FROM clause: `read_parquet([...], union_by_name = true)` or a table.
+    pub relation: String,
+    /// Expression of a row's file position in the batch (DMS order).
+    pub file_ordinal: String,
+    /// Expression of a row's position inside its file, where the warehouse has one.
+    pub row_ordinal: Option<String>,
+}
+
+/// `s."col"`, cast as the plan says.
+pub fn load_expr(d: Dialect, expr: &LoadExpr, alias: &str) -> String {
+    let col = |c: &str| format!("{alias}.{}", ident(c));
+    match expr {
+        LoadExpr::Column(c) => col(c),
+        LoadExpr::Cast { column, to } => format!("CAST({} AS {})", col(column), d.type_name(to)),
+        LoadExpr::TryCast { column, to } => {
+            format!("TRY_CAST({} AS {})", col(column), d.type_name(to))
+        }
+        LoadExpr::Variant { column, fits } => format!(
+            "CASE WHEN {c} IS NOT NULL AND TRY_CAST({c} AS {t}) IS NULL THEN {c} END",
+            c = col(column),
+            t = d.type_name(fits)
+        ),
+    }
+}
+
+fn not_delete(plan: &ApplyPlan, alias: &str) -> Option<String> {
+    plan.op_column.as_ref().map(|op| {
+        let op = format!("{alias}.{}", ident(op));
+        format!("({op} IS NULL OR {op} <> 'D')")
+    })
+}
+
+/// The staged rows reduced to one row per key: the latest change wins, by ordering
+/// column, then file position, then row position.
+pub fn latest_per_key(plan: &ApplyPlan, rows: &StagedRows, key: &[String]) -> String {
+    let mut order = Vec::new();
+    if let Some(ord) = &plan.ordering_column {
+        order.push(format!("{} DESC NULLS LAST", ident(ord)));
+    }
+    order.push(format!("{} DESC", ident(FILE_ORDINAL_COLUMN)));
+    if rows.row_ordinal.is_some() {
+        order.push(format!("{} DESC", ident(ROW_ORDINAL_COLUMN)));
+    }
+    format!(
+        "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {}) AS {} FROM ({}) AS staged) AS ranked WHERE {} = 1",
+        key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", "),
+        order.join(", "),
+        ident(RANK_COLUMN),
+        staged_select(plan, rows),
+        ident(RANK_COLUMN),
+    )
+}
+
+/// The staged columns plus the ordinals, under fixed names.
+pub fn staged_select(plan: &ApplyPlan, rows: &StagedRows) -> String {
+    let mut cols: Vec<String> = plan.staged_columns.iter().map(|c| ident(&c.name)).collect();
+    if let Some(op) = &plan.op_column {
+        cols.push(ident(op));
+    }
+    cols.push(format!("{} AS {}", rows.file_ordinal, ident(FILE_ORDINAL_COLUMN)));
+    if let Some(row) = &rows.row_ordinal {
+        cols.push(format!("{row} AS {}", ident(ROW_ORDINAL_COLUMN)));
+    }
+    format!("SELECT {} FROM {}", cols.join(", "), rows.relation)
+}
+
+/// `MERGE INTO target USING (latest per key) ON key ... `; `target` is already quoted.
+pub fn merge_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &StagedRows) -> String {
+    let LoadMode::Merge { key } = &plan.mode else {
+        panic!("merge_statement on an append plan");
+    };
+    let source_key: Vec<String> = key.iter().map(|k| k.source.clone()).collect();
+    let on = key
+        .iter()
+        .map(|k| format!("t.{} IS NOT DISTINCT FROM s.{}", ident(&k.target), ident(&k.source)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let mut sql = format!(
+        "MERGE INTO {target} AS t USING ({}) AS s ON {on}",
+        latest_per_key(plan, rows, &source_key)
+    );
+    if let Some(op) = &plan.op_column {
+        sql.push_str(&format!(
+            " WHEN MATCHED AND s.{} = {} THEN DELETE",
+            ident(op),
+            literal("D")
+        ));
+    }
+    let updates: Vec<String> = plan
+        .load
+        .iter()
+        .filter(|l| !key.iter().any(|k| k.target == l.target))
+        .map(|l| format!("{} = {}", ident(&l.target), load_expr(d, &l.expr, "s")))
+        .collect();
+    if !updates.is_empty() {
+        sql.push_str(&format!(" WHEN MATCHED THEN UPDATE SET {}", updates.join(", ")));
+    }
+    let insert_cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
+    let insert_vals: Vec<String> = plan.load.iter().map(|l| load_expr(d, &l.expr, "s")).collect();
+    sql.push_str(" WHEN NOT MATCHED");
+    if let Some(cond) = not_delete(plan, "s") {
+        sql.push_str(&format!(" AND {cond}"));
+    }
+    sql.push_str(&format!(
+        " THEN INSERT ({}) VALUES ({})",
+        insert_cols.join(", "),
+        insert_vals.join(", ")
+    ));
+    sql
+}
+
+/// `INSERT INTO target SELECT ...` of every non-delete row, in file and row order.
+pub fn append_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &StagedRows) -> String {
+    let cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
+    let vals: Vec<String> = plan.load.iter().map(|l| load_expr(d, &l.expr, "s")).collect();
+    let mut order = vec![ident(FILE_ORDINAL_COLUMN)];
+    if rows.row_ordinal.is_some() {
+        order.push(ident(ROW_ORDINAL_COLUMN));
+    }
+    let mut sql = format!(
+        "INSERT INTO {target} ({}) SELECT {} FROM ({}) AS s",
+        cols.join(", "),
+        vals.join(", "),
+        staged_select(plan, rows)
+    );
+    if let Some(cond) = not_delete(plan, "s") {
+        sql.push_str(&format!(" WHERE {cond}"));
+    }
+    sql.push_str(&format!(
+        " ORDER BY {}",
+        order
+            .iter()
+            .map(|o| format!("s.{o}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    sql
+}
+
+/// For a table without a key: how many delete rows cannot be applied.
+pub fn ignored_deletes_query(plan: &ApplyPlan, rows: &StagedRows) -> Option<String> {
+    let op = plan.op_column.as_ref()?;
+    Some(format!(
+        "SELECT count(*) FROM ({}) AS s WHERE s.{} = 'D'",
+        staged_select(plan, rows),
+        ident(op)
+    ))
+}
+
+/// One row: for each TRY_CAST column, how many non-NULL values did not cast.
+pub fn cast_failures_query(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> Option<(Vec<String>, String)> {
+    let casts: Vec<(String, String)> = plan
+        .load
+        .iter()
+        .filter_map(|l| match &l.expr {
+            LoadExpr::TryCast { column, to } => Some((
+                l.target.clone(),
+                format!(
+                    "count(*) FILTER (WHERE s.{c} IS NOT NULL AND TRY_CAST(s.{c} AS {t}) IS NULL)",
+                    c = ident(column),
+                    t = d.type_name(to)
+                ),
+            )),
+            _ => None,
+        })
+        .collect();
+    if casts.is_empty() {
+        return None;
+    }
+    let names = casts.iter().map(|(n, _)| n.clone()).collect();
+    let exprs: Vec<String> = casts.into_iter().map(|(_, e)| e).collect();
+    Some((
+        names,
+        format!("SELECT {} FROM ({}) AS s", exprs.join(", "), staged_select(plan, rows)),
+    ))
+}
+
+/// Reading one segment's files with `read_parquet` (DuckDB): union by name, with the file
+/// position in the batch and the row position in the file.
+pub fn duckdb_read_parquet(paths: &[String]) -> StagedRows {
+    let list = paths.iter().map(|p| literal(p)).collect::<Vec<_>>().join(", ");
+    StagedRows {
+        relation: format!("read_parquet([{list}], union_by_name = true)"),
+        file_ordinal: "file_index".into(),
+        row_ordinal: Some("file_row_number".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::plan::{KeyColumn, LoadColumn};
+    use crate::schema::types::Column;
+
+    pub(crate) fn sample_plan(mode: LoadMode) -> ApplyPlan {
+        ApplyPlan {
+            batch_id: "b1".into(),
+            table: "orders".into(),
+            ddl: vec![],
+            load: vec![
+                LoadColumn {
+                    target: "id".into(),
+                    expr: LoadExpr::Column("id".into()),
+                },
+                LoadColumn {
+                    target: "na\"me".into(),
+                    expr: LoadExpr::TryCast {
+                        column: "na\"me".into(),
+                        to: ColumnType::Int64,
+                    },
+                },
+            ],
+            mode,
+            op_column: Some("Op".into()),
+            ordering_column: None,
+            staged_columns: vec![
+                Column::new("id", ColumnType::Int64),
+                Column::new("na\"me", ColumnType::String),
+            ],
+            files: vec![],
+            fence: None,
+        }
+    }
+
+    #[test]
+    fn merge_sql_golden() {
+        let plan = sample_plan(LoadMode::Merge {
+            key: vec![KeyColumn {
+                target: "id".into(),
+                source: "id".into(),
+            }],
+        });
+        let rows = duckdb_read_parquet(&["/tmp/b/000000.parquet".into()]);
+        let sql = merge_statement(Dialect::Duckdb, "\"main\".\"orders\"", &plan, &rows);
+        assert_eq!(
+            sql,
+            "MERGE INTO \"main\".\"orders\" AS t USING (SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY \"id\" ORDER BY \"__cdc_file\" DESC, \"__cdc_row\" DESC) AS \"__cdc_rank\" FROM (SELECT \"id\", \"na\"\"me\", \"Op\", file_index AS \"__cdc_file\", file_row_number AS \"__cdc_row\" FROM read_parquet(['/tmp/b/000000.parquet'], union_by_name = true)) AS staged) AS ranked WHERE \"__cdc_rank\" = 1) AS s ON t.\"id\" IS NOT DISTINCT FROM s.\"id\" WHEN MATCHED AND s.\"Op\" = 'D' THEN DELETE WHEN MATCHED THEN UPDATE SET \"na\"\"me\" = TRY_CAST(s.\"na\"\"me\" AS BIGINT) WHEN NOT MATCHED AND (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') THEN INSERT (\"id\", \"na\"\"me\") VALUES (s.\"id\", TRY_CAST(s.\"na\"\"me\" AS BIGINT))"
+        );
+    }
+
+    #[test]
+    fn append_sql_golden() {
+        let plan = sample_plan(LoadMode::Append);
+        let rows = duckdb_read_parquet(&["/x/it's.parquet".into()]);
+        let sql = append_statement(Dialect::Duckdb, "\"t\"", &plan, &rows);
+        assert!(sql.starts_with("INSERT INTO \"t\" (\"id\", \"na\"\"me\") SELECT s.\"id\""), "{sql}");
+        assert!(sql.contains("read_parquet(['/x/it''s.parquet'], union_by_name = true)"));
+        assert!(sql.ends_with("WHERE (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') ORDER BY s.\"__cdc_file\", s.\"__cdc_row\""));
+    }
+
+    #[test]
+    fn types_round_trip_through_each_dialect() {
+        for d in [Dialect::Duckdb, Dialect::Firebolt] {
+            for ty in [
+                ColumnType::Boolean,
+                ColumnType::Int32,
+                ColumnType::Int64,
+                ColumnType::Float64,
+                ColumnType::Decimal { precision: 15, scale: 2 },
+                ColumnType::String,
+                ColumnType::Date,
+                ColumnType::Timestamp,
+                ColumnType::TimestampTz,
+                ColumnType::UInt64,
+            ] {
+                assert_eq!(d.parse_type(&d.type_name(&ty)), ty, "{d:?} {ty}");
+            }
+        }
+        assert_eq!(Dialect::Firebolt.parse_type("Decimal(38, 30) null"), ColumnType::Decimal { precision: 38, scale: 30 });
+        assert_eq!(Dialect::Duckdb.parse_type("TIMESTAMP WITH TIME ZONE"), ColumnType::TimestampTz);
+    }
+}

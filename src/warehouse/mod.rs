@@ -1,0 +1,198 @@
+//! Warehouses: the one trait where DuckDB and Firebolt differ (how batch data reaches the
+//! engine, DDL, transactions), and the pieces they share (the plan they execute, SQL
+//! quoting, the dedupe/MERGE statements).
+
+pub mod duckdb;
+pub mod merge;
+pub mod sql;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::apply::plan::ApplyPlan;
+use crate::schema::parquet::ParquetError;
+use crate::schema::types::{Column, FileSchema};
+
+/// Bookkeeping tables live beside the targets under these reserved names; a source table
+/// that would route to one of them is refused.
+pub const LEDGER_TABLE: &str = "_cdc_worker_ledger";
+pub const FENCE_TABLE: &str = "_cdc_worker_fence";
+
+pub fn is_reserved_table(name: &str) -> bool {
+    name.to_lowercase().starts_with("_cdc_worker")
+}
+
+/// One S3 object of a batch, in DMS order within the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFile {
+    pub bucket: String,
+    pub key: String,
+    pub size: u64,
+    /// ETag without quotes.
+    pub etag: String,
+    /// [`crate::dms::DmsOrder::sort_key`] of the file within its table.
+    pub order_key: String,
+}
+
+impl BatchFile {
+    pub fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// A file whose schema is known and whose data the warehouse can read.
+#[derive(Debug, Clone)]
+pub struct StagedFile {
+    pub file: BatchFile,
+    pub schema: FileSchema,
+    /// DuckDB downloads the object; Firebolt reads it from S3 (None).
+    pub local_path: Option<PathBuf>,
+}
+
+/// Why a file of a batch could not be staged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StageError {
+    /// The object is gone (deleted, or a DMS TRUNCATE removed the folder).
+    #[error("object no longer exists")]
+    Missing,
+    /// The object is not a readable Parquet file: retrying cannot help.
+    #[error("unreadable Parquet: {0}")]
+    Poison(#[from] ParquetError),
+    /// S3 or disk trouble that may pass.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The outcome of staging a batch: per file, in batch order. Dropping it removes
+/// whatever was downloaded.
+#[derive(Debug, Default)]
+pub struct Staged {
+    pub files: Vec<Result<StagedFile, (BatchFile, StageError)>>,
+    pub workspace: Option<tempfile::TempDir>,
+}
+
+/// A target table as the warehouse describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTable {
+    pub name: String,
+    pub columns: Vec<Column>,
+    /// Declared primary key (DuckDB) or primary index (Firebolt) columns.
+    pub primary_key: Vec<String>,
+}
+
+/// What a committed apply did, for logs, metrics and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Rows read from the batch's files.
+    pub rows_staged: u64,
+    /// Rows left after reducing to one change per key (keyed tables).
+    pub rows_merged: u64,
+    pub rows_deleted: u64,
+    /// Rows appended (tables without a key).
+    pub rows_appended: u64,
+    /// Deletes that cannot apply to a table without a key (counted, not applied).
+    pub deletes_ignored: u64,
+    /// Values that did not cast to their column's type and were loaded as NULL, per column.
+    pub cast_failures: Vec<(String, u64)>,
+    /// Keys changed more than once in one file with no ordering column to decide
+    /// (Firebolt cannot see row order).
+    pub ambiguous_keys: u64,
+    pub statements: u32,
+}
+
+/// A file recorded as applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub table: String,
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    pub batch_id: String,
+    pub applied_at: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarehouseError {
+    /// Another transaction touched the same data; retrying is safe.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
+    /// The warehouse is unreachable, stopped or rate limiting; retry later.
+    #[error("warehouse unavailable: {0}")]
+    Unavailable(String),
+    /// Credentials were refused.
+    #[error("warehouse authentication failed: {0}")]
+    Auth(String),
+    /// A statement failed; the message is the warehouse's.
+    #[error("SQL error: {0}")]
+    Sql(String),
+    /// A fencing check failed: another worker holds this table now.
+    #[error("fenced out: {0}")]
+    Fenced(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl WarehouseError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            WarehouseError::Conflict(_) | WarehouseError::Unavailable(_)
+        )
+    }
+}
+
+/// Where the warehouses differ. Everything else (planning, dedupe logic, ledger rules)
+/// is shared and lives in the apply engine.
+#[async_trait]
+pub trait Warehouse: Send + Sync + 'static {
+    /// "duckdb" or "firebolt", for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Whether `ALTER TABLE .. ALTER COLUMN .. TYPE` exists (else widening rebuilds).
+    fn can_alter_column_type(&self) -> bool;
+
+    /// Longest identifier the warehouse accepts, in bytes.
+    fn max_identifier_len(&self) -> usize;
+
+    /// The name a source column gets in this warehouse (Firebolt folds to lower case).
+    fn column_name(&self, source: &str) -> String;
+
+    /// Creates bookkeeping tables (ledger, fences) when missing.
+    async fn prepare(&self) -> Result<(), WarehouseError>;
+
+    /// Describes a target table; `None` if it does not exist.
+    async fn describe(&self, table: &str) -> Result<Option<TargetTable>, WarehouseError>;
+
+    /// Which of `keys` the ledger holds for `table`, with the ETag recorded.
+    async fn applied(
+        &self,
+        table: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, WarehouseError>;
+
+    /// The highest order key the ledger holds for `table` (its last applied file).
+    async fn last_applied_order(&self, table: &str) -> Result<Option<String>, WarehouseError>;
+
+    /// Makes the batch's files readable to [`Warehouse::apply`] and reads their schemas.
+    async fn stage(&self, batch_id: &str, files: Vec<BatchFile>) -> Staged;
+
+    /// Runs a plan: DDL, load, dedupe, MERGE or append, ledger, all committed together
+    /// where the warehouse allows (see each implementation for its crash story).
+    async fn apply(
+        &self,
+        plan: &ApplyPlan,
+        files: &[StagedFile],
+    ) -> Result<ApplyStats, WarehouseError>;
+
+    /// Rows in a target table (0 when it does not exist).
+    async fn row_count(&self, table: &str) -> Result<u64, WarehouseError>;
+
+    /// The newest ledger entries, for `cdc-worker status`.
+    async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError>;
+
+    /// A cheap round trip, for `/readyz` and `check-connection`.
+    async fn ping(&self, timeout: Duration) -> Result<(), WarehouseError>;
+}

@@ -1,0 +1,68 @@
+//! The per-table lock: batches of one table never overlap; different tables run at once.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use cdc_worker::apply::EngineEvent;
+
+use crate::harness::{Env, i, s};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_table_serial_many_tables_parallel() {
+    let env = Env::new("lanes", |c| {
+        c.batch.max_files = 2;
+        c.batch.linger = Duration::from_millis(200);
+        c.worker.max_parallel_batches = 4;
+    })
+    .await;
+    let worker = env.start().await;
+    let mut events = worker.engine().subscribe();
+    let columns = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("payload", "VARCHAR")];
+    let tables = ["alpha", "beta", "gamma"];
+    let files_per_table = 10;
+    for n in 0..files_per_table {
+        for t in tables {
+            let rows: Vec<_> = (0..3000).map(|r| vec![s("I"), i(n * 10_000 + r), s("some payload text")]).collect();
+            env.put_parquet(&env.key(t, &format!("20261124-10{n:02}00000.parquet")), columns, &rows).await;
+        }
+    }
+    // Collect batch intervals until every file is committed.
+    let mut open: HashMap<String, (String, Instant)> = HashMap::new();
+    let mut intervals: Vec<(String, Instant, Instant)> = Vec::new();
+    let mut committed = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while committed < files_per_table as usize * tables.len() {
+        let event = tokio::time::timeout_at(deadline.into(), events.recv()).await.expect("batches finish").expect("events");
+        match event {
+            EngineEvent::BatchStarted { table, batch_id, at, .. } => {
+                open.insert(batch_id, (table, at));
+            }
+            EngineEvent::BatchFinished { batch_id, committed: c, at, .. } => {
+                committed += c.len();
+                let (table, started) = open.remove(&batch_id).expect("started before finished");
+                intervals.push((table, started, at));
+            }
+            EngineEvent::TableHeld { table, reason } => panic!("{table} held: {reason}"),
+        }
+    }
+    worker.shutdown().await;
+
+    let overlaps = |a: &(String, Instant, Instant), b: &(String, Instant, Instant)| a.1 < b.2 && b.1 < a.2;
+    for (x, a) in intervals.iter().enumerate() {
+        for b in &intervals[x + 1..] {
+            if a.0 == b.0 {
+                assert!(!overlaps(a, b), "two batches of {} overlapped", a.0);
+            }
+        }
+    }
+    let cross = intervals
+        .iter()
+        .enumerate()
+        .any(|(x, a)| intervals[x + 1..].iter().any(|b| a.0 != b.0 && overlaps(a, b)));
+    assert!(cross, "batches of different tables ran concurrently");
+    assert!(intervals.len() >= tables.len() * 2, "several batches per table");
+    for t in tables {
+        let n: i64 = env.db().query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0)).unwrap();
+        assert_eq!(n, files_per_table * 3000);
+    }
+}

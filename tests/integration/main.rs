@@ -1,0 +1,10 @@
+//! Integration tests against a real LocalStack (S3, SQS, SNS) and a real DuckDB file.
+//! Start LocalStack first: `deploy/localstack/start.sh` (scripts/test does it).
+
+mod harness;
+mod model;
+
+mod delivery;
+mod end_to_end;
+mod lanes;
+mod poison;
