@@ -44,6 +44,8 @@ pub struct DmsKey {
     /// Folders between the table folder and the file (date or partition folders).
     pub folders: String,
     pub file_name: String,
+    /// The key prefix of the table's folder, `[prefix/]schema/table/`.
+    pub table_prefix: String,
 }
 
 /// Sorts files of one table in the order DMS wrote them.
@@ -65,6 +67,21 @@ impl DmsKey {
 
     pub fn is_load(&self) -> bool {
         matches!(self.kind, FileKind::Load { .. })
+    }
+}
+
+impl DmsKey {
+    /// Whether S3 key order matches DMS order from this key on, so a listing may start
+    /// after it: CDC files directly in the table folder or under year-first date folders
+    /// (DMS's MMYYYYDD and DDMMYYYY sequences do not sort).
+    pub fn key_order_is_dms_order(&self) -> bool {
+        self.kind == FileKind::Cdc
+            && (self.folders.is_empty()
+                || self
+                    .folders
+                    .split(['/', '-', '_'])
+                    .next()
+                    .is_some_and(|y| y.len() >= 4 && (y.starts_with("19") || y.starts_with("20"))))
     }
 }
 
@@ -166,6 +183,12 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
             });
         }
     }
+    let table_prefix = format!(
+        "{}{}/{}/",
+        if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+        segments[0],
+        segments[1]
+    );
     Ok(KeyClass::Dms(DmsKey {
         source: SourceTable {
             schema: segments[0].to_string(),
@@ -174,6 +197,7 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
         kind,
         folders: middle.join("/"),
         file_name,
+        table_prefix,
     }))
 }
 
@@ -295,6 +319,7 @@ mod tests {
         let k = dms("dms/", "dms/public/orders/2021/11/23/20211123-013830913.parquet");
         assert_eq!(k.kind, FileKind::Cdc);
         assert_eq!(k.folders, "2021/11/23");
+        assert_eq!(k.table_prefix, "dms/public/orders/");
     }
 
     #[test]

@@ -20,12 +20,12 @@ pub fn write_parquet(path: &Path, columns: &[(String, String)], rows: &[Vec<Valu
     let conn = duckdb::Connection::open_in_memory()?;
     let defs: Vec<String> = columns.iter().map(|(n, t)| format!("{} {t}", ident(n))).collect();
     conn.execute_batch(&format!("CREATE TABLE t ({})", defs.join(", ")))?;
+    // Many rows per statement: one round trip per chunk instead of per row.
     let casts: Vec<String> = columns.iter().map(|(_, t)| format!("CAST(? AS {t})")).collect();
-    {
-        let mut insert = conn.prepare(&format!("INSERT INTO t VALUES ({})", casts.join(", ")))?;
-        for row in rows {
-            insert.execute(duckdb::params_from_iter(row.iter()))?;
-        }
+    let tuple = format!("({})", casts.join(", "));
+    for chunk in rows.chunks(500) {
+        let sql = format!("INSERT INTO t VALUES {}", vec![tuple.as_str(); chunk.len()].join(", "));
+        conn.execute(&sql, duckdb::params_from_iter(chunk.iter().flatten()))?;
     }
     conn.execute_batch(&format!(
         "COPY t TO {} (FORMAT PARQUET)",

@@ -23,13 +23,14 @@ use tokio_util::sync::CancellationToken;
 use super::plan::{self, ApplyPlan, Decision, PlanInput};
 use super::{ApplyContext, Engine, EngineEvent, LaneInfo, PendingFile, new_batch_id};
 use crate::alerts::{Alert, AlertKind, Severity};
-use crate::dms::{DmsOrder, SourceTable};
+use crate::dms::{DmsOrder, KeyClass, SourceTable, classify_key};
+use crate::storage::bare_etag;
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
 use crate::schema::store::{Recorded, SchemaVersion, Stored, TableStatus};
 use crate::schema::types::FileSchema;
 use crate::telemetry::{BatchApplied, BatchFailed, FileSkipped};
-use crate::warehouse::{StageError, StagedFile, TargetTable, WarehouseError};
+use crate::warehouse::{BatchFile, StageError, StagedFile, TargetTable, WarehouseError};
 
 /// How often a held table re-reads its status from S3.
 const HOLD_RECHECK: Duration = Duration::from_secs(10);
@@ -58,8 +59,8 @@ struct TableState {
     failing_alerted: bool,
     /// The earliest file of a failed batch: later files wait until it is applied.
     blocked_from: Option<DmsOrder>,
-    /// The highest DMS order applied so far (from the ledger at start).
-    last_applied: Option<String>,
+    /// The last applied file by DMS order, (order key, S3 key); from the ledger at start.
+    last_applied: Option<(String, String)>,
     /// Files the lane itself failed: they may come back after later files were held.
     retrying: HashSet<String>,
     /// Files already alerted about (rejected, out of order), to alert once per file.
@@ -324,10 +325,96 @@ impl Lane {
         self.state.last_applied = self
             .ctx
             .warehouse
-            .last_applied_order(&self.table)
+            .last_applied(&self.table)
             .await
             .map_err(|e| e.to_string())?;
         self.state.loaded = true;
+        Ok(())
+    }
+
+    /// Adds files of this table that S3 already holds, ordered before the batch's last
+    /// file, and neither applied nor announced yet: notifications arrive out of order, but
+    /// DMS writes a table's files one after the other, so an earlier file in the listing is
+    /// one whose notification is late. Its notification, when it comes, finds it in the
+    /// ledger.
+    async fn fill_gaps(&mut self, batch: &mut Vec<PendingFile>) -> Result<(), String> {
+        let Some(last) = batch.iter().map(|f| f.dms.order()).max() else {
+            return Ok(());
+        };
+        let (bucket, folder, source) = {
+            let f = &batch[0];
+            (f.file.bucket.clone(), f.dms.table_prefix.clone(), f.source.clone())
+        };
+        let prefix = &self.ctx.config.source.prefix;
+        let start_after = self.state.last_applied.as_ref().and_then(|(_, key)| {
+            match classify_key(prefix, key) {
+                Ok(KeyClass::Dms(k)) if k.key_order_is_dms_order() => Some(key.clone()),
+                _ => None,
+            }
+        });
+        let listed = self
+            .ctx
+            .store
+            .list(&bucket, &folder, start_after.as_deref())
+            .await
+            .map_err(|e| format!("listing s3://{bucket}/{folder}: {e}"))?;
+        let known: HashSet<String> = batch.iter().map(|f| f.file.key.clone()).collect();
+        let mut gaps = Vec::new();
+        for object in listed {
+            if known.contains(&object.key) {
+                continue;
+            }
+            let Ok(KeyClass::Dms(dms)) = classify_key(prefix, &object.key) else {
+                continue;
+            };
+            let order = dms.order();
+            let after_last_applied = self
+                .state
+                .last_applied
+                .as_ref()
+                .is_none_or(|(l, _)| order.sort_key() > *l);
+            if dms.source != source || order >= last || !after_last_applied {
+                continue;
+            }
+            gaps.push(PendingFile {
+                table: self.table.clone(),
+                source: source.clone(),
+                file: BatchFile {
+                    bucket: bucket.clone(),
+                    key: object.key,
+                    size: object.size,
+                    etag: bare_etag(&object.etag).to_string(),
+                    order_key: order.sort_key(),
+                },
+                dms,
+                messages: vec![],
+                arrived: Instant::now(),
+            });
+        }
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = gaps.iter().map(|g| g.file.key.clone()).collect();
+        let applied = self
+            .ctx
+            .warehouse
+            .applied(&self.table, &keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        gaps.retain(|g| !applied.contains_key(&g.file.key));
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            table = %self.table,
+            files = gaps.len(),
+            first = %gaps[0].file.key,
+            "earlier files found in the S3 listing before their notifications; applying them in order"
+        );
+        metrics::counter!("cdc_worker_gap_files_total", "table" => self.table.clone())
+            .increment(gaps.len() as u64);
+        batch.extend(gaps);
+        batch.sort_by_key(|f| f.dms.order());
         Ok(())
     }
 
@@ -419,6 +506,11 @@ impl Lane {
             }
         }
 
+        // Earlier files S3 has but no notification brought yet join the batch.
+        if let Err(e) = self.fill_gaps(&mut fresh).await {
+            return self.fail(batch_id, fresh, &e).await;
+        }
+
         // 2. Out of order: older than what is applied, and not a file we failed ourselves.
         let ordering = self.ctx.config.ordering_column(&self.table);
         let mut in_order = Vec::with_capacity(fresh.len());
@@ -427,7 +519,7 @@ impl Lane {
                 .state
                 .last_applied
                 .as_ref()
-                .is_some_and(|last| f.dms.order().sort_key() < *last)
+                .is_some_and(|(last, _)| f.dms.order().sort_key() < *last)
                 && !self.state.retrying.contains(&f.file.key);
             if late && ordering.is_none() {
                 let reason = format!(
@@ -700,8 +792,8 @@ impl Lane {
                 }
                 for f in &files {
                     let order = f.dms.order().sort_key();
-                    if self.state.last_applied.as_ref().is_none_or(|l| &order > l) {
-                        self.state.last_applied = Some(order);
+                    if self.state.last_applied.as_ref().is_none_or(|(l, _)| &order > l) {
+                        self.state.last_applied = Some((order, f.file.key.clone()));
                     }
                     self.state.retrying.remove(&f.file.key);
                     f.resolve(FileOutcome::Committed);

@@ -208,10 +208,6 @@ pub struct BatchConfig {
     /// How long a table waits for more files after the first one arrives.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
-    /// Files older than the last applied one are held; a gap (an earlier file seen in the
-    /// S3 listing but not yet notified) is waited for at most this long, then applied.
-    #[serde(with = "humantime_serde")]
-    pub gap_wait: Duration,
 }
 
 impl Default for BatchConfig {
@@ -220,7 +216,6 @@ impl Default for BatchConfig {
             max_files: 100,
             max_bytes: ByteSize::mib(512),
             linger: Duration::from_secs(2),
-            gap_wait: Duration::from_secs(30),
         }
     }
 }

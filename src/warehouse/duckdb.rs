@@ -399,19 +399,20 @@ impl Warehouse for Duckdb {
             .await
     }
 
-    async fn last_applied_order(&self, table: &str) -> Result<Option<String>, WarehouseError> {
+    async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError> {
         let table = table.to_string();
         self.0
             .with_conn(move |conn, schema| {
-                conn.query_row(
-                    &format!(
-                        "SELECT max(order_key) FROM {} WHERE table_name = ?",
+                let mut stmt = conn
+                    .prepare(&format!(
+                        "SELECT order_key, s3_key FROM {} WHERE table_name = ? ORDER BY order_key DESC LIMIT 1",
                         DuckdbWarehouse::ledger(schema)
-                    ),
-                    duckdb::params![table],
-                    |r| r.get::<_, Option<String>>(0),
-                )
-                .map_err(sql_err)
+                    ))
+                    .map_err(sql_err)?;
+                let mut rows = stmt
+                    .query_map(duckdb::params![table], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(sql_err)?;
+                rows.next().transpose().map_err(sql_err)
             })
             .await
     }

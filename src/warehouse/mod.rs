@@ -173,8 +173,8 @@ pub trait Warehouse: Send + Sync + 'static {
         keys: &[String],
     ) -> Result<HashMap<String, String>, WarehouseError>;
 
-    /// The highest order key the ledger holds for `table` (its last applied file).
-    async fn last_applied_order(&self, table: &str) -> Result<Option<String>, WarehouseError>;
+    /// The last applied file of `table` by DMS order: (order key, S3 key).
+    async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError>;
 
     /// Makes the batch's files readable to [`Warehouse::apply`] and reads their schemas.
     async fn stage(&self, batch_id: &str, files: Vec<BatchFile>) -> Staged;

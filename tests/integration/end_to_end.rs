@@ -154,7 +154,7 @@ async fn dms_stream_reaches_duckdb_exactly() {
     .await;
     let worker = env.start().await;
     let stream = scenario(&env).await;
-    assert!(stream.uploaded.len() >= 17, "full load plus at least 10 CDC files");
+    assert_eq!(stream.uploaded.len(), 16, "4 full-load files and 12 CDC files");
     env.settle(&worker, Duration::from_secs(90)).await;
     worker.shutdown().await;
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use cdc_worker::apply::EngineEvent;
 
-use crate::harness::{Env, i, s};
+use crate::harness::{Env, i, parquet_bytes, s};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_table_serial_many_tables_parallel() {
@@ -20,12 +20,21 @@ async fn one_table_serial_many_tables_parallel() {
     let columns = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("payload", "VARCHAR")];
     let tables = ["alpha", "beta", "gamma"];
     let files_per_table = 10;
-    for n in 0..files_per_table {
-        for t in tables {
+    // Written first, then uploaded table by table in parallel (each table's files in DMS
+    // order, as DMS writes them), so every lane has work at once.
+    let bodies: Vec<Vec<u8>> = (0..files_per_table)
+        .map(|n| {
             let rows: Vec<_> = (0..3000).map(|r| vec![s("I"), i(n * 10_000 + r), s("some payload text")]).collect();
-            env.put_parquet(&env.key(t, &format!("20261124-10{n:02}00000.parquet")), columns, &rows).await;
+            parquet_bytes(columns, &rows)
+        })
+        .collect();
+    let (env_ref, bodies_ref) = (&env, &bodies);
+    futures::future::join_all(tables.iter().map(|t| async move {
+        for (n, body) in bodies_ref.iter().enumerate() {
+            env_ref.put_bytes(&env_ref.key(t, &format!("20261124-10{n:02}00000.parquet")), body.clone()).await;
         }
-    }
+    }))
+    .await;
     // Collect batch intervals until every file is committed.
     let mut open: HashMap<String, (String, Instant)> = HashMap::new();
     let mut intervals: Vec<(String, Instant, Instant)> = Vec::new();
