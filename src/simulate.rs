@@ -307,28 +307,14 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
     })
 }
 
-/// Uploads the table keys document, then the files in order, `pace` apart.
-pub async fn upload(
-    store: &ObjectStore,
-    bucket: &str,
-    table_keys_key: &str,
-    sim: &Simulation,
-    pace: Duration,
-) -> anyhow::Result<()> {
-    store
-        .put(
-            bucket,
-            table_keys_key,
-            Bytes::from(serde_json::to_vec_pretty(&sim.table_keys)?),
-            "application/json",
-            WriteCondition::Unconditional,
-        )
-        .await?;
+/// Uploads the files in order, `pace` apart.
+pub async fn upload(store: &ObjectStore, bucket: &str, sim: &Simulation, pace: Duration) -> anyhow::Result<()> {
     for f in &sim.files {
         let body = tokio::fs::read(&f.path).await?;
         store
             .put(bucket, &f.key, Bytes::from(body), "application/octet-stream", WriteCondition::Unconditional)
-            .await?;
+            .await
+            .with_context(|| format!("uploading {}", f.key))?;
         if !pace.is_zero() {
             tokio::time::sleep(pace).await;
         }

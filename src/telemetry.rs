@@ -197,7 +197,12 @@ pub struct FileSkipped<'a> {
 
 impl FileSkipped<'_> {
     pub fn emit(&self) {
-        tracing::info!(table = self.table, key = self.key, reason = self.reason, "file skipped");
+        if self.reason.starts_with("already applied") {
+            // Redeliveries are routine; the metric counts them.
+            tracing::debug!(table = self.table, key = self.key, reason = self.reason, "file skipped");
+        } else {
+            tracing::info!(table = self.table, key = self.key, reason = self.reason, "file skipped");
+        }
         metrics::counter!("cdc_worker_files_skipped_total", "reason" => reason_label(self.reason))
             .increment(1);
     }

@@ -596,7 +596,7 @@ impl Lane {
         let mut segments: Vec<Vec<(PendingFile, StagedFile)>> = Vec::new();
         for item in ready {
             match segments.last_mut() {
-                Some(seg) if seg[0].1.schema.table == item.1.schema.table => seg.push(item),
+                Some(seg) if seg[0].1.schema.table.same_shape(&item.1.schema.table) => seg.push(item),
                 _ => segments.push(vec![item]),
             }
         }
@@ -667,8 +667,9 @@ impl Lane {
             .as_ref()
             .map(|s| s.current.schema())
             .or_else(|| target.as_ref().map(|t| crate::schema::types::TableSchema::new(t.columns.clone())));
+        // Nullability alone needs no action (targets are nullable): not a new version.
         let changes: Vec<SchemaChange> = match &baseline {
-            Some(b) if b == &schema.table => vec![],
+            Some(b) if b.same_shape(&schema.table) => vec![],
             Some(b) => diff(Some(b), &schema.table),
             None => diff(None, &schema.table),
         };

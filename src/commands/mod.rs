@@ -68,24 +68,16 @@ pub async fn simulate(config: &Config, seed: u64, pace_ms: u64) -> anyhow::Resul
     let store = ObjectStore::new(aws.s3.clone());
     let dir = tempfile::tempdir()?;
     let sim = simulate::demo(dir.path(), &config.source.prefix, seed)?;
-    simulate::upload(
-        &store,
-        config.metadata_bucket(),
-        &table_keys_key(config),
-        &sim,
-        Duration::ZERO,
-    )
-    .await?;
-    // The table keys document goes to the metadata bucket; the files to the source bucket.
-    for f in &sim.files {
-        let body = tokio::fs::read(&f.path).await?;
-        store
-            .put(&config.source.bucket, &f.key, Bytes::from(body), "application/octet-stream", WriteCondition::Unconditional)
-            .await?;
-        if pace_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(pace_ms)).await;
-        }
-    }
+    store
+        .put(
+            config.metadata_bucket(),
+            &table_keys_key(config),
+            Bytes::from(serde_json::to_vec_pretty(&sim.table_keys)?),
+            "application/json",
+            WriteCondition::Unconditional,
+        )
+        .await?;
+    simulate::upload(&store, &config.source.bucket, &sim, Duration::from_millis(pace_ms)).await?;
     println!("uploaded {} DMS files to s3://{}/{}", sim.files.len(), config.source.bucket, config.source.prefix);
     Ok(sim)
 }
@@ -132,6 +124,34 @@ pub async fn wait_until_idle(
     anyhow::bail!("the worker did not finish within {}s", timeout.as_secs())
 }
 
+/// Starts the demo from a clean slate: its DMS and metadata prefixes, queue and DuckDB
+/// file. Refused unless the config points at a local endpoint (LocalStack).
+async fn reset_demo(config: &Config, aws: &AwsClients, resources: &Resources) -> anyhow::Result<()> {
+    let endpoint = config.aws.endpoint_url.as_deref().unwrap_or_default();
+    anyhow::ensure!(
+        endpoint.contains("127.0.0.1") || endpoint.contains("localhost"),
+        "the demo resets its bucket, queue and DuckDB file; it only runs against LocalStack (aws.endpoint_url on localhost)"
+    );
+    let store = ObjectStore::new(aws.s3.clone());
+    for (bucket, prefix) in [
+        (config.source.bucket.as_str(), config.source.prefix.as_str()),
+        (config.metadata_bucket(), config.metadata.prefix.as_str()),
+    ] {
+        for o in store.list(bucket, prefix, None).await? {
+            store.delete(bucket, &o.key).await?;
+        }
+    }
+    aws.sqs.purge_queue().queue_url(&resources.queue_url).send().await.context("purging the demo queue")?;
+    let _ = dev::drain_alerts(aws, &resources.alerts_queue_url).await;
+    let db = &config.warehouse.duckdb.path;
+    for path in [db.clone(), db.with_extension("duckdb.wal")] {
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("== cdc-worker demo: LocalStack S3 -> SQS -> cdc-worker -> DuckDB ({})", config.warehouse.duckdb.path.display());
@@ -139,7 +159,7 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     config.queue.url = resources.queue_url.clone();
     config.alerts.sns_topic_arn = Some(resources.topic_arn.clone());
     let aws = AwsClients::new(&config.aws).await;
-    let _ = dev::drain_alerts(&aws, &resources.alerts_queue_url).await;
+    reset_demo(&config, &aws, &resources).await?;
 
     let worker = Worker::start(config.clone()).await?;
     println!("== worker started ({} receivers); simulating DMS: full load, then 12 minutes of CDC", config.worker.concurrency);
@@ -178,7 +198,7 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "DuckDB file: {}  (inspect: duckdb {} \"SELECT * FROM orders LIMIT 5\")",
+        "DuckDB file: {}  (inspect it with the DuckDB CLI: duckdb {} \"SELECT * FROM orders LIMIT 5\")",
         config.warehouse.duckdb.path.display(),
         config.warehouse.duckdb.path.display()
     );

@@ -203,6 +203,18 @@ impl TableSchema {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.columns.iter().map(|c| c.name.as_str())
     }
+
+    /// Same column names and types, in the same order; nullability aside. Parquet writers
+    /// mark a column REQUIRED or OPTIONAL from file to file, and every target column is
+    /// nullable, so nullability alone never needs an action.
+    pub fn same_shape(&self, other: &TableSchema) -> bool {
+        self.columns.len() == other.columns.len()
+            && self
+                .columns
+                .iter()
+                .zip(&other.columns)
+                .all(|(a, b)| a.name == b.name && a.ty == b.ty)
+    }
 }
 
 /// The schema of one Parquet file as the apply engine needs it.
