@@ -30,7 +30,7 @@ use crate::schema::diff::{SchemaChange, diff, folding_collision};
 use crate::schema::store::{Recorded, SchemaVersion, Stored, TableStatus};
 use crate::schema::types::FileSchema;
 use crate::telemetry::{BatchApplied, BatchFailed, FileSkipped};
-use crate::warehouse::{BatchFile, StageError, StagedFile, TargetTable, WarehouseError};
+use crate::warehouse::{BatchFile, LedgerRecord, StageError, StagedFile, TargetTable, WarehouseError};
 
 /// How often a held table re-reads its status from S3.
 const HOLD_RECHECK: Duration = Duration::from_secs(10);
@@ -65,6 +65,8 @@ struct TableState {
     retrying: HashSet<String>,
     /// Files already alerted about (rejected, out of order), to alert once per file.
     alerted: HashSet<String>,
+    /// Another worker held the table's lease: not before this instant.
+    lease_wait_until: Option<Instant>,
 }
 
 pub(super) struct Lane {
@@ -191,7 +193,8 @@ impl Lane {
     }
 
     fn batch_ready(&self) -> bool {
-        if self.state.held.is_some() {
+        let lease_wait = self.state.lease_wait_until.is_some_and(|u| u > Instant::now());
+        if self.state.held.is_some() || lease_wait {
             return false;
         }
         let cfg = &self.ctx.config.batch;
@@ -212,6 +215,9 @@ impl Lane {
         let now = Instant::now();
         if let Some(checked) = self.state.held_checked.filter(|_| self.state.held.is_some()) {
             return (checked + HOLD_RECHECK).max(now);
+        }
+        if let Some(until) = self.state.lease_wait_until.filter(|u| *u > now) {
+            return until;
         }
         match self.eligible().map(|f| f.arrived).min() {
             Some(oldest) => oldest + self.ctx.config.batch.linger,
@@ -401,6 +407,7 @@ impl Lane {
             .applied(&self.table, &keys)
             .await
             .map_err(|e| e.to_string())?;
+        // Anything in the ledger (applied, or rejected as unreadable) is no gap.
         gaps.retain(|g| !applied.contains_key(&g.file.key));
         if gaps.is_empty() {
             return Ok(());
@@ -488,12 +495,17 @@ impl Lane {
         };
         let mut fresh = Vec::with_capacity(batch.len());
         for f in batch {
+            let same = |r: &LedgerRecord| r.etag.is_empty() || r.etag == f.file.etag || f.file.etag.is_empty();
             match applied.get(&f.file.key) {
-                Some(etag) if etag.is_empty() || etag == &f.file.etag || f.file.etag.is_empty() => {
+                // Rejected before and still the same bytes: back to the DLQ, quietly.
+                Some(r) if r.rejected && same(r) => f.resolve(FileOutcome::Retry(None)),
+                // Rejected before, now replaced: apply the new content.
+                Some(r) if r.rejected => fresh.push(f),
+                Some(r) if same(r) => {
                     FileSkipped { table: &self.table, key: &f.file.key, reason: "already applied (ledger)" }.emit();
                     f.resolve(FileOutcome::Skipped);
                 }
-                Some(etag) => {
+                Some(LedgerRecord { etag, .. }) => {
                     let reason = format!(
                         "replaced after it was applied (ledger ETag {etag}, now {}); not applied again: use `cdc-worker replay --force` if the new content must be loaded",
                         f.file.etag
@@ -555,6 +567,9 @@ impl Lane {
                 }
                 Some(Err((_, StageError::Poison(e)))) => {
                     let reason = format!("cannot be read as Parquet: {e}");
+                    if let Err(e) = self.ctx.warehouse.record_rejected(&self.table, std::slice::from_ref(&f.file), &reason).await {
+                        tracing::warn!(table = %self.table, key = %f.file.key, error = %e, "could not record the rejected file in the ledger");
+                    }
                     let steps = "The file is left in the queue and reaches the dead-letter queue after its maximum receives. Replace it in S3 and redrive the DLQ (or run `cdc-worker replay`); the table goes on meanwhile.";
                     self.alert_file(AlertKind::FileRejected, Severity::Error, &f, &reason, Some(steps)).await;
                     metrics::counter!("cdc_worker_files_rejected_total", "table" => self.table.clone()).increment(1);
@@ -726,12 +741,16 @@ impl Lane {
             Some(leases) => match leases.acquire(&self.table).await {
                 Ok(Some(fence)) => Some(fence),
                 Ok(None) => {
-                    // Another worker holds the table: give the files back for later.
-                    tracing::info!(table = %self.table, "table leased by another worker; leaving its files for later");
-                    for f in &files {
-                        f.resolve(FileOutcome::Retry(None));
-                    }
-                    return SegmentOutcome::Stop(StopKind::Failed);
+                    // Another worker is applying this table. Keep the files here (their
+                    // visibility kept alive) and try again shortly: releasing them to the
+                    // queue would count a receive each time and, with several tasks,
+                    // could push healthy files into the dead-letter queue. Whoever applies
+                    // next includes every earlier file from the S3 listing.
+                    let wait = Duration::from_millis(500 + fastrand::u64(..1500));
+                    self.state.lease_wait_until = Some(Instant::now() + wait);
+                    metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone()).increment(1);
+                    tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
+                    return SegmentOutcome::Stop(StopKind::Held(files));
                 }
                 Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
             },

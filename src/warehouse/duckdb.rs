@@ -23,8 +23,8 @@ use crate::storage::{ObjectStore, StorageError, bare_etag};
 use super::merge::{self, Dialect, RESERVED_PREFIX};
 use super::sql::{ident, qualified};
 use super::{
-    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, StageError, Staged,
-    StagedFile, TargetTable, Warehouse, WarehouseError,
+    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, LedgerRecord, STATUS_REJECTED,
+    StageError, Staged, StagedFile, TargetTable, Warehouse, WarehouseError,
 };
 
 /// Column names DuckDB's `read_parquet` uses for its virtual columns: a source column of
@@ -216,8 +216,18 @@ fn apply_in_transaction(
     }
     match &plan.mode {
         LoadMode::Merge { .. } => {
-            let sql = merge::merge_statement(d, &target, plan, &rows);
+            let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
+            let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
+            if let Some((create, _)) = &tombstone_sql {
+                conn.execute_batch(create).map_err(sql_err)?;
+                stats.statements += 1;
+            }
+            let sql = merge::merge_statement(d, &target, plan, &rows, Some(&tombstones));
             stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
+            if let Some((_, record)) = &tombstone_sql {
+                conn.execute(record, []).map_err(sql_err)?;
+                stats.statements += 1;
+            }
         }
         LoadMode::Append => {
             let sql = merge::append_statement(d, &target, plan, &rows);
@@ -296,6 +306,8 @@ impl Warehouse for Duckdb {
                          size_bytes BIGINT,
                          batch_id VARCHAR,
                          order_key VARCHAR,
+                         status VARCHAR DEFAULT 'applied',
+                         detail VARCHAR,
                          applied_at TIMESTAMPTZ DEFAULT current_timestamp);
                      CREATE TABLE IF NOT EXISTS {fence} (
                          table_name VARCHAR NOT NULL,
@@ -367,7 +379,7 @@ impl Warehouse for Duckdb {
         &self,
         table: &str,
         keys: &[String],
-    ) -> Result<HashMap<String, String>, WarehouseError> {
+    ) -> Result<HashMap<String, LedgerRecord>, WarehouseError> {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
@@ -378,23 +390,68 @@ impl Warehouse for Duckdb {
                 let mut found = HashMap::new();
                 for chunk in keys.chunks(500) {
                     let placeholders = vec!["?"; chunk.len()].join(", ");
+                    // The newest entry per key: a fixed re-upload follows its rejection.
                     let sql = format!(
-                        "SELECT s3_key, etag FROM {} WHERE table_name = ? AND s3_key IN ({placeholders})",
+                        "SELECT s3_key, arg_max(etag, applied_at), arg_max(status, applied_at) FROM {}
+                         WHERE table_name = ? AND s3_key IN ({placeholders}) GROUP BY s3_key",
                         DuckdbWarehouse::ledger(schema)
                     );
                     let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
                     let params = std::iter::once(table.as_str()).chain(chunk.iter().map(String::as_str));
                     let rows = stmt
                         .query_map(params_from_iter(params), |r| {
-                            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, Option<String>>(1)?,
+                                r.get::<_, Option<String>>(2)?,
+                            ))
                         })
                         .map_err(sql_err)?;
                     for row in rows {
-                        let (k, e) = row.map_err(sql_err)?;
-                        found.insert(k, e.unwrap_or_default());
+                        let (k, etag, status) = row.map_err(sql_err)?;
+                        found.insert(
+                            k,
+                            LedgerRecord {
+                                etag: etag.unwrap_or_default(),
+                                rejected: status.as_deref() == Some(STATUS_REJECTED),
+                            },
+                        );
                     }
                 }
                 Ok(found)
+            })
+            .await
+    }
+
+    async fn record_rejected(
+        &self,
+        table: &str,
+        files: &[BatchFile],
+        reason: &str,
+    ) -> Result<(), WarehouseError> {
+        let (table, files, reason) = (table.to_string(), files.to_vec(), reason.to_string());
+        self.0
+            .with_conn(move |conn, schema| {
+                let mut insert = conn
+                    .prepare(&format!(
+                        "INSERT INTO {} (table_name, s3_key, etag, size_bytes, order_key, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        DuckdbWarehouse::ledger(schema)
+                    ))
+                    .map_err(sql_err)?;
+                for f in &files {
+                    insert
+                        .execute(duckdb::params![
+                            table,
+                            f.key,
+                            f.etag,
+                            f.size as i64,
+                            f.order_key,
+                            STATUS_REJECTED,
+                            reason
+                        ])
+                        .map_err(sql_err)?;
+                }
+                Ok(())
             })
             .await
     }
@@ -405,7 +462,7 @@ impl Warehouse for Duckdb {
             .with_conn(move |conn, schema| {
                 let mut stmt = conn
                     .prepare(&format!(
-                        "SELECT order_key, s3_key FROM {} WHERE table_name = ? ORDER BY order_key DESC LIMIT 1",
+                        "SELECT order_key, s3_key FROM {} WHERE table_name = ? AND status = 'applied' ORDER BY order_key DESC LIMIT 1",
                         DuckdbWarehouse::ledger(schema)
                     ))
                     .map_err(sql_err)?;
@@ -516,7 +573,7 @@ impl Warehouse for Duckdb {
                 let sql = format!(
                     "SELECT table_name, arg_max(s3_key, applied_at), arg_max(etag, applied_at), arg_max(size_bytes, applied_at),
                             arg_max(batch_id, applied_at), CAST(max(applied_at) AS VARCHAR)
-                     FROM {} GROUP BY table_name ORDER BY table_name",
+                     FROM {} WHERE status = 'applied' GROUP BY table_name ORDER BY table_name",
                     DuckdbWarehouse::ledger(schema)
                 );
                 let mut stmt = conn.prepare(&sql).map_err(sql_err)?;

@@ -3,7 +3,7 @@
 //! files directly, Firebolt a staging table filled by COPY). A test runs the Firebolt
 //! rendering on DuckDB, so the logic is checked on a real engine.
 
-use crate::apply::plan::{ApplyPlan, LoadExpr, LoadMode};
+use crate::apply::plan::{ApplyPlan, KeyColumn, LoadExpr, LoadMode};
 use crate::schema::types::ColumnType;
 
 use super::sql::{ident, literal};
@@ -180,24 +180,78 @@ pub fn staged_select(plan: &ApplyPlan, rows: &StagedRows) -> String {
     format!("SELECT {} FROM {}", cols.join(", "), rows.relation)
 }
 
-/// `MERGE INTO target USING (latest per key) ON key ... `; `target` is already quoted.
-pub fn merge_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &StagedRows) -> String {
+/// The table that remembers deleted keys of `table` with the ordering value of the delete,
+/// so a late insert or update cannot bring back a row a newer change deleted.
+pub fn tombstone_table(table: &str) -> String {
+    format!("_cdc_worker_deleted__{table}")
+}
+
+/// The ordering column as (target name, source name), when the plan orders by one and
+/// loads it into the target (only then can the target's value be compared).
+fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
+    let source = plan.ordering_column.as_ref()?;
+    plan.load
+        .iter()
+        .find(|l| matches!(&l.expr, LoadExpr::Column(c) if c == source))
+        .map(|l| (l.target.clone(), source.clone()))
+}
+
+/// Whether this plan keeps tombstones (ordering column loaded, deletes possible, a key).
+pub fn uses_tombstones(plan: &ApplyPlan) -> bool {
+    matches!(plan.mode, LoadMode::Merge { .. }) && plan.op_column.is_some() && ordering(plan).is_some()
+}
+
+fn key_match(key: &[KeyColumn], left: &str, right: &str, right_is_source: bool) -> String {
+    key.iter()
+        .map(|k| {
+            let r = if right_is_source { &k.source } else { &k.target };
+            format!("{left}.{} IS NOT DISTINCT FROM {right}.{}", ident(&k.target), ident(r))
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// `MERGE INTO target USING (latest per key) ON key ...`; `target` is already quoted.
+///
+/// With an ordering column loaded into the target, a change only overwrites or deletes a
+/// row whose ordering value is not newer, and the source skips keys whose tombstone is
+/// newer: late files then leave every row at its latest change. `tombstones` is the
+/// quoted [`tombstone_table`] (required when [`uses_tombstones`]).
+pub fn merge_statement(
+    d: Dialect,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &StagedRows,
+    tombstones: Option<&str>,
+) -> String {
     let LoadMode::Merge { key } = &plan.mode else {
         panic!("merge_statement on an append plan");
     };
     let source_key: Vec<String> = key.iter().map(|k| k.source.clone()).collect();
-    let on = key
-        .iter()
-        .map(|k| format!("t.{} IS NOT DISTINCT FROM s.{}", ident(&k.target), ident(&k.source)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let mut sql = format!(
-        "MERGE INTO {target} AS t USING ({}) AS s ON {on}",
-        latest_per_key(plan, rows, &source_key)
-    );
+    let on = key_match(key, "t", "s", true);
+    let latest = latest_per_key(plan, rows, &source_key);
+    let order = ordering(plan);
+    let source = match (&order, tombstones.filter(|_| uses_tombstones(plan))) {
+        (Some((t_ord, s_ord)), Some(tomb)) => format!(
+            "SELECT s.* FROM ({latest}) AS s LEFT JOIN {tomb} AS d ON {} WHERE d.{t} IS NULL OR s.{s} IS NULL OR s.{s} > d.{t}",
+            key_match(key, "d", "s", true),
+            t = ident(t_ord),
+            s = ident(s_ord),
+        ),
+        _ => latest,
+    };
+    let newer = order.as_ref().map(|(t_ord, s_ord)| {
+        format!(
+            " AND (t.{t} IS NULL OR s.{s} IS NULL OR s.{s} >= t.{t})",
+            t = ident(t_ord),
+            s = ident(s_ord)
+        )
+    });
+    let newer = newer.as_deref().unwrap_or("");
+    let mut sql = format!("MERGE INTO {target} AS t USING ({source}) AS s ON {on}");
     if let Some(op) = &plan.op_column {
         sql.push_str(&format!(
-            " WHEN MATCHED AND s.{} = {} THEN DELETE",
+            " WHEN MATCHED AND s.{} = {}{newer} THEN DELETE",
             ident(op),
             literal("D")
         ));
@@ -209,7 +263,7 @@ pub fn merge_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &Staged
         .map(|l| format!("{} = {}", ident(&l.target), load_expr(d, &l.expr, "s")))
         .collect();
     if !updates.is_empty() {
-        sql.push_str(&format!(" WHEN MATCHED THEN UPDATE SET {}", updates.join(", ")));
+        sql.push_str(&format!(" WHEN MATCHED{newer} THEN UPDATE SET {}", updates.join(", ")));
     }
     let insert_cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
     let insert_vals: Vec<String> = plan.load.iter().map(|l| load_expr(d, &l.expr, "s")).collect();
@@ -223,6 +277,49 @@ pub fn merge_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &Staged
         insert_vals.join(", ")
     ));
     sql
+}
+
+/// Creating the tombstone table (before the MERGE) and recording this batch's deletes in
+/// it (after the MERGE), for plans that [`uses_tombstones`]. Both names already quoted.
+pub fn tombstone_statements(
+    target: &str,
+    tombstones: &str,
+    plan: &ApplyPlan,
+    rows: &StagedRows,
+) -> Option<(String, String)> {
+    if !uses_tombstones(plan) {
+        return None;
+    }
+    let (LoadMode::Merge { key }, Some(op), Some((t_ord, s_ord))) = (&plan.mode, &plan.op_column, ordering(plan)) else {
+        return None;
+    };
+    let key_targets: Vec<String> = key.iter().map(|k| ident(&k.target)).collect();
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {tombstones} AS SELECT {}, {} FROM {target} WHERE 1 = 0",
+        key_targets.join(", "),
+        ident(&t_ord)
+    );
+    let source_key: Vec<String> = key.iter().map(|k| k.source.clone()).collect();
+    let deletes = format!(
+        "SELECT {}, x.{} AS {} FROM ({}) AS x WHERE x.{} = {}",
+        key.iter()
+            .map(|k| format!("x.{} AS {}", ident(&k.source), ident(&k.target)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        ident(&s_ord),
+        ident(&t_ord),
+        latest_per_key(plan, rows, &source_key),
+        ident(op),
+        literal("D"),
+    );
+    let record = format!(
+        "MERGE INTO {tombstones} AS t USING ({deletes}) AS s ON {} WHEN MATCHED AND (t.{o} IS NULL OR s.{o} > t.{o}) THEN UPDATE SET {o} = s.{o} WHEN NOT MATCHED THEN INSERT ({}, {o}) VALUES ({}, s.{o})",
+        key_match(key, "t", "s", false),
+        key_targets.join(", "),
+        key.iter().map(|k| format!("s.{}", ident(&k.target))).collect::<Vec<_>>().join(", "),
+        o = ident(&t_ord),
+    );
+    Some((create, record))
 }
 
 /// `INSERT INTO target SELECT ...` of every non-delete row, in file and row order.
@@ -347,7 +444,7 @@ mod tests {
             }],
         });
         let rows = duckdb_read_parquet(&["/tmp/b/000000.parquet".into()]);
-        let sql = merge_statement(Dialect::Duckdb, "\"main\".\"orders\"", &plan, &rows);
+        let sql = merge_statement(Dialect::Duckdb, "\"main\".\"orders\"", &plan, &rows, None);
         assert_eq!(
             sql,
             "MERGE INTO \"main\".\"orders\" AS t USING (SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY \"id\" ORDER BY \"__cdc_file\" DESC, \"__cdc_row\" DESC) AS \"__cdc_rank\" FROM (SELECT \"id\", \"na\"\"me\", \"Op\", file_index AS \"__cdc_file\", file_row_number AS \"__cdc_row\" FROM read_parquet(['/tmp/b/000000.parquet'], union_by_name = true)) AS staged) AS ranked WHERE \"__cdc_rank\" = 1) AS s ON t.\"id\" IS NOT DISTINCT FROM s.\"id\" WHEN MATCHED AND s.\"Op\" = 'D' THEN DELETE WHEN MATCHED THEN UPDATE SET \"na\"\"me\" = TRY_CAST(s.\"na\"\"me\" AS BIGINT) WHEN NOT MATCHED AND (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') THEN INSERT (\"id\", \"na\"\"me\") VALUES (s.\"id\", TRY_CAST(s.\"na\"\"me\" AS BIGINT))"
@@ -362,6 +459,67 @@ mod tests {
         assert!(sql.starts_with("INSERT INTO \"t\" (\"id\", \"na\"\"me\") SELECT s.\"id\""), "{sql}");
         assert!(sql.contains("read_parquet(['/x/it''s.parquet'], union_by_name = true)"));
         assert!(sql.ends_with("WHERE (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') ORDER BY s.\"__cdc_file\", s.\"__cdc_row\""));
+    }
+
+    /// Runs a merge plan against a staging table on in-memory DuckDB.
+    fn merge_rows(conn: &duckdb::Connection, plan: &ApplyPlan, rows: &[(&str, i64, &str, &str)]) {
+        conn.execute_batch("DROP TABLE IF EXISTS stage; CREATE TABLE stage (\"Op\" VARCHAR, id BIGINT, seq VARCHAR, val VARCHAR, f INTEGER, r INTEGER)").unwrap();
+        for (n, (op, id, seq, val)) in rows.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO stage VALUES (?, ?, ?, ?, 0, ?)",
+                duckdb::params![op, id, seq, val, n as i32],
+            )
+            .unwrap();
+        }
+        let staged = StagedRows {
+            relation: "stage".into(),
+            file_ordinal: "f".into(),
+            row_ordinal: Some("r".into()),
+        };
+        let (create, record) = tombstone_statements("t", "tomb", plan, &staged).unwrap();
+        conn.execute_batch(&create).unwrap();
+        conn.execute(&merge_statement(Dialect::Duckdb, "t", plan, &staged, Some("tomb")), []).unwrap();
+        conn.execute(&record, []).unwrap();
+    }
+
+    #[test]
+    fn late_changes_never_rewind_rows_with_an_ordering_column() {
+        let conn = duckdb::Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (id BIGINT, seq VARCHAR, val VARCHAR)").unwrap();
+        let plan = ApplyPlan {
+            load: ["id", "seq", "val"]
+                .iter()
+                .map(|c| LoadColumn { target: c.to_string(), expr: LoadExpr::Column(c.to_string()) })
+                .collect(),
+            ordering_column: Some("seq".into()),
+            staged_columns: vec![
+                Column::new("id", ColumnType::Int64),
+                Column::new("seq", ColumnType::String),
+                Column::new("val", ColumnType::String),
+            ],
+            ..sample_plan(LoadMode::Merge {
+                key: vec![KeyColumn { target: "id".into(), source: "id".into() }],
+            })
+        };
+        // The current state: 1 at seq 05; 2 inserted at 02 and deleted at 06.
+        merge_rows(&conn, &plan, &[("I", 1, "05", "new"), ("I", 2, "02", "x"), ("D", 2, "06", "x")]);
+        // A late file: older changes for 1 and 2, and a key never seen.
+        merge_rows(&conn, &plan, &[("U", 1, "03", "old"), ("I", 2, "04", "zombie"), ("I", 3, "01", "fresh")]);
+        // A newer file: re-inserting 2 after its delete is a real change.
+        merge_rows(&conn, &plan, &[("U", 1, "07", "newest"), ("I", 3, "00", "older than 01")]);
+        let mut stmt = conn.prepare("SELECT id, seq, val FROM t ORDER BY id").unwrap();
+        let rows: Vec<(i64, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            rows,
+            vec![(1, "07".into(), "newest".into()), (3, "01".into(), "fresh".into())]
+        );
+        merge_rows(&conn, &plan, &[("I", 2, "08", "reborn")]);
+        let n: i64 = conn.query_row("SELECT count(*) FROM t WHERE id = 2 AND val = 'reborn'", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1, "a change newer than the delete brings the row back");
     }
 
     #[test]

@@ -103,6 +103,18 @@ pub struct ApplyStats {
     pub statements: u32,
 }
 
+/// A ledger entry's verdict on a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRecord {
+    pub etag: String,
+    /// Rejected as unreadable rather than applied.
+    pub rejected: bool,
+}
+
+/// Ledger statuses.
+pub const STATUS_APPLIED: &str = "applied";
+pub const STATUS_REJECTED: &str = "rejected";
+
 /// A file recorded as applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
@@ -166,12 +178,16 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Describes a target table; `None` if it does not exist.
     async fn describe(&self, table: &str) -> Result<Option<TargetTable>, WarehouseError>;
 
-    /// Which of `keys` the ledger holds for `table`, with the ETag recorded.
+    /// What the ledger holds for these keys of `table` (the newest entry per key).
     async fn applied(
         &self,
         table: &str,
         keys: &[String],
-    ) -> Result<HashMap<String, String>, WarehouseError>;
+    ) -> Result<HashMap<String, LedgerRecord>, WarehouseError>;
+
+    /// Records files that can never be applied (unreadable Parquet), so they are not
+    /// fetched again; a fixed upload (new ETag) is applied normally.
+    async fn record_rejected(&self, table: &str, files: &[BatchFile], reason: &str) -> Result<(), WarehouseError>;
 
     /// The last applied file of `table` by DMS order: (order key, S3 key).
     async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError>;
