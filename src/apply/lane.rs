@@ -65,8 +65,8 @@ struct TableState {
     retrying: HashSet<String>,
     /// Files already alerted about (rejected, out of order), to alert once per file.
     alerted: HashSet<String>,
-    /// Another worker held the table's lease: not before this instant.
-    lease_wait_until: Option<Instant>,
+    /// Not before this instant (lease held elsewhere, or a lane-level retry backoff).
+    not_before: Option<Instant>,
 }
 
 pub(super) struct Lane {
@@ -125,8 +125,12 @@ impl Lane {
                 }
                 continue;
             }
-            let wait_until = self.next_attempt();
-            while !self.batch_ready() && Instant::now() < wait_until {
+            // Recomputed after every arrival: a file coming back can make a batch due.
+            loop {
+                let wait_until = self.next_attempt();
+                if self.batch_ready() || Instant::now() >= wait_until {
+                    break;
+                }
                 tokio::select! {
                     biased;
                     _ = self.stop.cancelled() => break,
@@ -193,8 +197,8 @@ impl Lane {
     }
 
     fn batch_ready(&self) -> bool {
-        let lease_wait = self.state.lease_wait_until.is_some_and(|u| u > Instant::now());
-        if self.state.held.is_some() || lease_wait {
+        let waiting = self.state.not_before.is_some_and(|u| u > Instant::now());
+        if self.state.held.is_some() || waiting {
             return false;
         }
         let cfg = &self.ctx.config.batch;
@@ -216,7 +220,7 @@ impl Lane {
         if let Some(checked) = self.state.held_checked.filter(|_| self.state.held.is_some()) {
             return (checked + HOLD_RECHECK).max(now);
         }
-        if let Some(until) = self.state.lease_wait_until.filter(|u| *u > now) {
+        if let Some(until) = self.state.not_before.filter(|u| *u > now) {
             return until;
         }
         match self.eligible().map(|f| f.arrived).min() {
@@ -586,7 +590,10 @@ impl Lane {
                     if ok {
                         self.fail(batch_id, rest, &reason).await;
                     } else {
-                        self.retry_later(rest);
+                        // Already blocked by an earlier failure: these wait behind it.
+                        for f in rest {
+                            self.add(f);
+                        }
                     }
                     return false;
                 }
@@ -629,7 +636,10 @@ impl Lane {
                             return true;
                         }
                         StopKind::Failed => {
-                            self.retry_later(later);
+                            // Later segments wait behind the failed one.
+                            for f in later {
+                                self.add(f);
+                            }
                             return false;
                         }
                     }
@@ -747,7 +757,7 @@ impl Lane {
                     // could push healthy files into the dead-letter queue. Whoever applies
                     // next includes every earlier file from the S3 listing.
                     let wait = Duration::from_millis(500 + fastrand::u64(..1500));
-                    self.state.lease_wait_until = Some(Instant::now() + wait);
+                    self.state.not_before = Some(Instant::now() + wait);
                     metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone()).increment(1);
                     tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
                     return SegmentOutcome::Stop(StopKind::Held(files));
@@ -1001,15 +1011,39 @@ impl Lane {
         false
     }
 
-    fn retry_later(&mut self, files: Vec<PendingFile>) {
-        for f in files {
-            let order = f.dms.order();
-            if self.state.blocked_from.as_ref().is_none_or(|b| &order < b) {
-                self.state.blocked_from = Some(order);
-            }
-            self.state.retrying.insert(f.file.key.clone());
-            f.resolve(FileOutcome::Retry(None));
+    /// After a failure: the earliest file goes back to the queue with backoff (and, after
+    /// the queue's maximum receives, to the DLQ); every later file waits in the lane behind
+    /// it, its visibility kept alive. Repeated failures thus narrow down to the one file
+    /// that fails, and no healthy file is pushed into the DLQ with it.
+    fn retry_later(&mut self, mut files: Vec<PendingFile>) {
+        files.sort_by_key(|f| f.dms.order());
+        let mut files = files.into_iter();
+        let Some(first) = files.next() else {
+            return;
+        };
+        let order = first.dms.order();
+        if self.state.blocked_from.as_ref().is_none_or(|b| &order < b) {
+            self.state.blocked_from = Some(order);
         }
+        self.state.retrying.insert(first.file.key.clone());
+        if first.messages.is_empty() {
+            // Found in the S3 listing: no message will bring it back, so the lane retries.
+            let backoff = self.retry_backoff();
+            self.state.not_before = Some(Instant::now() + backoff);
+            self.add(first);
+        } else {
+            first.resolve(FileOutcome::Retry(None));
+        }
+        for f in files {
+            self.add(f);
+        }
+    }
+
+    /// The lane's own backoff for files without a message, like the queue's.
+    fn retry_backoff(&self) -> Duration {
+        let q = &self.ctx.config.queue;
+        let exp = self.state.consecutive_failures.saturating_sub(1).min(16);
+        q.retry_backoff.saturating_mul(1u32 << exp).min(q.retry_backoff_max)
     }
 
     async fn routing_collision(&mut self, batch: Vec<PendingFile>, first: &str, second: &SourceTable) -> bool {

@@ -6,5 +6,6 @@ mod model;
 
 mod delivery;
 mod end_to_end;
+mod faults;
 mod lanes;
 mod poison;
