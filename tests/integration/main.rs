@@ -5,7 +5,9 @@ mod harness;
 mod model;
 
 mod delivery;
+mod crash;
 mod end_to_end;
 mod faults;
+mod hostile;
 mod lanes;
 mod poison;
