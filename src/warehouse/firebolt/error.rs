@@ -1,0 +1,198 @@
+//! What can go wrong talking to Firebolt, typed so that callers (the retry loop, the apply
+//! engine, `check-connection`) can act on it. Messages carry the server's description but
+//! never a credential: the client secret travels only in the token request's form body and
+//! the bearer token only in a header marked sensitive, and neither is put into an error.
+
+use std::time::Duration;
+
+use crate::warehouse::WarehouseError;
+
+/// One entry of the `errors` array Firebolt returns (with HTTP 200 too).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServerError {
+    pub code: Option<String>,
+    pub name: Option<String>,
+    pub description: String,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.name, &self.code) {
+            (Some(name), Some(code)) => write!(f, "{name} ({code}): {}", self.description),
+            (Some(name), None) => write!(f, "{name}: {}", self.description),
+            (None, Some(code)) => write!(f, "({code}) {}", self.description),
+            (None, None) => f.write_str(&self.description),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FireboltError {
+    /// Credentials refused (token endpoint, or 401/403 after one re-authentication).
+    #[error("{step}: authentication failed: {message}")]
+    Auth { step: &'static str, message: String },
+    /// The engine is stopped (404 "is stopped") or not running (503).
+    #[error("{step}: engine not running (HTTP {status}): {message}")]
+    EngineStopped {
+        step: &'static str,
+        status: u16,
+        message: String,
+    },
+    /// 429: the server asked us to slow down.
+    #[error("{step}: rate limited (HTTP 429{}): {message}", retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default())]
+    RateLimited {
+        step: &'static str,
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// No answer within the request timeout: the statement may still be running.
+    #[error("{step}: no answer within {}s", timeout.as_secs())]
+    Timeout { step: &'static str, timeout: Duration },
+    /// The connection could not be made or broke.
+    #[error("{step}: connection failed: {message}")]
+    Connection { step: &'static str, message: String },
+    /// The statement was refused; the description is the server's.
+    #[error("{step}: SQL error: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Sql {
+        step: &'static str,
+        errors: Vec<ServerError>,
+        query_id: Option<String>,
+    },
+    /// Any other HTTP status (502, 504, 408, 5xx without an errors array, ...).
+    #[error("{step}: HTTP {status}: {message}")]
+    Http {
+        step: &'static str,
+        status: u16,
+        message: String,
+    },
+    /// The reply did not follow the protocol (not JSON, missing fields).
+    #[error("{step}: unexpected reply: {message}")]
+    Protocol { step: &'static str, message: String },
+    /// The configuration cannot work (bad URL).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl FireboltError {
+    /// Which step of talking to Firebolt failed: "authentication", "engine discovery",
+    /// "USE DATABASE", "USE ENGINE", or the statement kind.
+    pub fn step(&self) -> &'static str {
+        match self {
+            FireboltError::Auth { step, .. }
+            | FireboltError::EngineStopped { step, .. }
+            | FireboltError::RateLimited { step, .. }
+            | FireboltError::Timeout { step, .. }
+            | FireboltError::Connection { step, .. }
+            | FireboltError::Sql { step, .. }
+            | FireboltError::Http { step, .. }
+            | FireboltError::Protocol { step, .. } => step,
+            FireboltError::Config(_) => "configuration",
+        }
+    }
+
+    /// The server's description of a SQL error, if this is one.
+    pub fn sql_description(&self) -> Option<String> {
+        match self {
+            FireboltError::Sql { errors, .. } => Some(
+                errors
+                    .iter()
+                    .map(|e| e.description.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Longest server text kept in an error (bodies can be whole HTML pages).
+pub const MAX_MESSAGE: usize = 600;
+
+/// Shortens a server message to [`MAX_MESSAGE`] bytes on a character boundary.
+pub fn truncate(text: &str) -> String {
+    let text = text.trim();
+    if text.len() <= MAX_MESSAGE {
+        return text.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+impl From<FireboltError> for WarehouseError {
+    fn from(e: FireboltError) -> Self {
+        let text = e.to_string();
+        match &e {
+            FireboltError::Auth { .. } => WarehouseError::Auth(text),
+            FireboltError::EngineStopped { .. }
+            | FireboltError::RateLimited { .. }
+            | FireboltError::Timeout { .. }
+            | FireboltError::Connection { .. } => WarehouseError::Unavailable(text),
+            FireboltError::Http { status, .. } if *status >= 500 || *status == 408 => {
+                WarehouseError::Unavailable(text)
+            }
+            FireboltError::Sql { .. } => {
+                // Firebolt reports concurrent writers as a conflict; the lane retries those.
+                let lower = text.to_ascii_lowercase();
+                if lower.contains("conflict") || lower.contains("serializ") {
+                    WarehouseError::Conflict(text)
+                } else {
+                    WarehouseError::Sql(text)
+                }
+            }
+            FireboltError::Http { .. } | FireboltError::Protocol { .. } | FireboltError::Config(_) => {
+                WarehouseError::Other(text)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_what_the_engine_retries() {
+        let stopped = FireboltError::EngineStopped {
+            step: "merge",
+            status: 404,
+            message: "Engine my_engine is stopped".into(),
+        };
+        assert!(WarehouseError::from(stopped).is_retryable());
+        let sql = FireboltError::Sql {
+            step: "merge",
+            errors: vec![ServerError {
+                code: Some("42703".into()),
+                name: Some("UndefinedColumn".into()),
+                description: "column \"x\" does not exist".into(),
+            }],
+            query_id: None,
+        };
+        let text = sql.to_string();
+        assert!(text.contains("column \"x\" does not exist") && text.starts_with("merge: "), "{text}");
+        assert!(matches!(WarehouseError::from(sql), WarehouseError::Sql(_)));
+        let conflict = FireboltError::Sql {
+            step: "commit",
+            errors: vec![ServerError {
+                description: "Transaction conflict detected".into(),
+                ..Default::default()
+            }],
+            query_id: None,
+        };
+        assert!(matches!(WarehouseError::from(conflict), WarehouseError::Conflict(_)));
+        assert!(matches!(
+            WarehouseError::from(FireboltError::Auth { step: "authentication", message: "invalid_client".into() }),
+            WarehouseError::Auth(_)
+        ));
+    }
+
+    #[test]
+    fn long_bodies_are_truncated_on_a_char_boundary() {
+        let long = "é".repeat(1000);
+        let t = truncate(&long);
+        assert!(t.len() <= MAX_MESSAGE + "…".len());
+        assert!(t.ends_with('…'));
+    }
+}
