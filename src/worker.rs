@@ -37,7 +37,14 @@ pub async fn open_warehouse(
             )
             .context("opening the DuckDB warehouse")?,
         ),
-        WarehouseKind::Firebolt => anyhow::bail!("the Firebolt warehouse is not built yet"),
+        WarehouseKind::Firebolt => Arc::new(
+            warehouse::firebolt::Firebolt::open(
+                &config.warehouse.firebolt,
+                &config.dms.op_column,
+                store,
+            )
+            .context("configuring the Firebolt warehouse")?,
+        ),
     };
     warehouse
         .prepare()

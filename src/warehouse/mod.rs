@@ -3,6 +3,7 @@
 //! quoting, the dedupe/MERGE statements).
 
 pub mod duckdb;
+pub mod firebolt;
 pub mod merge;
 pub mod sql;
 

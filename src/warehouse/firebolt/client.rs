@@ -1,0 +1,736 @@
+//! A small Firebolt HTTP client on `reqwest`, shared by every worker (`&self`): one
+//! statement per request, connection reuse, a bound on statements in flight, Cloud
+//! authentication and engine discovery done once and cached, and retries with backoff
+//! and jitter for failures that may pass, never for a statement that may have been
+//! applied unless it is idempotent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::config::FireboltConfig;
+use crate::warehouse::sql::ident;
+
+use super::auth::{AuthRetry, Bearer, Credentials, TokenCache};
+use super::error::{FireboltError, truncate};
+use super::protocol::{
+    Body, HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, QueryResult, SessionState, SessionUpdates,
+    error_message, parse_body, parse_retry_after,
+};
+
+/// Exponential backoff with jitter: attempt n waits between half and all of
+/// `base * 2^n`, capped at `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let full = self
+            .base
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+            .min(self.max);
+        let half = full / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(250),
+            max: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Which Firebolt to talk to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Firebolt Core: a base URL, no authentication.
+    Core { url: String },
+    /// Firebolt Cloud: token, system engine of the account, then the named engine.
+    Cloud {
+        /// `https://api.app.firebolt.io`
+        api_url: String,
+        account: String,
+        engine: String,
+        credentials: Credentials,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub target: Target,
+    pub database: String,
+    pub max_concurrent_statements: usize,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    pub backoff: Backoff,
+    /// A `Retry-After` longer than this is not waited for here: the error goes up and the
+    /// batch is retried later.
+    pub max_retry_after: Duration,
+}
+
+/// `https://` unless the host already names a scheme (tests point it at `http://127.0.0.1`).
+fn with_scheme(host: &str) -> String {
+    let host = host.trim().trim_end_matches('/');
+    if host.contains("://") {
+        host.to_string()
+    } else {
+        format!("https://{host}")
+    }
+}
+
+/// The token host: the API host with `api.` replaced by `id.`.
+pub fn auth_url_for(api_url: &str) -> String {
+    match api_url.split_once("://") {
+        Some((scheme, rest)) => match rest.strip_prefix("api.") {
+            Some(tail) => format!("{scheme}://id.{tail}"),
+            None => api_url.to_string(),
+        },
+        None => api_url.to_string(),
+    }
+}
+
+impl ClientConfig {
+    /// From `[warehouse.firebolt]` (validated beforehand by `Config::validate`).
+    pub fn from_config(config: &FireboltConfig) -> Result<Self, FireboltError> {
+        let target = match config.url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => Target::Core { url: url.to_string() },
+            None => {
+                let missing = |key: &str| FireboltError::Config(format!("warehouse.firebolt.{key} must be set for Firebolt Cloud"));
+                let api_url = with_scheme(&config.api_host);
+                Target::Cloud {
+                    credentials: Credentials {
+                        auth_url: auth_url_for(&api_url),
+                        client_id: config.client_id.clone().ok_or_else(|| missing("client_id"))?,
+                        client_secret: config.client_secret.clone().ok_or_else(|| missing("client_secret"))?,
+                    },
+                    api_url,
+                    account: config.account.clone().ok_or_else(|| missing("account"))?,
+                    engine: config.engine.clone().ok_or_else(|| missing("engine"))?,
+                }
+            }
+        };
+        Ok(Self {
+            target,
+            database: config.database.clone(),
+            max_concurrent_statements: config.max_concurrent_statements.max(1),
+            request_timeout: config.request_timeout,
+            max_retries: config.max_retries,
+            backoff: Backoff::default(),
+            max_retry_after: Duration::from_secs(60),
+        })
+    }
+}
+
+/// One SQL statement and what the client needs to know about it.
+#[derive(Clone)]
+pub struct Statement {
+    /// What it does ("copy", "merge", ...): log field and the step named in errors.
+    pub kind: &'static str,
+    /// `query_label`: ties the statement to its batch in Firebolt's query history.
+    pub label: String,
+    pub sql: String,
+    /// Safe to send again after it may have run (SELECT, DROP IF EXISTS, ...).
+    pub idempotent: bool,
+    /// What logs show instead of `sql` when it carries a credential.
+    pub redacted: Option<String>,
+}
+
+impl std::fmt::Debug for Statement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Statement")
+            .field("kind", &self.kind)
+            .field("label", &self.label)
+            .field("sql", &self.log_text())
+            .field("idempotent", &self.idempotent)
+            .finish()
+    }
+}
+
+impl Statement {
+    pub fn new(kind: &'static str, label: impl Into<String>, sql: impl Into<String>) -> Self {
+        let sql = sql.into();
+        Self {
+            kind,
+            label: label.into(),
+            idempotent: is_idempotent(&sql),
+            sql,
+            redacted: None,
+        }
+    }
+
+    /// The statement carries a secret: logs show `redacted` instead.
+    pub fn with_redacted(mut self, redacted: impl Into<String>) -> Self {
+        self.redacted = Some(redacted.into());
+        self
+    }
+
+    pub fn log_text(&self) -> &str {
+        self.redacted.as_deref().unwrap_or(&self.sql)
+    }
+}
+
+/// The first words of a statement outside quotes, upper-cased; quoted parts become `?` so
+/// a hostile name cannot look like a keyword.
+fn leading_keywords(sql: &str, n: usize) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if words.len() >= n {
+            break;
+        }
+        match c {
+            '"' | '\'' => {
+                // Skip to the closing quote; a doubled quote escapes one.
+                loop {
+                    match chars.next() {
+                        Some(q) if q == c => {
+                            if chars.peek() == Some(&c) {
+                                chars.next();
+                            } else {
+                                break;
+                            }
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+                words.push("?".into());
+            }
+            c if c.is_whitespace() || c == '(' || c == ')' || c == ',' || c == ';' || c == '.' => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c.to_ascii_uppercase()),
+        }
+    }
+    if !current.is_empty() && words.len() < n {
+        words.push(current);
+    }
+    words
+}
+
+/// Whether sending the statement twice leaves the same result as once.
+pub fn is_idempotent(sql: &str) -> bool {
+    let words = leading_keywords(sql, 10);
+    let has = |seq: &[&str]| words.windows(seq.len()).any(|w| w.iter().zip(seq).all(|(a, b)| a == b));
+    match words.first().map(String::as_str) {
+        Some("SELECT" | "USE" | "SHOW") => true,
+        Some("DROP") => has(&["IF", "EXISTS"]),
+        Some("CREATE") => has(&["IF", "NOT", "EXISTS"]),
+        Some("ALTER") => has(&["ADD", "COLUMN", "IF", "NOT", "EXISTS"]),
+        _ => false,
+    }
+}
+
+/// Whether a failed attempt may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Never,
+    /// The server did not run it (429, 503, connection refused): retry anything,
+    /// after the server's `Retry-After` when it gave one.
+    Always(Option<Duration>),
+    /// It may have run (timeout, 502/504, broken connection): retry idempotent ones only.
+    IfIdempotent,
+}
+
+#[derive(Debug)]
+enum Failure {
+    /// 401: the token expired or was revoked.
+    Unauthorized(String),
+    Other { error: FireboltError, retry: Retry },
+}
+
+/// What an HTTP status and body mean for a statement.
+fn classify_status(step: &'static str, status: u16, body: &str, retry_after: Option<Duration>) -> Failure {
+    let message = error_message(body);
+    let other = |error, retry| Failure::Other { error, retry };
+    match status {
+        401 => Failure::Unauthorized(message),
+        403 => other(FireboltError::Auth { step, message }, Retry::Never),
+        404 if body.to_ascii_lowercase().contains("is stopped") => other(
+            FireboltError::EngineStopped { step, status, message },
+            Retry::Never,
+        ),
+        429 => other(
+            FireboltError::RateLimited { step, retry_after, message },
+            Retry::Always(retry_after),
+        ),
+        503 => other(
+            FireboltError::EngineStopped { step, status, message },
+            Retry::Always(retry_after),
+        ),
+        408 | 502 | 504 => other(FireboltError::Http { step, status, message }, Retry::IfIdempotent),
+        _ => match parse_body(body) {
+            Ok(Body::Errors { errors, query_id }) => other(FireboltError::Sql { step, errors, query_id }, Retry::Never),
+            _ => other(FireboltError::Http { step, status, message }, Retry::Never),
+        },
+    }
+}
+
+fn classify_transport(step: &'static str, e: &reqwest::Error, timeout: Duration) -> Failure {
+    if e.is_connect() {
+        // The connection was never made: nothing was sent.
+        Failure::Other {
+            error: FireboltError::Connection { step, message: truncate(&e.to_string()) },
+            retry: Retry::Always(None),
+        }
+    } else if e.is_timeout() {
+        Failure::Other {
+            error: FireboltError::Timeout { step, timeout },
+            retry: Retry::IfIdempotent,
+        }
+    } else {
+        Failure::Other {
+            error: FireboltError::Connection { step, message: truncate(&e.to_string()) },
+            retry: Retry::IfIdempotent,
+        }
+    }
+}
+
+/// The client. Cheap to share: wrap it in an `Arc`.
+pub struct Client {
+    config: ClientConfig,
+    http: reqwest::Client,
+    permits: Semaphore,
+    auth: Option<TokenCache>,
+    /// The resolved session (endpoint, database, engine): one resolution at a time.
+    session: Mutex<Option<SessionState>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Self, FireboltError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("cdc-worker/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+            .map_err(|e| FireboltError::Config(format!("cannot build the HTTP client: {e}")))?;
+        let auth = match &config.target {
+            Target::Cloud { credentials, .. } => Some(TokenCache::new(credentials.clone())),
+            Target::Core { .. } => None,
+        };
+        Ok(Self {
+            permits: Semaphore::new(config.max_concurrent_statements.max(1)),
+            config,
+            http,
+            auth,
+            session: Mutex::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    pub fn is_cloud(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    fn auth_retry(&self) -> AuthRetry {
+        AuthRetry {
+            max_retries: self.config.max_retries,
+            backoff: self.config.backoff,
+            max_retry_after: self.config.max_retry_after,
+            timeout: self.config.request_timeout.min(Duration::from_secs(30)),
+        }
+    }
+
+    async fn bearer(&self) -> Result<Option<Bearer>, FireboltError> {
+        match &self.auth {
+            Some(auth) => Ok(Some(auth.bearer(&self.http, &self.auth_retry()).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Step 1 of a connection check: a token (Cloud; nothing to do for Core).
+    pub async fn authenticate(&self) -> Result<(), FireboltError> {
+        self.bearer().await.map(|_| ())
+    }
+
+    /// The resolved session: for Cloud, the system engine found, `USE DATABASE` and
+    /// `USE ENGINE` done (once, then cached); for Core, the URL and database.
+    pub async fn session(&self) -> Result<SessionState, FireboltError> {
+        let mut cached = self.session.lock().await;
+        if let Some(s) = cached.as_ref() {
+            return Ok(s.clone());
+        }
+        let resolved = self.resolve().await?;
+        *cached = Some(resolved.clone());
+        Ok(resolved)
+    }
+
+    /// Forgets the resolved session (after "engine stopped": the next statement resolves
+    /// the engine again).
+    pub async fn forget_session(&self) {
+        *self.session.lock().await = None;
+    }
+
+    async fn resolve(&self) -> Result<SessionState, FireboltError> {
+        let bad_url = |step: &'static str| move |message: String| FireboltError::Protocol { step, message };
+        match &self.config.target {
+            Target::Core { url } => {
+                let mut s = SessionState::from_url(url).map_err(|m| FireboltError::Config(m))?;
+                s.params.insert("database".into(), self.config.database.clone());
+                Ok(s)
+            }
+            Target::Cloud { api_url, account, engine, .. } => {
+                let system = self.engine_url(api_url, account).await?;
+                let mut s = SessionState::from_url(&system).map_err(bad_url("engine discovery"))?;
+                let use_db = Statement::new(
+                    "USE DATABASE",
+                    "cdc-worker:connect:use-database",
+                    format!("USE DATABASE {}", ident(&self.config.database)),
+                );
+                self.execute_in(&mut s, &use_db).await?;
+                // The server names the database in Firebolt-Update-Parameters; make sure.
+                s.params
+                    .entry("database".into())
+                    .or_insert_with(|| self.config.database.clone());
+                let system_endpoint = s.endpoint.clone();
+                let use_engine = Statement::new(
+                    "USE ENGINE",
+                    "cdc-worker:connect:use-engine",
+                    format!("USE ENGINE {}", ident(engine)),
+                );
+                self.execute_in(&mut s, &use_engine).await?;
+                if s.endpoint == system_endpoint && !s.params.contains_key("engine") {
+                    return Err(FireboltError::Protocol {
+                        step: "USE ENGINE",
+                        message: "the reply carried no Firebolt-Update-Endpoint header".into(),
+                    });
+                }
+                tracing::info!(endpoint = %s.endpoint, database = %self.config.database, engine = %engine, "Firebolt engine resolved");
+                Ok(s)
+            }
+        }
+    }
+
+    /// The account's system engine URL (`GET /web/v3/account/{account}/engineUrl`).
+    async fn engine_url(&self, api_url: &str, account: &str) -> Result<String, FireboltError> {
+        const STEP: &str = "engine discovery";
+        let url = format!(
+            "{}/web/v3/account/{}/engineUrl",
+            api_url.trim_end_matches('/'),
+            percent_encoding::utf8_percent_encode(account, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let mut attempt = 0;
+        let mut reauthenticated = false;
+        loop {
+            let bearer = self.bearer().await?;
+            let mut request = self.http.get(&url).timeout(self.config.request_timeout);
+            if let Some(b) = &bearer {
+                request = request.bearer_auth(b.token.expose());
+            }
+            let failure = match request.send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let retry_after = retry_after(response.headers());
+                    let text = response.text().await.unwrap_or_default();
+                    match status {
+                        200..=299 => {
+                            let json: serde_json::Value = serde_json::from_str(&text).map_err(|_| FireboltError::Protocol {
+                                step: STEP,
+                                message: format!("not JSON: {}", truncate(&text)),
+                            })?;
+                            return json
+                                .get("engineUrl")
+                                .and_then(|v| v.as_str())
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string)
+                                .ok_or_else(|| FireboltError::Protocol {
+                                    step: STEP,
+                                    message: format!("no engineUrl in {}", truncate(&text)),
+                                });
+                        }
+                        404 => {
+                            return Err(FireboltError::Auth {
+                                step: STEP,
+                                message: format!(
+                                    "account `{account}` does not exist or this service account has no access to it ({})",
+                                    error_message(&text)
+                                ),
+                            });
+                        }
+                        // A GET changes nothing: every transient failure may be retried.
+                        _ => match classify_status(STEP, status, &text, retry_after) {
+                            Failure::Other { error, retry: Retry::IfIdempotent } => Failure::Other { error, retry: Retry::Always(None) },
+                            f => f,
+                        },
+                    }
+                }
+                Err(e) => match classify_transport(STEP, &e, self.config.request_timeout) {
+                    Failure::Other { error, .. } => Failure::Other { error, retry: Retry::Always(None) },
+                    f => f,
+                },
+            };
+            match failure {
+                Failure::Unauthorized(message) => match (&self.auth, &bearer, reauthenticated) {
+                    (Some(auth), Some(b), false) => {
+                        auth.invalidate(b.generation).await;
+                        reauthenticated = true;
+                    }
+                    _ => return Err(FireboltError::Auth { step: STEP, message }),
+                },
+                Failure::Other { error, retry } => {
+                    let Some(delay) = self.retry_delay(retry, true, attempt) else {
+                        return Err(error);
+                    };
+                    tracing::warn!(step = STEP, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "Firebolt request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// How long to wait before the next attempt, or `None` to give up.
+    fn retry_delay(&self, retry: Retry, idempotent: bool, attempt: u32) -> Option<Duration> {
+        if attempt >= self.config.max_retries {
+            return None;
+        }
+        match retry {
+            Retry::Never => None,
+            Retry::IfIdempotent if !idempotent => None,
+            Retry::IfIdempotent | Retry::Always(None) => Some(self.config.backoff.delay(attempt)),
+            Retry::Always(Some(after)) if after > self.config.max_retry_after => None,
+            // Honour the server's wait, with a little jitter so workers do not return together.
+            Retry::Always(Some(after)) => Some(after + Duration::from_millis(fastrand::u64(0..=100))),
+        }
+    }
+
+    /// Runs one statement on the resolved session.
+    pub async fn execute(&self, statement: &Statement) -> Result<QueryResult, FireboltError> {
+        let mut session = self.session().await?;
+        self.execute_in(&mut session, statement).await
+    }
+
+    /// Runs one statement on `session`, applying the session headers of the reply to it
+    /// (a transaction lives in such a session: `transaction_id` arrives that way).
+    pub async fn execute_in(
+        &self,
+        session: &mut SessionState,
+        statement: &Statement,
+    ) -> Result<QueryResult, FireboltError> {
+        let mut attempt = 0;
+        let mut reauthenticated = false;
+        tracing::debug!(query_label = %statement.label, kind = statement.kind, sql = %statement.log_text(), "Firebolt statement");
+        loop {
+            let bearer = self.bearer().await?;
+            let started = Instant::now();
+            let (outcome, updates) = {
+                let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+                self.send_once(session, statement, bearer.as_ref()).await
+            };
+            if !updates.is_empty() {
+                tracing::debug!(query_label = %statement.label, ?updates, "Firebolt session updated");
+                session.apply(&updates).map_err(|message| FireboltError::Protocol {
+                    step: statement.kind,
+                    message,
+                })?;
+            }
+            let failure = match outcome {
+                Ok(result) => {
+                    tracing::debug!(
+                        query_label = %statement.label,
+                        kind = statement.kind,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        rows = result.rows.len(),
+                        query_id = result.query_id.as_deref().unwrap_or(""),
+                        "Firebolt statement done"
+                    );
+                    return Ok(result);
+                }
+                Err(f) => f,
+            };
+            match failure {
+                Failure::Unauthorized(message) => match (&self.auth, &bearer, reauthenticated) {
+                    (Some(auth), Some(b), false) => {
+                        tracing::info!(query_label = %statement.label, "Firebolt token refused; authenticating again");
+                        auth.invalidate(b.generation).await;
+                        reauthenticated = true;
+                    }
+                    _ => {
+                        return Err(FireboltError::Auth {
+                            step: statement.kind,
+                            message: format!("HTTP 401: {message}"),
+                        });
+                    }
+                },
+                Failure::Other { error, retry } => {
+                    if let FireboltError::EngineStopped { .. } = error {
+                        self.forget_session().await;
+                    }
+                    let Some(delay) = self.retry_delay(retry, statement.idempotent, attempt) else {
+                        tracing::warn!(query_label = %statement.label, kind = statement.kind, attempts = attempt + 1, error = %error, "Firebolt statement failed");
+                        return Err(error);
+                    };
+                    tracing::warn!(query_label = %statement.label, kind = statement.kind, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "Firebolt statement failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        session: &SessionState,
+        statement: &Statement,
+        bearer: Option<&Bearer>,
+    ) -> (Result<QueryResult, Failure>, SessionUpdates) {
+        let step = statement.kind;
+        let url = match session.statement_url(&statement.label) {
+            Ok(url) => url,
+            Err(message) => {
+                return (
+                    Err(Failure::Other {
+                        error: FireboltError::Config(message),
+                        retry: Retry::Never,
+                    }),
+                    SessionUpdates::default(),
+                );
+            }
+        };
+        let mut request = self
+            .http
+            .post(url)
+            .header(HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION)
+            .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .timeout(self.config.request_timeout)
+            .body(statement.sql.clone());
+        if let Some(b) = bearer {
+            request = request.bearer_auth(b.token.expose());
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return (Err(classify_transport(step, &e, self.config.request_timeout)), SessionUpdates::default()),
+        };
+        let status = response.status().as_u16();
+        let updates = SessionUpdates::from_headers(response.headers());
+        let retry_after = retry_after(response.headers());
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => return (Err(classify_transport(step, &e, self.config.request_timeout)), updates),
+        };
+        if !(200..300).contains(&status) {
+            return (Err(classify_status(step, status, &text, retry_after)), updates);
+        }
+        // Errors come with HTTP 200 too.
+        let outcome = match parse_body(&text) {
+            Ok(Body::Rows(result)) => Ok(result),
+            Ok(Body::Errors { errors, query_id }) => Err(Failure::Other {
+                error: FireboltError::Sql { step, errors, query_id },
+                retry: Retry::Never,
+            }),
+            Err(text) => Err(Failure::Other {
+                error: FireboltError::Protocol {
+                    step,
+                    message: format!("HTTP {status} with a body that is not JSON: {text}"),
+                },
+                retry: Retry::Never,
+            }),
+        };
+        (outcome, updates)
+    }
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+}
+
+/// A shared client, as the warehouse holds it.
+pub type SharedClient = Arc<Client>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_is_read_from_unquoted_keywords() {
+        assert!(is_idempotent("SELECT 1"));
+        assert!(is_idempotent("  select count(*) FROM t"));
+        assert!(is_idempotent("DROP TABLE IF EXISTS \"s\".\"t\""));
+        assert!(is_idempotent("CREATE TABLE IF NOT EXISTS \"t\" (a INT NULL)"));
+        assert!(is_idempotent("ALTER TABLE \"t\" ADD COLUMN IF NOT EXISTS \"c\" TEXT NULL"));
+        assert!(!is_idempotent("DROP TABLE \"t\""));
+        assert!(!is_idempotent("DROP TABLE \"IF EXISTS\""));
+        assert!(!is_idempotent("CREATE TABLE \"IF NOT EXISTS\" (a INT)"));
+        assert!(!is_idempotent("INSERT INTO t VALUES (1)"));
+        assert!(!is_idempotent("MERGE INTO t USING s ON a = b WHEN MATCHED THEN DELETE"));
+        assert!(!is_idempotent("COPY INTO t FROM 's3://b/k'"));
+        assert!(!is_idempotent("COMMIT"));
+    }
+
+    #[test]
+    fn statuses_say_what_may_be_retried() {
+        let retry = |status, body: &str| match classify_status("merge", status, body, Some(Duration::from_secs(2))) {
+            Failure::Other { retry, error } => (retry, error),
+            Failure::Unauthorized(m) => panic!("401: {m}"),
+        };
+        assert!(matches!(classify_status("x", 401, "{}", None), Failure::Unauthorized(_)));
+        assert_eq!(retry(429, "").0, Retry::Always(Some(Duration::from_secs(2))));
+        assert!(matches!(retry(429, "").1, FireboltError::RateLimited { .. }));
+        assert!(matches!(retry(503, "").1, FireboltError::EngineStopped { status: 503, .. }));
+        let (r, e) = retry(404, "Engine my_engine is stopped");
+        assert_eq!(r, Retry::Never);
+        assert!(matches!(e, FireboltError::EngineStopped { status: 404, .. }));
+        assert_eq!(retry(504, "").0, Retry::IfIdempotent);
+        assert_eq!(retry(502, "").0, Retry::IfIdempotent);
+        let (r, e) = retry(400, r#"{"errors":[{"description":"syntax error"}]}"#);
+        assert_eq!(r, Retry::Never);
+        assert_eq!(e.sql_description().as_deref(), Some("syntax error"));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_a_cap() {
+        let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1) };
+        for attempt in 0..10 {
+            let d = b.delay(attempt);
+            let full = Duration::from_millis(100 * 2u64.pow(attempt)).min(Duration::from_secs(1));
+            assert!(d >= full / 2 && d <= full, "{attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn cloud_urls_derive_from_the_api_host() {
+        assert_eq!(auth_url_for("https://api.app.firebolt.io"), "https://id.app.firebolt.io");
+        assert_eq!(auth_url_for("http://127.0.0.1:9"), "http://127.0.0.1:9");
+        let config = FireboltConfig {
+            client_id: Some("id".into()),
+            client_secret: Some(crate::config::Secret::new("hunter2")),
+            account: Some("acme".into()),
+            engine: Some("eng".into()),
+            ..FireboltConfig::default()
+        };
+        let c = ClientConfig::from_config(&config).unwrap();
+        let Target::Cloud { api_url, credentials, .. } = &c.target else { panic!() };
+        assert_eq!(api_url, "https://api.app.firebolt.io");
+        assert_eq!(credentials.auth_url, "https://id.app.firebolt.io");
+        let client = Client::new(c).unwrap();
+        assert!(!format!("{client:?}").contains("hunter2"));
+        let statement = Statement::new("copy", "l", "COPY .. AWS_SECRET_ACCESS_KEY = 'hunter2'").with_redacted("COPY .. '****'");
+        assert!(!format!("{statement:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,82 @@
+//! The statements of one operation (an apply, a describe, prepare): one session for all
+//! of them (a transaction's `transaction_id` lives there), a `query_label` per statement
+//! that ties it to the batch (`<batch>:<seq>:<kind>`), and the statement count the
+//! benchmark reports.
+
+use super::client::{Client, Statement};
+use super::error::FireboltError;
+use super::protocol::{QueryResult, SessionState};
+
+pub struct Runner<'a> {
+    client: &'a Client,
+    session: SessionState,
+    label_prefix: String,
+    seq: u32,
+    /// Statements sent (each once, whatever the retries).
+    pub statements: u32,
+    /// Between a successful BEGIN and COMMIT: a failure must roll back.
+    pub in_transaction: bool,
+}
+
+impl<'a> Runner<'a> {
+    /// Resolves the session (authentication and engine discovery on first use).
+    pub async fn new(client: &'a Client, label_prefix: impl Into<String>) -> Result<Self, FireboltError> {
+        Ok(Self {
+            session: client.session().await?,
+            client,
+            label_prefix: label_prefix.into(),
+            seq: 0,
+            statements: 0,
+            in_transaction: false,
+        })
+    }
+
+    pub fn session(&self) -> &SessionState {
+        &self.session
+    }
+
+    fn statement(&mut self, kind: &'static str, sql: String) -> Statement {
+        self.seq += 1;
+        Statement::new(kind, format!("{}:{:02}:{kind}", self.label_prefix, self.seq), sql)
+    }
+
+    pub async fn run(&mut self, kind: &'static str, sql: String) -> Result<QueryResult, FireboltError> {
+        let statement = self.statement(kind, sql);
+        self.send(statement).await
+    }
+
+    /// A statement that carries a secret: logs show `redacted`.
+    pub async fn run_redacted(&mut self, kind: &'static str, sql: String, redacted: String) -> Result<QueryResult, FireboltError> {
+        let statement = self.statement(kind, sql).with_redacted(redacted);
+        self.send(statement).await
+    }
+
+    async fn send(&mut self, statement: Statement) -> Result<QueryResult, FireboltError> {
+        self.statements += 1;
+        self.client.execute_in(&mut self.session, &statement).await
+    }
+
+    pub async fn begin(&mut self) -> Result<(), FireboltError> {
+        self.run("begin", "BEGIN TRANSACTION".into()).await?;
+        self.in_transaction = true;
+        Ok(())
+    }
+
+    pub async fn commit(&mut self) -> Result<(), FireboltError> {
+        // Whatever the outcome, the transaction is over: a failed COMMIT is not rolled back
+        // (its outcome is unknown; the ledger tells on the next delivery).
+        self.in_transaction = false;
+        self.run("commit", "COMMIT".into()).await.map(|_| ())
+    }
+
+    /// Best effort, after a failure inside the transaction.
+    pub async fn rollback(&mut self) {
+        if !self.in_transaction {
+            return;
+        }
+        self.in_transaction = false;
+        if let Err(e) = self.run("rollback", "ROLLBACK".into()).await {
+            tracing::warn!(error = %e, "Firebolt ROLLBACK failed; the server discards the open transaction");
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Staging for Firebolt: the worker reads only each file's Parquet footer, with S3 range
+//! requests, to know the batch's schema and row counts before touching the warehouse.
+//! The data itself is read by Firebolt's COPY, straight from S3.
+
+use futures::StreamExt;
+
+use crate::schema::parquet::{ParquetError, Tail, decode_tail};
+use crate::storage::{ObjectStore, StorageError};
+use crate::warehouse::{BatchFile, StageError, StagedFile};
+
+/// The first range read: most DMS footers fit, so one request per file.
+pub const FOOTER_PROBE: u64 = 64 * 1024;
+/// Footers read at once for one batch.
+const FOOTER_CONCURRENCY: usize = 16;
+/// A footer that asks for more bytes again after this many reads is corrupt.
+const MAX_READS: usize = 3;
+
+/// Reads the footers of a batch's files, in batch order.
+pub async fn read_footers(
+    store: &ObjectStore,
+    files: Vec<BatchFile>,
+    op_column: &str,
+) -> Vec<Result<StagedFile, (BatchFile, StageError)>> {
+    futures::stream::iter(files)
+        .map(|file| read_footer(store, file, op_column))
+        .buffered(FOOTER_CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// One file's footer: a 64 KiB tail read, and one more read when the footer is longer.
+pub async fn read_footer(
+    store: &ObjectStore,
+    file: BatchFile,
+    op_column: &str,
+) -> Result<StagedFile, (BatchFile, StageError)> {
+    if file.size == 0 {
+        // An empty object has no footer; a range request on it is an error at S3.
+        return Err((file, StageError::Poison(ParquetError::Empty)));
+    }
+    let mut want = FOOTER_PROBE.min(file.size.max(1));
+    for _ in 0..MAX_READS {
+        let tail = match store.get_tail(&file.bucket, &file.key, want).await {
+            Ok(tail) => tail,
+            Err(StorageError::NotFound { .. }) => return Err((file, StageError::Missing)),
+            Err(e) => return Err((file, StageError::Transient(e.to_string()))),
+        };
+        // A tail shorter than asked for is the whole object, whatever the notification said.
+        let object_size = if (tail.len() as u64) < want {
+            tail.len() as u64
+        } else {
+            file.size.max(tail.len() as u64)
+        };
+        match decode_tail(&tail, object_size, op_column) {
+            Ok(Tail::Decoded(schema)) => {
+                return Ok(StagedFile {
+                    file,
+                    schema,
+                    local_path: None,
+                });
+            }
+            Ok(Tail::NeedBytes(n)) if n > want => want = n,
+            Ok(Tail::NeedBytes(n)) => {
+                return Err((
+                    file,
+                    StageError::Transient(format!("footer needs {n} bytes but a read of {want} did not hold it")),
+                ));
+            }
+            Err(e) => return Err((file, StageError::Poison(e))),
+        }
+    }
+    Err((
+        file,
+        StageError::Transient(format!("footer still incomplete after {MAX_READS} reads")),
+    ))
+}
