@@ -28,7 +28,11 @@ fn check_stage_names(plan: &ApplyPlan) -> Result<(), WarehouseError> {
     Ok(())
 }
 
-pub async fn apply(wh: &Firebolt, plan: &ApplyPlan, files: &[StagedFile]) -> Result<ApplyStats, WarehouseError> {
+pub async fn apply(
+    wh: &Firebolt,
+    plan: &ApplyPlan,
+    files: &[StagedFile],
+) -> Result<ApplyStats, WarehouseError> {
     check_stage_names(plan)?;
     if files.is_empty() || plan.files.is_empty() {
         return Ok(ApplyStats::default());
@@ -38,7 +42,10 @@ pub async fn apply(wh: &Firebolt, plan: &ApplyPlan, files: &[StagedFile]) -> Res
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let stage = q(&wh.schema, &sql::stage_table_name(&plan.batch_id, created, fastrand::u32(..)));
+    let stage = q(
+        &wh.schema,
+        &sql::stage_table_name(&plan.batch_id, created, fastrand::u32(..)),
+    );
     let result = steps(wh, &mut run, plan, files, &stage).await;
     match result {
         Ok(mut stats) => {
@@ -58,7 +65,13 @@ pub async fn apply(wh: &Firebolt, plan: &ApplyPlan, files: &[StagedFile]) -> Res
     }
 }
 
-async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[StagedFile], stage: &str) -> Result<ApplyStats, WarehouseError> {
+async fn steps(
+    wh: &Firebolt,
+    run: &mut Runner<'_>,
+    plan: &ApplyPlan,
+    files: &[StagedFile],
+    stage: &str,
+) -> Result<ApplyStats, WarehouseError> {
     let schema = &wh.schema;
     let target = q(schema, &plan.table);
     let batch: Vec<_> = files.iter().map(|f| f.file.clone()).collect();
@@ -71,7 +84,8 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
     // 1. The staging table, typed from the footers (never inferred by COPY). Its name is
     //    new for every attempt. Crash: an orphan table that touches no target; prepare()
     //    drops staging tables older than STALE_STAGE_AGE.
-    run.run("create-stage", sql::create_staging(stage, plan)).await?;
+    run.run("create-stage", sql::create_staging(stage, plan))
+        .await?;
 
     // 2. COPY the batch's files from S3, `$source_file_name` into a column. It writes only
     //    this attempt's staging table: a crash is step 1's case, and a retry copies into a
@@ -110,7 +124,9 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
         }
     }
     match &plan.mode {
-        LoadMode::Merge { .. } => stats.rows_merged = layout.distinct_keys.map(at).transpose()?.unwrap_or(0),
+        LoadMode::Merge { .. } => {
+            stats.rows_merged = layout.distinct_keys.map(at).transpose()?.unwrap_or(0)
+        }
         LoadMode::Append => {
             stats.deletes_ignored = layout.deletes.map(at).transpose()?.unwrap_or(0);
             stats.rows_appended = staged - stats.deletes_ignored;
@@ -128,11 +144,19 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
     let mut widen = Vec::new();
     for ddl in &plan.ddl {
         match ddl {
-            Ddl::CreateTable { columns, primary_key } => {
-                run.run("create-table", sql::create_table(&target, columns, primary_key, true)).await?;
+            Ddl::CreateTable {
+                columns,
+                primary_key,
+            } => {
+                run.run(
+                    "create-table",
+                    sql::create_table(&target, columns, primary_key, true),
+                )
+                .await?;
             }
             Ddl::AddColumn { column } => {
-                run.run("add-column", sql::add_column(&target, column)).await?;
+                run.run("add-column", sql::add_column(&target, column))
+                    .await?;
             }
             Ddl::WidenColumn { column, to, .. } => widen.push((column.clone(), to.clone())),
         }
@@ -146,11 +170,11 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
     let rows = sql::staged_rows(stage, &batch);
     let tombstones = q(schema, &merge::tombstone_table(&plan.table));
     let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
-    if let Some((create, _)) = &tombstone_sql {
-        if !wh.tombstones_known(&plan.table) {
-            run.run("create-tombstones", create.clone()).await?;
-            wh.remember_tombstones(&plan.table);
-        }
+    if let Some((create, _)) = &tombstone_sql
+        && !wh.tombstones_known(&plan.table)
+    {
+        run.run("create-tombstones", create.clone()).await?;
+        wh.remember_tombstones(&plan.table);
     }
 
     // 6. BEGIN. From here to COMMIT, all or nothing: a crash before COMMIT leaves no
@@ -161,10 +185,15 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
     // 7. Fence: refuse to commit if a newer lease holder has committed this table.
     if let Some(fence) = &plan.fence {
         let fence_table = q(schema, FENCE_TABLE);
-        let current = run.run("fence-read", sql::fence_select(&fence_table, &plan.table)).await?;
+        let current = run
+            .run("fence-read", sql::fence_select(&fence_table, &plan.table))
+            .await?;
         if current.rows.is_empty() {
-            run.run("fence-init", sql::fence_insert(&fence_table, &plan.table, fence.token, &fence.holder))
-                .await?;
+            run.run(
+                "fence-init",
+                sql::fence_insert(&fence_table, &plan.table, fence.token, &fence.holder),
+            )
+            .await?;
         } else {
             let token = current.u64_at(0, 0).map_err(WarehouseError::Other)?;
             let holder = current.text_at(0, 1).unwrap_or_default();
@@ -175,8 +204,11 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
                 )));
             }
             if token != fence.token || holder != fence.holder {
-                run.run("fence-take", sql::fence_update(&fence_table, &plan.table, fence.token, &fence.holder))
-                    .await?;
+                run.run(
+                    "fence-take",
+                    sql::fence_update(&fence_table, &plan.table, fence.token, &fence.holder),
+                )
+                .await?;
             }
         }
     }
@@ -184,12 +216,16 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
     // 8. The MERGE of the latest change per key (or the append), the SQL DuckDB runs.
     match &plan.mode {
         LoadMode::Merge { .. } => {
-            let merge = merge::merge_statement(Dialect::Firebolt, &target, plan, &rows, Some(&tombstones));
+            let merge =
+                merge::merge_statement(Dialect::Firebolt, &target, plan, &rows, Some(&tombstones));
             run.run("merge", merge).await?;
         }
         LoadMode::Append => {
-            run.run("append", merge::append_statement(Dialect::Firebolt, &target, plan, &rows))
-                .await?;
+            run.run(
+                "append",
+                merge::append_statement(Dialect::Firebolt, &target, plan, &rows),
+            )
+            .await?;
         }
     }
 
@@ -199,7 +235,8 @@ async fn steps(wh: &Firebolt, run: &mut Runner<'_>, plan: &ApplyPlan, files: &[S
     }
 
     // 10. The ledger: every file of the batch, one INSERT.
-    run.run("ledger", sql::ledger_insert(&q(schema, LEDGER_TABLE), plan)).await?;
+    run.run("ledger", sql::ledger_insert(&q(schema, LEDGER_TABLE), plan))
+        .await?;
 
     // 11. COMMIT. If the answer is lost (crash, timeout), the outcome is unknown: the error
     //     goes up, the files come back, and `applied()` reads the ledger: committed files

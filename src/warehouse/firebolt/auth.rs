@@ -61,9 +61,7 @@ pub struct TokenCache {
 /// short-lived tokens (as the Node SDK does).
 pub fn refresh_after(expires_in: Duration) -> Duration {
     let margin = Duration::from_secs(300);
-    expires_in
-        .saturating_sub(margin)
-        .max(expires_in / 2)
+    expires_in.saturating_sub(margin).max(expires_in / 2)
 }
 
 impl TokenCache {
@@ -76,34 +74,56 @@ impl TokenCache {
     }
 
     /// The cached token, or a new one when there is none or it is due for refresh.
-    pub async fn bearer(&self, http: &reqwest::Client, retry: &AuthRetry) -> Result<Bearer, FireboltError> {
+    pub async fn bearer(
+        &self,
+        http: &reqwest::Client,
+        retry: &AuthRetry,
+    ) -> Result<Bearer, FireboltError> {
         let mut cached = self.cached.lock().await;
-        if let Some(c) = cached.as_ref() {
-            if Instant::now() < c.refresh_at {
-                return Ok(c.bearer.clone());
-            }
+        if let Some(c) = cached.as_ref()
+            && Instant::now() < c.refresh_at
+        {
+            return Ok(c.bearer.clone());
         }
+
         let (token, expires_in) = self.fetch(http, retry).await?;
-        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let bearer = Bearer { token, generation };
         *cached = Some(Cached {
             bearer: bearer.clone(),
             refresh_at: Instant::now() + refresh_after(expires_in),
         });
-        tracing::debug!(generation, expires_in_s = expires_in.as_secs(), "Firebolt token fetched");
+        tracing::debug!(
+            generation,
+            expires_in_s = expires_in.as_secs(),
+            "Firebolt token fetched"
+        );
         Ok(bearer)
     }
 
     /// Drops the token of `generation` (a request with it got 401).
     pub async fn invalidate(&self, generation: u64) {
         let mut cached = self.cached.lock().await;
-        if cached.as_ref().is_some_and(|c| c.bearer.generation == generation) {
+        if cached
+            .as_ref()
+            .is_some_and(|c| c.bearer.generation == generation)
+        {
             *cached = None;
         }
     }
 
-    async fn fetch(&self, http: &reqwest::Client, retry: &AuthRetry) -> Result<(Secret, Duration), FireboltError> {
-        let url = format!("{}/oauth/token", self.credentials.auth_url.trim_end_matches('/'));
+    async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        retry: &AuthRetry,
+    ) -> Result<(Secret, Duration), FireboltError> {
+        let url = format!(
+            "{}/oauth/token",
+            self.credentials.auth_url.trim_end_matches('/')
+        );
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.credentials.client_id.as_str()),
@@ -112,7 +132,12 @@ impl TokenCache {
         ];
         let mut attempt = 0;
         loop {
-            let outcome = http.post(&url).form(&form).timeout(retry.timeout).send().await;
+            let outcome = http
+                .post(&url)
+                .form(&form)
+                .timeout(retry.timeout)
+                .send()
+                .await;
             let (error, wait) = match outcome {
                 Ok(response) => {
                     let status = response.status().as_u16();
@@ -216,17 +241,28 @@ mod tests {
 
     #[test]
     fn tokens_are_refreshed_before_they_expire() {
-        assert_eq!(refresh_after(Duration::from_secs(86_400)), Duration::from_secs(86_100));
-        assert_eq!(refresh_after(Duration::from_secs(60)), Duration::from_secs(30));
+        assert_eq!(
+            refresh_after(Duration::from_secs(86_400)),
+            Duration::from_secs(86_100)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_secs(60)),
+            Duration::from_secs(30)
+        );
         assert_eq!(refresh_after(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
     fn token_replies_parse_and_never_print() {
-        let (token, expires) = parse_token(r#"{"access_token":"tok-123","token_type":"Bearer","expires_in":"86400"}"#).unwrap();
+        let (token, expires) =
+            parse_token(r#"{"access_token":"tok-123","token_type":"Bearer","expires_in":"86400"}"#)
+                .unwrap();
         assert_eq!(token.expose(), "tok-123");
         assert_eq!(expires, Duration::from_secs(86_400));
-        let bearer = Bearer { token, generation: 1 };
+        let bearer = Bearer {
+            token,
+            generation: 1,
+        };
         assert!(!format!("{bearer:?}").contains("tok-123"));
         assert!(parse_token(r#"{"message":"nope"}"#).is_err());
         let credentials = Credentials {
@@ -234,6 +270,9 @@ mod tests {
             client_id: "id".into(),
             client_secret: Secret::new("hunter2"),
         };
-        assert!(!format!("{credentials:?} {:?}", TokenCache::new(credentials.clone())).contains("hunter2"));
+        assert!(
+            !format!("{credentials:?} {:?}", TokenCache::new(credentials.clone()))
+                .contains("hunter2")
+        );
     }
 }

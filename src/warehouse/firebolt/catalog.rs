@@ -39,7 +39,9 @@ struct Found {
 
 fn yes(text: Option<String>) -> bool {
     matches!(
-        text.as_deref().map(|t| t.trim().to_ascii_lowercase()).as_deref(),
+        text.as_deref()
+            .map(|t| t.trim().to_ascii_lowercase())
+            .as_deref(),
         Some("yes" | "true" | "t" | "1")
     )
 }
@@ -55,8 +57,12 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
         match kind.as_str() {
             "index" => entry.index_definition = result.text_at(row, 2),
             _ => {
-                let Some(column) = result.text_at(row, 2) else { continue };
-                let nullable = result.text_at(row, 4).is_none_or(|n| n.trim().is_empty() || yes(Some(n)));
+                let Some(column) = result.text_at(row, 2) else {
+                    continue;
+                };
+                let nullable = result
+                    .text_at(row, 4)
+                    .is_none_or(|n| n.trim().is_empty() || yes(Some(n)));
                 if yes(result.text_at(row, 5)) {
                     entry.in_primary_index.push(column.clone());
                 }
@@ -103,7 +109,11 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
     let target = take(table);
     let copy = take(&sql::rebuild_table(table));
     let marker = take(&sql::rebuilt_marker(table)).is_some();
-    Inspection { target, copy, marker }
+    Inspection {
+        target,
+        copy,
+        marker,
+    }
 }
 
 /// Describes `table` and its rebuild leftovers. Falls back to the columns alone (and
@@ -115,18 +125,30 @@ pub async fn inspect(
     table: &str,
     no_indexes: &AtomicBool,
 ) -> Result<Inspection, FireboltError> {
-    let names = vec![table.to_string(), sql::rebuild_table(table), sql::rebuilt_marker(table)];
+    let names = vec![
+        table.to_string(),
+        sql::rebuild_table(table),
+        sql::rebuilt_marker(table),
+    ];
     if !no_indexes.load(Ordering::Relaxed) {
-        match run.run("describe", sql::describe_query(schema, &names)).await {
+        match run
+            .run("describe", sql::describe_query(schema, &names))
+            .await
+        {
             Ok(result) => return Ok(parse_inspection(table, &result)),
-            Err(e) if e.sql_description().is_some_and(|d| d.to_ascii_lowercase().contains("index")) => {
+            Err(e)
+                if e.sql_description()
+                    .is_some_and(|d| d.to_ascii_lowercase().contains("index")) =>
+            {
                 tracing::info!(error = %e, "information_schema.indexes is not available; primary keys come from is_in_primary_index");
                 no_indexes.store(true, Ordering::Relaxed);
             }
             Err(e) => return Err(e),
         }
     }
-    let result = run.run("describe", sql::describe_columns_query(schema, &names)).await?;
+    let result = run
+        .run("describe", sql::describe_columns_query(schema, &names))
+        .await?;
     Ok(parse_inspection(table, &result))
 }
 
@@ -143,26 +165,66 @@ mod tests {
             json!(["column", "orders", "name", "text null", "YES", "NO"]),
             json!(["column", "orders", "region", "text", "YES", "YES"]),
             json!(["index", "orders", "[region, id]", "primary", "", ""]),
-            json!(["column", "_cdc_worker_rebuild__orders", "id", "numeric(38, 0)", "YES", "NO"]),
-            json!(["column", "_cdc_worker_rebuilt__orders", "rebuilt", "boolean", "YES", "NO"]),
+            json!([
+                "column",
+                "_cdc_worker_rebuild__orders",
+                "id",
+                "numeric(38, 0)",
+                "YES",
+                "NO"
+            ]),
+            json!([
+                "column",
+                "_cdc_worker_rebuilt__orders",
+                "rebuilt",
+                "boolean",
+                "YES",
+                "NO"
+            ]),
         ];
         let result = QueryResult {
-            rows: rows.into_iter().map(|r| r.as_array().unwrap().clone()).collect(),
+            rows: rows
+                .into_iter()
+                .map(|r| r.as_array().unwrap().clone())
+                .collect(),
             ..Default::default()
         };
         let i = parse_inspection("orders", &result);
         let t = i.target.unwrap();
-        assert_eq!(t.primary_key, vec!["region", "id"], "the definition's order wins");
-        assert_eq!(t.columns[0], Column { name: "id".into(), ty: ColumnType::Int64, nullable: false });
+        assert_eq!(
+            t.primary_key,
+            vec!["region", "id"],
+            "the definition's order wins"
+        );
+        assert_eq!(
+            t.columns[0],
+            Column {
+                name: "id".into(),
+                ty: ColumnType::Int64,
+                nullable: false
+            }
+        );
         assert_eq!(t.columns[1].ty, ColumnType::String);
-        assert_eq!(i.copy.unwrap().columns[0].ty, ColumnType::Decimal { precision: 38, scale: 0 });
+        assert_eq!(
+            i.copy.unwrap().columns[0].ty,
+            ColumnType::Decimal {
+                precision: 38,
+                scale: 0
+            }
+        );
         assert!(i.marker);
 
         // Without an index definition, is_in_primary_index decides.
         let result = QueryResult {
             rows: vec![
-                json!(["column", "t", "a", "int", "YES", "NO"]).as_array().unwrap().clone(),
-                json!(["column", "t", "b", "int", "YES", "YES"]).as_array().unwrap().clone(),
+                json!(["column", "t", "a", "int", "YES", "NO"])
+                    .as_array()
+                    .unwrap()
+                    .clone(),
+                json!(["column", "t", "b", "int", "YES", "YES"])
+                    .as_array()
+                    .unwrap()
+                    .clone(),
             ],
             ..Default::default()
         };

@@ -100,15 +100,27 @@ impl ClientConfig {
     /// From `[warehouse.firebolt]` (validated beforehand by `Config::validate`).
     pub fn from_config(config: &FireboltConfig) -> Result<Self, FireboltError> {
         let target = match config.url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) => Target::Core { url: url.to_string() },
+            Some(url) => Target::Core {
+                url: url.to_string(),
+            },
             None => {
-                let missing = |key: &str| FireboltError::Config(format!("warehouse.firebolt.{key} must be set for Firebolt Cloud"));
+                let missing = |key: &str| {
+                    FireboltError::Config(format!(
+                        "warehouse.firebolt.{key} must be set for Firebolt Cloud"
+                    ))
+                };
                 let api_url = with_scheme(&config.api_host);
                 Target::Cloud {
                     credentials: Credentials {
                         auth_url: auth_url_for(&api_url),
-                        client_id: config.client_id.clone().ok_or_else(|| missing("client_id"))?,
-                        client_secret: config.client_secret.clone().ok_or_else(|| missing("client_secret"))?,
+                        client_id: config
+                            .client_id
+                            .clone()
+                            .ok_or_else(|| missing("client_id"))?,
+                        client_secret: config
+                            .client_secret
+                            .clone()
+                            .ok_or_else(|| missing("client_secret"))?,
                     },
                     api_url,
                     account: config.account.clone().ok_or_else(|| missing("account"))?,
@@ -224,7 +236,11 @@ fn leading_keywords(sql: &str, n: usize) -> Vec<String> {
 /// Whether sending the statement twice leaves the same result as once.
 pub fn is_idempotent(sql: &str) -> bool {
     let words = leading_keywords(sql, 10);
-    let has = |seq: &[&str]| words.windows(seq.len()).any(|w| w.iter().zip(seq).all(|(a, b)| a == b));
+    let has = |seq: &[&str]| {
+        words
+            .windows(seq.len())
+            .any(|w| w.iter().zip(seq).all(|(a, b)| a == b))
+    };
     match words.first().map(String::as_str) {
         Some("SELECT" | "USE" | "SHOW") => true,
         Some("DROP") => has(&["IF", "EXISTS"]),
@@ -249,32 +265,73 @@ enum Retry {
 enum Failure {
     /// 401: the token expired or was revoked.
     Unauthorized(String),
-    Other { error: FireboltError, retry: Retry },
+    Other {
+        error: FireboltError,
+        retry: Retry,
+    },
 }
 
 /// What an HTTP status and body mean for a statement.
-fn classify_status(step: &'static str, status: u16, body: &str, retry_after: Option<Duration>) -> Failure {
+fn classify_status(
+    step: &'static str,
+    status: u16,
+    body: &str,
+    retry_after: Option<Duration>,
+) -> Failure {
     let message = error_message(body);
     let other = |error, retry| Failure::Other { error, retry };
     match status {
         401 => Failure::Unauthorized(message),
         403 => other(FireboltError::Auth { step, message }, Retry::Never),
         404 if body.to_ascii_lowercase().contains("is stopped") => other(
-            FireboltError::EngineStopped { step, status, message },
+            FireboltError::EngineStopped {
+                step,
+                status,
+                message,
+            },
             Retry::Never,
         ),
         429 => other(
-            FireboltError::RateLimited { step, retry_after, message },
+            FireboltError::RateLimited {
+                step,
+                retry_after,
+                message,
+            },
             Retry::Always(retry_after),
         ),
         503 => other(
-            FireboltError::EngineStopped { step, status, message },
+            FireboltError::EngineStopped {
+                step,
+                status,
+                message,
+            },
             Retry::Always(retry_after),
         ),
-        408 | 502 | 504 => other(FireboltError::Http { step, status, message }, Retry::IfIdempotent),
+        408 | 502 | 504 => other(
+            FireboltError::Http {
+                step,
+                status,
+                message,
+            },
+            Retry::IfIdempotent,
+        ),
         _ => match parse_body(body) {
-            Ok(Body::Errors { errors, query_id }) => other(FireboltError::Sql { step, errors, query_id }, Retry::Never),
-            _ => other(FireboltError::Http { step, status, message }, Retry::Never),
+            Ok(Body::Errors { errors, query_id }) => other(
+                FireboltError::Sql {
+                    step,
+                    errors,
+                    query_id,
+                },
+                Retry::Never,
+            ),
+            _ => other(
+                FireboltError::Http {
+                    step,
+                    status,
+                    message,
+                },
+                Retry::Never,
+            ),
         },
     }
 }
@@ -283,7 +340,10 @@ fn classify_transport(step: &'static str, e: &reqwest::Error, timeout: Duration)
     if e.is_connect() {
         // The connection was never made: nothing was sent.
         Failure::Other {
-            error: FireboltError::Connection { step, message: truncate(&e.to_string()) },
+            error: FireboltError::Connection {
+                step,
+                message: truncate(&e.to_string()),
+            },
             retry: Retry::Always(None),
         }
     } else if e.is_timeout() {
@@ -293,7 +353,10 @@ fn classify_transport(step: &'static str, e: &reqwest::Error, timeout: Duration)
         }
     } else {
         Failure::Other {
-            error: FireboltError::Connection { step, message: truncate(&e.to_string()) },
+            error: FireboltError::Connection {
+                step,
+                message: truncate(&e.to_string()),
+            },
             retry: Retry::IfIdempotent,
         }
     }
@@ -311,7 +374,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -385,14 +450,21 @@ impl Client {
     }
 
     async fn resolve(&self) -> Result<SessionState, FireboltError> {
-        let bad_url = |step: &'static str| move |message: String| FireboltError::Protocol { step, message };
+        let bad_url =
+            |step: &'static str| move |message: String| FireboltError::Protocol { step, message };
         match &self.config.target {
             Target::Core { url } => {
-                let mut s = SessionState::from_url(url).map_err(|m| FireboltError::Config(m))?;
-                s.params.insert("database".into(), self.config.database.clone());
+                let mut s = SessionState::from_url(url).map_err(FireboltError::Config)?;
+                s.params
+                    .insert("database".into(), self.config.database.clone());
                 Ok(s)
             }
-            Target::Cloud { api_url, account, engine, .. } => {
+            Target::Cloud {
+                api_url,
+                account,
+                engine,
+                ..
+            } => {
                 let system = self.engine_url(api_url, account).await?;
                 let mut s = SessionState::from_url(&system).map_err(bad_url("engine discovery"))?;
                 let use_db = Statement::new(
@@ -447,10 +519,13 @@ impl Client {
                     let text = response.text().await.unwrap_or_default();
                     match status {
                         200..=299 => {
-                            let json: serde_json::Value = serde_json::from_str(&text).map_err(|_| FireboltError::Protocol {
-                                step: STEP,
-                                message: format!("not JSON: {}", truncate(&text)),
-                            })?;
+                            let json: serde_json::Value =
+                                serde_json::from_str(&text).map_err(|_| {
+                                    FireboltError::Protocol {
+                                        step: STEP,
+                                        message: format!("not JSON: {}", truncate(&text)),
+                                    }
+                                })?;
                             return json
                                 .get("engineUrl")
                                 .and_then(|v| v.as_str())
@@ -472,13 +547,22 @@ impl Client {
                         }
                         // A GET changes nothing: every transient failure may be retried.
                         _ => match classify_status(STEP, status, &text, retry_after) {
-                            Failure::Other { error, retry: Retry::IfIdempotent } => Failure::Other { error, retry: Retry::Always(None) },
+                            Failure::Other {
+                                error,
+                                retry: Retry::IfIdempotent,
+                            } => Failure::Other {
+                                error,
+                                retry: Retry::Always(None),
+                            },
                             f => f,
                         },
                     }
                 }
                 Err(e) => match classify_transport(STEP, &e, self.config.request_timeout) {
-                    Failure::Other { error, .. } => Failure::Other { error, retry: Retry::Always(None) },
+                    Failure::Other { error, .. } => Failure::Other {
+                        error,
+                        retry: Retry::Always(None),
+                    },
                     f => f,
                 },
             };
@@ -488,7 +572,12 @@ impl Client {
                         auth.invalidate(b.generation).await;
                         reauthenticated = true;
                     }
-                    _ => return Err(FireboltError::Auth { step: STEP, message }),
+                    _ => {
+                        return Err(FireboltError::Auth {
+                            step: STEP,
+                            message,
+                        });
+                    }
                 },
                 Failure::Other { error, retry } => {
                     let Some(delay) = self.retry_delay(retry, true, attempt) else {
@@ -513,7 +602,9 @@ impl Client {
             Retry::IfIdempotent | Retry::Always(None) => Some(self.config.backoff.delay(attempt)),
             Retry::Always(Some(after)) if after > self.config.max_retry_after => None,
             // Honour the server's wait, with a little jitter so workers do not return together.
-            Retry::Always(Some(after)) => Some(after + Duration::from_millis(fastrand::u64(0..=100))),
+            Retry::Always(Some(after)) => {
+                Some(after + Duration::from_millis(fastrand::u64(0..=100)))
+            }
         }
     }
 
@@ -537,15 +628,21 @@ impl Client {
             let bearer = self.bearer().await?;
             let started = Instant::now();
             let (outcome, updates) = {
-                let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+                let _permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
                 self.send_once(session, statement, bearer.as_ref()).await
             };
             if !updates.is_empty() {
                 tracing::debug!(query_label = %statement.label, ?updates, "Firebolt session updated");
-                session.apply(&updates).map_err(|message| FireboltError::Protocol {
-                    step: statement.kind,
-                    message,
-                })?;
+                session
+                    .apply(&updates)
+                    .map_err(|message| FireboltError::Protocol {
+                        step: statement.kind,
+                        message,
+                    })?;
             }
             let failure = match outcome {
                 Ok(result) => {
@@ -622,23 +719,40 @@ impl Client {
         }
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return (Err(classify_transport(step, &e, self.config.request_timeout)), SessionUpdates::default()),
+            Err(e) => {
+                return (
+                    Err(classify_transport(step, &e, self.config.request_timeout)),
+                    SessionUpdates::default(),
+                );
+            }
         };
         let status = response.status().as_u16();
         let updates = SessionUpdates::from_headers(response.headers());
         let retry_after = retry_after(response.headers());
         let text = match response.text().await {
             Ok(t) => t,
-            Err(e) => return (Err(classify_transport(step, &e, self.config.request_timeout)), updates),
+            Err(e) => {
+                return (
+                    Err(classify_transport(step, &e, self.config.request_timeout)),
+                    updates,
+                );
+            }
         };
         if !(200..300).contains(&status) {
-            return (Err(classify_status(step, status, &text, retry_after)), updates);
+            return (
+                Err(classify_status(step, status, &text, retry_after)),
+                updates,
+            );
         }
         // Errors come with HTTP 200 too.
         let outcome = match parse_body(&text) {
             Ok(Body::Rows(result)) => Ok(result),
             Ok(Body::Errors { errors, query_id }) => Err(Failure::Other {
-                error: FireboltError::Sql { step, errors, query_id },
+                error: FireboltError::Sql {
+                    step,
+                    errors,
+                    query_id,
+                },
                 retry: Retry::Never,
             }),
             Err(text) => Err(Failure::Other {
@@ -672,30 +786,56 @@ mod tests {
         assert!(is_idempotent("SELECT 1"));
         assert!(is_idempotent("  select count(*) FROM t"));
         assert!(is_idempotent("DROP TABLE IF EXISTS \"s\".\"t\""));
-        assert!(is_idempotent("CREATE TABLE IF NOT EXISTS \"t\" (a INT NULL)"));
-        assert!(is_idempotent("ALTER TABLE \"t\" ADD COLUMN IF NOT EXISTS \"c\" TEXT NULL"));
+        assert!(is_idempotent(
+            "CREATE TABLE IF NOT EXISTS \"t\" (a INT NULL)"
+        ));
+        assert!(is_idempotent(
+            "ALTER TABLE \"t\" ADD COLUMN IF NOT EXISTS \"c\" TEXT NULL"
+        ));
         assert!(!is_idempotent("DROP TABLE \"t\""));
         assert!(!is_idempotent("DROP TABLE \"IF EXISTS\""));
         assert!(!is_idempotent("CREATE TABLE \"IF NOT EXISTS\" (a INT)"));
         assert!(!is_idempotent("INSERT INTO t VALUES (1)"));
-        assert!(!is_idempotent("MERGE INTO t USING s ON a = b WHEN MATCHED THEN DELETE"));
+        assert!(!is_idempotent(
+            "MERGE INTO t USING s ON a = b WHEN MATCHED THEN DELETE"
+        ));
         assert!(!is_idempotent("COPY INTO t FROM 's3://b/k'"));
         assert!(!is_idempotent("COMMIT"));
     }
 
     #[test]
     fn statuses_say_what_may_be_retried() {
-        let retry = |status, body: &str| match classify_status("merge", status, body, Some(Duration::from_secs(2))) {
+        let retry = |status, body: &str| match classify_status(
+            "merge",
+            status,
+            body,
+            Some(Duration::from_secs(2)),
+        ) {
             Failure::Other { retry, error } => (retry, error),
             Failure::Unauthorized(m) => panic!("401: {m}"),
         };
-        assert!(matches!(classify_status("x", 401, "{}", None), Failure::Unauthorized(_)));
-        assert_eq!(retry(429, "").0, Retry::Always(Some(Duration::from_secs(2))));
-        assert!(matches!(retry(429, "").1, FireboltError::RateLimited { .. }));
-        assert!(matches!(retry(503, "").1, FireboltError::EngineStopped { status: 503, .. }));
+        assert!(matches!(
+            classify_status("x", 401, "{}", None),
+            Failure::Unauthorized(_)
+        ));
+        assert_eq!(
+            retry(429, "").0,
+            Retry::Always(Some(Duration::from_secs(2)))
+        );
+        assert!(matches!(
+            retry(429, "").1,
+            FireboltError::RateLimited { .. }
+        ));
+        assert!(matches!(
+            retry(503, "").1,
+            FireboltError::EngineStopped { status: 503, .. }
+        ));
         let (r, e) = retry(404, "Engine my_engine is stopped");
         assert_eq!(r, Retry::Never);
-        assert!(matches!(e, FireboltError::EngineStopped { status: 404, .. }));
+        assert!(matches!(
+            e,
+            FireboltError::EngineStopped { status: 404, .. }
+        ));
         assert_eq!(retry(504, "").0, Retry::IfIdempotent);
         assert_eq!(retry(502, "").0, Retry::IfIdempotent);
         let (r, e) = retry(400, r#"{"errors":[{"description":"syntax error"}]}"#);
@@ -705,7 +845,10 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_a_cap() {
-        let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
         for attempt in 0..10 {
             let d = b.delay(attempt);
             let full = Duration::from_millis(100 * 2u64.pow(attempt)).min(Duration::from_secs(1));
@@ -715,7 +858,10 @@ mod tests {
 
     #[test]
     fn cloud_urls_derive_from_the_api_host() {
-        assert_eq!(auth_url_for("https://api.app.firebolt.io"), "https://id.app.firebolt.io");
+        assert_eq!(
+            auth_url_for("https://api.app.firebolt.io"),
+            "https://id.app.firebolt.io"
+        );
         assert_eq!(auth_url_for("http://127.0.0.1:9"), "http://127.0.0.1:9");
         let config = FireboltConfig {
             client_id: Some("id".into()),
@@ -725,12 +871,20 @@ mod tests {
             ..FireboltConfig::default()
         };
         let c = ClientConfig::from_config(&config).unwrap();
-        let Target::Cloud { api_url, credentials, .. } = &c.target else { panic!() };
+        let Target::Cloud {
+            api_url,
+            credentials,
+            ..
+        } = &c.target
+        else {
+            panic!()
+        };
         assert_eq!(api_url, "https://api.app.firebolt.io");
         assert_eq!(credentials.auth_url, "https://id.app.firebolt.io");
         let client = Client::new(c).unwrap();
         assert!(!format!("{client:?}").contains("hunter2"));
-        let statement = Statement::new("copy", "l", "COPY .. AWS_SECRET_ACCESS_KEY = 'hunter2'").with_redacted("COPY .. '****'");
+        let statement = Statement::new("copy", "l", "COPY .. AWS_SECRET_ACCESS_KEY = 'hunter2'")
+            .with_redacted("COPY .. '****'");
         assert!(!format!("{statement:?}").contains("hunter2"));
     }
 }

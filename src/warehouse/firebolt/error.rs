@@ -47,7 +47,10 @@ pub enum FireboltError {
     },
     /// No answer within the request timeout: the statement may still be running.
     #[error("{step}: no answer within {}s", timeout.as_secs())]
-    Timeout { step: &'static str, timeout: Duration },
+    Timeout {
+        step: &'static str,
+        timeout: Duration,
+    },
     /// The connection could not be made or broke.
     #[error("{step}: connection failed: {message}")]
     Connection { step: &'static str, message: String },
@@ -142,9 +145,9 @@ impl From<FireboltError> for WarehouseError {
                     WarehouseError::Sql(text)
                 }
             }
-            FireboltError::Http { .. } | FireboltError::Protocol { .. } | FireboltError::Config(_) => {
-                WarehouseError::Other(text)
-            }
+            FireboltError::Http { .. }
+            | FireboltError::Protocol { .. }
+            | FireboltError::Config(_) => WarehouseError::Other(text),
         }
     }
 }
@@ -171,7 +174,10 @@ mod tests {
             query_id: None,
         };
         let text = sql.to_string();
-        assert!(text.contains("column \"x\" does not exist") && text.starts_with("merge: "), "{text}");
+        assert!(
+            text.contains("column \"x\" does not exist") && text.starts_with("merge: "),
+            "{text}"
+        );
         assert!(matches!(WarehouseError::from(sql), WarehouseError::Sql(_)));
         let conflict = FireboltError::Sql {
             step: "commit",
@@ -181,9 +187,15 @@ mod tests {
             }],
             query_id: None,
         };
-        assert!(matches!(WarehouseError::from(conflict), WarehouseError::Conflict(_)));
         assert!(matches!(
-            WarehouseError::from(FireboltError::Auth { step: "authentication", message: "invalid_client".into() }),
+            WarehouseError::from(conflict),
+            WarehouseError::Conflict(_)
+        ));
+        assert!(matches!(
+            WarehouseError::from(FireboltError::Auth {
+                step: "authentication",
+                message: "invalid_client".into()
+            }),
             WarehouseError::Auth(_)
         ));
     }

@@ -30,8 +30,8 @@ use crate::config::FireboltConfig;
 use crate::storage::ObjectStore;
 
 use super::{
-    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, LedgerRecord, STATUS_REJECTED, Staged,
-    StagedFile, TargetTable, Warehouse, WarehouseError,
+    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, LedgerRecord, STATUS_REJECTED,
+    Staged, StagedFile, TargetTable, Warehouse, WarehouseError,
 };
 use client::{Client, ClientConfig, Statement};
 use error::FireboltError;
@@ -62,13 +62,29 @@ pub struct Firebolt {
 impl Firebolt {
     /// Builds the warehouse from `[warehouse.firebolt]`; nothing is contacted until
     /// `prepare()`.
-    pub fn open(config: &FireboltConfig, op_column: &str, store: ObjectStore) -> Result<Self, WarehouseError> {
+    pub fn open(
+        config: &FireboltConfig,
+        op_column: &str,
+        store: ObjectStore,
+    ) -> Result<Self, WarehouseError> {
         let client = Client::new(ClientConfig::from_config(config)?)?;
-        Ok(Self::with_client(Arc::new(client), &config.schema, op_column, store, copy_source(config)))
+        Ok(Self::with_client(
+            Arc::new(client),
+            &config.schema,
+            op_column,
+            store,
+            copy_source(config),
+        ))
     }
 
     /// With a client built elsewhere (tests point it at a protocol test server).
-    pub fn with_client(client: Arc<Client>, schema: &str, op_column: &str, store: ObjectStore, copy_source: CopySource) -> Self {
+    pub fn with_client(
+        client: Arc<Client>,
+        schema: &str,
+        op_column: &str,
+        store: ObjectStore,
+        copy_source: CopySource,
+    ) -> Self {
         Self {
             client,
             schema: schema.to_string(),
@@ -94,19 +110,31 @@ impl Firebolt {
     }
 
     fn tombstones_known(&self, table: &str) -> bool {
-        self.tombstones.lock().expect("tombstones lock").contains(table)
+        self.tombstones
+            .lock()
+            .expect("tombstones lock")
+            .contains(table)
     }
 
     fn remember_tombstones(&self, table: &str) {
-        self.tombstones.lock().expect("tombstones lock").insert(table.to_string());
+        self.tombstones
+            .lock()
+            .expect("tombstones lock")
+            .insert(table.to_string());
     }
 
     fn forget_tombstones(&self, table: &str) {
-        self.tombstones.lock().expect("tombstones lock").remove(table);
+        self.tombstones
+            .lock()
+            .expect("tombstones lock")
+            .remove(table);
     }
 
     fn take_pending_rebuild(&self, table: &str) -> bool {
-        self.pending_rebuilds.lock().expect("rebuilds lock").remove(table)
+        self.pending_rebuilds
+            .lock()
+            .expect("rebuilds lock")
+            .remove(table)
     }
 
     /// Drops staging tables left by workers that died mid-batch.
@@ -115,15 +143,22 @@ impl Firebolt {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let found = run.run("list-stages", sql::staging_tables_query(&self.schema)).await?;
+        let found = run
+            .run("list-stages", sql::staging_tables_query(&self.schema))
+            .await?;
         let mut dropped = 0;
         for row in 0..found.rows.len() {
-            let Some(name) = found.text_at(row, 0) else { continue };
-            let Some(created) = sql::stage_created_at(&name) else { continue };
+            let Some(name) = found.text_at(row, 0) else {
+                continue;
+            };
+            let Some(created) = sql::stage_created_at(&name) else {
+                continue;
+            };
             if now.saturating_sub(created) < STALE_STAGE_AGE.as_secs() {
                 continue;
             }
-            run.run("drop-stale-stage", sql::drop_table(&q(&self.schema, &name))).await?;
+            run.run("drop-stale-stage", sql::drop_table(&q(&self.schema, &name)))
+                .await?;
             dropped += 1;
         }
         Ok(dropped)
@@ -184,14 +219,28 @@ impl Warehouse for Firebolt {
         let mut run = self.runner("prepare").await?;
         if self.schema != "public" {
             // UNCONFIRMED: CREATE SCHEMA is not in the reference; `public` always exists.
-            run.run("create-schema", format!("CREATE SCHEMA IF NOT EXISTS {}", crate::warehouse::sql::ident(&self.schema)))
-                .await?;
+            run.run(
+                "create-schema",
+                format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    crate::warehouse::sql::ident(&self.schema)
+                ),
+            )
+            .await?;
         }
-        run.run("create-ledger", sql::create_ledger(&self.ledger())).await?;
-        run.run("create-fence", sql::create_fence(&q(&self.schema, FENCE_TABLE))).await?;
+        run.run("create-ledger", sql::create_ledger(&self.ledger()))
+            .await?;
+        run.run(
+            "create-fence",
+            sql::create_fence(&q(&self.schema, FENCE_TABLE)),
+        )
+        .await?;
         match self.drop_stale_stages(&mut run).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(dropped = n, "dropped staging tables of workers that died mid-batch"),
+            Ok(n) => tracing::info!(
+                dropped = n,
+                "dropped staging tables of workers that died mid-batch"
+            ),
             // Leftovers cost storage, not correctness: do not refuse to start over them.
             Err(e) => tracing::warn!(error = %e, "could not look for stale staging tables"),
         }
@@ -217,16 +266,24 @@ impl Warehouse for Firebolt {
         Ok(state.target)
     }
 
-    async fn applied(&self, table: &str, keys: &[String]) -> Result<HashMap<String, LedgerRecord>, WarehouseError> {
+    async fn applied(
+        &self,
+        table: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, LedgerRecord>, WarehouseError> {
         let mut found = HashMap::new();
         if keys.is_empty() {
             return Ok(found);
         }
         let mut run = self.runner("ledger-lookup").await?;
         for chunk in keys.chunks(LEDGER_LOOKUP_CHUNK) {
-            let rows = run.run("applied", sql::applied_query(&self.ledger(), table, chunk)).await?;
+            let rows = run
+                .run("applied", sql::applied_query(&self.ledger(), table, chunk))
+                .await?;
             for row in 0..rows.rows.len() {
-                let Some(key) = rows.text_at(row, 0) else { continue };
+                let Some(key) = rows.text_at(row, 0) else {
+                    continue;
+                };
                 found.insert(
                     key,
                     LedgerRecord {
@@ -239,18 +296,32 @@ impl Warehouse for Firebolt {
         Ok(found)
     }
 
-    async fn record_rejected(&self, table: &str, files: &[BatchFile], reason: &str) -> Result<(), WarehouseError> {
+    async fn record_rejected(
+        &self,
+        table: &str,
+        files: &[BatchFile],
+        reason: &str,
+    ) -> Result<(), WarehouseError> {
         if files.is_empty() {
             return Ok(());
         }
         let mut run = self.runner("reject").await?;
-        run.run("reject", sql::rejected_insert(&self.ledger(), table, files, reason)).await?;
+        run.run(
+            "reject",
+            sql::rejected_insert(&self.ledger(), table, files, reason),
+        )
+        .await?;
         Ok(())
     }
 
     async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError> {
         let mut run = self.runner("last-applied").await?;
-        let rows = run.run("last-applied", sql::last_applied_query(&self.ledger(), table)).await?;
+        let rows = run
+            .run(
+                "last-applied",
+                sql::last_applied_query(&self.ledger(), table),
+            )
+            .await?;
         Ok(match (rows.text_at(0, 0), rows.text_at(0, 1)) {
             (Some(order), Some(key)) => Some((order, key)),
             _ => None,
@@ -264,7 +335,11 @@ impl Warehouse for Firebolt {
         }
     }
 
-    async fn apply(&self, plan: &ApplyPlan, files: &[StagedFile]) -> Result<ApplyStats, WarehouseError> {
+    async fn apply(
+        &self,
+        plan: &ApplyPlan,
+        files: &[StagedFile],
+    ) -> Result<ApplyStats, WarehouseError> {
         apply::apply(self, plan, files).await
     }
 
@@ -274,14 +349,19 @@ impl Warehouse for Firebolt {
         };
         let mut run = self.runner("row-count").await?;
         let rows = run
-            .run("row-count", format!("SELECT count(*) FROM {}", q(&self.schema, &found.name)))
+            .run(
+                "row-count",
+                format!("SELECT count(*) FROM {}", q(&self.schema, &found.name)),
+            )
             .await?;
         rows.u64_at(0, 0).map_err(WarehouseError::Other)
     }
 
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
         let mut run = self.runner("ledger-summary").await?;
-        let rows = run.run("ledger-summary", sql::ledger_summary_query(&self.ledger())).await?;
+        let rows = run
+            .run("ledger-summary", sql::ledger_summary_query(&self.ledger()))
+            .await?;
         Ok((0..rows.rows.len())
             .map(|r| LedgerEntry {
                 table: rows.text_at(r, 0).unwrap_or_default(),
@@ -297,7 +377,11 @@ impl Warehouse for Firebolt {
     /// Authentication, engine resolution, `SELECT 1`: each failure names its step.
     async fn ping(&self, timeout: Duration) -> Result<(), WarehouseError> {
         let steps = async {
-            let step1 = if self.client.is_cloud() { "step 1/3 (authentication)" } else { "step 1/3 (authentication: none for Firebolt Core)" };
+            let step1 = if self.client.is_cloud() {
+                "step 1/3 (authentication)"
+            } else {
+                "step 1/3 (authentication: none for Firebolt Core)"
+            };
             self.client
                 .authenticate()
                 .await
@@ -314,7 +398,9 @@ impl Warehouse for Firebolt {
                 .map_err(|e| in_step("step 3/3 (SELECT 1)", e.into()))?;
             match answer.u64_at(0, 0) {
                 Ok(1) => Ok(()),
-                other => Err(WarehouseError::Other(format!("step 3/3 (SELECT 1): unexpected answer {other:?}"))),
+                other => Err(WarehouseError::Other(format!(
+                    "step 3/3 (SELECT 1): unexpected answer {other:?}"
+                ))),
             }
         };
         match tokio::time::timeout(timeout, steps).await {

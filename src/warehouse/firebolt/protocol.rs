@@ -50,8 +50,8 @@ impl SessionState {
         } else {
             format!("https://{url}")
         };
-        let mut parsed =
-            Url::parse(&with_scheme).map_err(|e| format!("bad endpoint URL `{}`: {e}", truncate(url)))?;
+        let mut parsed = Url::parse(&with_scheme)
+            .map_err(|e| format!("bad endpoint URL `{}`: {e}", truncate(url)))?;
         for (k, v) in parsed.query_pairs() {
             self.params.insert(k.into_owned(), v.into_owned());
         }
@@ -65,7 +65,8 @@ impl SessionState {
     /// reset, new endpoint, removed parameters, updated parameters.
     pub fn apply(&mut self, updates: &SessionUpdates) -> Result<(), String> {
         if updates.reset {
-            self.params.retain(|k, _| KEPT_ON_RESET.contains(&k.as_str()));
+            self.params
+                .retain(|k, _| KEPT_ON_RESET.contains(&k.as_str()));
         }
         if let Some(endpoint) = &updates.endpoint {
             self.set_endpoint(endpoint)?;
@@ -81,7 +82,8 @@ impl SessionState {
 
     /// The URL of one statement: session parameters, JSON_Compact, and the query label.
     pub fn statement_url(&self, query_label: &str) -> Result<Url, String> {
-        let mut url = Url::parse(&self.endpoint).map_err(|e| format!("bad endpoint `{}`: {e}", self.endpoint))?;
+        let mut url = Url::parse(&self.endpoint)
+            .map_err(|e| format!("bad endpoint `{}`: {e}", self.endpoint))?;
         {
             let mut q = url.query_pairs_mut();
             for (k, v) in &self.params {
@@ -138,7 +140,10 @@ impl SessionUpdates {
             );
         }
         updates.reset = headers.contains_key(HEADER_RESET_SESSION);
-        updates.endpoint = texts(HEADER_UPDATE_ENDPOINT).into_iter().next().filter(|e| !e.trim().is_empty());
+        updates.endpoint = texts(HEADER_UPDATE_ENDPOINT)
+            .into_iter()
+            .next()
+            .filter(|e| !e.trim().is_empty());
         updates
     }
 
@@ -171,7 +176,8 @@ impl QueryResult {
     pub fn u64_at(&self, row: usize, col: usize) -> Result<u64, String> {
         match self.value(row, col) {
             None | Some(Value::Null) => Ok(0),
-            Some(v) => as_u64(v).ok_or_else(|| format!("expected a count at row {row} column {col}, got {v}")),
+            Some(v) => as_u64(v)
+                .ok_or_else(|| format!("expected a count at row {row} column {col}, got {v}")),
         }
     }
 
@@ -197,10 +203,12 @@ pub fn parse_body(text: &str) -> Result<Body, String> {
         return Ok(Body::Rows(QueryResult::default()));
     }
     let json: Value = serde_json::from_str(text).map_err(|_| truncate(text))?;
-    let query_id = json
-        .pointer("/query/query_id")
-        .and_then(as_text);
-    if let Some(errors) = json.get("errors").and_then(Value::as_array).filter(|e| !e.is_empty()) {
+    let query_id = json.pointer("/query/query_id").and_then(as_text);
+    if let Some(errors) = json
+        .get("errors")
+        .and_then(Value::as_array)
+        .filter(|e| !e.is_empty())
+    {
         return Ok(Body::Errors {
             errors: errors.iter().map(server_error).collect(),
             query_id,
@@ -224,10 +232,18 @@ pub fn parse_body(text: &str) -> Result<Body, String> {
             .iter()
             .map(|r| match r {
                 Value::Array(values) => Ok(values.clone()),
-                other => Err(format!("a JSON_Compact row is not an array: {}", truncate(&other.to_string()))),
+                other => Err(format!(
+                    "a JSON_Compact row is not an array: {}",
+                    truncate(&other.to_string())
+                )),
             })
             .collect::<Result<_, _>>()?,
-        Some(other) => return Err(format!("`data` is not an array: {}", truncate(&other.to_string()))),
+        Some(other) => {
+            return Err(format!(
+                "`data` is not an array: {}",
+                truncate(&other.to_string())
+            ));
+        }
     };
     Ok(Body::Rows(QueryResult {
         columns,
@@ -251,8 +267,16 @@ fn server_error(e: &Value) -> ServerError {
 /// `{"error": .., "error_description": ..}` or `{"message": ..}`, else the text itself.
 pub fn error_message(text: &str) -> String {
     if let Ok(json) = serde_json::from_str::<Value>(text) {
-        if let Some(errors) = json.get("errors").and_then(Value::as_array).filter(|e| !e.is_empty()) {
-            return errors.iter().map(|e| server_error(e).to_string()).collect::<Vec<_>>().join("; ");
+        if let Some(errors) = json
+            .get("errors")
+            .and_then(Value::as_array)
+            .filter(|e| !e.is_empty())
+        {
+            return errors
+                .iter()
+                .map(|e| server_error(e).to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
         }
         let field = |k: &str| json.get(k).and_then(as_text).filter(|s| !s.is_empty());
         let parts: Vec<String> = ["error", "error_description", "message", "kind"]
@@ -273,9 +297,11 @@ pub fn error_message(text: &str) -> String {
 /// A count from JSON: a number, or a string holding one (bigints may come as strings).
 pub fn as_u64(v: &Value) -> Option<u64> {
     match v {
-        Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64)),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| *f >= 0.0 && f.fract() == 0.0)
+                .map(|f| f as u64)
+        }),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -307,11 +333,17 @@ mod tests {
 
     #[test]
     fn engine_urls_get_https_and_their_params_become_session_params() {
-        let s = SessionState::from_url("acme-sys.us-east-1.app.firebolt.io?account_id=42&engine=system").unwrap();
+        let s = SessionState::from_url(
+            "acme-sys.us-east-1.app.firebolt.io?account_id=42&engine=system",
+        )
+        .unwrap();
         assert_eq!(s.endpoint, "https://acme-sys.us-east-1.app.firebolt.io/");
         assert_eq!(s.params.get("account_id").map(String::as_str), Some("42"));
         let url = s.statement_url("b1:01:check").unwrap();
-        let pairs: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into(), v.into())).collect();
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
         assert!(pairs.contains(&("output_format".into(), "JSON_Compact".into())));
         assert!(pairs.contains(&("query_label".into(), "b1:01:check".into())));
         let core = SessionState::from_url("http://localhost:3473").unwrap();
@@ -322,18 +354,30 @@ mod tests {
     fn session_headers_update_remove_reset_and_move() {
         let mut s = SessionState::from_url("https://sys.example?account_id=1").unwrap();
         let mut h = HeaderMap::new();
-        h.insert(HEADER_UPDATE_PARAMETERS, HeaderValue::from_static("database=db, transaction_id=7"));
+        h.insert(
+            HEADER_UPDATE_PARAMETERS,
+            HeaderValue::from_static("database=db, transaction_id=7"),
+        );
         s.apply(&SessionUpdates::from_headers(&h)).unwrap();
         assert_eq!(s.params.get("database").map(String::as_str), Some("db"));
-        assert_eq!(s.params.get("transaction_id").map(String::as_str), Some("7"));
+        assert_eq!(
+            s.params.get("transaction_id").map(String::as_str),
+            Some("7")
+        );
 
         let mut h = HeaderMap::new();
-        h.insert(HEADER_REMOVE_PARAMETERS, HeaderValue::from_static("transaction_id"));
+        h.insert(
+            HEADER_REMOVE_PARAMETERS,
+            HeaderValue::from_static("transaction_id"),
+        );
         s.apply(&SessionUpdates::from_headers(&h)).unwrap();
         assert!(!s.params.contains_key("transaction_id"));
 
         let mut h = HeaderMap::new();
-        h.insert(HEADER_UPDATE_ENDPOINT, HeaderValue::from_static("user.example/path?engine=eng&account_id=1"));
+        h.insert(
+            HEADER_UPDATE_ENDPOINT,
+            HeaderValue::from_static("user.example/path?engine=eng&account_id=1"),
+        );
         s.apply(&SessionUpdates::from_headers(&h)).unwrap();
         assert_eq!(s.endpoint, "https://user.example/path");
         assert_eq!(s.params.get("engine").map(String::as_str), Some("eng"));
@@ -350,7 +394,9 @@ mod tests {
     fn bodies_parse_rows_errors_and_empty() {
         let body = r#"{"query":{"query_id":"q1"},"meta":[{"name":"n","type":"long"},{"name":"s","type":"text null"}],
                        "data":[["12345678901234", "a"],[3, null]],"rows":2,"statistics":{"elapsed":0.1}}"#;
-        let Body::Rows(r) = parse_body(body).unwrap() else { panic!() };
+        let Body::Rows(r) = parse_body(body).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.u64_at(0, 0).unwrap(), 12_345_678_901_234);
         assert_eq!(r.u64_at(1, 0).unwrap(), 3);
         assert_eq!(r.text_at(1, 1), None);
@@ -368,7 +414,10 @@ mod tests {
         }
         assert_eq!(parse_body("").unwrap(), Body::Rows(QueryResult::default()));
         assert!(parse_body("Syntax error near x").is_err());
-        assert_eq!(error_message(r#"{"error":"invalid_client","error_description":"bad secret"}"#), "invalid_client: bad secret");
+        assert_eq!(
+            error_message(r#"{"error":"invalid_client","error_description":"bad secret"}"#),
+            "invalid_client: bad secret"
+        );
         assert_eq!(error_message("plain text"), "plain text");
     }
 

@@ -27,12 +27,20 @@ use super::run::Runner;
 use super::sql::{self, q};
 
 /// Finishes or cleans up whatever an interrupted rebuild of `table` left.
-pub async fn recover(run: &mut Runner<'_>, schema: &str, table: &str, state: &Inspection) -> Result<(), WarehouseError> {
+pub async fn recover(
+    run: &mut Runner<'_>,
+    schema: &str,
+    table: &str,
+    state: &Inspection,
+) -> Result<(), WarehouseError> {
     let copy = q(schema, &sql::rebuild_table(table));
     let marker = q(schema, &sql::rebuilt_marker(table));
     match (state.marker, &state.copy) {
         (true, Some(complete)) => {
-            tracing::warn!(table, "finishing an interrupted widening rebuild from its complete copy");
+            tracing::warn!(
+                table,
+                "finishing an interrupted widening rebuild from its complete copy"
+            );
             let primary_key = complete.primary_key.clone();
             restore(run, schema, table, &complete.columns, &primary_key).await
         }
@@ -69,13 +77,17 @@ pub async fn widen(
         state = inspect(run, schema, table, no_indexes).await?;
     }
     let Some(target) = state.target else {
-        return Err(WarehouseError::Sql(format!("cannot widen columns of `{table}`: the table does not exist")));
+        return Err(WarehouseError::Sql(format!(
+            "cannot widen columns of `{table}`: the table does not exist"
+        )));
     };
     let mut columns = target.columns.clone();
     let mut changed = Vec::new();
     for (name, to) in widen {
         let Some(c) = columns.iter_mut().find(|c| &c.name == name) else {
-            return Err(WarehouseError::Sql(format!("cannot widen `{table}`.`{name}`: no such column")));
+            return Err(WarehouseError::Sql(format!(
+                "cannot widen `{table}`.`{name}`: no such column"
+            )));
         };
         if &c.ty != to {
             c.ty = to.clone();
@@ -93,11 +105,19 @@ pub async fn widen(
 
     // Phase 1: the copy, with the new types. `t` stays authoritative until the marker.
     run.run("rebuild-drop-copy", sql::drop_table(&copy)).await?;
-    run.run("rebuild-create-copy", sql::create_table(&copy, &columns, &target.primary_key, false))
+    run.run(
+        "rebuild-create-copy",
+        sql::create_table(&copy, &columns, &target.primary_key, false),
+    )
+    .await?;
+    run.run(
+        "rebuild-fill-copy",
+        sql::rebuild_copy(&copy, &target_q, &columns, &changed),
+    )
+    .await?;
+    let counts = run
+        .run("rebuild-verify", sql::row_counts(&target_q, &copy))
         .await?;
-    run.run("rebuild-fill-copy", sql::rebuild_copy(&copy, &target_q, &columns, &changed))
-        .await?;
-    let counts = run.run("rebuild-verify", sql::row_counts(&target_q, &copy)).await?;
     let (original, copied) = (
         counts.u64_at(0, 0).map_err(WarehouseError::Other)?,
         counts.u64_at(0, 1).map_err(WarehouseError::Other)?,
@@ -114,15 +134,27 @@ pub async fn widen(
 }
 
 /// Phases 3 and 4: recreate `table` from the complete copy, then drop marker and copy.
-async fn restore(run: &mut Runner<'_>, schema: &str, table: &str, columns: &[Column], primary_key: &[String]) -> Result<(), WarehouseError> {
+async fn restore(
+    run: &mut Runner<'_>,
+    schema: &str,
+    table: &str,
+    columns: &[Column],
+    primary_key: &[String],
+) -> Result<(), WarehouseError> {
     let target_q = q(schema, table);
     let copy = q(schema, &sql::rebuild_table(table));
     let marker = q(schema, &sql::rebuilt_marker(table));
     run.run("rebuild-drop", sql::drop_table(&target_q)).await?;
-    run.run("rebuild-create", sql::create_table(&target_q, columns, primary_key, false))
-        .await?;
-    run.run("rebuild-restore", sql::rebuild_restore(&target_q, &copy, columns))
-        .await?;
+    run.run(
+        "rebuild-create",
+        sql::create_table(&target_q, columns, primary_key, false),
+    )
+    .await?;
+    run.run(
+        "rebuild-restore",
+        sql::rebuild_restore(&target_q, &copy, columns),
+    )
+    .await?;
     run.run("rebuild-unmark", sql::drop_table(&marker)).await?;
     run.run("rebuild-drop-copy", sql::drop_table(&copy)).await?;
     Ok(())

@@ -20,7 +20,10 @@ pub struct Runner<'a> {
 
 impl<'a> Runner<'a> {
     /// Resolves the session (authentication and engine discovery on first use).
-    pub async fn new(client: &'a Client, label_prefix: impl Into<String>) -> Result<Self, FireboltError> {
+    pub async fn new(
+        client: &'a Client,
+        label_prefix: impl Into<String>,
+    ) -> Result<Self, FireboltError> {
         Ok(Self {
             session: client.session().await?,
             client,
@@ -37,16 +40,29 @@ impl<'a> Runner<'a> {
 
     fn statement(&mut self, kind: &'static str, sql: String) -> Statement {
         self.seq += 1;
-        Statement::new(kind, format!("{}:{:02}:{kind}", self.label_prefix, self.seq), sql)
+        Statement::new(
+            kind,
+            format!("{}:{:02}:{kind}", self.label_prefix, self.seq),
+            sql,
+        )
     }
 
-    pub async fn run(&mut self, kind: &'static str, sql: String) -> Result<QueryResult, FireboltError> {
+    pub async fn run(
+        &mut self,
+        kind: &'static str,
+        sql: String,
+    ) -> Result<QueryResult, FireboltError> {
         let statement = self.statement(kind, sql);
         self.send(statement).await
     }
 
     /// A statement that carries a secret: logs show `redacted`.
-    pub async fn run_redacted(&mut self, kind: &'static str, sql: String, redacted: String) -> Result<QueryResult, FireboltError> {
+    pub async fn run_redacted(
+        &mut self,
+        kind: &'static str,
+        sql: String,
+        redacted: String,
+    ) -> Result<QueryResult, FireboltError> {
         let statement = self.statement(kind, sql).with_redacted(redacted);
         self.send(statement).await
     }

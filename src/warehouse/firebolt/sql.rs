@@ -28,7 +28,13 @@ const D: Dialect = Dialect::Firebolt;
 pub fn stage_table_name(batch_id: &str, created_unix: u64, nonce: u32) -> String {
     let batch: String = batch_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(80)
         .collect();
     format!("{STAGE_PREFIX}{created_unix}_{nonce:08x}_{batch}")
@@ -36,7 +42,11 @@ pub fn stage_table_name(batch_id: &str, created_unix: u64, nonce: u32) -> String
 
 /// The creation time encoded in a staging table name.
 pub fn stage_created_at(name: &str) -> Option<u64> {
-    name.strip_prefix(STAGE_PREFIX)?.split('_').next()?.parse().ok()
+    name.strip_prefix(STAGE_PREFIX)?
+        .split('_')
+        .next()?
+        .parse()
+        .ok()
 }
 
 pub fn rebuild_table(table: &str) -> String {
@@ -64,7 +74,12 @@ fn column_defs(columns: &[Column]) -> String {
 }
 
 /// `CREATE TABLE [IF NOT EXISTS] t (...) [PRIMARY INDEX ...]`; `target` already quoted.
-pub fn create_table(target: &str, columns: &[Column], primary_index: &[String], if_not_exists: bool) -> String {
+pub fn create_table(
+    target: &str,
+    columns: &[Column],
+    primary_index: &[String],
+    if_not_exists: bool,
+) -> String {
     let mut sql = format!(
         "CREATE TABLE {}{target} ({})",
         if if_not_exists { "IF NOT EXISTS " } else { "" },
@@ -73,7 +88,11 @@ pub fn create_table(target: &str, columns: &[Column], primary_index: &[String], 
     if !primary_index.is_empty() {
         sql.push_str(&format!(
             " PRIMARY INDEX {}",
-            primary_index.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ")
+            primary_index
+                .iter()
+                .map(|c| ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     sql
@@ -94,7 +113,11 @@ pub fn staging_columns(plan: &ApplyPlan) -> Vec<Column> {
     let mut columns: Vec<Column> = plan
         .staged_columns
         .iter()
-        .map(|c| Column { name: c.name.clone(), ty: c.ty.clone(), nullable: true })
+        .map(|c| Column {
+            name: c.name.clone(),
+            ty: c.ty.clone(),
+            nullable: true,
+        })
         .collect();
     if let Some(op) = &plan.op_column {
         columns.push(Column::new(op.clone(), ColumnType::String));
@@ -112,7 +135,10 @@ pub fn create_staging(stage: &str, plan: &ApplyPlan) -> String {
 #[derive(Debug, Clone)]
 pub enum S3Credentials {
     Role(String),
-    Keys { access_key_id: String, secret_access_key: Secret },
+    Keys {
+        access_key_id: String,
+        secret_access_key: Secret,
+    },
 }
 
 /// How COPY reaches the files.
@@ -136,7 +162,10 @@ fn credentials_clause(credentials: &S3Credentials) -> (String, String) {
             let c = format!("CREDENTIALS = (AWS_ROLE_ARN = {})", literal(arn));
             (c.clone(), c)
         }
-        S3Credentials::Keys { access_key_id, secret_access_key } => (
+        S3Credentials::Keys {
+            access_key_id,
+            secret_access_key,
+        } => (
             format!(
                 "CREDENTIALS = (AWS_ACCESS_KEY_ID = {} AWS_SECRET_ACCESS_KEY = {})",
                 literal(access_key_id),
@@ -175,11 +204,20 @@ const COPY_OPTIONS: &str = "TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FI
 
 /// The COPY statements of a batch, as (sql, sql for logs). Direct: one statement for all
 /// files. Location: one per file (a PATTERN names one object).
-pub fn copy_statements(stage: &str, plan: &ApplyPlan, files: &[BatchFile], source: &CopySource) -> Vec<(String, String)> {
+pub fn copy_statements(
+    stage: &str,
+    plan: &ApplyPlan,
+    files: &[BatchFile],
+    source: &CopySource,
+) -> Vec<(String, String)> {
     let columns = copy_columns(plan);
     match source {
         CopySource::Direct(credentials) => {
-            let urls = files.iter().map(|f| literal(&f.uri())).collect::<Vec<_>>().join(", ");
+            let urls = files
+                .iter()
+                .map(|f| literal(&f.uri()))
+                .collect::<Vec<_>>()
+                .join(", ");
             let base = format!("COPY INTO {stage} ({columns}) FROM {urls} WITH {COPY_OPTIONS}");
             match credentials {
                 None => vec![(base.clone(), base)],
@@ -265,9 +303,15 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
     };
     match &plan.mode {
         LoadMode::Merge { key } => {
-            let keys = key.iter().map(|k| ident(&k.source)).collect::<Vec<_>>().join(", ");
+            let keys = key
+                .iter()
+                .map(|k| ident(&k.source))
+                .collect::<Vec<_>>()
+                .join(", ");
             layout.distinct_keys = Some(exprs.len());
-            exprs.push(format!("(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} GROUP BY {keys}) AS k)"));
+            exprs.push(format!(
+                "(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} GROUP BY {keys}) AS k)"
+            ));
             if plan.ordering_column.is_none() {
                 layout.ambiguous_keys = Some(exprs.len());
                 exprs.push(format!(
@@ -293,7 +337,10 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
             )));
         }
     }
-    (format!("SELECT {} FROM {stage} AS s", exprs.join(", ")), layout)
+    (
+        format!("SELECT {} FROM {stage} AS s", exprs.join(", ")),
+        layout,
+    )
 }
 
 /// Ledger and fence tables (same columns as DuckDB's).
@@ -312,7 +359,13 @@ pub fn create_fence(fence: &str) -> String {
     )
 }
 
-fn ledger_row(table: &str, f: &BatchFile, batch_id: Option<&str>, status: &str, detail: Option<&str>) -> String {
+fn ledger_row(
+    table: &str,
+    f: &BatchFile,
+    batch_id: Option<&str>,
+    status: &str,
+    detail: Option<&str>,
+) -> String {
     format!(
         "({}, {}, {}, {}, {}, {}, {}, {}, CURRENT_TIMESTAMP)",
         literal(table),
@@ -326,7 +379,8 @@ fn ledger_row(table: &str, f: &BatchFile, batch_id: Option<&str>, status: &str, 
     )
 }
 
-const LEDGER_COLUMNS: &str = "(table_name, s3_key, etag, size_bytes, batch_id, order_key, status, detail, applied_at)";
+const LEDGER_COLUMNS: &str =
+    "(table_name, s3_key, etag, size_bytes, batch_id, order_key, status, detail, applied_at)";
 
 /// One INSERT for all files of the batch.
 pub fn ledger_insert(ledger: &str, plan: &ApplyPlan) -> String {
@@ -335,7 +389,10 @@ pub fn ledger_insert(ledger: &str, plan: &ApplyPlan) -> String {
         .iter()
         .map(|f| ledger_row(&plan.table, f, Some(&plan.batch_id), STATUS_APPLIED, None))
         .collect();
-    format!("INSERT INTO {ledger} {LEDGER_COLUMNS} VALUES {}", rows.join(", "))
+    format!(
+        "INSERT INTO {ledger} {LEDGER_COLUMNS} VALUES {}",
+        rows.join(", ")
+    )
 }
 
 pub fn rejected_insert(ledger: &str, table: &str, files: &[BatchFile], reason: &str) -> String {
@@ -343,7 +400,10 @@ pub fn rejected_insert(ledger: &str, table: &str, files: &[BatchFile], reason: &
         .iter()
         .map(|f| ledger_row(table, f, None, STATUS_REJECTED, Some(reason)))
         .collect();
-    format!("INSERT INTO {ledger} {LEDGER_COLUMNS} VALUES {}", rows.join(", "))
+    format!(
+        "INSERT INTO {ledger} {LEDGER_COLUMNS} VALUES {}",
+        rows.join(", ")
+    )
 }
 
 /// The newest ledger entry per key. ROW_NUMBER rather than an arg_max-style aggregate:
@@ -353,7 +413,10 @@ pub fn applied_query(ledger: &str, table: &str, keys: &[String]) -> String {
         "SELECT s3_key, etag, status FROM (SELECT s3_key, etag, status, ROW_NUMBER() OVER (PARTITION BY s3_key ORDER BY applied_at DESC) AS rn \
          FROM {ledger} WHERE table_name = {} AND s3_key IN ({})) AS newest WHERE rn = 1",
         literal(table),
-        keys.iter().map(|k| literal(k)).collect::<Vec<_>>().join(", ")
+        keys.iter()
+            .map(|k| literal(k))
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -374,7 +437,10 @@ pub fn ledger_summary_query(ledger: &str) -> String {
 }
 
 pub fn fence_select(fence: &str, table: &str) -> String {
-    format!("SELECT token, holder FROM {fence} WHERE table_name = {}", literal(table))
+    format!(
+        "SELECT token, holder FROM {fence} WHERE table_name = {}",
+        literal(table)
+    )
 }
 
 pub fn fence_insert(fence: &str, table: &str, token: u64, holder: &str) -> String {
@@ -396,7 +462,11 @@ pub fn fence_update(fence: &str, table: &str, token: u64, holder: &str) -> Strin
 /// Columns and primary index of `tables` (a target and its rebuild leftovers) in one
 /// round trip.
 pub fn describe_query(schema: &str, tables: &[String]) -> String {
-    let names = tables.iter().map(|t| literal(t)).collect::<Vec<_>>().join(", ");
+    let names = tables
+        .iter()
+        .map(|t| literal(t))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "{} UNION ALL SELECT 'index', table_name, index_definition, index_type, '', '' FROM information_schema.indexes \
          WHERE table_name IN ({names}) AND index_type = 'primary'",
@@ -406,7 +476,11 @@ pub fn describe_query(schema: &str, tables: &[String]) -> String {
 
 /// The columns part alone, for servers without `information_schema.indexes`.
 pub fn describe_columns_query(schema: &str, tables: &[String]) -> String {
-    let names = tables.iter().map(|t| literal(t)).collect::<Vec<_>>().join(", ");
+    let names = tables
+        .iter()
+        .map(|t| literal(t))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "SELECT 'column' AS kind, table_name, column_name, data_type, CAST(is_nullable AS TEXT), CAST(is_in_primary_index AS TEXT) \
          FROM information_schema.columns WHERE table_schema = {} AND table_name IN ({names})",
@@ -431,12 +505,21 @@ pub fn drop_table(table: &str) -> String {
 /// Copying a table into its rebuild with widened columns: `INSERT INTO copy SELECT
 /// CAST(..) FROM t`. `columns` are the new columns; `widened` names those that change.
 pub fn rebuild_copy(copy: &str, target: &str, columns: &[Column], widened: &[String]) -> String {
-    let names = columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let names = columns
+        .iter()
+        .map(|c| ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     let values = columns
         .iter()
         .map(|c| {
             if widened.contains(&c.name) {
-                format!("CAST({} AS {}) AS {}", ident(&c.name), D.type_name(&c.ty), ident(&c.name))
+                format!(
+                    "CAST({} AS {}) AS {}",
+                    ident(&c.name),
+                    D.type_name(&c.ty),
+                    ident(&c.name)
+                )
             } else {
                 ident(&c.name)
             }
@@ -448,7 +531,11 @@ pub fn rebuild_copy(copy: &str, target: &str, columns: &[Column], widened: &[Str
 
 /// Filling the recreated table back from the complete copy.
 pub fn rebuild_restore(target: &str, copy: &str, columns: &[Column]) -> String {
-    let names = columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ");
+    let names = columns
+        .iter()
+        .map(|c| ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!("INSERT INTO {target} ({names}) SELECT {names} FROM {copy}")
 }
 
@@ -518,10 +605,16 @@ mod tests {
             table: "Ordérs\"x".into(),
             ddl: vec![],
             load: vec![
-                LoadColumn { target: "id".into(), expr: LoadExpr::Column("ID".into()) },
+                LoadColumn {
+                    target: "id".into(),
+                    expr: LoadExpr::Column("ID".into()),
+                },
                 LoadColumn {
                     target: "amount".into(),
-                    expr: LoadExpr::TryCast { column: HOSTILE.into(), to: ColumnType::Int64 },
+                    expr: LoadExpr::TryCast {
+                        column: HOSTILE.into(),
+                        to: ColumnType::Int64,
+                    },
                 },
             ],
             mode,
@@ -538,7 +631,12 @@ mod tests {
     }
 
     fn keyed() -> LoadMode {
-        LoadMode::Merge { key: vec![KeyColumn { target: "id".into(), source: "ID".into() }] }
+        LoadMode::Merge {
+            key: vec![KeyColumn {
+                target: "id".into(),
+                source: "ID".into(),
+            }],
+        }
     }
 
     #[test]
@@ -559,12 +657,27 @@ mod tests {
         assert_eq!(
             direct,
             vec![(
-                format!("COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"),
-                format!("COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"),
+                format!(
+                    "COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+                ),
+                format!(
+                    "COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+                ),
             )]
         );
-        let role = copy_statements("\"st\"", &p, &files, &CopySource::Direct(Some(S3Credentials::Role("arn:aws:iam::1:role/r'".into()))));
-        assert!(role[0].0.ends_with("CREDENTIALS = (AWS_ROLE_ARN = 'arn:aws:iam::1:role/r''')"), "{}", role[0].0);
+        let role = copy_statements(
+            "\"st\"",
+            &p,
+            &files,
+            &CopySource::Direct(Some(S3Credentials::Role("arn:aws:iam::1:role/r'".into()))),
+        );
+        assert!(
+            role[0]
+                .0
+                .ends_with("CREDENTIALS = (AWS_ROLE_ARN = 'arn:aws:iam::1:role/r''')"),
+            "{}",
+            role[0].0
+        );
         let keys = copy_statements(
             "\"st\"",
             &p,
@@ -574,13 +687,25 @@ mod tests {
                 secret_access_key: Secret::new("hunter2"),
             })),
         );
-        assert!(keys[0].0.ends_with("CREDENTIALS = (AWS_ACCESS_KEY_ID = 'AKIA' AWS_SECRET_ACCESS_KEY = 'hunter2')"));
-        assert!(!keys[0].1.contains("hunter2"), "the logged form hides the secret");
-        let location = copy_statements("\"st\"", &p, &files, &CopySource::Location("dms \"loc\"".into()));
+        assert!(keys[0].0.ends_with(
+            "CREDENTIALS = (AWS_ACCESS_KEY_ID = 'AKIA' AWS_SECRET_ACCESS_KEY = 'hunter2')"
+        ));
+        assert!(
+            !keys[0].1.contains("hunter2"),
+            "the logged form hides the secret"
+        );
+        let location = copy_statements(
+            "\"st\"",
+            &p,
+            &files,
+            &CopySource::Location("dms \"loc\"".into()),
+        );
         assert_eq!(location.len(), 2);
         assert_eq!(
             location[1].0,
-            format!("COPY INTO \"st\" {cols} FROM \"dms \"\"loc\"\"\" WITH PATTERN = 'dms/t/it''s 2.parquet' TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0")
+            format!(
+                "COPY INTO \"st\" {cols} FROM \"dms \"\"loc\"\"\" WITH PATTERN = 'dms/t/it''s 2.parquet' TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+            )
         );
     }
 
@@ -599,10 +724,16 @@ mod tests {
         assert_eq!(layout.ambiguous_keys, Some(3));
         assert_eq!(layout.cast_failures, vec![("amount".to_string(), 4)]);
         let (sql, layout) = check_query(&plan(keyed(), Some("seq")), "\"st\"", &p.files);
-        assert_eq!(layout.ambiguous_keys, None, "an ordering column decides: {sql}");
+        assert_eq!(
+            layout.ambiguous_keys, None,
+            "an ordering column decides: {sql}"
+        );
         let (sql, layout) = check_query(&plan(LoadMode::Append, None), "\"st\"", &p.files);
         assert_eq!(layout.deletes, Some(2));
-        assert!(sql.contains("SUM(CASE WHEN s.\"Op\" = 'D' THEN 1 ELSE 0 END)"), "{sql}");
+        assert!(
+            sql.contains("SUM(CASE WHEN s.\"Op\" = 'D' THEN 1 ELSE 0 END)"),
+            "{sql}"
+        );
     }
 
     #[test]
@@ -622,14 +753,27 @@ mod tests {
         assert_eq!(
             create_table(
                 "\"s\".\"Ordérs\"\"x\"",
-                &[Column::new("id", ColumnType::Int64), Column { name: HOSTILE.into(), ty: ColumnType::Decimal { precision: 40, scale: 2 }, nullable: false }],
+                &[
+                    Column::new("id", ColumnType::Int64),
+                    Column {
+                        name: HOSTILE.into(),
+                        ty: ColumnType::Decimal {
+                            precision: 40,
+                            scale: 2
+                        },
+                        nullable: false
+                    }
+                ],
                 &["id".to_string()],
                 true
             ),
             "CREATE TABLE IF NOT EXISTS \"s\".\"Ordérs\"\"x\" (\"id\" BIGINT NULL, \"x\"\"; DROP TABLE x; --\" NUMERIC(38, 2) NOT NULL) PRIMARY INDEX \"id\""
         );
         assert_eq!(
-            add_column("\"t\"", &Column::new("naïve \"col\"", ColumnType::TimestampTz)),
+            add_column(
+                "\"t\"",
+                &Column::new("naïve \"col\"", ColumnType::TimestampTz)
+            ),
             "ALTER TABLE \"t\" ADD COLUMN IF NOT EXISTS \"naïve \"\"col\"\"\" TIMESTAMPTZ NULL"
         );
         assert_eq!(
@@ -641,7 +785,10 @@ mod tests {
 
     #[test]
     fn rebuild_golden() {
-        let columns = vec![Column::new("id", ColumnType::Int64), Column::new("n\"", ColumnType::Int64)];
+        let columns = vec![
+            Column::new("id", ColumnType::Int64),
+            Column::new("n\"", ColumnType::Int64),
+        ];
         assert_eq!(
             rebuild_copy("\"c\"", "\"t\"", &columns, &["n\"".to_string()]),
             "INSERT INTO \"c\" (\"id\", \"n\"\"\") SELECT \"id\", CAST(\"n\"\"\" AS BIGINT) AS \"n\"\"\" FROM \"t\""
@@ -655,13 +802,19 @@ mod tests {
     #[test]
     fn names_and_index_definitions() {
         let name = stage_table_name("b18f3Ap12n3; DROP", 1_700_000_000, 0xabc);
-        assert_eq!(name, "_cdc_worker_stage__1700000000_00000abc_b18f3ap12n3__drop");
+        assert_eq!(
+            name,
+            "_cdc_worker_stage__1700000000_00000abc_b18f3ap12n3__drop"
+        );
         assert_eq!(stage_created_at(&name), Some(1_700_000_000));
         assert_eq!(stage_created_at("_cdc_worker_stage_x"), None);
         assert!(crate::warehouse::is_reserved_table(&name));
         assert!(crate::warehouse::is_reserved_table(&rebuild_table("t")));
         assert_eq!(parse_index_definition("[id, name]"), vec!["id", "name"]);
-        assert_eq!(parse_index_definition("(\"a,\"\"b\", c)"), vec!["a,\"b", "c"]);
+        assert_eq!(
+            parse_index_definition("(\"a,\"\"b\", c)"),
+            vec!["a,\"b", "c"]
+        );
         assert_eq!(parse_index_definition("id"), vec!["id"]);
         assert!(parse_index_definition("").is_empty());
     }

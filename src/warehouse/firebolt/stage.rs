@@ -63,7 +63,9 @@ pub async fn read_footer(
             Ok(Tail::NeedBytes(n)) => {
                 return Err((
                     file,
-                    StageError::Transient(format!("footer needs {n} bytes but a read of {want} did not hold it")),
+                    StageError::Transient(format!(
+                        "footer needs {n} bytes but a read of {want} did not hold it"
+                    )),
                 ));
             }
             Err(e) => return Err((file, StageError::Poison(e))),

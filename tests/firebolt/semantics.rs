@@ -1,0 +1,420 @@
+//! The Firebolt-dialect statements executed on DuckDB wherever the syntax is common, so
+//! the dedupe/MERGE logic Firebolt runs is checked on a real engine: a DuckDB table shaped
+//! like the Firebolt staging table (created by the same CREATE), filled with rows and
+//! source file names, then the exact MERGE/append/check/ledger SQL the Firebolt apply
+//! sends. Only `PRIMARY INDEX` (Firebolt's sort key) is cut, as DuckDB has none.
+
+use cdc_worker::apply::plan::{ApplyPlan, KeyColumn, LoadColumn, LoadExpr, LoadMode};
+use cdc_worker::schema::types::{Column, ColumnType};
+use cdc_worker::warehouse::firebolt::sql;
+use cdc_worker::warehouse::merge::{self, Dialect};
+use cdc_worker::warehouse::{BatchFile, LEDGER_TABLE};
+use duckdb::Connection;
+
+const STAGE: &str = "\"main\".\"_cdc_worker_stage__1_00000001_b1\"";
+const TARGET: &str = "\"main\".\"Orders \"\"x\"\"\"";
+
+fn without_primary_index(sql: &str) -> String {
+    match sql.find(" PRIMARY INDEX ") {
+        Some(i) => sql[..i].to_string(),
+        None => sql.to_string(),
+    }
+}
+
+fn file(key: &str, order: &str) -> BatchFile {
+    BatchFile {
+        bucket: "dms".into(),
+        key: key.into(),
+        size: 10,
+        etag: format!("e{order}"),
+        order_key: order.into(),
+    }
+}
+
+/// A source with a hostile column name, keyed on `ID`.
+fn plan(mode: LoadMode, ordering: Option<&str>, files: &[BatchFile]) -> ApplyPlan {
+    let staged_columns = vec![
+        Column::new("ID", ColumnType::Int64),
+        Column::new("na\"me; --", ColumnType::String),
+        Column::new("seq", ColumnType::String),
+    ];
+    ApplyPlan {
+        batch_id: "b1".into(),
+        table: "Orders \"x\"".into(),
+        ddl: vec![],
+        load: vec![
+            LoadColumn {
+                target: "id".into(),
+                expr: LoadExpr::Column("ID".into()),
+            },
+            LoadColumn {
+                target: "na\"me; --".into(),
+                expr: LoadExpr::Column("na\"me; --".into()),
+            },
+            LoadColumn {
+                target: "seq".into(),
+                expr: LoadExpr::Column("seq".into()),
+            },
+        ],
+        mode,
+        op_column: Some("Op".into()),
+        ordering_column: ordering.map(str::to_string),
+        staged_columns,
+        files: files.to_vec(),
+        fence: None,
+    }
+}
+
+fn keyed() -> LoadMode {
+    LoadMode::Merge {
+        key: vec![KeyColumn {
+            target: "id".into(),
+            source: "ID".into(),
+        }],
+    }
+}
+
+fn target_columns() -> Vec<Column> {
+    vec![
+        Column::new("id", ColumnType::Int64),
+        Column::new("na\"me; --", ColumnType::String),
+        Column::new("seq", ColumnType::String),
+    ]
+}
+
+/// Creates the staging table with the Firebolt CREATE and fills it as COPY would:
+/// (file key, Op, ID, name, seq) per row.
+fn stage(conn: &Connection, p: &ApplyPlan, rows: &[(&str, &str, i64, &str, &str)]) {
+    conn.execute_batch(&format!("DROP TABLE IF EXISTS {STAGE}"))
+        .unwrap();
+    conn.execute_batch(&sql::create_staging(STAGE, p)).unwrap();
+    for (key, op, id, name, seq) in rows {
+        conn.execute(
+            &format!("INSERT INTO {STAGE} (\"ID\", \"na\"\"me; --\", \"seq\", \"Op\", \"__cdc_source_file\") VALUES (?, ?, ?, ?, ?)"),
+            duckdb::params![id, name, seq, op, key],
+        )
+        .unwrap();
+    }
+}
+
+/// The statements the Firebolt apply sends after COPY, in order (check, tombstones, MERGE or
+/// append, tombstone record, ledger), on DuckDB. Returns the check row.
+fn apply(conn: &Connection, p: &ApplyPlan) -> Vec<i64> {
+    let rows = sql::staged_rows(STAGE, &p.files);
+    let (check, layout) = sql::check_query(p, STAGE, &p.files);
+    let width = 2
+        + [layout.distinct_keys, layout.ambiguous_keys, layout.deletes]
+            .iter()
+            .flatten()
+            .count()
+        + layout.cast_failures.len();
+    let counts: Vec<i64> = conn
+        .query_row(&check, [], |r| {
+            (0..width)
+                .map(|i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0)))
+                .collect()
+        })
+        .unwrap();
+    let tombstones =
+        cdc_worker::warehouse::sql::qualified("main", &merge::tombstone_table(&p.table));
+    let tomb = merge::tombstone_statements(TARGET, &tombstones, p, &rows);
+    if let Some((create, _)) = &tomb {
+        conn.execute_batch(create).unwrap();
+    }
+    match &p.mode {
+        LoadMode::Merge { .. } => conn
+            .execute_batch(&merge::merge_statement(
+                Dialect::Firebolt,
+                TARGET,
+                p,
+                &rows,
+                Some(&tombstones),
+            ))
+            .unwrap(),
+        LoadMode::Append => conn
+            .execute_batch(&merge::append_statement(
+                Dialect::Firebolt,
+                TARGET,
+                p,
+                &rows,
+            ))
+            .unwrap(),
+    }
+    if let Some((_, record)) = &tomb {
+        conn.execute_batch(record).unwrap();
+    }
+    conn.execute_batch(&sql::ledger_insert(
+        &cdc_worker::warehouse::sql::qualified("main", LEDGER_TABLE),
+        p,
+    ))
+    .unwrap();
+    counts
+}
+
+fn setup() -> Connection {
+    let conn = Connection::open_in_memory().unwrap();
+    conn.execute_batch(&without_primary_index(&sql::create_table(
+        TARGET,
+        &target_columns(),
+        &["id".into()],
+        true,
+    )))
+    .unwrap();
+    conn.execute_batch(&without_primary_index(&sql::create_ledger(
+        &cdc_worker::warehouse::sql::qualified("main", LEDGER_TABLE),
+    )))
+    .unwrap();
+    conn
+}
+
+fn target_rows(conn: &Connection) -> Vec<(i64, String, String)> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT id, \"na\"\"me; --\", seq FROM {TARGET} ORDER BY id"
+        ))
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn the_latest_change_per_key_wins_by_file_order_without_an_ordering_column() {
+    let conn = setup();
+    let files = vec![
+        file("t/1.parquet", "0001"),
+        file("t/it's 2.parquet", "0002"),
+    ];
+    let p = plan(keyed(), None, &files);
+    stage(
+        &conn,
+        &p,
+        &[
+            // Staging rows arrive in no particular order: only the file decides.
+            ("t/it's 2.parquet", "U", 1, "one v2", "s2"),
+            ("t/1.parquet", "I", 1, "one v1", "s1"),
+            ("t/1.parquet", "I", 2, "two", "s1"),
+            ("t/it's 2.parquet", "D", 2, "two", "s2"),
+            ("t/it's 2.parquet", "I", 3, "three", "s2"),
+        ],
+    );
+    let counts = apply(&conn, &p);
+    // staged rows, rows from unknown files, distinct keys, keys changed twice in one file.
+    assert_eq!(counts, vec![5, 0, 3, 0]);
+    assert_eq!(
+        target_rows(&conn),
+        vec![
+            (1, "one v2".into(), "s2".into()),
+            (3, "three".into(), "s2".into())
+        ]
+    );
+}
+
+#[test]
+fn several_changes_of_a_key_in_one_file_are_detected() {
+    let conn = setup();
+    let files = vec![file("t/1.parquet", "0001")];
+    let p = plan(keyed(), None, &files);
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/1.parquet", "I", 1, "a", "s1"),
+            ("t/1.parquet", "U", 1, "b", "s2"),
+            ("t/1.parquet", "I", 2, "c", "s1"),
+            ("t/other.parquet", "I", 9, "?", "s1"),
+        ],
+    );
+    let counts = apply(&conn, &p);
+    assert_eq!(
+        counts[1], 1,
+        "a row from a file outside the batch is flagged"
+    );
+    assert_eq!(counts[3], 1, "key 1 changed twice in one file");
+}
+
+#[test]
+fn an_ordering_column_decides_inside_a_file_and_late_files_never_rewind() {
+    let conn = setup();
+    let files = vec![file("t/1.parquet", "0001")];
+    let p = plan(keyed(), Some("seq"), &files);
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/1.parquet", "U", 1, "newest", "05"),
+            ("t/1.parquet", "I", 1, "older", "04"),
+            ("t/1.parquet", "I", 2, "x", "02"),
+            ("t/1.parquet", "D", 2, "x", "06"),
+        ],
+    );
+    let counts = apply(&conn, &p);
+    assert_eq!(
+        counts.len(),
+        3,
+        "no ambiguity count with an ordering column"
+    );
+    assert_eq!(target_rows(&conn), vec![(1, "newest".into(), "05".into())]);
+
+    // A late file with older changes, including a zombie insert of deleted key 2.
+    let files = vec![file("t/0.parquet", "0000")];
+    let p = plan(keyed(), Some("seq"), &files);
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/0.parquet", "U", 1, "stale", "03"),
+            ("t/0.parquet", "I", 2, "zombie", "04"),
+        ],
+    );
+    apply(&conn, &p);
+    assert_eq!(target_rows(&conn), vec![(1, "newest".into(), "05".into())]);
+}
+
+#[test]
+fn append_inserts_non_deletes_and_counts_deletes() {
+    let conn = setup();
+    let files = vec![file("t/1.parquet", "0001"), file("t/2.parquet", "0002")];
+    let p = plan(LoadMode::Append, None, &files);
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/2.parquet", "I", 3, "c", "s"),
+            ("t/1.parquet", "I", 1, "a", "s"),
+            ("t/1.parquet", "D", 1, "a", "s"),
+            ("t/2.parquet", "U", 1, "b", "s"),
+        ],
+    );
+    let counts = apply(&conn, &p);
+    assert_eq!(counts, vec![4, 0, 1], "4 staged, 0 unknown, 1 delete");
+    // Without a key every non-delete row is a row; the delete cannot apply.
+    assert_eq!(
+        target_rows(&conn),
+        vec![
+            (1, "a".into(), "s".into()),
+            (1, "b".into(), "s".into()),
+            (3, "c".into(), "s".into())
+        ]
+    );
+}
+
+#[test]
+fn cast_failures_are_counted_with_try_cast() {
+    let conn = setup();
+    let files = vec![file("t/1.parquet", "0001")];
+    let mut p = plan(keyed(), None, &files);
+    p.load[2].expr = LoadExpr::TryCast {
+        column: "seq".into(),
+        to: ColumnType::Int64,
+    };
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/1.parquet", "I", 1, "a", "12"),
+            ("t/1.parquet", "I", 2, "b", "twelve"),
+        ],
+    );
+    let (check, layout) = sql::check_query(&p, STAGE, &p.files);
+    let (_, at) = layout.cast_failures[0].clone();
+    let failures: i64 = conn.query_row(&check, [], |r| r.get(at)).unwrap();
+    assert_eq!(failures, 1);
+}
+
+#[test]
+fn ledger_queries_return_the_newest_entry_per_key() {
+    let conn = setup();
+    let ledger = cdc_worker::warehouse::sql::qualified("main", LEDGER_TABLE);
+    let f = file("t/1.parquet", "0001");
+    conn.execute_batch(&sql::rejected_insert(
+        &ledger,
+        "orders",
+        std::slice::from_ref(&f),
+        "bad",
+    ))
+    .unwrap();
+    // A later fixed upload of the same key, applied.
+    let mut p = plan(
+        keyed(),
+        None,
+        &[file("t/1.parquet", "0001"), file("t/2.parquet", "0002")],
+    );
+    p.table = "orders".into();
+    p.files[0].etag = "fixed".into();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    conn.execute_batch(&sql::ledger_insert(&ledger, &p))
+        .unwrap();
+    let mut stmt = conn
+        .prepare(&sql::applied_query(
+            &ledger,
+            "orders",
+            &["t/1.parquet".into(), "t/2.parquet".into()],
+        ))
+        .unwrap();
+    let mut rows: Vec<(String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("t/1.parquet".into(), "fixed".into(), "applied".into()),
+            ("t/2.parquet".into(), "e0002".into(), "applied".into())
+        ]
+    );
+    let last: (String, String) = conn
+        .query_row(&sql::last_applied_query(&ledger, "orders"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(last, ("0002".into(), "t/2.parquet".into()));
+    let summary: (String, String) = conn
+        .query_row(&sql::ledger_summary_query(&ledger), [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(summary.0, "orders");
+}
+
+#[test]
+fn the_rebuild_statements_widen_without_losing_rows() {
+    let conn = Connection::open_in_memory().unwrap();
+    let old = vec![
+        Column::new("id", ColumnType::Int64),
+        Column::new("n\"", ColumnType::Int32),
+    ];
+    conn.execute_batch(&sql::create_table("\"t\"", &old, &[], false))
+        .unwrap();
+    conn.execute_batch("INSERT INTO \"t\" VALUES (1, 2147483647), (2, NULL)")
+        .unwrap();
+    let new = vec![
+        Column::new("id", ColumnType::Int64),
+        Column::new("n\"", ColumnType::Int64),
+    ];
+    conn.execute_batch(&sql::create_table("\"c\"", &new, &[], false))
+        .unwrap();
+    conn.execute_batch(&sql::rebuild_copy("\"c\"", "\"t\"", &new, &["n\"".into()]))
+        .unwrap();
+    let counts: (i64, i64) = conn
+        .query_row(&sql::row_counts("\"t\"", "\"c\""), [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(counts, (2, 2));
+    conn.execute_batch(&sql::create_marker("\"m\"")).unwrap();
+    conn.execute_batch(&sql::drop_table("\"t\"")).unwrap();
+    conn.execute_batch(&sql::create_table("\"t\"", &new, &[], false))
+        .unwrap();
+    conn.execute_batch(&sql::rebuild_restore("\"t\"", "\"c\"", &new))
+        .unwrap();
+    conn.execute_batch("UPDATE \"t\" SET \"n\"\"\" = \"n\"\"\" + 1 WHERE id = 1")
+        .unwrap();
+    let n: i64 = conn
+        .query_row("SELECT \"n\"\"\" FROM \"t\" WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2_147_483_648, "the column holds values beyond int32 now");
+}
