@@ -246,6 +246,41 @@ async fn copy_reads_through_a_location_one_file_per_statement_and_hides_keys() {
 }
 
 #[tokio::test]
+async fn copy_credentials_never_reach_errors() {
+    let server = ProtocolServer::core().await;
+    // A server that quotes the failing statement back, credentials included.
+    server.respond(|s| match s.kind() {
+        Some("copy") => Reply::error(200, &format!("Access denied while running: {}", s.body)),
+        _ => default_reply(s),
+    });
+    let source = CopySource::Direct(Some(
+        cdc_worker::warehouse::firebolt::sql::S3Credentials::Keys {
+            access_key_id: "AKIAEXAMPLE".into(),
+            secret_access_key: cdc_worker::config::Secret::new("s3-secret-do-not-print"),
+        },
+    ));
+    let wh = warehouse_with(crate::support::core_config(&server), source);
+    let files = two_files();
+    let err = wh.apply(&plan(&files, keyed()), &files).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("Access denied while running: COPY INTO"),
+        "{err}"
+    );
+    assert!(
+        !err.to_string().contains("s3-secret-do-not-print")
+            && !format!("{err:?}").contains("s3-secret-do-not-print"),
+        "{err}"
+    );
+    assert!(
+        by_kind(&server, "copy")[0]
+            .body
+            .contains("AWS_SECRET_ACCESS_KEY = 's3-secret-do-not-print'"),
+        "the server got it"
+    );
+}
+
+#[tokio::test]
 async fn a_row_count_that_differs_from_the_footers_stops_before_the_target() {
     let server = ProtocolServer::core().await;
     check_answers(&server, &[4, 0, 4, 0]);

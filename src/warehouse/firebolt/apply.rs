@@ -91,7 +91,8 @@ async fn steps(
     //    this attempt's staging table: a crash is step 1's case, and a retry copies into a
     //    new table, so rows can never be loaded twice.
     for (copy, logged) in sql::copy_statements(stage, plan, &batch, &wh.copy_source) {
-        run.run_redacted("copy", copy, logged).await?;
+        run.run_redacted("copy", copy, logged, wh.copy_source.secrets())
+            .await?;
     }
 
     // 3. Check what COPY loaded against the footers, and gather the statistics (read only).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::config::FireboltConfig;
+use crate::config::{FireboltConfig, Secret};
 use crate::warehouse::sql::ident;
 
 use super::auth::{AuthRetry, Bearer, Credentials, TokenCache};
@@ -152,6 +152,8 @@ pub struct Statement {
     pub idempotent: bool,
     /// What logs show instead of `sql` when it carries a credential.
     pub redacted: Option<String>,
+    /// Credentials inside `sql`, masked in any error the server sends back.
+    pub secrets: Vec<Secret>,
 }
 
 impl std::fmt::Debug for Statement {
@@ -174,6 +176,7 @@ impl Statement {
             idempotent: is_idempotent(&sql),
             sql,
             redacted: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -181,6 +184,18 @@ impl Statement {
     pub fn with_redacted(mut self, redacted: impl Into<String>) -> Self {
         self.redacted = Some(redacted.into());
         self
+    }
+
+    /// Masks `secret` in errors about this statement.
+    pub fn with_secret(mut self, secret: Secret) -> Self {
+        self.secrets.push(secret);
+        self
+    }
+
+    fn scrub(&self, error: FireboltError) -> FireboltError {
+        self.secrets
+            .iter()
+            .fold(error, |e, secret| e.scrubbed(secret.expose()))
     }
 
     pub fn log_text(&self) -> &str {
@@ -666,13 +681,14 @@ impl Client {
                         reauthenticated = true;
                     }
                     _ => {
-                        return Err(FireboltError::Auth {
+                        return Err(statement.scrub(FireboltError::Auth {
                             step: statement.kind,
                             message: format!("HTTP 401: {message}"),
-                        });
+                        }));
                     }
                 },
                 Failure::Other { error, retry } => {
+                    let error = statement.scrub(error);
                     if let FireboltError::EngineStopped { .. } = error {
                         self.forget_session().await;
                     }

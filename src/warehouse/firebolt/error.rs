@@ -93,6 +93,74 @@ impl FireboltError {
         }
     }
 
+    /// The same error with every occurrence of `secret` masked: a server may echo the
+    /// statement (and a COPY's credentials with it) in its message.
+    pub fn scrubbed(self, secret: &str) -> Self {
+        if secret.is_empty() {
+            return self;
+        }
+        let mask = |text: String| text.replace(secret, "****");
+        match self {
+            FireboltError::Auth { step, message } => FireboltError::Auth {
+                step,
+                message: mask(message),
+            },
+            FireboltError::EngineStopped {
+                step,
+                status,
+                message,
+            } => FireboltError::EngineStopped {
+                step,
+                status,
+                message: mask(message),
+            },
+            FireboltError::RateLimited {
+                step,
+                retry_after,
+                message,
+            } => FireboltError::RateLimited {
+                step,
+                retry_after,
+                message: mask(message),
+            },
+            FireboltError::Connection { step, message } => FireboltError::Connection {
+                step,
+                message: mask(message),
+            },
+            FireboltError::Sql {
+                step,
+                errors,
+                query_id,
+            } => FireboltError::Sql {
+                step,
+                errors: errors
+                    .into_iter()
+                    .map(|e| ServerError {
+                        code: e.code,
+                        name: e.name,
+                        description: mask(e.description),
+                    })
+                    .collect(),
+                query_id,
+            },
+            FireboltError::Http {
+                step,
+                status,
+                message,
+            } => FireboltError::Http {
+                step,
+                status,
+                message: mask(message),
+            },
+            FireboltError::Protocol { step, message } => FireboltError::Protocol {
+                step,
+                message: mask(message),
+            },
+            FireboltError::Config(message) => FireboltError::Config(mask(message)),
+            e @ FireboltError::Timeout { .. } => e,
+        }
+    }
+
     /// The server's description of a SQL error, if this is one.
     pub fn sql_description(&self) -> Option<String> {
         match self {

@@ -3,6 +3,8 @@
 //! that ties it to the batch (`<batch>:<seq>:<kind>`), and the statement count the
 //! benchmark reports.
 
+use crate::config::Secret;
+
 use super::client::{Client, Statement};
 use super::error::FireboltError;
 use super::protocol::{QueryResult, SessionState};
@@ -56,14 +58,18 @@ impl<'a> Runner<'a> {
         self.send(statement).await
     }
 
-    /// A statement that carries a secret: logs show `redacted`.
+    /// A statement that carries secrets: logs show `redacted`, errors mask `secrets`.
     pub async fn run_redacted(
         &mut self,
         kind: &'static str,
         sql: String,
         redacted: String,
+        secrets: Vec<Secret>,
     ) -> Result<QueryResult, FireboltError> {
-        let statement = self.statement(kind, sql).with_redacted(redacted);
+        let statement = secrets.into_iter().fold(
+            self.statement(kind, sql).with_redacted(redacted),
+            Statement::with_secret,
+        );
         self.send(statement).await
     }
 

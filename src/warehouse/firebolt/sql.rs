@@ -152,6 +152,18 @@ pub enum CopySource {
     Location(String),
 }
 
+impl CopySource {
+    /// The secrets COPY statements carry (masked in logs and errors).
+    pub fn secrets(&self) -> Vec<Secret> {
+        match self {
+            CopySource::Direct(Some(S3Credentials::Keys {
+                secret_access_key, ..
+            })) => vec![secret_access_key.clone()],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The `CREDENTIALS = (...)` clause, and the same with secrets masked for logs.
 /// UNCONFIRMED: the key names. The reference gives AWS_ACCESS_KEY_ID /
 /// AWS_SECRET_ACCESS_KEY and AWS_ROLE_ARN; older Firebolt docs spell the keys
