@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 
 use crate::config::Secret;
 
-use super::error::{FireboltError, truncate};
+use super::error::FireboltError;
 use super::protocol::{error_message, parse_retry_after};
 
 const STEP: &str = "authentication";
@@ -192,7 +192,7 @@ impl TokenCache {
                 Err(e) => (
                     FireboltError::Connection {
                         step: STEP,
-                        message: truncate(&e.to_string()),
+                        message: super::client::transport_message(e),
                     },
                     None,
                 ),

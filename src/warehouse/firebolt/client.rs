@@ -351,13 +351,30 @@ fn classify_status(
     }
 }
 
-fn classify_transport(step: &'static str, e: &reqwest::Error, timeout: Duration) -> Failure {
+/// A transport error with its causes ("connection refused" is in a source, not in the
+/// top-level message), without the URL (the step names the request).
+pub fn transport_message(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    truncate(&text)
+}
+
+fn classify_transport(step: &'static str, e: reqwest::Error, timeout: Duration) -> Failure {
     if e.is_connect() {
         // The connection was never made: nothing was sent.
         Failure::Other {
             error: FireboltError::Connection {
                 step,
-                message: truncate(&e.to_string()),
+                message: transport_message(e),
             },
             retry: Retry::Always(None),
         }
@@ -370,7 +387,7 @@ fn classify_transport(step: &'static str, e: &reqwest::Error, timeout: Duration)
         Failure::Other {
             error: FireboltError::Connection {
                 step,
-                message: truncate(&e.to_string()),
+                message: transport_message(e),
             },
             retry: Retry::IfIdempotent,
         }
@@ -573,7 +590,7 @@ impl Client {
                         },
                     }
                 }
-                Err(e) => match classify_transport(STEP, &e, self.config.request_timeout) {
+                Err(e) => match classify_transport(STEP, e, self.config.request_timeout) {
                     Failure::Other { error, .. } => Failure::Other {
                         error,
                         retry: Retry::Always(None),
@@ -737,7 +754,7 @@ impl Client {
             Ok(r) => r,
             Err(e) => {
                 return (
-                    Err(classify_transport(step, &e, self.config.request_timeout)),
+                    Err(classify_transport(step, e, self.config.request_timeout)),
                     SessionUpdates::default(),
                 );
             }
@@ -749,7 +766,7 @@ impl Client {
             Ok(t) => t,
             Err(e) => {
                 return (
-                    Err(classify_transport(step, &e, self.config.request_timeout)),
+                    Err(classify_transport(step, e, self.config.request_timeout)),
                     updates,
                 );
             }
