@@ -176,6 +176,28 @@ async fn a_keyed_batch_runs_the_documented_steps_in_one_transaction() {
 }
 
 #[tokio::test]
+async fn statements_after_commit_never_carry_the_finished_transaction() {
+    let server = ProtocolServer::core().await;
+    // A server whose COMMIT reply lacks Firebolt-Remove-Parameters.
+    server.respond(|s| match s.kind() {
+        Some("check") => Reply::counts(&[5, 0, 4, 0]),
+        Some("commit") => Reply::empty(),
+        _ => default_reply(s),
+    });
+    let wh = warehouse(&server);
+    let files = two_files();
+    wh.apply(&plan(&files, keyed()), &files).await.unwrap();
+    assert_eq!(
+        by_kind(&server, "commit")[0].param("transaction_id"),
+        Some("tx-1")
+    );
+    assert_eq!(
+        by_kind(&server, "drop-stage")[0].param("transaction_id"),
+        None
+    );
+}
+
+#[tokio::test]
 async fn an_append_batch_counts_deletes_and_ddl_runs_before_the_transaction() {
     let server = ProtocolServer::core().await;
     // 5 rows, none unknown, 2 deletes.

@@ -9,6 +9,9 @@ use super::client::{Client, Statement};
 use super::error::FireboltError;
 use super::protocol::{QueryResult, SessionState};
 
+/// Session parameters that belong to one transaction (set by BEGIN's reply).
+const TRANSACTION_PARAMS: [&str; 2] = ["transaction_id", "transaction_sequence_id"];
+
 pub struct Runner<'a> {
     client: &'a Client,
     session: SessionState,
@@ -88,7 +91,18 @@ impl<'a> Runner<'a> {
         // Whatever the outcome, the transaction is over: a failed COMMIT is not rolled back
         // (its outcome is unknown; the ledger tells on the next delivery).
         self.in_transaction = false;
-        self.run("commit", "COMMIT".into()).await.map(|_| ())
+        let result = self.run("commit", "COMMIT".into()).await.map(|_| ());
+        self.end_transaction();
+        result
+    }
+
+    /// The server removes the transaction's parameters with Firebolt-Remove-Parameters;
+    /// should a reply lack that header, later statements must not carry a finished
+    /// transaction's id.
+    fn end_transaction(&mut self) {
+        for key in TRANSACTION_PARAMS {
+            self.session.params.remove(key);
+        }
     }
 
     /// Best effort, after a failure inside the transaction.
@@ -100,5 +114,6 @@ impl<'a> Runner<'a> {
         if let Err(e) = self.run("rollback", "ROLLBACK".into()).await {
             tracing::warn!(error = %e, "Firebolt ROLLBACK failed; the server discards the open transaction");
         }
+        self.end_transaction();
     }
 }
