@@ -150,6 +150,9 @@ impl Ingest {
             self.tracker.delete(raw.receipt_handle);
             return;
         }
+        for f in &files {
+            tracing::debug!(message_id = %raw.message_id, receive_count = raw.receive_count, table = %f.table, key = %f.file.key, "file routed");
+        }
         let handle = self.tracker.track(&raw, files.len() + retries);
         for _ in 0..retries {
             handle.resolve(FileOutcome::Retry(None));
@@ -271,13 +274,19 @@ impl Worker {
         let started = Instant::now();
         tracing::info!("shutting down: no new receives");
         self.stop_receiving.cancel();
-        self.receivers.wait().await;
         let budget = self.config.worker.shutdown_timeout;
-        if !self.engine.shutdown(budget).await {
+        // Lanes finish their running batch and release waiting files while the receivers
+        // complete their last poll (which returns anything it gets).
+        let (finished, ()) = tokio::join!(self.engine.shutdown(budget), self.receivers.wait());
+        if !finished {
             tracing::warn!(budget_s = budget.as_secs(), "batches still running at the end of the shutdown budget; their messages reappear when their visibility times out");
         }
-        // Dropping the last tracker closes the delete channel; the acker drains it.
-        self.ingest.take();
+        // Releases first (waiting files go back at once), then deletes: dropping the last
+        // tracker closes the delete channel and the acker drains it.
+        if let Some(ingest) = self.ingest.take() {
+            let remaining = budget.saturating_sub(started.elapsed()).max(Duration::from_secs(2));
+            let _ = tokio::time::timeout(remaining, ingest.tracker.flush_releases()).await;
+        }
         let remaining = budget.saturating_sub(started.elapsed()).max(Duration::from_secs(2));
         let _ = tokio::time::timeout(remaining, &mut self.acker).await;
         if let Some(http) = self.http.take() {
@@ -296,13 +305,21 @@ async fn receive_loop(
 ) {
     let q = &config.queue;
     let mut backoff = Duration::from_millis(500);
-    loop {
-        let received = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            r = queue.receive(q.max_messages, q.wait_time, q.visibility_timeout) => r,
-        };
+    while !stop.is_cancelled() {
+        // A long poll is never abandoned: SQS would still hand messages to it (even the
+        // ones shutdown releases), and they would stay hidden until their visibility timed
+        // out. It ends within `wait_time`; what it brings after the stop goes straight back.
+        let received = queue
+            .receive(q.max_messages, q.wait_time, q.visibility_timeout)
+            .await;
         match received {
+            Ok(messages) if stop.is_cancelled() => {
+                for m in messages {
+                    if let Err(e) = queue.set_visibility(&m.receipt_handle, Duration::ZERO).await {
+                        tracing::warn!(message_id = m.message_id, error = %e, "could not release a message received during shutdown");
+                    }
+                }
+            }
             Ok(messages) => {
                 backoff = Duration::from_millis(500);
                 for m in messages {

@@ -618,7 +618,13 @@ impl Lane {
         let mut segments: Vec<Vec<(PendingFile, StagedFile)>> = Vec::new();
         for item in ready {
             match segments.last_mut() {
-                Some(seg) if seg[0].1.schema.table.same_shape(&item.1.schema.table) => seg.push(item),
+                Some(seg) if seg[0].1.schema.table.same_shape(&item.1.schema.table) => {
+                    // The segment's schema (its first file's) is nullable where any file is.
+                    for (c, other) in seg[0].1.schema.table.columns.iter_mut().zip(&item.1.schema.table.columns) {
+                        c.nullable |= other.nullable;
+                    }
+                    seg.push(item);
+                }
                 _ => segments.push(vec![item]),
             }
         }
@@ -692,10 +698,13 @@ impl Lane {
             .as_ref()
             .map(|s| s.current.schema())
             .or_else(|| target.as_ref().map(|t| crate::schema::types::TableSchema::new(t.columns.clone())));
-        // Nullability alone needs no action (targets are nullable): not a new version.
+        // A column becoming nullable is reported (once: the recorded schema keeps it
+        // nullable); a file that happens to mark a column REQUIRED is not a change.
         let changes: Vec<SchemaChange> = match &baseline {
-            Some(b) if b.same_shape(&schema.table) => vec![],
-            Some(b) => diff(Some(b), &schema.table),
+            Some(b) => diff(Some(b), &schema.table)
+                .into_iter()
+                .filter(|c| !matches!(c, SchemaChange::Nullability { nullable: false, .. }))
+                .collect(),
             None => diff(None, &schema.table),
         };
         let resolutions = self
@@ -880,11 +889,20 @@ impl Lane {
             ),
         };
         let previous = self.state.stored.clone();
+        // Nullability only ever relaxes in the record.
+        let mut columns = schema.table.columns.clone();
+        if let Some(p) = &previous {
+            for c in &mut columns {
+                if p.current.columns.iter().any(|o| crate::schema::diff::fold(&o.name) == crate::schema::diff::fold(&c.name) && o.nullable) {
+                    c.nullable = true;
+                }
+            }
+        }
         let mut version = SchemaVersion {
             table: self.table.clone(),
             version: 0,
             source: Some(source.to_string()),
-            columns: schema.table.columns.clone(),
+            columns,
             changes: changes.to_vec(),
             actions: actions
                 .iter()

@@ -310,6 +310,14 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
             note: "inserted rows get NULL; updated rows keep their last value".into(),
         });
     }
+    for change in input.source_changes {
+        if let SchemaChange::Nullability { column, nullable: true } = change {
+            actions.push(Action::KeptColumn {
+                column: column.clone(),
+                note: "now nullable at the source; no change needed (target columns are nullable)".into(),
+            });
+        }
+    }
 
     for c in loadable {
         let target_name = name(&c.name);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use super::{Queue, RawMessage};
 use crate::config::QueueConfig;
@@ -34,7 +35,7 @@ pub struct InFlight {
     remaining: AtomicUsize,
     retry: Mutex<Option<Duration>>,
     tracker: Tracker,
-    keepalive: Mutex<Option<DropGuard>>,
+    keepalive: Mutex<Option<(DropGuard, tokio::task::JoinHandle<()>)>>,
 }
 
 pub type MessageHandle = Arc<InFlight>;
@@ -51,13 +52,25 @@ impl InFlight {
         if before != 1 {
             return;
         }
-        // Last file: the keep-alive is no longer needed.
-        self.keepalive.lock().expect("keepalive lock").take();
+        // Last file: stop the keep-alive. A release must wait for it to end, or an
+        // extension still in flight could land after the release and hide the message.
+        let keepalive = self
+            .keepalive
+            .lock()
+            .expect("keepalive lock")
+            .take()
+            .map(|(guard, task)| {
+                drop(guard);
+                task
+            });
         match *self.retry.lock().expect("retry lock") {
             None => self.tracker.delete(self.receipt_handle.clone()),
-            Some(delay) => self
-                .tracker
-                .release(self.message_id.clone(), self.receipt_handle.clone(), delay),
+            Some(delay) => self.tracker.release_after(
+                keepalive,
+                self.message_id.clone(),
+                self.receipt_handle.clone(),
+                delay,
+            ),
         }
     }
 }
@@ -70,6 +83,9 @@ pub struct Tracker {
     backoff: Duration,
     backoff_max: Duration,
     deletes: mpsc::UnboundedSender<String>,
+    /// Visibility changes in flight, so shutdown can wait for them: a release that never
+    /// reached SQS leaves the message hidden until its visibility times out.
+    releases: TaskTracker,
 }
 
 impl Tracker {
@@ -88,6 +104,7 @@ impl Tracker {
                 backoff: config.retry_backoff,
                 backoff_max: config.retry_backoff_max,
                 deletes: tx,
+                releases: TaskTracker::new(),
             },
             acker,
         )
@@ -97,7 +114,7 @@ impl Tracker {
     pub fn track(&self, raw: &RawMessage, files: usize) -> MessageHandle {
         assert!(files > 0, "a tracked message has files");
         let token = CancellationToken::new();
-        tokio::spawn(keep_alive(
+        let task = tokio::spawn(keep_alive(
             self.queue.clone(),
             raw.message_id.clone(),
             raw.receipt_handle.clone(),
@@ -111,7 +128,7 @@ impl Tracker {
             remaining: AtomicUsize::new(files),
             retry: Mutex::new(None),
             tracker: self.clone(),
-            keepalive: Mutex::new(Some(token.drop_guard())),
+            keepalive: Mutex::new(Some((token.drop_guard(), task))),
         })
     }
 
@@ -124,15 +141,36 @@ impl Tracker {
 
     /// Makes a message visible again after `delay`.
     pub fn release(&self, message_id: String, receipt_handle: String, delay: Duration) {
+        self.release_after(None, message_id, receipt_handle, delay);
+    }
+
+    /// As [`Tracker::release`], once `first` (the message's keep-alive) has ended.
+    fn release_after(
+        &self,
+        first: Option<tokio::task::JoinHandle<()>>,
+        message_id: String,
+        receipt_handle: String,
+        delay: Duration,
+    ) {
         let queue = self.queue.clone();
         metrics::counter!("cdc_worker_messages_released_total").increment(1);
-        tokio::spawn(async move {
+        self.releases.spawn(async move {
+            if let Some(task) = first {
+                let _ = task.await;
+            }
             if let Err(e) = queue.set_visibility(&receipt_handle, delay).await {
                 tracing::warn!(message_id, error = %e, "could not release message; it reappears when its visibility times out");
             } else {
                 tracing::debug!(message_id, delay_s = delay.as_secs(), "message released for redelivery");
             }
         });
+    }
+
+    /// Waits for the releases under way (at shutdown).
+    pub async fn flush_releases(&self) {
+        self.releases.close();
+        self.releases.wait().await;
+        self.releases.reopen();
     }
 
     /// The delay before the `receive_count`-th delivery is tried again.

@@ -277,3 +277,24 @@ pub fn i(v: i64) -> Value {
 pub fn null() -> Value {
     Value::Null
 }
+
+/// A Parquet file with INT32 columns of these exact names, one row, written without
+/// DuckDB (which refuses `Amount` beside `amount`).
+pub fn parquet_with_columns(names: &[&str], values: &[i32]) -> Vec<u8> {
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let fields: Vec<String> = names.iter().map(|n| format!("REQUIRED INT32 {n};")).collect();
+    let schema = parquet::schema::parser::parse_message_type(&format!("message schema {{ {} }}", fields.join(" "))).expect("schema");
+    let mut out = Vec::new();
+    let mut writer = SerializedFileWriter::new(&mut out, std::sync::Arc::new(schema), std::sync::Arc::new(WriterProperties::builder().build())).expect("writer");
+    let mut group = writer.next_row_group().expect("row group");
+    let mut n = 0;
+    while let Some(mut column) = group.next_column().expect("column") {
+        column.typed::<parquet::data_type::Int32Type>().write_batch(&values[n..=n], None, None).expect("write");
+        column.close().expect("close column");
+        n += 1;
+    }
+    group.close().expect("close group");
+    writer.close().expect("close file");
+    out
+}

@@ -11,3 +11,4 @@ mod faults;
 mod hostile;
 mod lanes;
 mod poison;
+mod schema_matrix;
