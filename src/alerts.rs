@@ -103,7 +103,12 @@ pub struct Alert {
 }
 
 impl Alert {
-    pub fn new(alert: AlertKind, severity: Severity, table: &str, message: impl Into<String>) -> Self {
+    pub fn new(
+        alert: AlertKind,
+        severity: Severity,
+        table: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             format_version: ALERT_FORMAT_VERSION,
             alert,
@@ -149,7 +154,13 @@ impl Alert {
 pub fn subject_text(text: &str) -> String {
     let mut out: String = text
         .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     if out.len() > 99 {
         out.truncate(96);
@@ -180,9 +191,15 @@ impl Alerts {
     pub async fn publish(&self, alert: &Alert) {
         let body = serde_json::to_string(alert).unwrap_or_default();
         match alert.severity {
-            Severity::Info => tracing::info!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert"),
-            Severity::Warning => tracing::warn!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert"),
-            Severity::Error => tracing::error!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert"),
+            Severity::Info => {
+                tracing::info!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
+            }
+            Severity::Warning => {
+                tracing::warn!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
+            }
+            Severity::Error => {
+                tracing::error!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
+            }
         }
         metrics::counter!("cdc_worker_alerts_total", "alert" => alert.alert.as_str(), "severity" => alert.severity.as_str()).increment(1);
         let Some((client, topic)) = &self.sns else {
@@ -242,13 +259,21 @@ mod tests {
 
     #[test]
     fn subjects_are_short_ascii() {
-        let mut alert = Alert::new(AlertKind::SchemaChange, Severity::Warning, "comandes_é", "x");
+        let mut alert = Alert::new(
+            AlertKind::SchemaChange,
+            Severity::Warning,
+            "comandes_é",
+            "x",
+        );
         alert.schema_version = Some(2);
         alert.changes = vec![SchemaChange::NewColumn {
             column: "email".into(),
             ty: ColumnType::String,
         }];
-        assert_eq!(alert.subject(), "[cdc-worker] comandes_?: schema v2: new column");
+        assert_eq!(
+            alert.subject(),
+            "[cdc-worker] comandes_?: schema v2: new column"
+        );
         alert.table = "t".repeat(300);
         let s = alert.subject();
         assert!(s.len() < 100 && s.is_ascii(), "{s}");
@@ -258,7 +283,16 @@ mod tests {
     fn body_has_the_documented_fields() {
         let alert = Alert::new(AlertKind::FileSkipped, Severity::Warning, "orders", "gone");
         let v: serde_json::Value = serde_json::to_value(&alert).unwrap();
-        for field in ["format_version", "alert", "severity", "table", "message", "held", "detected_at", "worker"] {
+        for field in [
+            "format_version",
+            "alert",
+            "severity",
+            "table",
+            "message",
+            "held",
+            "detected_at",
+            "worker",
+        ] {
             assert!(v.get(field).is_some(), "{field} missing: {v}");
         }
         assert_eq!(v["alert"], "file_skipped");

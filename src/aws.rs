@@ -27,7 +27,10 @@ impl AwsClients {
             loader = loader.credentials_provider(Credentials::new(
                 id,
                 secret.expose(),
-                config.session_token.as_ref().map(|t| t.expose().to_string()),
+                config
+                    .session_token
+                    .as_ref()
+                    .map(|t| t.expose().to_string()),
                 None,
                 "cdc-worker-config",
             ));

@@ -221,7 +221,13 @@ pub async fn drain_alerts(aws: &AwsClients, inbox_url: &str) -> anyhow::Result<V
                 body,
             });
             if let Some(h) = m.receipt_handle() {
-                let _ = aws.sqs.delete_message().queue_url(inbox_url).receipt_handle(h).send().await;
+                let _ = aws
+                    .sqs
+                    .delete_message()
+                    .queue_url(inbox_url)
+                    .receipt_handle(h)
+                    .send()
+                    .await;
             }
         }
     }

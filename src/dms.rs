@@ -163,10 +163,15 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
         return Ok(KeyClass::Ignored("not a .parquet file"));
     }
     if key.chars().any(char::is_control) {
-        return Err(LayoutError::ControlCharacter(key.escape_debug().to_string()));
+        return Err(LayoutError::ControlCharacter(
+            key.escape_debug().to_string(),
+        ));
     }
     let segments: Vec<&str> = rest.split('/').collect();
-    if segments.iter().any(|s| s.is_empty() || *s == "." || *s == "..") {
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
         return Err(LayoutError::UnsafeSegment(key.to_string()));
     }
     if segments.len() < 3 {
@@ -175,17 +180,21 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
     let file_name = segments[segments.len() - 1].to_string();
     let middle = &segments[2..segments.len() - 1];
     let kind = load_kind(&file_name).unwrap_or(FileKind::Cdc);
-    if kind == FileKind::Cdc {
-        if let Some(folder) = middle.iter().find(|f| !is_date_folder(f)) {
-            return Err(LayoutError::UnexpectedFolder {
-                key: key.to_string(),
-                folder: folder.to_string(),
-            });
-        }
+    if kind == FileKind::Cdc
+        && let Some(folder) = middle.iter().find(|f| !is_date_folder(f))
+    {
+        return Err(LayoutError::UnexpectedFolder {
+            key: key.to_string(),
+            folder: folder.to_string(),
+        });
     }
     let table_prefix = format!(
         "{}{}/{}/",
-        if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+        if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        },
         segments[0],
         segments[1]
     );
@@ -236,7 +245,9 @@ pub struct TableRouter {
 
 /// Two source tables that render to the same target.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("source tables {first} and {second} both map to target table `{target}`; change routing.table_name (for example to \"{{schema}}_{{table}}\")")]
+#[error(
+    "source tables {first} and {second} both map to target table `{target}`; change routing.table_name (for example to \"{{schema}}_{{table}}\")"
+)]
 pub struct RoutingCollision {
     pub target: String,
     pub first: SourceTable,
@@ -316,7 +327,10 @@ mod tests {
                 counter: 1
             }
         );
-        let k = dms("dms/", "dms/public/orders/2021/11/23/20211123-013830913.parquet");
+        let k = dms(
+            "dms/",
+            "dms/public/orders/2021/11/23/20211123-013830913.parquet",
+        );
         assert_eq!(k.kind, FileKind::Cdc);
         assert_eq!(k.folders, "2021/11/23");
         assert_eq!(k.table_prefix, "dms/public/orders/");

@@ -71,13 +71,13 @@ fn parse_value(value: &Value, depth: u8) -> Result<Vec<Notification>, EventParse
         if depth > 0 {
             return Err(EventParseError::UnknownShape);
         }
-        let inner = map
-            .get("Message")
-            .and_then(Value::as_str)
-            .ok_or(EventParseError::Malformed {
-                what: "SNS envelope",
-                reason: "no Message string".into(),
-            })?;
+        let inner =
+            map.get("Message")
+                .and_then(Value::as_str)
+                .ok_or(EventParseError::Malformed {
+                    what: "SNS envelope",
+                    reason: "no Message string".into(),
+                })?;
         let inner: Value = serde_json::from_str(inner).map_err(|e| EventParseError::Malformed {
             what: "SNS envelope",
             reason: format!("Message is not JSON: {e}"),
@@ -280,16 +280,28 @@ mod tests {
         let sns_test = serde_json::json!({"Type": "Notification", "Message": test}).to_string();
         assert_eq!(parse_body(&sns_test).unwrap(), vec![Notification::Test]);
         let delete = direct(&["a.parquet"]).replace("ObjectCreated:Put", "ObjectRemoved:Delete");
-        assert!(matches!(parse_body(&delete).unwrap()[0], Notification::Other(_)));
+        assert!(matches!(
+            parse_body(&delete).unwrap()[0],
+            Notification::Other(_)
+        ));
         let confirm = r#"{"Type":"SubscriptionConfirmation","Message":"hi"}"#;
-        assert!(matches!(parse_body(confirm).unwrap()[0], Notification::Other(_)));
+        assert!(matches!(
+            parse_body(confirm).unwrap()[0],
+            Notification::Other(_)
+        ));
     }
 
     #[test]
     fn malformed_bodies_are_errors() {
-        assert!(matches!(parse_body("not json"), Err(EventParseError::NotJson(_))));
+        assert!(matches!(
+            parse_body("not json"),
+            Err(EventParseError::NotJson(_))
+        ));
         assert_eq!(parse_body("[1,2]"), Err(EventParseError::UnknownShape));
-        assert_eq!(parse_body(r#"{"hello":1}"#), Err(EventParseError::UnknownShape));
+        assert_eq!(
+            parse_body(r#"{"hello":1}"#),
+            Err(EventParseError::UnknownShape)
+        );
         assert!(matches!(
             parse_body(r#"{"Records":[{"eventName":"ObjectCreated:Put"}]}"#),
             Err(EventParseError::Malformed { .. })

@@ -59,7 +59,9 @@ async fn ready(State(p): State<Probes>) -> (StatusCode, String) {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "timed out".into(),
             };
-            let w = w.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
+            let w = w
+                .map(|_| "ok".to_string())
+                .unwrap_or_else(|e| e.to_string());
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready\nqueue: {q}\nwarehouse: {w}\n"),
@@ -69,7 +71,12 @@ async fn ready(State(p): State<Probes>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(p): State<Probes>) -> String {
-    let held = p.engine.lanes().iter().filter(|(_, l)| l.held.is_some()).count();
+    let held = p
+        .engine
+        .lanes()
+        .iter()
+        .filter(|(_, l)| l.held.is_some())
+        .count();
     metrics::gauge!("cdc_worker_tables_held").set(held as f64);
     telemetry::metrics_handle().render()
 }

@@ -37,7 +37,9 @@ pub enum KeyError {
         source: StorageError,
     },
     /// A broken document must not silently turn merges into appends.
-    #[error("s3://{bucket}/{key} is not a valid table keys document ({reason}); expected {{\"table\": \"col\" | [\"col\", ...] | null}}")]
+    #[error(
+        "s3://{bucket}/{key} is not a valid table keys document ({reason}); expected {{\"table\": \"col\" | [\"col\", ...] | null}}"
+    )]
     Invalid {
         bucket: String,
         key: String,
@@ -64,7 +66,11 @@ impl KeyResolver {
             .iter()
             .filter_map(|(name, t)| {
                 t.key.as_ref().map(|k| {
-                    let spec = if k.columns().is_empty() { None } else { Some(k.clone()) };
+                    let spec = if k.columns().is_empty() {
+                        None
+                    } else {
+                        Some(k.clone())
+                    };
                     (name.to_lowercase(), spec)
                 })
             })
@@ -124,10 +130,10 @@ impl KeyResolver {
     }
 
     async fn document(&self) -> Result<TableKeys, KeyError> {
-        if let Some((at, keys)) = self.cache.lock().expect("key cache").as_ref() {
-            if at.elapsed() < self.refresh {
-                return Ok(keys.clone());
-            }
+        if let Some((at, keys)) = self.cache.lock().expect("key cache").as_ref()
+            && at.elapsed() < self.refresh
+        {
+            return Ok(keys.clone());
         }
         let object = self
             .store
@@ -164,10 +170,10 @@ fn resolved(spec: Option<&KeySpec>, source: KeySource) -> ResolvedKey {
 fn parse_table_keys(body: &[u8]) -> Result<TableKeys, String> {
     let keys: TableKeys = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     for (table, spec) in &keys {
-        if let Some(spec) = spec {
-            if spec.columns().iter().any(|c| c.is_empty()) {
-                return Err(format!("table `{table}` has an empty key column name"));
-            }
+        if let Some(spec) = spec
+            && spec.columns().iter().any(|c| c.is_empty())
+        {
+            return Err(format!("table `{table}` has an empty key column name"));
         }
     }
     Ok(keys)

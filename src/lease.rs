@@ -71,7 +71,13 @@ fn now_ms() -> u64 {
 }
 
 impl LeaseManager {
-    pub fn new(store: ObjectStore, bucket: &str, prefix: &str, ttl: Duration, holder: &str) -> Self {
+    pub fn new(
+        store: ObjectStore,
+        bucket: &str,
+        prefix: &str,
+        ttl: Duration,
+        holder: &str,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -113,7 +119,13 @@ impl LeaseManager {
         match self
             .inner
             .store
-            .put(&self.inner.bucket, &self.key(table), body, "application/json", condition)
+            .put(
+                &self.inner.bucket,
+                &self.key(table),
+                body,
+                "application/json",
+                condition,
+            )
             .await
         {
             Ok(etag) => Ok(Some(etag)),
@@ -150,7 +162,9 @@ impl LeaseManager {
         };
         match self.write(table, &doc, condition).await? {
             Some(etag) => {
-                let taken_over = current.as_ref().is_some_and(|(d, _)| d.holder != self.inner.holder && !d.released);
+                let taken_over = current
+                    .as_ref()
+                    .is_some_and(|(d, _)| d.holder != self.inner.holder && !d.released);
                 lease_event(table, if taken_over { "taken_over" } else { "acquired" });
                 self.inner
                     .held
@@ -171,7 +185,14 @@ impl LeaseManager {
 
     /// Extends the lease now; false when it was lost.
     pub async fn renew(&self, table: &str) -> Result<bool, LeaseError> {
-        let Some(held) = self.inner.held.lock().expect("lease map").get(table).cloned() else {
+        let Some(held) = self
+            .inner
+            .held
+            .lock()
+            .expect("lease map")
+            .get(table)
+            .cloned()
+        else {
             return Ok(false);
         };
         let doc = LeaseDocument {
@@ -181,7 +202,10 @@ impl LeaseManager {
             expires_at_ms: now_ms() + self.inner.ttl.as_millis() as u64,
             released: false,
         };
-        match self.write(table, &doc, WriteCondition::Matches(held.etag)).await? {
+        match self
+            .write(table, &doc, WriteCondition::Matches(held.etag))
+            .await?
+        {
             Some(etag) => {
                 lease_event(table, "renewed");
                 if let Some(h) = self.inner.held.lock().expect("lease map").get_mut(table) {
@@ -213,7 +237,10 @@ impl LeaseManager {
                 match this.renew(&table).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::warn!(table, "lease lost while applying; the commit will be fenced if another worker took over");
+                        tracing::warn!(
+                            table,
+                            "lease lost while applying; the commit will be fenced if another worker took over"
+                        );
                         return;
                     }
                     Err(e) => tracing::warn!(table, error = %e, "could not renew lease"),
@@ -235,10 +262,15 @@ impl LeaseManager {
             expires_at_ms: now_ms(),
             released: true,
         };
-        match self.write(table, &doc, WriteCondition::Matches(held.etag)).await {
+        match self
+            .write(table, &doc, WriteCondition::Matches(held.etag))
+            .await
+        {
             Ok(Some(_)) => lease_event(table, "released"),
             Ok(None) => lease_event(table, "lost"),
-            Err(e) => tracing::warn!(table, error = %e, "could not release lease; it expires on its own"),
+            Err(e) => {
+                tracing::warn!(table, error = %e, "could not release lease; it expires on its own")
+            }
         }
     }
 }

@@ -9,7 +9,11 @@ use cdc_worker::config::Config;
 use cdc_worker::{commands, telemetry};
 
 #[derive(Parser)]
-#[command(name = "cdc-worker", version, about = "Keeps a warehouse in sync with AWS DMS Parquet files on S3")]
+#[command(
+    name = "cdc-worker",
+    version,
+    about = "Keeps a warehouse in sync with AWS DMS Parquet files on S3"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,11 +135,11 @@ async fn main() -> ExitCode {
         Some(Err(code)) => return code,
         None => None,
     };
-    if let Some(c) = &config {
-        if !matches!(cli.command, Command::Health(_)) {
-            telemetry::init_logging(&c.telemetry);
-            telemetry::metrics_handle();
-        }
+    if let Some(c) = &config
+        && !matches!(cli.command, Command::Health(_))
+    {
+        telemetry::init_logging(&c.telemetry);
+        telemetry::metrics_handle();
     }
     let result = match cli.command {
         Command::Run(_) => cdc_worker::worker::run_until_signal(config.expect("loaded")).await,
@@ -145,22 +149,38 @@ async fn main() -> ExitCode {
         }
         Command::CheckConnection(_) => commands::check_connection(config.expect("loaded")).await,
         Command::Health(_) => commands::health(&config.expect("loaded")).await,
-        Command::DevSetup(_) => commands::dev_setup(&config.expect("loaded")).await.map(|_| ()),
+        Command::DevSetup(_) => commands::dev_setup(&config.expect("loaded"))
+            .await
+            .map(|_| ()),
         Command::Simulate { seed, pace_ms, .. } => {
-            commands::simulate(&config.expect("loaded"), seed, pace_ms).await.map(|_| ())
+            commands::simulate(&config.expect("loaded"), seed, pace_ms)
+                .await
+                .map(|_| ())
         }
         Command::Demo(_) => commands::demo(config.expect("loaded")).await,
         Command::Schema { action } => match action {
-            SchemaCommand::Show { table, .. } => commands::schema_show(&config.expect("loaded"), &table).await,
-            SchemaCommand::History { table, .. } => commands::schema_history(&config.expect("loaded"), &table).await,
-            SchemaCommand::Accept { table, incompatible, .. } => {
-                commands::schema_accept(&config.expect("loaded"), &table, incompatible.as_deref()).await
+            SchemaCommand::Show { table, .. } => {
+                commands::schema_show(&config.expect("loaded"), &table).await
+            }
+            SchemaCommand::History { table, .. } => {
+                commands::schema_history(&config.expect("loaded"), &table).await
+            }
+            SchemaCommand::Accept {
+                table,
+                incompatible,
+                ..
+            } => {
+                commands::schema_accept(&config.expect("loaded"), &table, incompatible.as_deref())
+                    .await
             }
         },
         Command::Status(_) => commands::status(&config.expect("loaded")).await,
-        Command::Replay { table, since, dry_run, .. } => {
-            commands::replay(&config.expect("loaded"), &table, since.as_deref(), dry_run).await
-        }
+        Command::Replay {
+            table,
+            since,
+            dry_run,
+            ..
+        } => commands::replay(&config.expect("loaded"), &table, since.as_deref(), dry_run).await,
         Command::Bench(args) => commands::bench::run(args).await,
     };
     match result {

@@ -16,15 +16,28 @@ use crate::warehouse::sql::{ident, literal};
 
 /// Writes rows to a Parquet file with DuckDB. `columns` are (name, DuckDB type); values
 /// are cast to the column type, so text works for decimals and timestamps.
-pub fn write_parquet(path: &Path, columns: &[(String, String)], rows: &[Vec<Value>]) -> anyhow::Result<()> {
+pub fn write_parquet(
+    path: &Path,
+    columns: &[(String, String)],
+    rows: &[Vec<Value>],
+) -> anyhow::Result<()> {
     let conn = duckdb::Connection::open_in_memory()?;
-    let defs: Vec<String> = columns.iter().map(|(n, t)| format!("{} {t}", ident(n))).collect();
+    let defs: Vec<String> = columns
+        .iter()
+        .map(|(n, t)| format!("{} {t}", ident(n)))
+        .collect();
     conn.execute_batch(&format!("CREATE TABLE t ({})", defs.join(", ")))?;
     // Many rows per statement: one round trip per chunk instead of per row.
-    let casts: Vec<String> = columns.iter().map(|(_, t)| format!("CAST(? AS {t})")).collect();
+    let casts: Vec<String> = columns
+        .iter()
+        .map(|(_, t)| format!("CAST(? AS {t})"))
+        .collect();
     let tuple = format!("({})", casts.join(", "));
     for chunk in rows.chunks(500) {
-        let sql = format!("INSERT INTO t VALUES {}", vec![tuple.as_str(); chunk.len()].join(", "));
+        let sql = format!(
+            "INSERT INTO t VALUES {}",
+            vec![tuple.as_str(); chunk.len()].join(", ")
+        );
         conn.execute(&sql, duckdb::params_from_iter(chunk.iter().flatten()))?;
     }
     conn.execute_batch(&format!(
@@ -68,7 +81,10 @@ impl SimTable {
             schema: "public",
             name,
             key,
-            columns: columns.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect(),
+            columns: columns
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.to_string()))
+                .collect(),
             rows: BTreeMap::new(),
             appended: 0,
             next_id: 1,
@@ -79,7 +95,11 @@ impl SimTable {
         self.key
             .iter()
             .map(|k| {
-                let i = self.columns.iter().position(|(n, _)| n == k).expect("key column");
+                let i = self
+                    .columns
+                    .iter()
+                    .position(|(n, _)| n == k)
+                    .expect("key column");
                 format!("{:?}", row[i])
             })
             .collect()
@@ -141,8 +161,16 @@ impl Writer {
                 row
             })
             .collect();
-        let prefix = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix.trim_end_matches('/')) };
-        let folder = if folder.is_empty() { String::new() } else { format!("{folder}/") };
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix.trim_end_matches('/'))
+        };
+        let folder = if folder.is_empty() {
+            String::new()
+        } else {
+            format!("{folder}/")
+        };
         let key = format!("{prefix}{}/{}/{folder}{name}", table.schema, table.name);
         let path = self.dir.join(format!("{:05}.parquet", self.files.len()));
         write_parquet(&path, &columns, &data).with_context(|| format!("writing {key}"))?;
@@ -167,35 +195,133 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
         prefix: prefix.to_string(),
         files: Vec::new(),
     };
-    let mut customers = SimTable::new("customers", vec!["id"], &[("id", "BIGINT"), ("name", "VARCHAR"), ("email", "VARCHAR"), ("created_at", "TIMESTAMPTZ")]);
-    let mut orders = SimTable::new("orders", vec!["id"], &[("id", "BIGINT"), ("customer_id", "BIGINT"), ("status", "VARCHAR"), ("amount", "DECIMAL(12,2)"), ("updated_at", "TIMESTAMPTZ")]);
-    let mut items = SimTable::new("order_items", vec!["order_id", "line_no"], &[("order_id", "BIGINT"), ("line_no", "INTEGER"), ("sku", "VARCHAR"), ("qty", "INTEGER")]);
-    let mut events = SimTable::new("events", vec![], &[("kind", "VARCHAR"), ("payload", "VARCHAR"), ("at", "TIMESTAMPTZ")]);
-    let mut refunds = SimTable::new("refunds", vec!["id"], &[("id", "BIGINT"), ("order_id", "BIGINT"), ("amount", "DECIMAL(12,2)")]);
+    let mut customers = SimTable::new(
+        "customers",
+        vec!["id"],
+        &[
+            ("id", "BIGINT"),
+            ("name", "VARCHAR"),
+            ("email", "VARCHAR"),
+            ("created_at", "TIMESTAMPTZ"),
+        ],
+    );
+    let mut orders = SimTable::new(
+        "orders",
+        vec!["id"],
+        &[
+            ("id", "BIGINT"),
+            ("customer_id", "BIGINT"),
+            ("status", "VARCHAR"),
+            ("amount", "DECIMAL(12,2)"),
+            ("updated_at", "TIMESTAMPTZ"),
+        ],
+    );
+    let mut items = SimTable::new(
+        "order_items",
+        vec!["order_id", "line_no"],
+        &[
+            ("order_id", "BIGINT"),
+            ("line_no", "INTEGER"),
+            ("sku", "VARCHAR"),
+            ("qty", "INTEGER"),
+        ],
+    );
+    let mut events = SimTable::new(
+        "events",
+        vec![],
+        &[
+            ("kind", "VARCHAR"),
+            ("payload", "VARCHAR"),
+            ("at", "TIMESTAMPTZ"),
+        ],
+    );
+    let mut refunds = SimTable::new(
+        "refunds",
+        vec!["id"],
+        &[
+            ("id", "BIGINT"),
+            ("order_id", "BIGINT"),
+            ("amount", "DECIMAL(12,2)"),
+        ],
+    );
     let statuses = ["new", "paid", "shipped", "delivered"];
     let ts = |minute: u32| format!("2026-11-24 10:{minute:02}:00+00");
 
     // Full load.
     let customer_row = |id: i64, rng: &mut fastrand::Rng| {
-        vec![Value::BigInt(id), text(format!("Customer {id}")), text(format!("c{id}.{}@example.com", rng.u16(..))), text(ts(0))]
+        vec![
+            Value::BigInt(id),
+            text(format!("Customer {id}")),
+            text(format!("c{id}.{}@example.com", rng.u16(..))),
+            text(ts(0)),
+        ]
     };
     let order_row = |id: i64, status: &str, rng: &mut fastrand::Rng, minute: u32| {
-        vec![Value::BigInt(id), Value::BigInt(rng.i64(1..=40)), text(status), text(format!("{}.{:02}", rng.u32(5..500), rng.u32(0..100))), text(ts(minute))]
+        vec![
+            Value::BigInt(id),
+            Value::BigInt(rng.i64(1..=40)),
+            text(status),
+            text(format!("{}.{:02}", rng.u32(5..500), rng.u32(0..100))),
+            text(ts(minute)),
+        ]
     };
-    let load: Vec<(String, Vec<Value>)> = (1..=40).map(|id| ("I".to_string(), customer_row(id, &mut rng))).collect();
-    for (op, r) in &load { customers.apply(op, r); }
+    let load: Vec<(String, Vec<Value>)> = (1..=40)
+        .map(|id| ("I".to_string(), customer_row(id, &mut rng)))
+        .collect();
+    for (op, r) in &load {
+        customers.apply(op, r);
+    }
     w.write(&customers, "", "LOAD00000001.parquet", false, &load)?;
     for part in 0..2 {
-        let rows: Vec<(String, Vec<Value>)> = (1..=60).map(|i| ("I".to_string(), order_row(part * 60 + i, statuses[0], &mut rng, 0))).collect();
-        for (op, r) in &rows { orders.apply(op, r); }
-        w.write(&orders, "", &format!("LOAD{:08X}.parquet", part + 1), false, &rows)?;
+        let rows: Vec<(String, Vec<Value>)> = (1..=60)
+            .map(|i| {
+                (
+                    "I".to_string(),
+                    order_row(part * 60 + i, statuses[0], &mut rng, 0),
+                )
+            })
+            .collect();
+        for (op, r) in &rows {
+            orders.apply(op, r);
+        }
+        w.write(
+            &orders,
+            "",
+            &format!("LOAD{:08X}.parquet", part + 1),
+            false,
+            &rows,
+        )?;
     }
     orders.next_id = 121;
-    let rows: Vec<(String, Vec<Value>)> = (1..=30).flat_map(|o| (1..=2).map(move |l| (o, l))).map(|(o, l)| ("I".to_string(), vec![Value::BigInt(o), Value::Int(l), text(format!("SKU-{}", o * 10 + l as i64)), Value::Int(1)])).collect();
-    for (op, r) in &rows { items.apply(op, r); }
+    let rows: Vec<(String, Vec<Value>)> = (1..=30)
+        .flat_map(|o| (1..=2).map(move |l| (o, l)))
+        .map(|(o, l)| {
+            (
+                "I".to_string(),
+                vec![
+                    Value::BigInt(o),
+                    Value::Int(l),
+                    text(format!("SKU-{}", o * 10 + l as i64)),
+                    Value::Int(1),
+                ],
+            )
+        })
+        .collect();
+    for (op, r) in &rows {
+        items.apply(op, r);
+    }
     w.write(&items, "", "LOAD00000001.parquet", false, &rows)?;
-    let rows: Vec<(String, Vec<Value>)> = (0..20).map(|i| ("I".to_string(), vec![text("signup"), text(format!("{{\"n\":{i}}}")), text(ts(0))])).collect();
-    for (op, r) in &rows { events.apply(op, r); }
+    let rows: Vec<(String, Vec<Value>)> = (0..20)
+        .map(|i| {
+            (
+                "I".to_string(),
+                vec![text("signup"), text(format!("{{\"n\":{i}}}")), text(ts(0))],
+            )
+        })
+        .collect();
+    for (op, r) in &rows {
+        events.apply(op, r);
+    }
     w.write(&events, "", "LOAD00000001.parquet", false, &rows)?;
 
     // CDC, one minute per tick.
@@ -205,7 +331,9 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
         if minute == 5 {
             // The source adds a column: later order files carry it.
             discount = true;
-            orders.columns.push(("discount".into(), "DECIMAL(5,2)".into()));
+            orders
+                .columns
+                .push(("discount".into(), "DECIMAL(5,2)".into()));
             for row in orders.rows.values_mut() {
                 row.push(Value::Null);
             }
@@ -223,7 +351,10 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
                 0..=3 => {
                     let id = orders.next_id;
                     orders.next_id += 1;
-                    changes.push(("I".into(), with_discount(order_row(id, "new", &mut rng, minute), &mut rng)));
+                    changes.push((
+                        "I".into(),
+                        with_discount(order_row(id, "new", &mut rng, minute), &mut rng),
+                    ));
                 }
                 4..=8 if !existing.is_empty() => {
                     let mut row = existing[rng.usize(..existing.len())].clone();
@@ -249,7 +380,12 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
             // Several changes to one key inside one file, ending in a delete.
             let id = orders.next_id;
             orders.next_id += 1;
-            for (op, status) in [("I", "new"), ("U", "paid"), ("U", "shipped"), ("D", "shipped")] {
+            for (op, status) in [
+                ("I", "new"),
+                ("U", "paid"),
+                ("U", "shipped"),
+                ("D", "shipped"),
+            ] {
                 let row = order_row(id, status, &mut rng, minute);
                 orders.apply(op, &row);
                 changes.push((op.into(), row));
@@ -263,30 +399,84 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
             customers.next_id = id + 1;
             changes.push(("I".to_string(), customer_row(id, &mut rng)));
             let target = rng.i64(1..=40);
-            if let Some(row) = customers.rows.get(&vec![format!("{:?}", Value::BigInt(target))]).cloned() {
+            if let Some(row) = customers
+                .rows
+                .get(&vec![format!("{:?}", Value::BigInt(target))])
+                .cloned()
+            {
                 let mut row = row;
                 row[2] = text(format!("updated{minute}@example.com"));
                 changes.push(("U".to_string(), row));
             }
-            for (op, r) in &changes { customers.apply(op, r); }
+            for (op, r) in &changes {
+                customers.apply(op, r);
+            }
             w.write(&customers, "", &name, true, &changes)?;
         }
         if minute % 3 == 0 {
             let order = rng.i64(1..=30);
-            let mut changes = vec![("U".to_string(), vec![Value::BigInt(order), Value::Int(1), text("SKU-CHANGED"), Value::Int(3)])];
-            changes.push(("I".to_string(), vec![Value::BigInt(order), Value::Int(3 + minute as i32), text("SKU-NEW"), Value::Int(1)]));
-            changes.push(("D".to_string(), vec![Value::BigInt(order), Value::Int(2), Value::Null, Value::Null]));
-            for (op, r) in &changes { items.apply(op, r); }
+            let mut changes = vec![(
+                "U".to_string(),
+                vec![
+                    Value::BigInt(order),
+                    Value::Int(1),
+                    text("SKU-CHANGED"),
+                    Value::Int(3),
+                ],
+            )];
+            changes.push((
+                "I".to_string(),
+                vec![
+                    Value::BigInt(order),
+                    Value::Int(3 + minute as i32),
+                    text("SKU-NEW"),
+                    Value::Int(1),
+                ],
+            ));
+            changes.push((
+                "D".to_string(),
+                vec![
+                    Value::BigInt(order),
+                    Value::Int(2),
+                    Value::Null,
+                    Value::Null,
+                ],
+            ));
+            for (op, r) in &changes {
+                items.apply(op, r);
+            }
             w.write(&items, "", &name, true, &changes)?;
         }
-        let changes: Vec<(String, Vec<Value>)> = (0..rng.usize(1..5)).map(|i| ("I".to_string(), vec![text("click"), text(format!("{{\"m\":{minute},\"i\":{i}}}")), text(ts(minute))])).collect();
-        for (op, r) in &changes { events.apply(op, r); }
+        let changes: Vec<(String, Vec<Value>)> = (0..rng.usize(1..5))
+            .map(|i| {
+                (
+                    "I".to_string(),
+                    vec![
+                        text("click"),
+                        text(format!("{{\"m\":{minute},\"i\":{i}}}")),
+                        text(ts(minute)),
+                    ],
+                )
+            })
+            .collect();
+        for (op, r) in &changes {
+            events.apply(op, r);
+        }
         w.write(&events, "", &name, true, &changes)?;
         if minute >= 6 && minute % 2 == 0 {
             let id = refunds.next_id;
             refunds.next_id += 1;
-            let changes = vec![("I".to_string(), vec![Value::BigInt(id), Value::BigInt(rng.i64(1..=120)), text("9.99")])];
-            for (op, r) in &changes { refunds.apply(op, r); }
+            let changes = vec![(
+                "I".to_string(),
+                vec![
+                    Value::BigInt(id),
+                    Value::BigInt(rng.i64(1..=120)),
+                    text("9.99"),
+                ],
+            )];
+            for (op, r) in &changes {
+                refunds.apply(op, r);
+            }
             w.write(&refunds, "", &name, true, &changes)?;
         }
     }
@@ -308,11 +498,22 @@ pub fn demo(dir: &Path, prefix: &str, seed: u64) -> anyhow::Result<Simulation> {
 }
 
 /// Uploads the files in order, `pace` apart.
-pub async fn upload(store: &ObjectStore, bucket: &str, sim: &Simulation, pace: Duration) -> anyhow::Result<()> {
+pub async fn upload(
+    store: &ObjectStore,
+    bucket: &str,
+    sim: &Simulation,
+    pace: Duration,
+) -> anyhow::Result<()> {
     for f in &sim.files {
         let body = tokio::fs::read(&f.path).await?;
         store
-            .put(bucket, &f.key, Bytes::from(body), "application/octet-stream", WriteCondition::Unconditional)
+            .put(
+                bucket,
+                &f.key,
+                Bytes::from(body),
+                "application/octet-stream",
+                WriteCondition::Unconditional,
+            )
             .await
             .with_context(|| format!("uploading {}", f.key))?;
         if !pace.is_zero() {

@@ -104,7 +104,14 @@ impl ObjectStore {
 
     /// Reads an object; `Ok(None)` when it does not exist.
     pub async fn get(&self, bucket: &str, key: &str) -> Result<Option<Object>, StorageError> {
-        let out = match self.client.get_object().bucket(bucket).key(key).send().await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => out,
             Err(e) => {
                 let e = StorageError::from_sdk(bucket, key, e);

@@ -16,8 +16,8 @@ use crate::warehouse::ApplyStats;
 pub fn init_logging(config: &TelemetryConfig) {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
-        let filter = EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+        let filter =
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
         let json = match config.log_format {
             LogFormat::Json => true,
             LogFormat::Pretty => false,
@@ -27,7 +27,11 @@ pub fn init_logging(config: &TelemetryConfig) {
             .with_env_filter(filter)
             .with_writer(std::io::stderr);
         let _ = if json {
-            builder.json().flatten_event(true).with_current_span(true).try_init()
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .try_init()
         } else {
             builder.compact().try_init()
         };
@@ -85,7 +89,8 @@ impl MessageUnparseable<'_> {
             reason = self.reason,
             "message body cannot be parsed; leaving it for the queue's redrive policy (DLQ)"
         );
-        metrics::counter!("cdc_worker_messages_failed_total", "reason" => "unparseable").increment(1);
+        metrics::counter!("cdc_worker_messages_failed_total", "reason" => "unparseable")
+            .increment(1);
     }
 }
 
@@ -138,7 +143,8 @@ impl BatchApplied<'_> {
             .increment(self.stats.rows_staged);
         metrics::counter!("cdc_worker_batches_total", "table" => table.clone(), "outcome" => "committed")
             .increment(1);
-        metrics::counter!("cdc_worker_warehouse_statements_total").increment(self.stats.statements as u64);
+        metrics::counter!("cdc_worker_warehouse_statements_total")
+            .increment(self.stats.statements as u64);
         metrics::histogram!("cdc_worker_batch_duration_seconds").record(self.elapsed.as_secs_f64());
         if self.stats.deletes_ignored > 0 {
             tracing::warn!(
@@ -199,9 +205,19 @@ impl FileSkipped<'_> {
     pub fn emit(&self) {
         if self.reason.starts_with("already applied") {
             // Redeliveries are routine; the metric counts them.
-            tracing::debug!(table = self.table, key = self.key, reason = self.reason, "file skipped");
+            tracing::debug!(
+                table = self.table,
+                key = self.key,
+                reason = self.reason,
+                "file skipped"
+            );
         } else {
-            tracing::info!(table = self.table, key = self.key, reason = self.reason, "file skipped");
+            tracing::info!(
+                table = self.table,
+                key = self.key,
+                reason = self.reason,
+                "file skipped"
+            );
         }
         metrics::counter!("cdc_worker_files_skipped_total", "reason" => reason_label(self.reason))
             .increment(1);
@@ -227,5 +243,6 @@ pub fn message_received() {
 
 /// How long the oldest unapplied file of a table has waited.
 pub fn record_lag(table: &str, lag: Duration) {
-    metrics::gauge!("cdc_worker_table_lag_seconds", "table" => table.to_string()).set(lag.as_secs_f64());
+    metrics::gauge!("cdc_worker_table_lag_seconds", "table" => table.to_string())
+        .set(lag.as_secs_f64());
 }

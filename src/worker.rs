@@ -30,12 +30,8 @@ pub async fn open_warehouse(
 ) -> anyhow::Result<Arc<dyn Warehouse>> {
     let warehouse: Arc<dyn Warehouse> = match config.warehouse.kind {
         WarehouseKind::Duckdb => Arc::new(
-            warehouse::duckdb::Duckdb::open(
-                &config.warehouse.duckdb,
-                &config.dms.op_column,
-                store,
-            )
-            .context("opening the DuckDB warehouse")?,
+            warehouse::duckdb::Duckdb::open(&config.warehouse.duckdb, &config.dms.op_column, store)
+                .context("opening the DuckDB warehouse")?,
         ),
         WarehouseKind::Firebolt => Arc::new(
             warehouse::firebolt::Firebolt::open(
@@ -82,30 +78,68 @@ impl Ingest {
         for n in notifications {
             let object = match n {
                 Notification::Test => {
-                    NotificationIgnored { message_id: &raw.message_id, key: None, reason: "s3:TestEvent" }.emit();
+                    NotificationIgnored {
+                        message_id: &raw.message_id,
+                        key: None,
+                        reason: "s3:TestEvent",
+                    }
+                    .emit();
                     continue;
                 }
                 Notification::Other(name) => {
-                    NotificationIgnored { message_id: &raw.message_id, key: None, reason: &format!("event {name}") }.emit();
+                    NotificationIgnored {
+                        message_id: &raw.message_id,
+                        key: None,
+                        reason: &format!("event {name}"),
+                    }
+                    .emit();
                     continue;
                 }
                 Notification::Created(o) => o,
             };
             if object.bucket != self.config.source.bucket {
-                NotificationIgnored { message_id: &raw.message_id, key: Some(&object.key), reason: "other bucket" }.emit();
+                NotificationIgnored {
+                    message_id: &raw.message_id,
+                    key: Some(&object.key),
+                    reason: "other bucket",
+                }
+                .emit();
                 continue;
             }
             let dms = match classify_key(&self.config.source.prefix, &object.key) {
                 Ok(KeyClass::Ignored(reason)) => {
-                    NotificationIgnored { message_id: &raw.message_id, key: Some(&object.key), reason }.emit();
+                    NotificationIgnored {
+                        message_id: &raw.message_id,
+                        key: Some(&object.key),
+                        reason,
+                    }
+                    .emit();
                     continue;
                 }
                 Ok(KeyClass::Dms(dms)) => dms,
                 Err(e) => {
                     let reason = e.to_string();
-                    FileSkipped { table: "", key: &object.key, reason: &reason }.emit();
-                    let mut alert = Alert::new(AlertKind::FileSkipped, Severity::Warning, "", format!("s3://{}/{}: {reason}", object.bucket, object.key.escape_debug()));
-                    alert.file = Some(format!("s3://{}/{}", object.bucket, object.key.escape_debug()));
+                    FileSkipped {
+                        table: "",
+                        key: &object.key,
+                        reason: &reason,
+                    }
+                    .emit();
+                    let mut alert = Alert::new(
+                        AlertKind::FileSkipped,
+                        Severity::Warning,
+                        "",
+                        format!(
+                            "s3://{}/{}: {reason}",
+                            object.bucket,
+                            object.key.escape_debug()
+                        ),
+                    );
+                    alert.file = Some(format!(
+                        "s3://{}/{}",
+                        object.bucket,
+                        object.key.escape_debug()
+                    ));
                     self.alerts.publish(&alert).await;
                     continue;
                 }
@@ -113,7 +147,12 @@ impl Ingest {
             let table = match self.router.route(&dms.source) {
                 Ok(t) => t,
                 Err(collision) => {
-                    let mut alert = Alert::new(AlertKind::RoutingCollision, Severity::Error, &collision.target, collision.to_string());
+                    let mut alert = Alert::new(
+                        AlertKind::RoutingCollision,
+                        Severity::Error,
+                        &collision.target,
+                        collision.to_string(),
+                    );
                     alert.source = Some(collision.second.to_string());
                     alert.next_steps = Some("Change routing.table_name so each source table has its own target; these files go to the dead-letter queue meanwhile.".into());
                     self.alerts.publish(&alert).await;
@@ -124,8 +163,16 @@ impl Ingest {
             if warehouse::is_reserved_table(&table)
                 || warehouse::sql::check_name(&table, 255).is_err()
             {
-                let reason = format!("target table name `{}` is reserved or unusable", table.escape_debug());
-                FileSkipped { table: &table, key: &object.key, reason: &reason }.emit();
+                let reason = format!(
+                    "target table name `{}` is reserved or unusable",
+                    table.escape_debug()
+                );
+                FileSkipped {
+                    table: &table,
+                    key: &object.key,
+                    reason: &reason,
+                }
+                .emit();
                 let alert = Alert::new(AlertKind::FileSkipped, Severity::Warning, &table, reason);
                 self.alerts.publish(&alert).await;
                 continue;
@@ -279,20 +326,30 @@ impl Worker {
         // complete their last poll (which returns anything it gets).
         let (finished, ()) = tokio::join!(self.engine.shutdown(budget), self.receivers.wait());
         if !finished {
-            tracing::warn!(budget_s = budget.as_secs(), "batches still running at the end of the shutdown budget; their messages reappear when their visibility times out");
+            tracing::warn!(
+                budget_s = budget.as_secs(),
+                "batches still running at the end of the shutdown budget; their messages reappear when their visibility times out"
+            );
         }
         // Releases first (waiting files go back at once), then deletes: dropping the last
         // tracker closes the delete channel and the acker drains it.
         if let Some(ingest) = self.ingest.take() {
-            let remaining = budget.saturating_sub(started.elapsed()).max(Duration::from_secs(2));
+            let remaining = budget
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(2));
             let _ = tokio::time::timeout(remaining, ingest.tracker.flush_releases()).await;
         }
-        let remaining = budget.saturating_sub(started.elapsed()).max(Duration::from_secs(2));
+        let remaining = budget
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(2));
         let _ = tokio::time::timeout(remaining, &mut self.acker).await;
         if let Some(http) = self.http.take() {
             http.abort();
         }
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "cdc-worker stopped");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "cdc-worker stopped"
+        );
     }
 }
 
@@ -315,7 +372,10 @@ async fn receive_loop(
         match received {
             Ok(messages) if stop.is_cancelled() => {
                 for m in messages {
-                    if let Err(e) = queue.set_visibility(&m.receipt_handle, Duration::ZERO).await {
+                    if let Err(e) = queue
+                        .set_visibility(&m.receipt_handle, Duration::ZERO)
+                        .await
+                    {
                         tracing::warn!(message_id = m.message_id, error = %e, "could not release a message received during shutdown");
                     }
                 }

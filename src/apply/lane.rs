@@ -24,13 +24,15 @@ use super::plan::{self, ApplyPlan, Decision, PlanInput};
 use super::{ApplyContext, Engine, EngineEvent, LaneInfo, PendingFile, new_batch_id};
 use crate::alerts::{Alert, AlertKind, Severity};
 use crate::dms::{DmsOrder, KeyClass, SourceTable, classify_key};
-use crate::storage::bare_etag;
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
 use crate::schema::store::{Recorded, SchemaVersion, Stored, TableStatus};
 use crate::schema::types::FileSchema;
+use crate::storage::bare_etag;
 use crate::telemetry::{BatchApplied, BatchFailed, FileSkipped};
-use crate::warehouse::{BatchFile, LedgerRecord, StageError, StagedFile, TargetTable, WarehouseError};
+use crate::warehouse::{
+    BatchFile, LedgerRecord, StageError, StagedFile, TargetTable, WarehouseError,
+};
 
 /// How often a held table re-reads its status from S3.
 const HOLD_RECHECK: Duration = Duration::from_secs(10);
@@ -217,7 +219,11 @@ impl Lane {
     /// next hold re-check.
     fn next_attempt(&self) -> Instant {
         let now = Instant::now();
-        if let Some(checked) = self.state.held_checked.filter(|_| self.state.held.is_some()) {
+        if let Some(checked) = self
+            .state
+            .held_checked
+            .filter(|_| self.state.held.is_some())
+        {
             return (checked + HOLD_RECHECK).max(now);
         }
         if let Some(until) = self.state.not_before.filter(|u| *u > now) {
@@ -250,9 +256,7 @@ impl Lane {
             }
             keys
         };
-        keys.iter()
-            .filter_map(|k| self.pending.remove(k))
-            .collect()
+        keys.iter().filter_map(|k| self.pending.remove(k)).collect()
     }
 
     /// On shutdown: every waiting file goes back to the queue at once.
@@ -353,15 +357,21 @@ impl Lane {
         };
         let (bucket, folder, source) = {
             let f = &batch[0];
-            (f.file.bucket.clone(), f.dms.table_prefix.clone(), f.source.clone())
+            (
+                f.file.bucket.clone(),
+                f.dms.table_prefix.clone(),
+                f.source.clone(),
+            )
         };
         let prefix = &self.ctx.config.source.prefix;
-        let start_after = self.state.last_applied.as_ref().and_then(|(_, key)| {
-            match classify_key(prefix, key) {
+        let start_after = self
+            .state
+            .last_applied
+            .as_ref()
+            .and_then(|(_, key)| match classify_key(prefix, key) {
                 Ok(KeyClass::Dms(k)) if k.key_order_is_dms_order() => Some(key.clone()),
                 _ => None,
-            }
-        });
+            });
         let listed = self
             .ctx
             .store
@@ -476,7 +486,12 @@ impl Lane {
         }
         if self.state.ignored {
             for f in &batch {
-                FileSkipped { table: &self.table, key: &f.file.key, reason: "table ignored by policy" }.emit();
+                FileSkipped {
+                    table: &self.table,
+                    key: &f.file.key,
+                    reason: "table ignored by policy",
+                }
+                .emit();
                 f.resolve(FileOutcome::Skipped);
             }
             return true;
@@ -485,10 +500,14 @@ impl Lane {
             self.put_back(batch);
             return true;
         }
-        if let Some(stored_source) = self.state.stored.as_ref().and_then(|s| s.current.source.clone()) {
-            if stored_source != source.to_string() {
-                return self.routing_collision(batch, &stored_source, source).await;
-            }
+        if let Some(stored_source) = self
+            .state
+            .stored
+            .as_ref()
+            .and_then(|s| s.current.source.clone())
+            && stored_source != source.to_string()
+        {
+            return self.routing_collision(batch, &stored_source, source).await;
         }
 
         // 1. The ledger.
@@ -499,14 +518,21 @@ impl Lane {
         };
         let mut fresh = Vec::with_capacity(batch.len());
         for f in batch {
-            let same = |r: &LedgerRecord| r.etag.is_empty() || r.etag == f.file.etag || f.file.etag.is_empty();
+            let same = |r: &LedgerRecord| {
+                r.etag.is_empty() || r.etag == f.file.etag || f.file.etag.is_empty()
+            };
             match applied.get(&f.file.key) {
                 // Rejected before and still the same bytes: back to the DLQ, quietly.
                 Some(r) if r.rejected && same(r) => f.resolve(FileOutcome::Retry(None)),
                 // Rejected before, now replaced: apply the new content.
                 Some(r) if r.rejected => fresh.push(f),
                 Some(r) if same(r) => {
-                    FileSkipped { table: &self.table, key: &f.file.key, reason: "already applied (ledger)" }.emit();
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason: "already applied (ledger)",
+                    }
+                    .emit();
                     f.resolve(FileOutcome::Skipped);
                 }
                 Some(LedgerRecord { etag, .. }) => {
@@ -514,8 +540,14 @@ impl Lane {
                         "replaced after it was applied (ledger ETag {etag}, now {}); not applied again: use `cdc-worker replay --force` if the new content must be loaded",
                         f.file.etag
                     );
-                    FileSkipped { table: &self.table, key: &f.file.key, reason: &reason }.emit();
-                    self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, &reason, None).await;
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason: &reason,
+                    }
+                    .emit();
+                    self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, &reason, None)
+                        .await;
                     f.resolve(FileOutcome::Skipped);
                 }
                 None => fresh.push(f),
@@ -543,7 +575,14 @@ impl Lane {
                     self.table
                 );
                 let steps = "Configure dms.ordering_column (DMS TimestampColumnName or AR_H_CHANGE_SEQ) so late files can be applied safely, or rebuild the table with `cdc-worker replay`. The message goes to the dead-letter queue.";
-                self.alert_file(AlertKind::FileOutOfOrder, Severity::Error, &f, &reason, Some(steps)).await;
+                self.alert_file(
+                    AlertKind::FileOutOfOrder,
+                    Severity::Error,
+                    &f,
+                    &reason,
+                    Some(steps),
+                )
+                .await;
                 f.resolve(FileOutcome::Retry(None));
             } else {
                 in_order.push(f);
@@ -563,30 +602,53 @@ impl Lane {
         for (i, f) in pending_iter.by_ref() {
             match results.next() {
                 Some(Ok(s)) => ready.push((f, s)),
-                Some(Err((_, StageError::Missing))) => {
+                Some(Err(StageError::Missing)) => {
                     let reason = "the object no longer exists (deleted after the notification, or a DMS TRUNCATE)";
-                    FileSkipped { table: &self.table, key: &f.file.key, reason }.emit();
-                    self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, reason, None).await;
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason,
+                    }
+                    .emit();
+                    self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, reason, None)
+                        .await;
                     f.resolve(FileOutcome::Skipped);
                 }
-                Some(Err((_, StageError::Poison(e)))) => {
+                Some(Err(StageError::Poison(e))) => {
                     let reason = format!("cannot be read as Parquet: {e}");
-                    if let Err(e) = self.ctx.warehouse.record_rejected(&self.table, std::slice::from_ref(&f.file), &reason).await {
+                    if let Err(e) = self
+                        .ctx
+                        .warehouse
+                        .record_rejected(&self.table, std::slice::from_ref(&f.file), &reason)
+                        .await
+                    {
                         tracing::warn!(table = %self.table, key = %f.file.key, error = %e, "could not record the rejected file in the ledger");
                     }
                     let steps = "The file is left in the queue and reaches the dead-letter queue after its maximum receives. Replace it in S3 and redrive the DLQ (or run `cdc-worker replay`); the table goes on meanwhile.";
-                    self.alert_file(AlertKind::FileRejected, Severity::Error, &f, &reason, Some(steps)).await;
+                    self.alert_file(
+                        AlertKind::FileRejected,
+                        Severity::Error,
+                        &f,
+                        &reason,
+                        Some(steps),
+                    )
+                    .await;
                     metrics::counter!("cdc_worker_files_rejected_total", "table" => self.table.clone()).increment(1);
                     f.resolve(FileOutcome::Retry(None));
                 }
-                Some(Err((_, StageError::Transient(e)))) => {
+                Some(Err(StageError::Transient(e))) => {
                     failed_from = Some((i, e));
                     // This file and every later one retry: nothing passes a failed file.
                     let mut rest = vec![f];
                     rest.extend(pending_iter.by_ref().map(|(_, f)| f));
-                    let reason = failed_from.as_ref().map(|(_, e)| e.clone()).unwrap_or_default();
+                    let reason = failed_from
+                        .as_ref()
+                        .map(|(_, e)| e.clone())
+                        .unwrap_or_default();
                     // Apply what staged before the failure first.
-                    let ok = self.apply_segments(batch_id, std::mem::take(&mut ready), committed).await;
+                    let ok = self
+                        .apply_segments(batch_id, std::mem::take(&mut ready), committed)
+                        .await;
                     if ok {
                         self.fail(batch_id, rest, &reason).await;
                     } else {
@@ -620,7 +682,14 @@ impl Lane {
             match segments.last_mut() {
                 Some(seg) if seg[0].1.schema.table.same_shape(&item.1.schema.table) => {
                     // The segment's schema (its first file's) is nullable where any file is.
-                    for (c, other) in seg[0].1.schema.table.columns.iter_mut().zip(&item.1.schema.table.columns) {
+                    for (c, other) in seg[0]
+                        .1
+                        .schema
+                        .table
+                        .columns
+                        .iter_mut()
+                        .zip(&item.1.schema.table.columns)
+                    {
                         c.nullable |= other.nullable;
                     }
                     seg.push(item);
@@ -667,15 +736,15 @@ impl Lane {
         let files: Vec<PendingFile> = segment.iter().map(|(f, _)| f.clone()).collect();
 
         if let Some((a, b)) = folding_collision(&schema.table) {
-            let reason = format!("columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule");
+            let reason = format!(
+                "columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule"
+            );
             return self.hold(files, &reason, vec![]).await;
         }
-        if let Some(bad) = schema
-            .table
-            .columns
-            .iter()
-            .find_map(|c| crate::warehouse::sql::check_name(&c.name, self.ctx.warehouse.max_identifier_len()).err())
-        {
+        if let Some(bad) = schema.table.columns.iter().find_map(|c| {
+            crate::warehouse::sql::check_name(&c.name, self.ctx.warehouse.max_identifier_len())
+                .err()
+        }) {
             let reason = format!("a column name cannot be used: {bad}");
             return self.hold(files, &reason, vec![]).await;
         }
@@ -684,7 +753,12 @@ impl Lane {
             Ok(t) => t,
             Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
         };
-        let key = match self.ctx.keys.resolve(&self.table, &source, target.as_ref()).await {
+        let key = match self
+            .ctx
+            .keys
+            .resolve(&self.table, &source, target.as_ref())
+            .await
+        {
             Ok(k) => k,
             Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
         };
@@ -697,13 +771,25 @@ impl Lane {
             .stored
             .as_ref()
             .map(|s| s.current.schema())
-            .or_else(|| target.as_ref().map(|t| crate::schema::types::TableSchema::new(t.columns.clone())));
+            .or_else(|| {
+                target
+                    .as_ref()
+                    .map(|t| crate::schema::types::TableSchema::new(t.columns.clone()))
+            });
         // A column becoming nullable is reported (once: the recorded schema keeps it
         // nullable); a file that happens to mark a column REQUIRED is not a change.
         let changes: Vec<SchemaChange> = match &baseline {
             Some(b) => diff(Some(b), &schema.table)
                 .into_iter()
-                .filter(|c| !matches!(c, SchemaChange::Nullability { nullable: false, .. }))
+                .filter(|c| {
+                    !matches!(
+                        c,
+                        SchemaChange::Nullability {
+                            nullable: false,
+                            ..
+                        }
+                    )
+                })
                 .collect(),
             None => diff(None, &schema.table),
         };
@@ -725,20 +811,24 @@ impl Lane {
             column_name: &column_name,
         });
 
-        if !changes.is_empty() || self.state.stored.is_none() {
-            if let Err(e) = self
+        if (!changes.is_empty() || self.state.stored.is_none())
+            && let Err(e) = self
                 .record_version(&source, &schema, &changes, &decision, policy, &files[0])
                 .await
-            {
-                return self.segment_failed(batch_id, files, &e).await;
-            }
+        {
+            return self.segment_failed(batch_id, files, &e).await;
         }
 
         let (ddl, load, mode) = match decision {
             Decision::Ignore => {
                 self.state.ignored = true;
                 for f in &files {
-                    FileSkipped { table: &self.table, key: &f.file.key, reason: "table ignored by policy" }.emit();
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason: "table ignored by policy",
+                    }
+                    .emit();
                     f.resolve(FileOutcome::Skipped);
                 }
                 return SegmentOutcome::Done;
@@ -753,7 +843,9 @@ impl Lane {
                 tracing::warn!(table = %self.table, reason, files = files.len(), "table held by schema policy");
                 return SegmentOutcome::Stop(StopKind::Held(files));
             }
-            Decision::Apply { ddl, load, mode, .. } => (ddl, load, mode),
+            Decision::Apply {
+                ddl, load, mode, ..
+            } => (ddl, load, mode),
         };
 
         let fence = match &self.ctx.leases {
@@ -767,7 +859,8 @@ impl Lane {
                     // next includes every earlier file from the S3 listing.
                     let wait = Duration::from_millis(500 + fastrand::u64(..1500));
                     self.state.not_before = Some(Instant::now() + wait);
-                    metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone()).increment(1);
+                    metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone())
+                        .increment(1);
                     tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
                     return SegmentOutcome::Stop(StopKind::Held(files));
                 }
@@ -779,12 +872,20 @@ impl Lane {
         let op_column = schema
             .has_op
             .then(|| self.ctx.config.dms.op_column.clone())
-            .or_else(|| segment.iter().any(|(_, s)| s.schema.has_op).then(|| self.ctx.config.dms.op_column.clone()));
-        let ordering = self
-            .ctx
-            .config
-            .ordering_column(&self.table)
-            .and_then(|o| schema.table.columns.iter().find(|c| c.name.eq_ignore_ascii_case(&o)).map(|c| c.name.clone()));
+            .or_else(|| {
+                segment
+                    .iter()
+                    .any(|(_, s)| s.schema.has_op)
+                    .then(|| self.ctx.config.dms.op_column.clone())
+            });
+        let ordering = self.ctx.config.ordering_column(&self.table).and_then(|o| {
+            schema
+                .table
+                .columns
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(&o))
+                .map(|c| c.name.clone())
+        });
         let apply_plan = ApplyPlan {
             batch_id: batch_id.to_string(),
             table: self.table.clone(),
@@ -831,21 +932,29 @@ impl Lane {
                 }
                 for f in &files {
                     let order = f.dms.order().sort_key();
-                    if self.state.last_applied.as_ref().is_none_or(|(l, _)| &order > l) {
+                    if self
+                        .state
+                        .last_applied
+                        .as_ref()
+                        .is_none_or(|(l, _)| &order > l)
+                    {
                         self.state.last_applied = Some((order, f.file.key.clone()));
                     }
                     self.state.retrying.remove(&f.file.key);
                     f.resolve(FileOutcome::Committed);
                 }
-                if let Some(blocked) = &self.state.blocked_from {
-                    if files.iter().any(|f| &f.dms.order() >= blocked) {
-                        self.state.blocked_from = None;
-                    }
+                if let Some(blocked) = &self.state.blocked_from
+                    && files.iter().any(|f| &f.dms.order() >= blocked)
+                {
+                    self.state.blocked_from = None;
                 }
                 self.state.consecutive_failures = 0;
                 self.state.failing_alerted = false;
                 if stats.ambiguous_keys > 0 {
-                    let reason = format!("{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change", stats.ambiguous_keys);
+                    let reason = format!(
+                        "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
+                        stats.ambiguous_keys
+                    );
                     self.alert_file(AlertKind::TableFailing, Severity::Warning, &files[0], &reason, Some("Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.")).await;
                 }
                 committed.keys.extend(keys);
@@ -879,7 +988,9 @@ impl Lane {
                     since: now.clone(),
                     kinds: kinds.clone(),
                 },
-                vec![plan::Action::Held { reason: reason.clone() }],
+                vec![plan::Action::Held {
+                    reason: reason.clone(),
+                }],
                 Some(reason.clone()),
             ),
             Decision::Ignore => (
@@ -893,7 +1004,10 @@ impl Lane {
         let mut columns = schema.table.columns.clone();
         if let Some(p) = &previous {
             for c in &mut columns {
-                if p.current.columns.iter().any(|o| crate::schema::diff::fold(&o.name) == crate::schema::diff::fold(&c.name) && o.nullable) {
+                if p.current.columns.iter().any(|o| {
+                    crate::schema::diff::fold(&o.name) == crate::schema::diff::fold(&c.name)
+                        && o.nullable
+                }) {
                     c.nullable = true;
                 }
             }
@@ -932,12 +1046,25 @@ impl Lane {
                 }
                 let mut alert = Alert::new(
                     AlertKind::SchemaChange,
-                    if held_reason.is_some() { Severity::Error } else if changes.iter().any(|c| matches!(c, SchemaChange::NewTable { .. })) { Severity::Info } else { Severity::Warning },
+                    if held_reason.is_some() {
+                        Severity::Error
+                    } else if changes
+                        .iter()
+                        .any(|c| matches!(c, SchemaChange::NewTable { .. }))
+                    {
+                        Severity::Info
+                    } else {
+                        Severity::Warning
+                    },
                     &self.table,
                     format!(
                         "{}: {}",
                         self.table,
-                        changes.iter().map(|c| c.describe()).collect::<Vec<_>>().join("; ")
+                        changes
+                            .iter()
+                            .map(|c| c.describe())
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     ),
                 );
                 alert.source = Some(source.to_string());
@@ -963,15 +1090,16 @@ impl Lane {
                     ));
                 }
                 self.ctx.alerts.publish(&alert).await;
-                metrics::counter!("cdc_worker_schema_changes_total", "table" => self.table.clone()).increment(1);
+                metrics::counter!("cdc_worker_schema_changes_total", "table" => self.table.clone())
+                    .increment(1);
             }
             Recorded::Lost(current) => {
                 // Another worker recorded it (and alerted); adopt its view.
-                if let Some(c) = &current {
-                    if let TableStatus::Held { reason, .. } = &c.current.status {
-                        self.state.held = Some(reason.clone());
-                        self.state.held_checked = Some(Instant::now());
-                    }
+                if let Some(c) = &current
+                    && let TableStatus::Held { reason, .. } = &c.current.status
+                {
+                    self.state.held = Some(reason.clone());
+                    self.state.held_checked = Some(Instant::now());
                 }
                 self.state.stored = current;
             }
@@ -979,12 +1107,25 @@ impl Lane {
         Ok(())
     }
 
-    async fn hold(&mut self, files: Vec<PendingFile>, reason: &str, _kinds: Vec<crate::schema::diff::ChangeKind>) -> SegmentOutcome {
+    async fn hold(
+        &mut self,
+        files: Vec<PendingFile>,
+        reason: &str,
+        _kinds: Vec<crate::schema::diff::ChangeKind>,
+    ) -> SegmentOutcome {
         if self.state.alerted.insert(format!("hold:{reason}")) {
-            let mut alert = Alert::new(AlertKind::TableHeld, Severity::Error, &self.table, reason.to_string());
+            let mut alert = Alert::new(
+                AlertKind::TableHeld,
+                Severity::Error,
+                &self.table,
+                reason.to_string(),
+            );
             alert.held = true;
             alert.file = files.first().map(|f| f.file.uri());
-            alert.next_steps = Some(format!("Files of `{}` wait in the queue (nothing is lost). Fix the cause, then restart the worker or run `cdc-worker schema accept {}`.", self.table, self.table));
+            alert.next_steps = Some(format!(
+                "Files of `{}` wait in the queue (nothing is lost). Fix the cause, then restart the worker or run `cdc-worker schema accept {}`.",
+                self.table, self.table
+            ));
             self.ctx.alerts.publish(&alert).await;
         }
         self.state.held = Some(reason.to_string());
@@ -996,7 +1137,12 @@ impl Lane {
         SegmentOutcome::Stop(StopKind::Held(files))
     }
 
-    async fn segment_failed(&mut self, batch_id: &str, files: Vec<PendingFile>, error: &str) -> SegmentOutcome {
+    async fn segment_failed(
+        &mut self,
+        batch_id: &str,
+        files: Vec<PendingFile>,
+        error: &str,
+    ) -> SegmentOutcome {
         self.fail(batch_id, files, error).await;
         SegmentOutcome::Stop(StopKind::Failed)
     }
@@ -1019,7 +1165,10 @@ impl Lane {
                 AlertKind::TableFailing,
                 Severity::Error,
                 &self.table,
-                format!("{} consecutive batches failed; last error: {error}", self.state.consecutive_failures),
+                format!(
+                    "{} consecutive batches failed; last error: {error}",
+                    self.state.consecutive_failures
+                ),
             );
             alert.file = files.first().map(|f| f.file.uri());
             alert.next_steps = Some("The table's files are retried with backoff and later files wait behind them; after the queue's maximum receives they reach the dead-letter queue. Fix the cause, then redrive the DLQ or run `cdc-worker replay --table TABLE`.".into());
@@ -1061,13 +1210,28 @@ impl Lane {
     fn retry_backoff(&self) -> Duration {
         let q = &self.ctx.config.queue;
         let exp = self.state.consecutive_failures.saturating_sub(1).min(16);
-        q.retry_backoff.saturating_mul(1u32 << exp).min(q.retry_backoff_max)
+        q.retry_backoff
+            .saturating_mul(1u32 << exp)
+            .min(q.retry_backoff_max)
     }
 
-    async fn routing_collision(&mut self, batch: Vec<PendingFile>, first: &str, second: &SourceTable) -> bool {
-        let reason = format!("source tables {first} and {second} both map to target table `{}`", self.table);
+    async fn routing_collision(
+        &mut self,
+        batch: Vec<PendingFile>,
+        first: &str,
+        second: &SourceTable,
+    ) -> bool {
+        let reason = format!(
+            "source tables {first} and {second} both map to target table `{}`",
+            self.table
+        );
         if self.state.alerted.insert(format!("collision:{second}")) {
-            let mut alert = Alert::new(AlertKind::RoutingCollision, Severity::Error, &self.table, reason.clone());
+            let mut alert = Alert::new(
+                AlertKind::RoutingCollision,
+                Severity::Error,
+                &self.table,
+                reason.clone(),
+            );
             alert.source = Some(second.to_string());
             alert.next_steps = Some("Change routing.table_name (for example to \"{schema}_{table}\") so each source table has its own target. The files of the second source go to the dead-letter queue.".into());
             self.ctx.alerts.publish(&alert).await;
@@ -1087,10 +1251,19 @@ impl Lane {
         reason: &str,
         next_steps: Option<&str>,
     ) {
-        if !self.state.alerted.insert(format!("{}:{}", kind.as_str(), file.file.key)) {
+        if !self
+            .state
+            .alerted
+            .insert(format!("{}:{}", kind.as_str(), file.file.key))
+        {
             return;
         }
-        let mut alert = Alert::new(kind, severity, &self.table, format!("{}: {reason}", file.file.uri()));
+        let mut alert = Alert::new(
+            kind,
+            severity,
+            &self.table,
+            format!("{}: {reason}", file.file.uri()),
+        );
         alert.source = Some(file.source.to_string());
         alert.file = Some(file.file.uri());
         alert.next_steps = next_steps.map(str::to_string);

@@ -165,13 +165,24 @@ impl Engine {
                 info: info.clone(),
             },
         );
-        let lane = lane::Lane::new(table, self.ctx.clone(), rx, info, Arc::downgrade(self), self.stop.clone());
+        let lane = lane::Lane::new(
+            table,
+            self.ctx.clone(),
+            rx,
+            info,
+            Arc::downgrade(self),
+            self.stop.clone(),
+        );
         self.tasks.spawn(lane.run());
     }
 
     /// Called by an idle lane: removes it if no file arrived meanwhile. Holding the lanes
     /// lock while checking the mailbox means no file can be sent to a lane that exits.
-    fn retire(&self, table: &str, rx: &mut mpsc::UnboundedReceiver<PendingFile>) -> Option<PendingFile> {
+    fn retire(
+        &self,
+        table: &str,
+        rx: &mut mpsc::UnboundedReceiver<PendingFile>,
+    ) -> Option<PendingFile> {
         let mut lanes = self.lanes.lock().expect("lanes lock");
         match rx.try_recv() {
             Ok(file) => Some(file),
@@ -198,6 +209,8 @@ impl Engine {
     pub async fn shutdown(&self, budget: Duration) -> bool {
         self.stop.cancel();
         self.tasks.close();
-        tokio::time::timeout(budget, self.tasks.wait()).await.is_ok()
+        tokio::time::timeout(budget, self.tasks.wait())
+            .await
+            .is_ok()
     }
 }

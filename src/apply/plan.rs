@@ -115,16 +115,45 @@ pub struct Fence {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
-    CreatedTable { key: Vec<String> },
-    AddedColumn { column: String, #[serde(rename = "type")] ty: ColumnType },
-    IgnoredColumn { column: String, reason: String },
-    KeptColumn { column: String, note: String },
-    WidenedColumn { column: String, from: ColumnType, to: ColumnType },
-    CastOnLoad { column: String, to: ColumnType, lossless: bool },
-    AddedVariantColumn { column: String, variant: String, #[serde(rename = "type")] ty: ColumnType },
-    Held { reason: String },
+    CreatedTable {
+        key: Vec<String>,
+    },
+    AddedColumn {
+        column: String,
+        #[serde(rename = "type")]
+        ty: ColumnType,
+    },
+    IgnoredColumn {
+        column: String,
+        reason: String,
+    },
+    KeptColumn {
+        column: String,
+        note: String,
+    },
+    WidenedColumn {
+        column: String,
+        from: ColumnType,
+        to: ColumnType,
+    },
+    CastOnLoad {
+        column: String,
+        to: ColumnType,
+        lossless: bool,
+    },
+    AddedVariantColumn {
+        column: String,
+        variant: String,
+        #[serde(rename = "type")]
+        ty: ColumnType,
+    },
+    Held {
+        reason: String,
+    },
     IgnoredTable,
-    AppendOnly { note: String },
+    AppendOnly {
+        note: String,
+    },
 }
 
 impl Action {
@@ -135,7 +164,9 @@ impl Action {
             }
             Action::CreatedTable { key } => format!("created the table, key ({})", key.join(", ")),
             Action::AddedColumn { column, ty } => format!("added column {column} {ty}"),
-            Action::IgnoredColumn { column, reason } => format!("ignored column {column}: {reason}"),
+            Action::IgnoredColumn { column, reason } => {
+                format!("ignored column {column}: {reason}")
+            }
             Action::KeptColumn { column, note } => format!("kept column {column}: {note}"),
             Action::WidenedColumn { column, from, to } => {
                 format!("widened column {column} {from} -> {to}")
@@ -311,10 +342,15 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
         });
     }
     for change in input.source_changes {
-        if let SchemaChange::Nullability { column, nullable: true } = change {
+        if let SchemaChange::Nullability {
+            column,
+            nullable: true,
+        } = change
+        {
             actions.push(Action::KeptColumn {
                 column: column.clone(),
-                note: "now nullable at the source; no change needed (target columns are nullable)".into(),
+                note: "now nullable at the source; no change needed (target columns are nullable)"
+                    .into(),
             });
         }
     }
@@ -391,15 +427,13 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
                 });
             }
             TypeChange::Incompatible => {
-                let resolution = input
-                    .resolutions
-                    .get(&fold(&c.name))
-                    .copied()
-                    .unwrap_or(match input.policy.incompatible {
+                let resolution = input.resolutions.get(&fold(&c.name)).copied().unwrap_or(
+                    match input.policy.incompatible {
                         // Fail reaches here only once accepted without a choice.
                         IncompatiblePolicy::Fail => IncompatiblePolicy::Variant,
                         other => other,
-                    });
+                    },
+                );
                 match resolution {
                     IncompatiblePolicy::Variant | IncompatiblePolicy::Fail => {
                         let variant = variant_column(&target_name, &c.ty);
@@ -522,7 +556,11 @@ mod tests {
 
     fn file(cols: &[(&str, ColumnType)]) -> FileSchema {
         FileSchema {
-            table: TableSchema::new(cols.iter().map(|(n, t)| Column::new(*n, t.clone())).collect()),
+            table: TableSchema::new(
+                cols.iter()
+                    .map(|(n, t)| Column::new(*n, t.clone()))
+                    .collect(),
+            ),
             has_op: true,
             rows: 1,
         }
@@ -531,7 +569,10 @@ mod tests {
     fn target(cols: &[(&str, ColumnType)]) -> TargetTable {
         TargetTable {
             name: "t".into(),
-            columns: cols.iter().map(|(n, t)| Column::new(*n, t.clone())).collect(),
+            columns: cols
+                .iter()
+                .map(|(n, t)| Column::new(*n, t.clone()))
+                .collect(),
             primary_key: vec![],
         }
     }
@@ -566,7 +607,9 @@ mod tests {
         let f = file(&[("id", ColumnType::Int64), ("name", ColumnType::String)]);
         match run(None, None, &f, PolicyPreset::Evolve, &["ID"]) {
             Decision::Apply { ddl, mode, .. } => {
-                assert!(matches!(&ddl[0], Ddl::CreateTable { primary_key, .. } if primary_key == &["id"]));
+                assert!(
+                    matches!(&ddl[0], Ddl::CreateTable { primary_key, .. } if primary_key == &["id"])
+                );
                 assert!(matches!(mode, LoadMode::Merge { .. }));
             }
             other => panic!("{other:?}"),
@@ -603,21 +646,49 @@ mod tests {
 
     #[test]
     fn type_changes_widen_cast_or_variant() {
-        let t = target(&[("id", ColumnType::Int64), ("n", ColumnType::Int32), ("p", ColumnType::Int64)]);
+        let t = target(&[
+            ("id", ColumnType::Int64),
+            ("n", ColumnType::Int32),
+            ("p", ColumnType::Int64),
+        ]);
         let stored = TableSchema::new(t.columns.clone());
-        let f = file(&[("id", ColumnType::Int32), ("n", ColumnType::Int64), ("p", ColumnType::String)]);
+        let f = file(&[
+            ("id", ColumnType::Int32),
+            ("n", ColumnType::Int64),
+            ("p", ColumnType::String),
+        ]);
         match run(Some(&t), Some(&stored), &f, PolicyPreset::Evolve, &["id"]) {
             Decision::Apply { ddl, load, .. } => {
-                assert!(matches!(&load[0].expr, LoadExpr::Cast { to: ColumnType::Int64, .. }));
-                assert!(ddl.iter().any(|d| matches!(d, Ddl::WidenColumn { column, .. } if column == "n")));
-                assert!(ddl.iter().any(|d| matches!(d, Ddl::AddColumn { column } if column.name == "p__v_string")));
-                assert!(load.iter().any(|l| matches!(&l.expr, LoadExpr::Variant { .. })));
+                assert!(matches!(
+                    &load[0].expr,
+                    LoadExpr::Cast {
+                        to: ColumnType::Int64,
+                        ..
+                    }
+                ));
+                assert!(
+                    ddl.iter()
+                        .any(|d| matches!(d, Ddl::WidenColumn { column, .. } if column == "n"))
+                );
+                assert!(ddl.iter().any(
+                    |d| matches!(d, Ddl::AddColumn { column } if column.name == "p__v_string")
+                ));
+                assert!(
+                    load.iter()
+                        .any(|l| matches!(&l.expr, LoadExpr::Variant { .. }))
+                );
             }
             other => panic!("{other:?}"),
         }
         match run(Some(&t), Some(&stored), &f, PolicyPreset::Lenient, &["id"]) {
             Decision::Apply { load, .. } => {
-                assert!(load.iter().any(|l| matches!(&l.expr, LoadExpr::TryCast { to: ColumnType::Int64, .. })));
+                assert!(load.iter().any(|l| matches!(
+                    &l.expr,
+                    LoadExpr::TryCast {
+                        to: ColumnType::Int64,
+                        ..
+                    }
+                )));
             }
             other => panic!("{other:?}"),
         }
@@ -635,7 +706,13 @@ mod tests {
     #[test]
     fn variant_names_are_plain() {
         assert_eq!(
-            variant_column("price", &ColumnType::Decimal { precision: 10, scale: 2 }),
+            variant_column(
+                "price",
+                &ColumnType::Decimal {
+                    precision: 10,
+                    scale: 2
+                }
+            ),
             "price__v_decimal_10_2"
         );
     }

@@ -51,7 +51,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 30)]
     pub steady_seconds: u64,
     /// Phases to run: batched, per-file, floor, steady.
-    #[arg(long, value_delimiter = ',', default_value = "batched,per-file,floor,steady")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "batched,per-file,floor,steady"
+    )]
     pub phases: Vec<String>,
     /// The worker binary (default: this executable).
     #[arg(long)]
@@ -75,7 +79,10 @@ fn generate(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<GenFile>> {
         .map(|p| p.trim().parse())
         .collect::<Result<_, _>>()
         .context("--mix is I/U/D percentages, e.g. 60/30/10")?;
-    anyhow::ensure!(mix.len() == 3 && mix.iter().sum::<u32>() == 100, "--mix must be three percentages adding up to 100");
+    anyhow::ensure!(
+        mix.len() == 3 && mix.iter().sum::<u32>() == 100,
+        "--mix must be three percentages adding up to 100"
+    );
     let (inserts, updates) = (mix[0], mix[0] + mix[1]);
     let conn = duckdb::Connection::open_in_memory()?;
     let per_table = args.files.div_ceil(args.tables).max(1);
@@ -193,7 +200,12 @@ struct Phase<'a> {
     rate: Option<f64>,
 }
 
-async fn run_phase(args: &BenchArgs, phase: &Phase<'_>, files: &[GenFile], work: &Path) -> anyhow::Result<Measured> {
+async fn run_phase(
+    args: &BenchArgs,
+    phase: &Phase<'_>,
+    files: &[GenFile],
+    work: &Path,
+) -> anyhow::Result<Measured> {
     let aws_config = AwsConfig {
         region: Some("us-east-1".into()),
         endpoint_url: Some(args.endpoint.clone()),
@@ -204,7 +216,12 @@ async fn run_phase(args: &BenchArgs, phase: &Phase<'_>, files: &[GenFile], work:
     };
     let aws = AwsClients::new(&aws_config).await;
     let store = ObjectStore::new(aws.s3.clone());
-    let name = format!("bench-{}-{}-{}", phase.name, std::process::id(), fastrand::u32(..));
+    let name = format!(
+        "bench-{}-{}-{}",
+        phase.name,
+        std::process::id(),
+        fastrand::u32(..)
+    );
     let resources = dev::ensure_resources(
         &aws,
         &ResourceSpec {
@@ -222,7 +239,13 @@ async fn run_phase(args: &BenchArgs, phase: &Phase<'_>, files: &[GenFile], work:
         .map(|f| (f.table.clone(), serde_json::Value::from("id")))
         .collect();
     store
-        .put(&name, "cdc-worker/table_keys.json", Bytes::from(serde_json::to_vec(&keys)?), "application/json", WriteCondition::Unconditional)
+        .put(
+            &name,
+            "cdc-worker/table_keys.json",
+            Bytes::from(serde_json::to_vec(&keys)?),
+            "application/json",
+            WriteCondition::Unconditional,
+        )
         .await?;
     let dir = work.join(&name);
     std::fs::create_dir_all(&dir)?;
@@ -269,7 +292,13 @@ log_level = "info,aws=warn"
         async move {
             let body = tokio::fs::read(&path).await?;
             store
-                .put(&bucket, &key, Bytes::from(body), "application/octet-stream", WriteCondition::Unconditional)
+                .put(
+                    &bucket,
+                    &key,
+                    Bytes::from(body),
+                    "application/octet-stream",
+                    WriteCondition::Unconditional,
+                )
                 .await?;
             anyhow::Ok((key, SystemTime::now()))
         }
@@ -352,7 +381,13 @@ log_level = "info,aws=warn"
     while !pending.is_empty() {
         let event = tokio::time::timeout_at(deadline.into(), commits.recv())
             .await
-            .map_err(|_| anyhow::anyhow!("{} files not applied after 10 minutes; see {}", pending.len(), dir.join("worker.log").display()))?
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{} files not applied after 10 minutes; see {}",
+                    pending.len(),
+                    dir.join("worker.log").display()
+                )
+            })?
             .context("the worker exited")?;
         let (keys, at) = match event {
             // A backlog is measured from the moment the worker is up.
@@ -361,7 +396,12 @@ log_level = "info,aws=warn"
                 continue;
             }
             LogEvent::Started(_) => continue,
-            LogEvent::Commit { keys, at, statements, rows } => {
+            LogEvent::Commit {
+                keys,
+                at,
+                statements,
+                rows,
+            } => {
                 m.statements += statements;
                 m.rows += rows;
                 (keys, at)
@@ -380,7 +420,9 @@ log_level = "info,aws=warn"
     }
     m.elapsed = last_commit.duration_since(start_wall).unwrap_or_default();
     m.peak_rss_kib = peak_rss_kib(pid);
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
     Ok(m)
 }
@@ -405,7 +447,11 @@ fn floor(files: &[GenFile], work: &Path) -> anyhow::Result<(Duration, u64)> {
             first = paths[0]
         ))?;
         rows += conn.execute(
-            &format!("INSERT INTO {} SELECT * FROM read_parquet([{}])", ident(table), paths.join(", ")),
+            &format!(
+                "INSERT INTO {} SELECT * FROM read_parquet([{}])",
+                ident(table),
+                paths.join(", ")
+            ),
             [],
         )? as u64;
     }
@@ -443,7 +489,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ..Default::default()
     });
     if cfg!(debug_assertions) {
-        println!("note: a debug build; figures for BENCHMARKS.md come from `cargo build --release`");
+        println!(
+            "note: a debug build; figures for BENCHMARKS.md come from `cargo build --release`"
+        );
     }
     let work = tempfile::Builder::new().prefix("cdc-bench").tempdir()?;
     println!(
@@ -466,27 +514,62 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut per_file = None;
     let mut floor_rate = None;
     if wants("batched") {
-        let m = run_phase(&args, &Phase { name: "batched", concurrency: args.concurrency, max_files: 100, linger: "1s", rate: None }, &files, work.path()).await?;
+        let m = run_phase(
+            &args,
+            &Phase {
+                name: "batched",
+                concurrency: args.concurrency,
+                max_files: 100,
+                linger: "1s",
+                rate: None,
+            },
+            &files,
+            work.path(),
+        )
+        .await?;
         report("batched", &m);
         batched = Some(m);
     }
     if wants("per-file") {
         let subset = &files[..args.per_file_files.min(files.len())];
-        let m = run_phase(&args, &Phase { name: "per-file", concurrency: 1, max_files: 1, linger: "0s", rate: None }, subset, work.path()).await?;
+        let m = run_phase(
+            &args,
+            &Phase {
+                name: "per-file",
+                concurrency: 1,
+                max_files: 1,
+                linger: "0s",
+                rate: None,
+            },
+            subset,
+            work.path(),
+        )
+        .await?;
         report("per-file", &m);
         per_file = Some(m);
     }
     if wants("floor") {
         let (elapsed, rows) = floor(&files, work.path())?;
         let rate = rows as f64 / elapsed.as_secs_f64().max(1e-9);
-        println!("floor      {rows:>6} rows in {:>7.2} s = {rate:>10.0} rows/s (plain INSERT ... SELECT * FROM read_parquet, local files)", elapsed.as_secs_f64());
+        println!(
+            "floor      {rows:>6} rows in {:>7.2} s = {rate:>10.0} rows/s (plain INSERT ... SELECT * FROM read_parquet, local files)",
+            elapsed.as_secs_f64()
+        );
         floor_rate = Some(rate);
     }
     if wants("steady") {
-        let n = ((args.steady_rate * args.steady_seconds as f64) as usize).min(files.len()).max(1);
+        let n = ((args.steady_rate * args.steady_seconds as f64) as usize)
+            .min(files.len())
+            .max(1);
         let m = run_phase(
             &args,
-            &Phase { name: "steady", concurrency: args.concurrency, max_files: 100, linger: "1s", rate: Some(args.steady_rate) },
+            &Phase {
+                name: "steady",
+                concurrency: args.concurrency,
+                max_files: 100,
+                linger: "1s",
+                rate: Some(args.steady_rate),
+            },
             &files[..n],
             work.path(),
         )

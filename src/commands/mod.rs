@@ -63,7 +63,11 @@ fn table_keys_key(config: &Config) -> String {
     )
 }
 
-pub async fn simulate(config: &Config, seed: u64, pace_ms: u64) -> anyhow::Result<simulate::Simulation> {
+pub async fn simulate(
+    config: &Config,
+    seed: u64,
+    pace_ms: u64,
+) -> anyhow::Result<simulate::Simulation> {
     let aws = AwsClients::new(&config.aws).await;
     let store = ObjectStore::new(aws.s3.clone());
     let dir = tempfile::tempdir()?;
@@ -77,8 +81,19 @@ pub async fn simulate(config: &Config, seed: u64, pace_ms: u64) -> anyhow::Resul
             WriteCondition::Unconditional,
         )
         .await?;
-    simulate::upload(&store, &config.source.bucket, &sim, Duration::from_millis(pace_ms)).await?;
-    println!("uploaded {} DMS files to s3://{}/{}", sim.files.len(), config.source.bucket, config.source.prefix);
+    simulate::upload(
+        &store,
+        &config.source.bucket,
+        &sim,
+        Duration::from_millis(pace_ms),
+    )
+    .await?;
+    println!(
+        "uploaded {} DMS files to s3://{}/{}",
+        sim.files.len(),
+        config.source.bucket,
+        config.source.prefix
+    );
     Ok(sim)
 }
 
@@ -94,7 +109,12 @@ async fn queue_depth(aws: &AwsClients, url: &str) -> anyhow::Result<u64> {
         .send()
         .await?;
     let attrs = out.attributes().cloned().unwrap_or_default();
-    let n = |k: A| attrs.get(&k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let n = |k: A| {
+        attrs
+            .get(&k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Ok(n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible))
 }
 
@@ -110,7 +130,11 @@ pub async fn wait_until_idle(
     let mut idle_since: Option<Instant> = None;
     while started.elapsed() < timeout {
         let depth = queue_depth(aws, queue_url).await?;
-        let busy = worker.engine().lanes().iter().any(|(_, l)| l.pending_files > 0);
+        let busy = worker
+            .engine()
+            .lanes()
+            .iter()
+            .any(|(_, l)| l.pending_files > 0);
         if depth == 0 && !busy {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= quiet {
@@ -126,7 +150,11 @@ pub async fn wait_until_idle(
 
 /// Starts the demo from a clean slate: its DMS and metadata prefixes, queue and DuckDB
 /// file. Refused unless the config points at a local endpoint (LocalStack).
-async fn reset_demo(config: &Config, aws: &AwsClients, resources: &Resources) -> anyhow::Result<()> {
+async fn reset_demo(
+    config: &Config,
+    aws: &AwsClients,
+    resources: &Resources,
+) -> anyhow::Result<()> {
     let endpoint = config.aws.endpoint_url.as_deref().unwrap_or_default();
     anyhow::ensure!(
         endpoint.contains("127.0.0.1") || endpoint.contains("localhost"),
@@ -141,7 +169,12 @@ async fn reset_demo(config: &Config, aws: &AwsClients, resources: &Resources) ->
             store.delete(bucket, &o.key).await?;
         }
     }
-    aws.sqs.purge_queue().queue_url(&resources.queue_url).send().await.context("purging the demo queue")?;
+    aws.sqs
+        .purge_queue()
+        .queue_url(&resources.queue_url)
+        .send()
+        .await
+        .context("purging the demo queue")?;
     let _ = dev::drain_alerts(aws, &resources.alerts_queue_url).await;
     let db = &config.warehouse.duckdb.path;
     for path in [db.clone(), db.with_extension("duckdb.wal")] {
@@ -154,7 +187,10 @@ async fn reset_demo(config: &Config, aws: &AwsClients, resources: &Resources) ->
 
 pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
-    println!("== cdc-worker demo: LocalStack S3 -> SQS -> cdc-worker -> DuckDB ({})", config.warehouse.duckdb.path.display());
+    println!(
+        "== cdc-worker demo: LocalStack S3 -> SQS -> cdc-worker -> DuckDB ({})",
+        config.warehouse.duckdb.path.display()
+    );
     let resources = dev_setup(&config).await?;
     config.queue.url = resources.queue_url.clone();
     config.alerts.sns_topic_arn = Some(resources.topic_arn.clone());
@@ -162,9 +198,19 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     reset_demo(&config, &aws, &resources).await?;
 
     let worker = Worker::start(config.clone()).await?;
-    println!("== worker started ({} receivers); simulating DMS: full load, then 12 minutes of CDC", config.worker.concurrency);
+    println!(
+        "== worker started ({} receivers); simulating DMS: full load, then 12 minutes of CDC",
+        config.worker.concurrency
+    );
     let sim = simulate(&config, 7, 20).await?;
-    wait_until_idle(&aws, &worker, &resources.queue_url, Duration::from_secs(3), Duration::from_secs(180)).await?;
+    wait_until_idle(
+        &aws,
+        &worker,
+        &resources.queue_url,
+        Duration::from_secs(3),
+        Duration::from_secs(180),
+    )
+    .await?;
 
     let warehouse = worker.warehouse().clone();
     let mut rows = BTreeMap::new();
@@ -173,9 +219,16 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     }
     worker.shutdown().await;
 
-    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    let schemas = SchemaStore::new(
+        ObjectStore::new(aws.s3.clone()),
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+    );
     println!();
-    println!("{:<14} {:>10} {:>10}  {:<8} schema", "table", "rows", "expected", "match");
+    println!(
+        "{:<14} {:>10} {:>10}  {:<8} schema",
+        "table", "rows", "expected", "match"
+    );
     let mut all_match = true;
     for (table, expected) in &sim.expected_rows {
         let actual = rows.get(table).copied().unwrap_or(0);
@@ -184,15 +237,28 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
             .await
             .ok()
             .flatten()
-            .map(|s| format!("v{} ({} columns)", s.current.version, s.current.columns.len()))
+            .map(|s| {
+                format!(
+                    "v{} ({} columns)",
+                    s.current.version,
+                    s.current.columns.len()
+                )
+            })
             .unwrap_or_default();
         let ok = actual == *expected as u64;
         all_match &= ok;
-        println!("{table:<14} {actual:>10} {expected:>10}  {:<8} {version}", if ok { "yes" } else { "NO" });
+        println!(
+            "{table:<14} {actual:>10} {expected:>10}  {:<8} {version}",
+            if ok { "yes" } else { "NO" }
+        );
     }
     let alerts = dev::drain_alerts(&aws, &resources.alerts_queue_url).await?;
     println!();
-    println!("alerts published to {} ({}):", resources.topic_arn, alerts.len());
+    println!(
+        "alerts published to {} ({}):",
+        resources.topic_arn,
+        alerts.len()
+    );
     for a in &alerts {
         println!("  {}", a.subject);
     }
@@ -211,18 +277,29 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
 
 pub async fn schema_show(config: &Config, table: &str) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
-    let stored = schemas
-        .load(table)
-        .await?
-        .with_context(|| format!("no schema recorded for table `{table}` (s3://{}/{})", schemas.bucket(), schemas.current_key(table)))?;
+    let schemas = SchemaStore::new(
+        ObjectStore::new(aws.s3.clone()),
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+    );
+    let stored = schemas.load(table).await?.with_context(|| {
+        format!(
+            "no schema recorded for table `{table}` (s3://{}/{})",
+            schemas.bucket(),
+            schemas.current_key(table)
+        )
+    })?;
     println!("{}", serde_json::to_string_pretty(&stored.current)?);
     Ok(())
 }
 
 pub async fn schema_history(config: &Config, table: &str) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    let schemas = SchemaStore::new(
+        ObjectStore::new(aws.s3.clone()),
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+    );
     let versions = schemas.history(table).await?;
     if versions.is_empty() {
         anyhow::bail!("no schema history for table `{table}`");
@@ -233,7 +310,13 @@ pub async fn schema_history(config: &Config, table: &str) -> anyhow::Result<()> 
             TableStatus::Held { .. } => "held".to_string(),
             TableStatus::Ignored { .. } => "ignored".to_string(),
         };
-        println!("v{}  {}  {}  {}", v.version, v.detected_at, status, v.file.as_deref().unwrap_or("-"));
+        println!(
+            "v{}  {}  {}  {}",
+            v.version,
+            v.detected_at,
+            status,
+            v.file.as_deref().unwrap_or("-")
+        );
         for c in &v.changes {
             println!("      change: {}", c.describe());
         }
@@ -244,13 +327,21 @@ pub async fn schema_history(config: &Config, table: &str) -> anyhow::Result<()> 
         }
         println!(
             "      columns: {}",
-            v.columns.iter().map(|c| format!("{} {}", c.name, c.ty)).collect::<Vec<_>>().join(", ")
+            v.columns
+                .iter()
+                .map(|c| format!("{} {}", c.name, c.ty))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())
 }
 
-pub async fn schema_accept(config: &Config, table: &str, incompatible: Option<&str>) -> anyhow::Result<()> {
+pub async fn schema_accept(
+    config: &Config,
+    table: &str,
+    incompatible: Option<&str>,
+) -> anyhow::Result<()> {
     let resolution = match incompatible {
         None => None,
         Some("variant") => Some(IncompatiblePolicy::Variant),
@@ -259,20 +350,34 @@ pub async fn schema_accept(config: &Config, table: &str, incompatible: Option<&s
         Some(other) => anyhow::bail!("--incompatible takes variant, cast or ignore, not `{other}`"),
     };
     let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::new(ObjectStore::new(aws.s3.clone()), config.metadata_bucket(), &config.metadata.prefix);
+    let schemas = SchemaStore::new(
+        ObjectStore::new(aws.s3.clone()),
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+    );
     let before = schemas
         .load(table)
         .await?
         .with_context(|| format!("no schema recorded for table `{table}`"))?;
-    let TableStatus::Held { version, reason, .. } = &before.current.status else {
-        println!("table `{table}` is not held (status: {:?}); nothing to do", before.current.status);
+    let TableStatus::Held {
+        version, reason, ..
+    } = &before.current.status
+    else {
+        println!(
+            "table `{table}` is not held (status: {:?}); nothing to do",
+            before.current.status
+        );
         return Ok(());
     };
     println!("accepting v{version} of `{table}`: {reason}");
     let stored = schemas
         .update(table, |c| {
             if let Some(r) = resolution {
-                let changed: Vec<String> = c.columns.iter().map(|col| crate::schema::diff::fold(&col.name)).collect();
+                let changed: Vec<String> = c
+                    .columns
+                    .iter()
+                    .map(|col| crate::schema::diff::fold(&col.name))
+                    .collect();
                 for name in changed {
                     c.resolutions.entry(name).or_insert(r);
                 }
@@ -280,22 +385,32 @@ pub async fn schema_accept(config: &Config, table: &str, incompatible: Option<&s
             c.status = TableStatus::Active;
         })
         .await?;
-    println!("table `{table}` released at schema v{}; running workers apply its waiting files within seconds", stored.current.version);
+    println!(
+        "table `{table}` released at schema v{}; running workers apply its waiting files within seconds",
+        stored.current.version
+    );
     Ok(())
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<()> {
     if let Some(addr) = config.telemetry.listen {
-        let url = format!("http://{}/metrics", addr.to_string().replace("0.0.0.0", "127.0.0.1"));
-        if let Ok(resp) = reqwest::get(&url).await {
-            if resp.status().is_success() {
-                println!("a worker answers on {addr}: lanes and lag are in its /metrics");
-            }
+        let url = format!(
+            "http://{}/metrics",
+            addr.to_string().replace("0.0.0.0", "127.0.0.1")
+        );
+        if let Ok(resp) = reqwest::get(&url).await
+            && resp.status().is_success()
+        {
+            println!("a worker answers on {addr}: lanes and lag are in its /metrics");
         }
     }
     let aws = AwsClients::new(&config.aws).await;
     let store = ObjectStore::new(aws.s3.clone());
-    let schemas = SchemaStore::new(store.clone(), config.metadata_bucket(), &config.metadata.prefix);
+    let schemas = SchemaStore::new(
+        store.clone(),
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+    );
     let mut tables = schemas.tables().await?;
     tables.sort();
     let ledger = match worker::open_warehouse(config, store).await {
@@ -305,7 +420,10 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
             vec![]
         }
     };
-    println!("{:<20} {:<8} {:<10} last applied file", "table", "schema", "status");
+    println!(
+        "{:<20} {:<8} {:<10} last applied file",
+        "table", "schema", "status"
+    );
     for t in &tables {
         let stored = schemas.load(t).await?.map(|s| s.current);
         let (version, status) = match &stored {
@@ -330,40 +448,66 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Sends synthetic S3 notifications for a table's files, in DMS order.
-pub async fn replay(config: &Config, table: &str, since: Option<&str>, dry_run: bool) -> anyhow::Result<()> {
+pub async fn replay(
+    config: &Config,
+    table: &str,
+    since: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
     let store = ObjectStore::new(aws.s3.clone());
-    let schemas = SchemaStore::new(store.clone(), config.metadata_bucket(), &config.metadata.prefix);
+    let schemas = SchemaStore::new(
+        store.clone(),
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+    );
     let router = TableRouter::new(&config.routing);
     // The source folder: from the schema history, else every source that routes here.
     let source = schemas.load(table).await?.and_then(|s| s.current.source);
     let prefix = config.source.prefix.trim_end_matches('/');
     let folder = match &source {
         Some(s) => {
-            let (schema, name) = s.split_once('.').context("malformed source in schema document")?;
-            if prefix.is_empty() { format!("{schema}/{name}/") } else { format!("{prefix}/{schema}/{name}/") }
+            let (schema, name) = s
+                .split_once('.')
+                .context("malformed source in schema document")?;
+            if prefix.is_empty() {
+                format!("{schema}/{name}/")
+            } else {
+                format!("{prefix}/{schema}/{name}/")
+            }
         }
-        None => if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+        None => {
+            if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            }
+        }
     };
     let listed = store.list(&config.source.bucket, &folder, since).await?;
     let mut files = Vec::new();
     for o in listed {
-        if let Ok(KeyClass::Dms(k)) = classify_key(&config.source.prefix, &o.key) {
-            if router.render(&k.source) == table {
-                files.push((k.order(), o));
-            }
+        if let Ok(KeyClass::Dms(k)) = classify_key(&config.source.prefix, &o.key)
+            && router.render(&k.source) == table
+        {
+            files.push((k.order(), o));
         }
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     if files.is_empty() {
-        anyhow::bail!("no DMS files of table `{table}` under s3://{}/{folder}", config.source.bucket);
+        anyhow::bail!(
+            "no DMS files of table `{table}` under s3://{}/{folder}",
+            config.source.bucket
+        );
     }
     let progress = indicatif::ProgressBar::new(files.len() as u64);
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         progress.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} replay {pos}/{len} [{bar:40}] {per_sec} eta {eta}")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} replay {pos}/{len} [{bar:40}] {per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
     } else {
         progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -414,7 +558,9 @@ fn encode_key(key: &str) -> String {
         .remove(b'.')
         .remove(b'~')
         .remove(b' ');
-    percent_encoding::utf8_percent_encode(key, SET).to_string().replace(' ', "+")
+    percent_encoding::utf8_percent_encode(key, SET)
+        .to_string()
+        .replace(' ', "+")
 }
 
 /// Probes the local worker's `/healthz`.
@@ -430,7 +576,11 @@ pub async fn health(config: &Config) -> anyhow::Result<()> {
         .send()
         .await
         .with_context(|| format!("GET {url}"))?;
-    anyhow::ensure!(response.status().is_success(), "GET {url}: {}", response.status());
+    anyhow::ensure!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
     Ok(())
 }
 
@@ -445,26 +595,72 @@ pub async fn check_connection(config: Config) -> anyhow::Result<()> {
         }
     };
     let queue = crate::queue::SqsQueue::new(aws.sqs.clone(), &config.queue.url);
-    report("queue", crate::queue::Queue::ping(&queue).await.map(|_| config.queue.url.clone()).map_err(Into::into));
+    report(
+        "queue",
+        crate::queue::Queue::ping(&queue)
+            .await
+            .map(|_| config.queue.url.clone())
+            .map_err(Into::into),
+    );
     let store = ObjectStore::new(aws.s3.clone());
     report(
         "source bucket",
-        store.list(&config.source.bucket, &config.source.prefix, None).await.map(|l| format!("s3://{}/{} ({} objects listed)", config.source.bucket, config.source.prefix, l.len())).map_err(Into::into),
+        store
+            .list(&config.source.bucket, &config.source.prefix, None)
+            .await
+            .map(|l| {
+                format!(
+                    "s3://{}/{} ({} objects listed)",
+                    config.source.bucket,
+                    config.source.prefix,
+                    l.len()
+                )
+            })
+            .map_err(Into::into),
     );
     report(
         "metadata bucket",
-        store.get(config.metadata_bucket(), &table_keys_key(&config)).await.map(|o| format!("s3://{}/{} {}", config.metadata_bucket(), table_keys_key(&config), if o.is_some() { "found" } else { "(no table keys document)" })).map_err(Into::into),
+        store
+            .get(config.metadata_bucket(), &table_keys_key(&config))
+            .await
+            .map(|o| {
+                format!(
+                    "s3://{}/{} {}",
+                    config.metadata_bucket(),
+                    table_keys_key(&config),
+                    if o.is_some() {
+                        "found"
+                    } else {
+                        "(no table keys document)"
+                    }
+                )
+            })
+            .map_err(Into::into),
     );
     match &config.alerts.sns_topic_arn {
         Some(topic) => report(
             "alerts topic",
-            aws.sns.get_topic_attributes().topic_arn(topic).send().await.map(|_| topic.clone()).map_err(|e| anyhow::anyhow!("{}", aws_sdk_sns::error::DisplayErrorContext(&e))),
+            aws.sns
+                .get_topic_attributes()
+                .topic_arn(topic)
+                .send()
+                .await
+                .map(|_| topic.clone())
+                .map_err(|e| anyhow::anyhow!("{}", aws_sdk_sns::error::DisplayErrorContext(&e))),
         ),
-        None => println!("skip  alerts topic: alerts.sns_topic_arn not set (alerts are only logged)"),
+        None => {
+            println!("skip  alerts topic: alerts.sns_topic_arn not set (alerts are only logged)")
+        }
     }
     let warehouse = worker::open_warehouse(&config, store).await;
     match warehouse {
-        Ok(w) => report(&format!("warehouse ({})", w.name()), w.ping(Duration::from_secs(10)).await.map(|_| "answers".to_string()).map_err(Into::into)),
+        Ok(w) => report(
+            &format!("warehouse ({})", w.name()),
+            w.ping(Duration::from_secs(10))
+                .await
+                .map(|_| "answers".to_string())
+                .map_err(Into::into),
+        ),
         Err(e) => report("warehouse", Err(e)),
     }
     if failures > 0 {

@@ -50,6 +50,7 @@ pub struct Config {
 /// How to reach AWS (or LocalStack).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct AwsConfig {
     /// Region; empty means the SDK's default chain (AWS_REGION, profile, IMDS).
     pub region: Option<String>,
@@ -61,19 +62,6 @@ pub struct AwsConfig {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
     pub session_token: Option<Secret>,
-}
-
-impl Default for AwsConfig {
-    fn default() -> Self {
-        Self {
-            region: None,
-            endpoint_url: None,
-            force_path_style: false,
-            access_key_id: None,
-            secret_access_key: None,
-            session_token: None,
-        }
-    }
 }
 
 /// The SQS queue that receives the S3 notifications.
@@ -477,8 +465,8 @@ impl Config {
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
         use ::config::{Environment, File, FileFormat};
-        let mut builder = ::config::Config::builder()
-            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let mut builder =
+            ::config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError::file(path, "no such file"));
@@ -586,7 +574,10 @@ mod tests {
             "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[aws]\naccess_key_id = \"AKIA\"\nsecret_access_key = \"hunter2\"\n",
         )
         .unwrap();
-        assert_eq!(config.aws.secret_access_key.as_ref().unwrap().expose(), "hunter2");
+        assert_eq!(
+            config.aws.secret_access_key.as_ref().unwrap().expose(),
+            "hunter2"
+        );
         assert!(!config.to_masked_toml().contains("hunter2"));
         assert!(!format!("{config:?}").contains("hunter2"));
     }

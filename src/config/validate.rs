@@ -47,7 +47,9 @@ impl ConfigError {
             }
             _ => None,
         };
-        let origin = file.map(|p| format!(" (in {})", p.display())).unwrap_or_default();
+        let origin = file
+            .map(|p| format!(" (in {})", p.display()))
+            .unwrap_or_default();
         Self {
             key,
             message: format!("{e}{origin}"),
@@ -87,7 +89,10 @@ impl Config {
             ("queue.retry_backoff_max", q.retry_backoff_max),
         ] {
             if value < Duration::from_secs(1) || value > twelve_hours {
-                return Err(ConfigError::at(key, "must be between 1s and 12h (SQS limits)"));
+                return Err(ConfigError::at(
+                    key,
+                    "must be between 1s and 12h (SQS limits)",
+                ));
             }
         }
         if self.source.bucket.trim().is_empty() {
@@ -191,7 +196,10 @@ impl Config {
                 } else {
                     for (key, present) in [
                         ("warehouse.firebolt.client_id", f.client_id.is_some()),
-                        ("warehouse.firebolt.client_secret", f.client_secret.is_some()),
+                        (
+                            "warehouse.firebolt.client_secret",
+                            f.client_secret.is_some(),
+                        ),
                         ("warehouse.firebolt.account", f.account.is_some()),
                         ("warehouse.firebolt.engine", f.engine.is_some()),
                     ] {
@@ -204,7 +212,10 @@ impl Config {
                     }
                 }
                 if f.database.is_empty() {
-                    return Err(ConfigError::at("warehouse.firebolt.database", "must be set"));
+                    return Err(ConfigError::at(
+                        "warehouse.firebolt.database",
+                        "must be set",
+                    ));
                 }
                 if f.max_concurrent_statements == 0 {
                     return Err(ConfigError::at(
@@ -293,8 +304,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error() {
-        let err =
-            Config::from_toml(&format!("{}[worker]\nconcurency = 3\n", base())).unwrap_err();
+        let err = Config::from_toml(&format!("{}[worker]\nconcurency = 3\n", base())).unwrap_err();
         assert!(err.to_string().contains("concurency"), "{err}");
     }
 
@@ -305,8 +315,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("queue.max_messages"));
-        let err = Config::from_toml(&format!("{}[routing]\ntable_name = \"{{schema}}\"\n", base()))
-            .unwrap_err();
+        let err = Config::from_toml(&format!(
+            "{}[routing]\ntable_name = \"{{schema}}\"\n",
+            base()
+        ))
+        .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("routing.table_name"));
     }
 

@@ -48,8 +48,11 @@ pub trait Queue: Send + Sync + 'static {
     async fn delete(&self, receipt_handles: &[String]) -> Result<Vec<String>, QueueError>;
 
     /// Hides (or with zero, releases) a message for `timeout`.
-    async fn set_visibility(&self, receipt_handle: &str, timeout: Duration)
-    -> Result<(), QueueError>;
+    async fn set_visibility(
+        &self,
+        receipt_handle: &str,
+        timeout: Duration,
+    ) -> Result<(), QueueError>;
 
     /// A cheap call that proves the queue is reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), QueueError>;

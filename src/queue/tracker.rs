@@ -54,15 +54,15 @@ impl InFlight {
         }
         // Last file: stop the keep-alive. A release must wait for it to end, or an
         // extension still in flight could land after the release and hide the message.
-        let keepalive = self
-            .keepalive
-            .lock()
-            .expect("keepalive lock")
-            .take()
-            .map(|(guard, task)| {
-                drop(guard);
-                task
-            });
+        let keepalive =
+            self.keepalive
+                .lock()
+                .expect("keepalive lock")
+                .take()
+                .map(|(guard, task)| {
+                    drop(guard);
+                    task
+                });
         match *self.retry.lock().expect("retry lock") {
             None => self.tracker.delete(self.receipt_handle.clone()),
             Some(delay) => self.tracker.release_after(
@@ -210,7 +210,10 @@ async fn run_acker(queue: Arc<dyn Queue>, mut rx: mpsc::UnboundedReceiver<String
                 metrics::counter!("cdc_worker_messages_deleted_total")
                     .increment((batch.len() - failed.len()) as u64);
                 if !failed.is_empty() {
-                    tracing::warn!(count = failed.len(), "some deletes failed; those messages will be redelivered and skipped by the ledger");
+                    tracing::warn!(
+                        count = failed.len(),
+                        "some deletes failed; those messages will be redelivered and skipped by the ledger"
+                    );
                 }
             }
             Err(e) => {

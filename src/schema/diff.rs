@@ -160,7 +160,11 @@ pub fn diff(previous: Option<&TableSchema>, next: &TableSchema) -> Vec<SchemaCha
             columns: next.columns.clone(),
         }];
     };
-    let old: HashMap<String, &Column> = previous.columns.iter().map(|c| (fold(&c.name), c)).collect();
+    let old: HashMap<String, &Column> = previous
+        .columns
+        .iter()
+        .map(|c| (fold(&c.name), c))
+        .collect();
     let new: HashMap<String, &Column> = next.columns.iter().map(|c| (fold(&c.name), c)).collect();
 
     let mut added: Vec<&Column> = next
@@ -287,7 +291,11 @@ mod tests {
     use ColumnType::*;
 
     fn schema(cols: &[(&str, ColumnType)]) -> TableSchema {
-        TableSchema::new(cols.iter().map(|(n, t)| Column::new(*n, t.clone())).collect())
+        TableSchema::new(
+            cols.iter()
+                .map(|(n, t)| Column::new(*n, t.clone()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -317,8 +325,19 @@ mod tests {
 
     #[test]
     fn detects_every_change_kind() {
-        let before = schema(&[("id", Int32), ("name", String), ("old", Float64), ("n", Int32)]);
-        let mut after = schema(&[("ID", Int64), ("name", Int64), ("new", Float64), ("extra", Boolean), ("n", Int32)]);
+        let before = schema(&[
+            ("id", Int32),
+            ("name", String),
+            ("old", Float64),
+            ("n", Int32),
+        ]);
+        let mut after = schema(&[
+            ("ID", Int64),
+            ("name", Int64),
+            ("new", Float64),
+            ("extra", Boolean),
+            ("n", Int32),
+        ]);
         after.columns[4].nullable = false;
         let changes = diff(Some(&before), &after);
         let kinds: Vec<_> = changes.iter().map(|c| c.kind()).collect();
@@ -327,7 +346,10 @@ mod tests {
         assert!(kinds.contains(&ChangeKind::ProbableRename));
         assert!(kinds.contains(&ChangeKind::NewColumn));
         assert!(kinds.contains(&ChangeKind::Nullability));
-        assert!(!kinds.contains(&ChangeKind::RemovedColumn), "old/new pair is a rename");
+        assert!(
+            !kinds.contains(&ChangeKind::RemovedColumn),
+            "old/new pair is a rename"
+        );
         assert_eq!(diff(None, &after)[0].kind(), ChangeKind::NewTable);
         assert!(diff(Some(&before), &before).is_empty());
     }

@@ -87,7 +87,10 @@ fn classify(e: parquet::errors::ParquetError) -> ParquetError {
 }
 
 /// Maps the footer's top-level fields to columns, setting the operation column apart.
-pub fn file_schema(metadata: &ParquetMetaData, op_column: &str) -> Result<FileSchema, ParquetError> {
+pub fn file_schema(
+    metadata: &ParquetMetaData,
+    op_column: &str,
+) -> Result<FileSchema, ParquetError> {
     let root = metadata.file_metadata().schema_descr().root_schema();
     let mut columns = Vec::new();
     let mut has_op = false;

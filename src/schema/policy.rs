@@ -154,10 +154,24 @@ impl SchemaConfig {
         let mut policy = preset.policy();
         // Global per-kind keys refine the global preset; a table preset replaces both.
         if table.and_then(|t| t.preset).is_none() {
-            apply(&mut policy, self.new_table, self.new_column, self.removed_column, self.widening, self.incompatible);
+            apply(
+                &mut policy,
+                self.new_table,
+                self.new_column,
+                self.removed_column,
+                self.widening,
+                self.incompatible,
+            );
         }
         if let Some(t) = table {
-            apply(&mut policy, t.new_table, t.new_column, t.removed_column, t.widening, t.incompatible);
+            apply(
+                &mut policy,
+                t.new_table,
+                t.new_column,
+                t.removed_column,
+                t.widening,
+                t.incompatible,
+            );
         }
         policy
     }

@@ -140,7 +140,11 @@ impl SchemaStore {
     }
 
     pub fn current_key(&self, table: &str) -> String {
-        format!("{}/schema_metadata/{}_schema.json", self.prefix, key_segment(table))
+        format!(
+            "{}/schema_metadata/{}_schema.json",
+            self.prefix,
+            key_segment(table)
+        )
     }
 
     pub fn version_key(&self, table: &str, version: u64) -> String {
@@ -161,13 +165,12 @@ impl SchemaStore {
         let Some(object) = self.store.get(&self.bucket, &key).await? else {
             return Ok(None);
         };
-        let current = parse_current(table, &object.body).map_err(|reason| {
-            SchemaStoreError::Unreadable {
+        let current =
+            parse_current(table, &object.body).map_err(|reason| SchemaStoreError::Unreadable {
                 bucket: self.bucket.clone(),
                 key: key.clone(),
                 reason,
-            }
-        })?;
+            })?;
         Ok(Some(Stored {
             current,
             etag: object.etag,
@@ -186,7 +189,13 @@ impl SchemaStore {
         let body = Bytes::from(serde_json::to_vec_pretty(&version).expect("serializable"));
         match self
             .store
-            .put(&self.bucket, &version_key, body, "application/json", WriteCondition::Absent)
+            .put(
+                &self.bucket,
+                &version_key,
+                body,
+                "application/json",
+                WriteCondition::Absent,
+            )
             .await
         {
             Ok(_) => {}
@@ -278,7 +287,10 @@ impl SchemaStore {
             };
             change(&mut stored.current);
             match self
-                .write_current(&stored.current, WriteCondition::Matches(stored.etag.clone()))
+                .write_current(
+                    &stored.current,
+                    WriteCondition::Matches(stored.etag.clone()),
+                )
                 .await
             {
                 Ok(s) => return Ok(s),
@@ -351,12 +363,12 @@ impl SchemaStore {
             if rest.contains('/') {
                 continue;
             }
-            if let Some(encoded) = rest.strip_suffix("_schema.json") {
-                if let Some(object) = self.store.get(&self.bucket, &listed.key).await? {
-                    match parse_current(encoded, &object.body) {
-                        Ok(c) => tables.push(c.table),
-                        Err(_) => tables.push(encoded.to_string()),
-                    }
+            if let Some(encoded) = rest.strip_suffix("_schema.json")
+                && let Some(object) = self.store.get(&self.bucket, &listed.key).await?
+            {
+                match parse_current(encoded, &object.body) {
+                    Ok(c) => tables.push(c.table),
+                    Err(_) => tables.push(encoded.to_string()),
                 }
             }
         }
@@ -421,7 +433,10 @@ mod tests {
         assert_eq!(c.version, 0);
         assert_eq!(c.columns.len(), 2);
         let bare = br#"{"id": "INTEGER"}"#;
-        assert_eq!(parse_current("t", bare).unwrap().columns[0].ty, ColumnType::Int32);
+        assert_eq!(
+            parse_current("t", bare).unwrap().columns[0].ty,
+            ColumnType::Int32
+        );
         assert!(parse_current("t", b"[1]").is_err());
     }
 }

@@ -24,7 +24,10 @@ pub enum ColumnType {
     UInt64,
     Float32,
     Float64,
-    Decimal { precision: u8, scale: u8 },
+    Decimal {
+        precision: u8,
+        scale: u8,
+    },
     String,
     Binary,
     Date,
@@ -131,7 +134,10 @@ impl FromStr for ColumnType {
                         .split_once(',')
                         .ok_or_else(|| format!("bad decimal type `{s}`"))?;
                     let precision = p.trim().parse().map_err(|_| format!("bad decimal `{s}`"))?;
-                    let scale = sc.trim().parse().map_err(|_| format!("bad decimal `{s}`"))?;
+                    let scale = sc
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("bad decimal `{s}`"))?;
                     Decimal { precision, scale }
                 } else if let Some(inner) = other
                     .strip_prefix("unsupported(")

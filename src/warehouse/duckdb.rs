@@ -132,7 +132,9 @@ impl Duckdb {
         op_column: &str,
         store: ObjectStore,
     ) -> Result<Self, WarehouseError> {
-        Ok(Self(Arc::new(DuckdbWarehouse::open(config, op_column, store)?)))
+        Ok(Self(Arc::new(DuckdbWarehouse::open(
+            config, op_column, store,
+        )?)))
     }
 }
 
@@ -487,7 +489,7 @@ impl Warehouse for Duckdb {
                 return Staged {
                     files: files
                         .into_iter()
-                        .map(|f| Err((f, StageError::Transient(reason.clone()))))
+                        .map(|_| Err(StageError::Transient(reason.clone())))
                         .collect(),
                     workspace: None,
                 };
@@ -612,7 +614,7 @@ async fn download_one(
     mut file: BatchFile,
     path: PathBuf,
     op_column: &str,
-) -> Result<StagedFile, (BatchFile, StageError)> {
+) -> Result<StagedFile, StageError> {
     match store.download(&file.bucket, &file.key, &path).await {
         Ok((_, etag)) => {
             // The object's own ETag is what the ledger records.
@@ -620,8 +622,8 @@ async fn download_one(
                 file.etag = bare_etag(&etag).to_string();
             }
         }
-        Err(StorageError::NotFound { .. }) => return Err((file, StageError::Missing)),
-        Err(e) => return Err((file, StageError::Transient(e.to_string()))),
+        Err(StorageError::NotFound { .. }) => return Err(StageError::Missing),
+        Err(e) => return Err(StageError::Transient(e.to_string())),
     }
     let read_path = path.clone();
     let op = op_column.to_string();
@@ -634,8 +636,8 @@ async fn download_one(
             schema,
             local_path: Some(path),
         }),
-        Ok(Err(e)) => Err((file, StageError::Poison(e))),
-        Err(e) => Err((file, e)),
+        Ok(Err(e)) => Err(StageError::Poison(e)),
+        Err(e) => Err(e),
     }
 }
 

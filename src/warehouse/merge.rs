@@ -173,7 +173,11 @@ pub fn staged_select(plan: &ApplyPlan, rows: &StagedRows) -> String {
     if let Some(op) = &plan.op_column {
         cols.push(ident(op));
     }
-    cols.push(format!("{} AS {}", rows.file_ordinal, ident(FILE_ORDINAL_COLUMN)));
+    cols.push(format!(
+        "{} AS {}",
+        rows.file_ordinal,
+        ident(FILE_ORDINAL_COLUMN)
+    ));
     if let Some(row) = &rows.row_ordinal {
         cols.push(format!("{row} AS {}", ident(ROW_ORDINAL_COLUMN)));
     }
@@ -198,14 +202,24 @@ fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
 
 /// Whether this plan keeps tombstones (ordering column loaded, deletes possible, a key).
 pub fn uses_tombstones(plan: &ApplyPlan) -> bool {
-    matches!(plan.mode, LoadMode::Merge { .. }) && plan.op_column.is_some() && ordering(plan).is_some()
+    matches!(plan.mode, LoadMode::Merge { .. })
+        && plan.op_column.is_some()
+        && ordering(plan).is_some()
 }
 
 fn key_match(key: &[KeyColumn], left: &str, right: &str, right_is_source: bool) -> String {
     key.iter()
         .map(|k| {
-            let r = if right_is_source { &k.source } else { &k.target };
-            format!("{left}.{} IS NOT DISTINCT FROM {right}.{}", ident(&k.target), ident(r))
+            let r = if right_is_source {
+                &k.source
+            } else {
+                &k.target
+            };
+            format!(
+                "{left}.{} IS NOT DISTINCT FROM {right}.{}",
+                ident(&k.target),
+                ident(r)
+            )
         })
         .collect::<Vec<_>>()
         .join(" AND ")
@@ -263,10 +277,17 @@ pub fn merge_statement(
         .map(|l| format!("{} = {}", ident(&l.target), load_expr(d, &l.expr, "s")))
         .collect();
     if !updates.is_empty() {
-        sql.push_str(&format!(" WHEN MATCHED{newer} THEN UPDATE SET {}", updates.join(", ")));
+        sql.push_str(&format!(
+            " WHEN MATCHED{newer} THEN UPDATE SET {}",
+            updates.join(", ")
+        ));
     }
     let insert_cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
-    let insert_vals: Vec<String> = plan.load.iter().map(|l| load_expr(d, &l.expr, "s")).collect();
+    let insert_vals: Vec<String> = plan
+        .load
+        .iter()
+        .map(|l| load_expr(d, &l.expr, "s"))
+        .collect();
     sql.push_str(" WHEN NOT MATCHED");
     if let Some(cond) = not_delete(plan, "s") {
         sql.push_str(&format!(" AND {cond}"));
@@ -290,7 +311,9 @@ pub fn tombstone_statements(
     if !uses_tombstones(plan) {
         return None;
     }
-    let (LoadMode::Merge { key }, Some(op), Some((t_ord, s_ord))) = (&plan.mode, &plan.op_column, ordering(plan)) else {
+    let (LoadMode::Merge { key }, Some(op), Some((t_ord, s_ord))) =
+        (&plan.mode, &plan.op_column, ordering(plan))
+    else {
         return None;
     };
     let key_targets: Vec<String> = key.iter().map(|k| ident(&k.target)).collect();
@@ -316,7 +339,10 @@ pub fn tombstone_statements(
         "MERGE INTO {tombstones} AS t USING ({deletes}) AS s ON {} WHEN MATCHED AND (t.{o} IS NULL OR s.{o} > t.{o}) THEN UPDATE SET {o} = s.{o} WHEN NOT MATCHED THEN INSERT ({}, {o}) VALUES ({}, s.{o})",
         key_match(key, "t", "s", false),
         key_targets.join(", "),
-        key.iter().map(|k| format!("s.{}", ident(&k.target))).collect::<Vec<_>>().join(", "),
+        key.iter()
+            .map(|k| format!("s.{}", ident(&k.target)))
+            .collect::<Vec<_>>()
+            .join(", "),
         o = ident(&t_ord),
     );
     Some((create, record))
@@ -325,7 +351,11 @@ pub fn tombstone_statements(
 /// `INSERT INTO target SELECT ...` of every non-delete row, in file and row order.
 pub fn append_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &StagedRows) -> String {
     let cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
-    let vals: Vec<String> = plan.load.iter().map(|l| load_expr(d, &l.expr, "s")).collect();
+    let vals: Vec<String> = plan
+        .load
+        .iter()
+        .map(|l| load_expr(d, &l.expr, "s"))
+        .collect();
     let mut order = vec![ident(FILE_ORDINAL_COLUMN)];
     if rows.row_ordinal.is_some() {
         order.push(ident(ROW_ORDINAL_COLUMN));
@@ -361,7 +391,11 @@ pub fn ignored_deletes_query(plan: &ApplyPlan, rows: &StagedRows) -> Option<Stri
 }
 
 /// One row: for each TRY_CAST column, how many non-NULL values did not cast.
-pub fn cast_failures_query(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> Option<(Vec<String>, String)> {
+pub fn cast_failures_query(
+    d: Dialect,
+    plan: &ApplyPlan,
+    rows: &StagedRows,
+) -> Option<(Vec<String>, String)> {
     let casts: Vec<(String, String)> = plan
         .load
         .iter()
@@ -384,14 +418,22 @@ pub fn cast_failures_query(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> O
     let exprs: Vec<String> = casts.into_iter().map(|(_, e)| e).collect();
     Some((
         names,
-        format!("SELECT {} FROM ({}) AS s", exprs.join(", "), staged_select(plan, rows)),
+        format!(
+            "SELECT {} FROM ({}) AS s",
+            exprs.join(", "),
+            staged_select(plan, rows)
+        ),
     ))
 }
 
 /// Reading one segment's files with `read_parquet` (DuckDB): union by name, with the file
 /// position in the batch and the row position in the file.
 pub fn duckdb_read_parquet(paths: &[String]) -> StagedRows {
-    let list = paths.iter().map(|p| literal(p)).collect::<Vec<_>>().join(", ");
+    let list = paths
+        .iter()
+        .map(|p| literal(p))
+        .collect::<Vec<_>>()
+        .join(", ");
     StagedRows {
         relation: format!("read_parquet([{list}], union_by_name = true)"),
         file_ordinal: "file_index".into(),
@@ -456,9 +498,14 @@ mod tests {
         let plan = sample_plan(LoadMode::Append);
         let rows = duckdb_read_parquet(&["/x/it's.parquet".into()]);
         let sql = append_statement(Dialect::Duckdb, "\"t\"", &plan, &rows);
-        assert!(sql.starts_with("INSERT INTO \"t\" (\"id\", \"na\"\"me\") SELECT s.\"id\""), "{sql}");
+        assert!(
+            sql.starts_with("INSERT INTO \"t\" (\"id\", \"na\"\"me\") SELECT s.\"id\""),
+            "{sql}"
+        );
         assert!(sql.contains("read_parquet(['/x/it''s.parquet'], union_by_name = true)"));
-        assert!(sql.ends_with("WHERE (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') ORDER BY s.\"__cdc_file\", s.\"__cdc_row\""));
+        assert!(sql.ends_with(
+            "WHERE (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') ORDER BY s.\"__cdc_file\", s.\"__cdc_row\""
+        ));
     }
 
     /// Runs a merge plan against a staging table on in-memory DuckDB.
@@ -478,18 +525,26 @@ mod tests {
         };
         let (create, record) = tombstone_statements("t", "tomb", plan, &staged).unwrap();
         conn.execute_batch(&create).unwrap();
-        conn.execute(&merge_statement(Dialect::Duckdb, "t", plan, &staged, Some("tomb")), []).unwrap();
+        conn.execute(
+            &merge_statement(Dialect::Duckdb, "t", plan, &staged, Some("tomb")),
+            [],
+        )
+        .unwrap();
         conn.execute(&record, []).unwrap();
     }
 
     #[test]
     fn late_changes_never_rewind_rows_with_an_ordering_column() {
         let conn = duckdb::Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t (id BIGINT, seq VARCHAR, val VARCHAR)").unwrap();
+        conn.execute_batch("CREATE TABLE t (id BIGINT, seq VARCHAR, val VARCHAR)")
+            .unwrap();
         let plan = ApplyPlan {
             load: ["id", "seq", "val"]
                 .iter()
-                .map(|c| LoadColumn { target: c.to_string(), expr: LoadExpr::Column(c.to_string()) })
+                .map(|c| LoadColumn {
+                    target: c.to_string(),
+                    expr: LoadExpr::Column(c.to_string()),
+                })
                 .collect(),
             ordering_column: Some("seq".into()),
             staged_columns: vec![
@@ -498,16 +553,41 @@ mod tests {
                 Column::new("val", ColumnType::String),
             ],
             ..sample_plan(LoadMode::Merge {
-                key: vec![KeyColumn { target: "id".into(), source: "id".into() }],
+                key: vec![KeyColumn {
+                    target: "id".into(),
+                    source: "id".into(),
+                }],
             })
         };
         // The current state: 1 at seq 05; 2 inserted at 02 and deleted at 06.
-        merge_rows(&conn, &plan, &[("I", 1, "05", "new"), ("I", 2, "02", "x"), ("D", 2, "06", "x")]);
+        merge_rows(
+            &conn,
+            &plan,
+            &[
+                ("I", 1, "05", "new"),
+                ("I", 2, "02", "x"),
+                ("D", 2, "06", "x"),
+            ],
+        );
         // A late file: older changes for 1 and 2, and a key never seen.
-        merge_rows(&conn, &plan, &[("U", 1, "03", "old"), ("I", 2, "04", "zombie"), ("I", 3, "01", "fresh")]);
+        merge_rows(
+            &conn,
+            &plan,
+            &[
+                ("U", 1, "03", "old"),
+                ("I", 2, "04", "zombie"),
+                ("I", 3, "01", "fresh"),
+            ],
+        );
         // A newer file: re-inserting 2 after its delete is a real change.
-        merge_rows(&conn, &plan, &[("U", 1, "07", "newest"), ("I", 3, "00", "older than 01")]);
-        let mut stmt = conn.prepare("SELECT id, seq, val FROM t ORDER BY id").unwrap();
+        merge_rows(
+            &conn,
+            &plan,
+            &[("U", 1, "07", "newest"), ("I", 3, "00", "older than 01")],
+        );
+        let mut stmt = conn
+            .prepare("SELECT id, seq, val FROM t ORDER BY id")
+            .unwrap();
         let rows: Vec<(i64, String, String)> = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .unwrap()
@@ -515,10 +595,19 @@ mod tests {
             .collect();
         assert_eq!(
             rows,
-            vec![(1, "07".into(), "newest".into()), (3, "01".into(), "fresh".into())]
+            vec![
+                (1, "07".into(), "newest".into()),
+                (3, "01".into(), "fresh".into())
+            ]
         );
         merge_rows(&conn, &plan, &[("I", 2, "08", "reborn")]);
-        let n: i64 = conn.query_row("SELECT count(*) FROM t WHERE id = 2 AND val = 'reborn'", [], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM t WHERE id = 2 AND val = 'reborn'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(n, 1, "a change newer than the delete brings the row back");
     }
 
@@ -530,7 +619,10 @@ mod tests {
                 ColumnType::Int32,
                 ColumnType::Int64,
                 ColumnType::Float64,
-                ColumnType::Decimal { precision: 15, scale: 2 },
+                ColumnType::Decimal {
+                    precision: 15,
+                    scale: 2,
+                },
                 ColumnType::String,
                 ColumnType::Date,
                 ColumnType::Timestamp,
@@ -540,7 +632,16 @@ mod tests {
                 assert_eq!(d.parse_type(&d.type_name(&ty)), ty, "{d:?} {ty}");
             }
         }
-        assert_eq!(Dialect::Firebolt.parse_type("Decimal(38, 30) null"), ColumnType::Decimal { precision: 38, scale: 30 });
-        assert_eq!(Dialect::Duckdb.parse_type("TIMESTAMP WITH TIME ZONE"), ColumnType::TimestampTz);
+        assert_eq!(
+            Dialect::Firebolt.parse_type("Decimal(38, 30) null"),
+            ColumnType::Decimal {
+                precision: 38,
+                scale: 30
+            }
+        );
+        assert_eq!(
+            Dialect::Duckdb.parse_type("TIMESTAMP WITH TIME ZONE"),
+            ColumnType::TimestampTz
+        );
     }
 }

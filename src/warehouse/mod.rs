@@ -71,7 +71,7 @@ pub enum StageError {
 /// whatever was downloaded.
 #[derive(Debug, Default)]
 pub struct Staged {
-    pub files: Vec<Result<StagedFile, (BatchFile, StageError)>>,
+    pub files: Vec<Result<StagedFile, StageError>>,
     pub workspace: Option<tempfile::TempDir>,
 }
 
@@ -188,7 +188,12 @@ pub trait Warehouse: Send + Sync + 'static {
 
     /// Records files that can never be applied (unreadable Parquet), so they are not
     /// fetched again; a fixed upload (new ETag) is applied normally.
-    async fn record_rejected(&self, table: &str, files: &[BatchFile], reason: &str) -> Result<(), WarehouseError>;
+    async fn record_rejected(
+        &self,
+        table: &str,
+        files: &[BatchFile],
+        reason: &str,
+    ) -> Result<(), WarehouseError>;
 
     /// The last applied file of `table` by DMS order: (order key, S3 key).
     async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError>;

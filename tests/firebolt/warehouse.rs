@@ -934,8 +934,8 @@ async fn stage_reads_only_footers_with_range_requests() {
     assert!(small_file.local_path.is_none());
     let wide_file = staged.files[1].as_ref().unwrap();
     assert_eq!(wide_file.schema.table.columns.len(), 1200);
-    assert!(matches!(staged.files[2], Err((_, StageError::Missing))));
-    assert!(matches!(staged.files[3], Err((_, StageError::Poison(_)))));
+    assert!(matches!(staged.files[2], Err(StageError::Missing)));
+    assert!(matches!(staged.files[3], Err(StageError::Poison(_))));
 
     let requests = s3.requests();
     assert!(

@@ -12,7 +12,12 @@ use crate::harness::Env;
 use crate::model::{Stream, TableModel};
 
 const KEYED: &[(&str, &str)] = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")];
-const PAIRS: &[(&str, &str)] = &[("Op", "VARCHAR"), ("a", "BIGINT"), ("b", "BIGINT"), ("v", "VARCHAR")];
+const PAIRS: &[(&str, &str)] = &[
+    ("Op", "VARCHAR"),
+    ("a", "BIGINT"),
+    ("b", "BIGINT"),
+    ("v", "VARCHAR"),
+];
 const EVENTS: &[(&str, &str)] = &[("Op", "VARCHAR"), ("n", "BIGINT"), ("v", "VARCHAR")];
 
 fn leak(s: String) -> &'static str {
@@ -20,7 +25,12 @@ fn leak(s: String) -> &'static str {
 }
 
 /// A random CDC file for a keyed table: inserts of new keys, updates and deletes of live ones.
-fn keyed_rows(rng: &mut fastrand::Rng, live: &mut BTreeSet<i64>, next: &mut i64, pair: bool) -> Vec<Vec<Option<&'static str>>> {
+fn keyed_rows(
+    rng: &mut fastrand::Rng,
+    live: &mut BTreeSet<i64>,
+    next: &mut i64,
+    pair: bool,
+) -> Vec<Vec<Option<&'static str>>> {
     let mut rows = Vec::new();
     for _ in 0..rng.usize(20..80) {
         let pick = live.iter().nth(rng.usize(..live.len().max(1))).copied();
@@ -61,7 +71,13 @@ async fn upload_stream(stream: &mut Stream<'_>, seed: u64) {
         let rows = keyed_rows(&mut rng, &mut live_b, &mut next_b, true);
         stream.file("pairs", &name, PAIRS, &rows).await;
         let rows: Vec<Vec<Option<&str>>> = (0..rng.usize(10..40))
-            .map(|_| vec![Some("I"), Some(leak(rng.u32(..100).to_string())), Some(leak(format!("e{}", rng.u32(..1000))))])
+            .map(|_| {
+                vec![
+                    Some("I"),
+                    Some(leak(rng.u32(..100).to_string())),
+                    Some(leak(format!("e{}", rng.u32(..1000)))),
+                ]
+            })
             .collect();
         stream.file("events", &name, EVENTS, &rows).await;
         tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
@@ -74,7 +90,11 @@ struct Process {
 
 impl Process {
     fn start(binary: &str, config: &std::path::Path, log: &std::path::Path) -> Self {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let child = tokio::process::Command::new(binary)
             .args(["run", "--config"])
             .arg(config)
@@ -96,8 +116,14 @@ impl Process {
 
     async fn terminate(mut self) {
         let pid = self.child.id().expect("running") as i32;
-        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("exits after SIGTERM").unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
         assert!(status.success(), "clean exit after SIGTERM: {status}");
     }
 }
@@ -110,8 +136,17 @@ async fn killed_workers_leave_no_lost_or_duplicated_rows() {
         c.queue.retry_backoff_max = Duration::from_secs(2);
         c.batch.linger = Duration::from_millis(300);
         c.batch.max_files = 4;
-        for (table, key) in [("accounts", KeySpec::One("id".into())), ("pairs", KeySpec::Many(vec!["a".into(), "b".into()]))] {
-            c.tables.insert(table.into(), TableConfig { key: Some(key), ..Default::default() });
+        for (table, key) in [
+            ("accounts", KeySpec::One("id".into())),
+            ("pairs", KeySpec::Many(vec!["a".into(), "b".into()])),
+        ] {
+            c.tables.insert(
+                table.into(),
+                TableConfig {
+                    key: Some(key),
+                    ..Default::default()
+                },
+            );
         }
     })
     .await;
@@ -150,7 +185,11 @@ async fn killed_workers_leave_no_lost_or_duplicated_rows() {
     let mut quiet_since: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     while quiet_since.is_none_or(|q| q.elapsed() < Duration::from_secs(5)) {
-        assert!(Instant::now() < deadline, "the worker did not drain the queue; log: {}", log.display());
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not drain the queue; log: {}",
+            log.display()
+        );
         if env.depths().await == (0, 0) {
             quiet_since.get_or_insert_with(Instant::now);
         } else {
@@ -163,6 +202,13 @@ async fn killed_workers_leave_no_lost_or_duplicated_rows() {
     println!("{kills} SIGKILLs, {} files", stream.uploaded.len());
     assert!(kills >= 8);
     stream.assert_tables();
-    let ledger: i64 = env.db().query_row("SELECT count(*) FROM _cdc_worker_ledger", [], |r| r.get(0)).unwrap();
-    assert_eq!(ledger as usize, stream.uploaded.len(), "every file recorded exactly once");
+    let ledger: i64 = env
+        .db()
+        .query_row("SELECT count(*) FROM _cdc_worker_ledger", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        ledger as usize,
+        stream.uploaded.len(),
+        "every file recorded exactly once"
+    );
 }

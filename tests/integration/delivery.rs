@@ -35,7 +35,13 @@ async fn duplicate_notifications_and_reuploads_change_nothing() {
             .rev()
             .find(|(k, _, _)| k.contains(&format!("/{table}/")))
             .unwrap();
-        let body = env.store.get(&env.res.bucket, key).await.unwrap().unwrap().body;
+        let body = env
+            .store
+            .get(&env.res.bucket, key)
+            .await
+            .unwrap()
+            .unwrap()
+            .body;
         env.put_bytes(key, body.to_vec()).await;
     }
     env.settle(&worker, Duration::from_secs(60)).await;
@@ -43,10 +49,18 @@ async fn duplicate_notifications_and_reuploads_change_nothing() {
     worker.shutdown().await;
 
     stream.assert_tables();
-    assert_eq!((queue, dlq), (0, 0), "every message, duplicates included, was acknowledged");
+    assert_eq!(
+        (queue, dlq),
+        (0, 0),
+        "every message, duplicates included, was acknowledged"
+    );
     let ledger: i64 = env
         .db()
         .query_row("SELECT count(*) FROM _cdc_worker_ledger", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(ledger as usize, stream.uploaded.len(), "each file is recorded once");
+    assert_eq!(
+        ledger as usize,
+        stream.uploaded.len(),
+        "each file is recorded once"
+    );
 }

@@ -31,27 +31,57 @@ async fn a_failing_table_blocks_only_itself() {
     // A target whose CHECK constraint the first file violates: every apply of it fails.
     {
         let db = env.db();
-        db.execute_batch("CREATE TABLE fragile (id BIGINT, v VARCHAR CHECK (length(v) < 5))").unwrap();
+        db.execute_batch("CREATE TABLE fragile (id BIGINT, v VARCHAR CHECK (length(v) < 5))")
+            .unwrap();
     }
     let worker = env.start().await;
-    env.put_parquet(&env.key("fragile", "20261124-100000000.parquet"), CDC, &[vec![s("I"), i(1), s("far too long")]]).await;
-    env.put_parquet(&env.key("fragile", "20261124-100100000.parquet"), CDC, &[vec![s("I"), i(2), s("ok")]]).await;
+    env.put_parquet(
+        &env.key("fragile", "20261124-100000000.parquet"),
+        CDC,
+        &[vec![s("I"), i(1), s("far too long")]],
+    )
+    .await;
+    env.put_parquet(
+        &env.key("fragile", "20261124-100100000.parquet"),
+        CDC,
+        &[vec![s("I"), i(2), s("ok")]],
+    )
+    .await;
     for n in 0..3 {
-        env.put_parquet(&env.key("steady", &format!("20261124-10{n:02}00000.parquet")), CDC, &[vec![s("I"), i(n), s("fine")]]).await;
+        env.put_parquet(
+            &env.key("steady", &format!("20261124-10{n:02}00000.parquet")),
+            CDC,
+            &[vec![s("I"), i(n), s("fine")]],
+        )
+        .await;
     }
     // The failing file goes to the DLQ after its receives; the later file waits behind it.
-    env.eventually("the failing file reaches the DLQ", Duration::from_secs(60), || async { env.depths().await.1 == 1 }).await;
+    env.eventually(
+        "the failing file reaches the DLQ",
+        Duration::from_secs(60),
+        || async { env.depths().await.1 == 1 },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let alerts = env.alerts().await;
     let (queue, dlq) = env.depths().await;
     worker.shutdown().await;
 
     assert_eq!(dlq, 1);
-    assert_eq!(queue, 1, "the later file of the failing table waits (in flight), it is not applied past the failure");
-    assert_eq!(env.rows("fragile", &["id"]), Vec::<Vec<Option<String>>>::new(), "nothing of the failing table is applied");
+    assert_eq!(
+        queue, 1,
+        "the later file of the failing table waits (in flight), it is not applied past the failure"
+    );
+    assert_eq!(
+        env.rows("fragile", &["id"]),
+        Vec::<Vec<Option<String>>>::new(),
+        "nothing of the failing table is applied"
+    );
     assert_eq!(env.rows("steady", &["id"]).len(), 3, "other tables go on");
     assert!(
-        alerts.iter().any(|a| a.body["alert"] == "table_failing" && a.body["table"] == "fragile" && a.body["next_steps"].as_str().is_some()),
+        alerts.iter().any(|a| a.body["alert"] == "table_failing"
+            && a.body["table"] == "fragile"
+            && a.body["next_steps"].as_str().is_some()),
         "{alerts:#?}"
     );
 }
@@ -66,18 +96,45 @@ async fn late_files_are_held_without_an_ordering_column() {
     })
     .await;
     let worker = env.start().await;
-    env.put_parquet(&env.key("accounts", "20261124-100000000.parquet"), CDC, &[vec![s("I"), i(1), s("a")]]).await;
-    env.put_parquet(&env.key("accounts", "20261124-100300000.parquet"), CDC, &[vec![s("U"), i(1), s("c")]]).await;
+    env.put_parquet(
+        &env.key("accounts", "20261124-100000000.parquet"),
+        CDC,
+        &[vec![s("I"), i(1), s("a")]],
+    )
+    .await;
+    env.put_parquet(
+        &env.key("accounts", "20261124-100300000.parquet"),
+        CDC,
+        &[vec![s("U"), i(1), s("c")]],
+    )
+    .await;
     env.settle(&worker, Duration::from_secs(30)).await;
     // An older file shows up after a newer one was applied.
-    env.put_parquet(&env.key("accounts", "20261124-100200000.parquet"), CDC, &[vec![s("U"), i(1), s("b")]]).await;
-    env.eventually("the late file reaches the DLQ", Duration::from_secs(40), || async { env.depths().await == (0, 1) }).await;
+    env.put_parquet(
+        &env.key("accounts", "20261124-100200000.parquet"),
+        CDC,
+        &[vec![s("U"), i(1), s("b")]],
+    )
+    .await;
+    env.eventually(
+        "the late file reaches the DLQ",
+        Duration::from_secs(40),
+        || async { env.depths().await == (0, 1) },
+    )
+    .await;
     let alerts = env.alerts().await;
     worker.shutdown().await;
 
-    assert_eq!(env.rows("accounts", &["id", "v"]), vec![vec![Some("1".into()), Some("c".into())]]);
+    assert_eq!(
+        env.rows("accounts", &["id", "v"]),
+        vec![vec![Some("1".into()), Some("c".into())]]
+    );
     assert!(
-        alerts.iter().any(|a| a.body["alert"] == "file_out_of_order" && a.body["file"].as_str().unwrap().ends_with("20261124-100200000.parquet")),
+        alerts.iter().any(|a| a.body["alert"] == "file_out_of_order"
+            && a.body["file"]
+                .as_str()
+                .unwrap()
+                .ends_with("20261124-100200000.parquet")),
         "{alerts:#?}"
     );
 }
@@ -89,25 +146,42 @@ async fn late_files_are_applied_safely_with_an_ordering_column() {
         keyed(c, "accounts");
     })
     .await;
-    let columns = &[("Op", "VARCHAR"), ("seq", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")];
+    let columns = &[
+        ("Op", "VARCHAR"),
+        ("seq", "VARCHAR"),
+        ("id", "BIGINT"),
+        ("v", "VARCHAR"),
+    ];
     let worker = env.start().await;
-    env.put_parquet(&env.key("accounts", "20261124-100000000.parquet"), columns, &[
-        vec![s("I"), s("0001"), i(1), s("a")],
-        vec![s("I"), s("0002"), i(2), s("x")],
-    ])
+    env.put_parquet(
+        &env.key("accounts", "20261124-100000000.parquet"),
+        columns,
+        &[
+            vec![s("I"), s("0001"), i(1), s("a")],
+            vec![s("I"), s("0002"), i(2), s("x")],
+        ],
+    )
     .await;
-    env.put_parquet(&env.key("accounts", "20261124-100300000.parquet"), columns, &[
-        vec![s("U"), s("0030"), i(1), s("c")],
-        vec![s("D"), s("0031"), i(2), s("x")],
-    ])
+    env.put_parquet(
+        &env.key("accounts", "20261124-100300000.parquet"),
+        columns,
+        &[
+            vec![s("U"), s("0030"), i(1), s("c")],
+            vec![s("D"), s("0031"), i(2), s("x")],
+        ],
+    )
     .await;
     env.settle(&worker, Duration::from_secs(30)).await;
     // A late file: older changes to both keys, and a key nobody touched since.
-    env.put_parquet(&env.key("accounts", "20261124-100200000.parquet"), columns, &[
-        vec![s("U"), s("0020"), i(1), s("b")],
-        vec![s("U"), s("0021"), i(2), s("zombie")],
-        vec![s("I"), s("0022"), i(3), s("late but new")],
-    ])
+    env.put_parquet(
+        &env.key("accounts", "20261124-100200000.parquet"),
+        columns,
+        &[
+            vec![s("U"), s("0020"), i(1), s("b")],
+            vec![s("U"), s("0021"), i(2), s("zombie")],
+            vec![s("I"), s("0022"), i(3), s("late but new")],
+        ],
+    )
     .await;
     env.settle(&worker, Duration::from_secs(30)).await;
     let (queue, dlq) = env.depths().await;
@@ -126,14 +200,24 @@ async fn late_files_are_applied_safely_with_an_ordering_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn visibility_is_kept_alive_while_work_runs() {
-    let env = Env::new("keepalive", |c| c.queue.visibility_timeout = Duration::from_secs(2)).await;
+    let env = Env::new("keepalive", |c| {
+        c.queue.visibility_timeout = Duration::from_secs(2)
+    })
+    .await;
     let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(env.aws.sqs.clone(), &env.res.queue_url));
     // S3 sent an s3:TestEvent when the notification was set up: take it out of the way.
-    for m in queue.receive(10, Duration::from_secs(1), Duration::from_secs(30)).await.unwrap() {
+    for m in queue
+        .receive(10, Duration::from_secs(1), Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
         queue.delete(&[m.receipt_handle]).await.unwrap();
     }
     env.send("{\"work\": \"long\"}").await;
-    let messages = queue.receive(1, Duration::from_secs(2), Duration::from_secs(2)).await.unwrap();
+    let messages = queue
+        .receive(1, Duration::from_secs(2), Duration::from_secs(2))
+        .await
+        .unwrap();
     assert_eq!(messages.len(), 1);
     assert!(messages[0].body.contains("long"));
     let (tracker, acker) = Tracker::new(queue.clone(), &env.config.queue);
@@ -141,8 +225,14 @@ async fn visibility_is_kept_alive_while_work_runs() {
     let handle = tracker.track(&messages[0], 1);
     // Three visibility timeouts later, nobody else has seen it.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let others = queue.receive(10, Duration::from_secs(1), Duration::from_secs(2)).await.unwrap();
-    assert!(others.is_empty(), "the message stayed invisible while in work");
+    let others = queue
+        .receive(10, Duration::from_secs(1), Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        others.is_empty(),
+        "the message stayed invisible while in work"
+    );
     handle.resolve(FileOutcome::Committed);
     drop(handle);
     drop(tracker);

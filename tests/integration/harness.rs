@@ -43,7 +43,11 @@ impl Env {
         Self::with_receives(name, 5, tweak).await
     }
 
-    pub async fn with_receives(name: &str, max_receive_count: u32, tweak: impl FnOnce(&mut Config)) -> Env {
+    pub async fn with_receives(
+        name: &str,
+        max_receive_count: u32,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Env {
         require_localstack().await;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -114,7 +118,9 @@ impl Env {
     }
 
     pub async fn start(&self) -> Worker {
-        Worker::start(self.config.clone()).await.expect("worker starts")
+        Worker::start(self.config.clone())
+            .await
+            .expect("worker starts")
     }
 
     pub fn key(&self, table: &str, file: &str) -> String {
@@ -122,14 +128,25 @@ impl Env {
     }
 
     /// Writes rows as a Parquet file and uploads it (S3 notifies the queue).
-    pub async fn put_parquet(&self, key: &str, columns: &[(&str, &str)], rows: &[Vec<Value>]) -> String {
+    pub async fn put_parquet(
+        &self,
+        key: &str,
+        columns: &[(&str, &str)],
+        rows: &[Vec<Value>],
+    ) -> String {
         let body = parquet_bytes(columns, rows);
         self.put_bytes(key, body).await
     }
 
     pub async fn put_bytes(&self, key: &str, body: Vec<u8>) -> String {
         self.store
-            .put(&self.res.bucket, key, Bytes::from(body), "application/octet-stream", WriteCondition::Unconditional)
+            .put(
+                &self.res.bucket,
+                key,
+                Bytes::from(body),
+                "application/octet-stream",
+                WriteCondition::Unconditional,
+            )
             .await
             .expect("upload")
     }
@@ -172,14 +189,23 @@ impl Env {
 
     /// Messages in (visible + in flight) the main queue and the DLQ.
     pub async fn depths(&self) -> (u64, u64) {
-        (queue_depth(&self.aws, &self.res.queue_url).await, queue_depth(&self.aws, &self.res.dlq_url).await)
+        (
+            queue_depth(&self.aws, &self.res.queue_url).await,
+            queue_depth(&self.aws, &self.res.dlq_url).await,
+        )
     }
 
     /// Waits until the queue is empty and the worker idle for a moment.
     pub async fn settle(&self, worker: &Worker, timeout: Duration) {
-        cdc_worker::commands::wait_until_idle(&self.aws, worker, &self.res.queue_url, Duration::from_millis(1500), timeout)
-            .await
-            .expect("worker settles");
+        cdc_worker::commands::wait_until_idle(
+            &self.aws,
+            worker,
+            &self.res.queue_url,
+            Duration::from_millis(1500),
+            timeout,
+        )
+        .await
+        .expect("worker settles");
     }
 
     /// Waits until `check` holds, polling.
@@ -199,7 +225,9 @@ impl Env {
     }
 
     pub async fn alerts(&self) -> Vec<ReceivedAlert> {
-        dev::drain_alerts(&self.aws, &self.res.alerts_queue_url).await.expect("alerts")
+        dev::drain_alerts(&self.aws, &self.res.alerts_queue_url)
+            .await
+            .expect("alerts")
     }
 
     /// Opens the DuckDB file (after the worker stopped).
@@ -221,7 +249,11 @@ impl Env {
         );
         let mut stmt = conn.prepare(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
         let mut rows: Vec<Vec<Option<String>>> = stmt
-            .query_map([], |r| (0..columns.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+            .query_map([], |r| {
+                (0..columns.len())
+                    .map(|i| r.get::<_, Option<String>>(i))
+                    .collect()
+            })
             .expect("query")
             .map(|r| r.expect("row"))
             .collect();
@@ -234,10 +266,12 @@ impl Env {
         let mut stmt = conn
             .prepare("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position")
             .expect("prepare");
-        stmt.query_map([table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .expect("query")
-            .map(|r| r.expect("row"))
-            .collect()
+        stmt.query_map([table], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect()
     }
 }
 
@@ -253,7 +287,12 @@ async fn queue_depth(aws: &AwsClients, url: &str) -> u64 {
         .await
         .expect("queue attributes");
     let attrs = out.attributes().cloned().unwrap_or_default();
-    let n = |k: A| attrs.get(&k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let n = |k: A| {
+        attrs
+            .get(&k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible)
 }
 
@@ -261,7 +300,10 @@ async fn queue_depth(aws: &AwsClients, url: &str) -> u64 {
 pub fn parquet_bytes(columns: &[(&str, &str)], rows: &[Vec<Value>]) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("f.parquet");
-    let columns: Vec<(String, String)> = columns.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect();
+    let columns: Vec<(String, String)> = columns
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
     cdc_worker::simulate::write_parquet(&path, &columns, rows).expect("write parquet");
     std::fs::read(&path).expect("read parquet")
 }
@@ -283,14 +325,29 @@ pub fn null() -> Value {
 pub fn parquet_with_columns(names: &[&str], values: &[i32]) -> Vec<u8> {
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
-    let fields: Vec<String> = names.iter().map(|n| format!("REQUIRED INT32 {n};")).collect();
-    let schema = parquet::schema::parser::parse_message_type(&format!("message schema {{ {} }}", fields.join(" "))).expect("schema");
+    let fields: Vec<String> = names
+        .iter()
+        .map(|n| format!("REQUIRED INT32 {n};"))
+        .collect();
+    let schema = parquet::schema::parser::parse_message_type(&format!(
+        "message schema {{ {} }}",
+        fields.join(" ")
+    ))
+    .expect("schema");
     let mut out = Vec::new();
-    let mut writer = SerializedFileWriter::new(&mut out, std::sync::Arc::new(schema), std::sync::Arc::new(WriterProperties::builder().build())).expect("writer");
+    let mut writer = SerializedFileWriter::new(
+        &mut out,
+        std::sync::Arc::new(schema),
+        std::sync::Arc::new(WriterProperties::builder().build()),
+    )
+    .expect("writer");
     let mut group = writer.next_row_group().expect("row group");
     let mut n = 0;
     while let Some(mut column) = group.next_column().expect("column") {
-        column.typed::<parquet::data_type::Int32Type>().write_batch(&values[n..=n], None, None).expect("write");
+        column
+            .typed::<parquet::data_type::Int32Type>()
+            .write_batch(&values[n..=n], None, None)
+            .expect("write");
         column.close().expect("close column");
         n += 1;
     }

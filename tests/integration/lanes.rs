@@ -24,14 +24,21 @@ async fn one_table_serial_many_tables_parallel() {
     // order, as DMS writes them), so every lane has work at once.
     let bodies: Vec<Vec<u8>> = (0..files_per_table)
         .map(|n| {
-            let rows: Vec<_> = (0..3000).map(|r| vec![s("I"), i(n * 10_000 + r), s("some payload text")]).collect();
+            let rows: Vec<_> = (0..3000)
+                .map(|r| vec![s("I"), i(n * 10_000 + r), s("some payload text")])
+                .collect();
             parquet_bytes(columns, &rows)
         })
         .collect();
     let (env_ref, bodies_ref) = (&env, &bodies);
     futures::future::join_all(tables.iter().map(|t| async move {
         for (n, body) in bodies_ref.iter().enumerate() {
-            env_ref.put_bytes(&env_ref.key(t, &format!("20261124-10{n:02}00000.parquet")), body.clone()).await;
+            env_ref
+                .put_bytes(
+                    &env_ref.key(t, &format!("20261124-10{n:02}00000.parquet")),
+                    body.clone(),
+                )
+                .await;
         }
     }))
     .await;
@@ -41,12 +48,25 @@ async fn one_table_serial_many_tables_parallel() {
     let mut committed = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while committed < files_per_table as usize * tables.len() {
-        let event = tokio::time::timeout_at(deadline.into(), events.recv()).await.expect("batches finish").expect("events");
+        let event = tokio::time::timeout_at(deadline.into(), events.recv())
+            .await
+            .expect("batches finish")
+            .expect("events");
         match event {
-            EngineEvent::BatchStarted { table, batch_id, at, .. } => {
+            EngineEvent::BatchStarted {
+                table,
+                batch_id,
+                at,
+                ..
+            } => {
                 open.insert(batch_id, (table, at));
             }
-            EngineEvent::BatchFinished { batch_id, committed: c, at, .. } => {
+            EngineEvent::BatchFinished {
+                batch_id,
+                committed: c,
+                at,
+                ..
+            } => {
                 committed += c.len();
                 let (table, started) = open.remove(&batch_id).expect("started before finished");
                 intervals.push((table, started, at));
@@ -56,7 +76,8 @@ async fn one_table_serial_many_tables_parallel() {
     }
     worker.shutdown().await;
 
-    let overlaps = |a: &(String, Instant, Instant), b: &(String, Instant, Instant)| a.1 < b.2 && b.1 < a.2;
+    let overlaps =
+        |a: &(String, Instant, Instant), b: &(String, Instant, Instant)| a.1 < b.2 && b.1 < a.2;
     for (x, a) in intervals.iter().enumerate() {
         for b in &intervals[x + 1..] {
             if a.0 == b.0 {
@@ -64,14 +85,21 @@ async fn one_table_serial_many_tables_parallel() {
             }
         }
     }
-    let cross = intervals
-        .iter()
-        .enumerate()
-        .any(|(x, a)| intervals[x + 1..].iter().any(|b| a.0 != b.0 && overlaps(a, b)));
+    let cross = intervals.iter().enumerate().any(|(x, a)| {
+        intervals[x + 1..]
+            .iter()
+            .any(|b| a.0 != b.0 && overlaps(a, b))
+    });
     assert!(cross, "batches of different tables ran concurrently");
-    assert!(intervals.len() >= tables.len() * 2, "several batches per table");
+    assert!(
+        intervals.len() >= tables.len() * 2,
+        "several batches per table"
+    );
     for t in tables {
-        let n: i64 = env.db().query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0)).unwrap();
+        let n: i64 = env
+            .db()
+            .query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, files_per_table * 3000);
     }
 }

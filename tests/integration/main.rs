@@ -4,8 +4,8 @@
 mod harness;
 mod model;
 
-mod delivery;
 mod crash;
+mod delivery;
 mod end_to_end;
 mod faults;
 mod hostile;

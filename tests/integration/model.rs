@@ -45,7 +45,10 @@ impl TableModel {
         for row in rows {
             let op = op_index.and_then(|i| row[i]).unwrap_or("I");
             let value = |name: &str| -> Option<Cell> {
-                columns.iter().position(|c| *c == name).map(|i| row[i].map(str::to_string))
+                columns
+                    .iter()
+                    .position(|c| *c == name)
+                    .map(|i| row[i].map(str::to_string))
             };
             if self.key.is_empty() {
                 if op != "D" {
@@ -117,7 +120,13 @@ impl<'a> Stream<'a> {
     }
 
     /// Writes `rows` under `columns` (name, DuckDB type) as `public/<table>/<file>`.
-    pub async fn file(&mut self, table: &str, file: &str, columns: &[(&str, &str)], rows: &[Vec<Option<&str>>]) {
+    pub async fn file(
+        &mut self,
+        table: &str,
+        file: &str,
+        columns: &[(&str, &str)],
+        rows: &[Vec<Option<&str>>],
+    ) {
         let key = self.env.key(table, file);
         let data: Vec<Vec<Value>> = rows.iter().map(|r| values(r)).collect();
         let body = crate::harness::parquet_bytes(columns, &data);

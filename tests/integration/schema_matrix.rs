@@ -46,7 +46,12 @@ fn strict_existing() -> TableSchemaConfig {
 
 const ID_V: Cols = &[("id", "BIGINT"), ("v", "VARCHAR")];
 const CDC_ID_V: Cols = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")];
-const CDC_EXTRA: Cols = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR"), ("extra", "VARCHAR")];
+const CDC_EXTRA: Cols = &[
+    ("Op", "VARCHAR"),
+    ("id", "BIGINT"),
+    ("v", "VARCHAR"),
+    ("extra", "VARCHAR"),
+];
 const ID_V_GONE: Cols = &[("id", "BIGINT"), ("v", "VARCHAR"), ("gone", "VARCHAR")];
 const ID_INT: Cols = &[("id", "BIGINT"), ("n", "INTEGER")];
 const CDC_ID_BIG: Cols = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("n", "BIGINT")];
@@ -64,7 +69,10 @@ async fn settle(env: &Env, worker: &Worker) {
     let started = Instant::now();
     let mut quiet_since: Option<Instant> = None;
     loop {
-        assert!(started.elapsed() < Duration::from_secs(90), "the worker did not settle");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the worker did not settle"
+        );
         let attrs = env
             .aws
             .sqs
@@ -74,8 +82,16 @@ async fn settle(env: &Env, worker: &Worker) {
             .send()
             .await
             .unwrap();
-        let visible: u64 = attrs.attributes().and_then(|a| a.get(&A::ApproximateNumberOfMessages)).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let idle = worker.engine().lanes().iter().all(|(_, l)| l.pending_files == 0 || l.held.is_some());
+        let visible: u64 = attrs
+            .attributes()
+            .and_then(|a| a.get(&A::ApproximateNumberOfMessages))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let idle = worker
+            .engine()
+            .lanes()
+            .iter()
+            .all(|(_, l)| l.pending_files == 0 || l.held.is_some());
         if visible == 0 && idle {
             if quiet_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(3) {
                 return;
@@ -112,9 +128,23 @@ async fn every_change_kind_under_every_policy() {
         c.batch.linger = Duration::from_secs(2);
         policy(c, "new_table_evolve", preset(PolicyPreset::Evolve));
         policy(c, "new_table_strict", preset(PolicyPreset::Strict));
-        policy(c, "new_table_ignore", TableSchemaConfig { new_table: Some(NewTablePolicy::Ignore), ..Default::default() });
+        policy(
+            c,
+            "new_table_ignore",
+            TableSchemaConfig {
+                new_table: Some(NewTablePolicy::Ignore),
+                ..Default::default()
+            },
+        );
         policy(c, "new_column_add", preset(PolicyPreset::Evolve));
-        policy(c, "new_column_ignore", TableSchemaConfig { new_column: Some(NewColumnPolicy::Ignore), ..Default::default() });
+        policy(
+            c,
+            "new_column_ignore",
+            TableSchemaConfig {
+                new_column: Some(NewColumnPolicy::Ignore),
+                ..Default::default()
+            },
+        );
         policy(c, "new_column_fail", strict_existing());
         policy(c, "removed_keep", preset(PolicyPreset::Evolve));
         policy(c, "removed_fail", strict_existing());
@@ -123,7 +153,14 @@ async fn every_change_kind_under_every_policy() {
         policy(c, "narrowing", strict_existing());
         policy(c, "incompatible_variant", preset(PolicyPreset::Evolve));
         policy(c, "incompatible_cast", preset(PolicyPreset::Lenient));
-        policy(c, "incompatible_ignore", TableSchemaConfig { incompatible: Some(IncompatiblePolicy::Ignore), ..Default::default() });
+        policy(
+            c,
+            "incompatible_ignore",
+            TableSchemaConfig {
+                incompatible: Some(IncompatiblePolicy::Ignore),
+                ..Default::default()
+            },
+        );
         policy(c, "incompatible_fail", strict_existing());
         policy(c, "probable_rename", preset(PolicyPreset::Evolve));
         policy(c, "nullability", strict_existing());
@@ -137,62 +174,223 @@ async fn every_change_kind_under_every_policy() {
     }
     // New column, in one batch with files of the old schema (the batch is split).
     for t in ["new_column_add", "new_column_ignore", "new_column_fail"] {
-        put(&env, t, "LOAD00000001.parquet", ID_V, &[vec![i(1), s("a")], vec![i(2), s("b")]]).await;
+        put(
+            &env,
+            t,
+            "LOAD00000001.parquet",
+            ID_V,
+            &[vec![i(1), s("a")], vec![i(2), s("b")]],
+        )
+        .await;
         if t == "new_column_fail" {
-            env.eventually("loaded", Duration::from_secs(30), || async { worker.warehouse().row_count(t).await.unwrap_or(0) == 2 }).await;
+            env.eventually("loaded", Duration::from_secs(30), || async {
+                worker.warehouse().row_count(t).await.unwrap_or(0) == 2
+            })
+            .await;
         }
-        put(&env, t, "20261124-100000000.parquet", CDC_ID_V, &[vec![s("U"), i(2), s("b2")]]).await;
-        put(&env, t, "20261124-100100000.parquet", CDC_EXTRA, &[vec![s("U"), i(1), s("a2"), s("x")], vec![s("I"), i(3), s("c"), s("y")]]).await;
-        put(&env, t, "20261124-100200000.parquet", CDC_EXTRA, &[vec![s("I"), i(4), s("d"), null()]]).await;
+        put(
+            &env,
+            t,
+            "20261124-100000000.parquet",
+            CDC_ID_V,
+            &[vec![s("U"), i(2), s("b2")]],
+        )
+        .await;
+        put(
+            &env,
+            t,
+            "20261124-100100000.parquet",
+            CDC_EXTRA,
+            &[
+                vec![s("U"), i(1), s("a2"), s("x")],
+                vec![s("I"), i(3), s("c"), s("y")],
+            ],
+        )
+        .await;
+        put(
+            &env,
+            t,
+            "20261124-100200000.parquet",
+            CDC_EXTRA,
+            &[vec![s("I"), i(4), s("d"), null()]],
+        )
+        .await;
     }
     for t in ["removed_keep", "removed_fail"] {
-        put(&env, t, "LOAD00000001.parquet", ID_V_GONE, &[vec![i(1), s("a"), s("g1")], vec![i(2), s("b"), s("g2")]]).await;
-        env.eventually("loaded", Duration::from_secs(30), || async { worker.warehouse().row_count(t).await.unwrap_or(0) == 2 }).await;
-        put(&env, t, "20261124-100000000.parquet", CDC_ID_V, &[vec![s("U"), i(1), s("a2")], vec![s("I"), i(3), s("c")]]).await;
+        put(
+            &env,
+            t,
+            "LOAD00000001.parquet",
+            ID_V_GONE,
+            &[vec![i(1), s("a"), s("g1")], vec![i(2), s("b"), s("g2")]],
+        )
+        .await;
+        env.eventually("loaded", Duration::from_secs(30), || async {
+            worker.warehouse().row_count(t).await.unwrap_or(0) == 2
+        })
+        .await;
+        put(
+            &env,
+            t,
+            "20261124-100000000.parquet",
+            CDC_ID_V,
+            &[vec![s("U"), i(1), s("a2")], vec![s("I"), i(3), s("c")]],
+        )
+        .await;
     }
     for t in ["widening_widen", "widening_fail"] {
-        put(&env, t, "LOAD00000001.parquet", ID_INT, &[vec![i(1), Value::Int(5)]]).await;
-        env.eventually("loaded", Duration::from_secs(30), || async { worker.warehouse().row_count(t).await.unwrap_or(0) == 1 }).await;
-        put(&env, t, "20261124-100000000.parquet", CDC_ID_BIG, &[vec![s("I"), i(2), i(5_000_000_000)]]).await;
+        put(
+            &env,
+            t,
+            "LOAD00000001.parquet",
+            ID_INT,
+            &[vec![i(1), Value::Int(5)]],
+        )
+        .await;
+        env.eventually("loaded", Duration::from_secs(30), || async {
+            worker.warehouse().row_count(t).await.unwrap_or(0) == 1
+        })
+        .await;
+        put(
+            &env,
+            t,
+            "20261124-100000000.parquet",
+            CDC_ID_BIG,
+            &[vec![s("I"), i(2), i(5_000_000_000)]],
+        )
+        .await;
     }
-    put(&env, "narrowing", "LOAD00000001.parquet", ID_BIG, &[vec![i(1), i(5_000_000_000)]]).await;
-    put(&env, "narrowing", "20261124-100000000.parquet", CDC_ID_INT, &[vec![s("I"), i(2), Value::Int(7)]]).await;
-    for t in ["incompatible_variant", "incompatible_cast", "incompatible_ignore", "incompatible_fail"] {
+    put(
+        &env,
+        "narrowing",
+        "LOAD00000001.parquet",
+        ID_BIG,
+        &[vec![i(1), i(5_000_000_000)]],
+    )
+    .await;
+    put(
+        &env,
+        "narrowing",
+        "20261124-100000000.parquet",
+        CDC_ID_INT,
+        &[vec![s("I"), i(2), Value::Int(7)]],
+    )
+    .await;
+    for t in [
+        "incompatible_variant",
+        "incompatible_cast",
+        "incompatible_ignore",
+        "incompatible_fail",
+    ] {
         put(&env, t, "LOAD00000001.parquet", ID_BIG, &[vec![i(1), i(5)]]).await;
-        env.eventually("loaded", Duration::from_secs(30), || async { worker.warehouse().row_count(t).await.unwrap_or(0) == 1 }).await;
-        put(&env, t, "20261124-100000000.parquet", CDC_ID_TEXT, &[vec![s("I"), i(2), s("123")], vec![s("I"), i(3), s("abc")]]).await;
+        env.eventually("loaded", Duration::from_secs(30), || async {
+            worker.warehouse().row_count(t).await.unwrap_or(0) == 1
+        })
+        .await;
+        put(
+            &env,
+            t,
+            "20261124-100000000.parquet",
+            CDC_ID_TEXT,
+            &[vec![s("I"), i(2), s("123")], vec![s("I"), i(3), s("abc")]],
+        )
+        .await;
     }
-    put(&env, "probable_rename", "LOAD00000001.parquet", &[("id", "BIGINT"), ("old_name", "VARCHAR")], &[vec![i(1), s("a")]]).await;
-    put(&env, "probable_rename", "20261124-100000000.parquet", &[("Op", "VARCHAR"), ("id", "BIGINT"), ("new_name", "VARCHAR")], &[vec![s("I"), i(2), s("b")]]).await;
+    put(
+        &env,
+        "probable_rename",
+        "LOAD00000001.parquet",
+        &[("id", "BIGINT"), ("old_name", "VARCHAR")],
+        &[vec![i(1), s("a")]],
+    )
+    .await;
+    put(
+        &env,
+        "probable_rename",
+        "20261124-100000000.parquet",
+        &[("Op", "VARCHAR"), ("id", "BIGINT"), ("new_name", "VARCHAR")],
+        &[vec![s("I"), i(2), s("b")]],
+    )
+    .await;
     // REQUIRED columns first, then a file where `v` is optional and NULL.
-    env.put_bytes(&env.key("nullability", "LOAD00000001.parquet"), parquet_with_columns(&["id", "v"], &[1, 10])).await;
-    env.eventually("loaded", Duration::from_secs(30), || async { worker.warehouse().row_count("nullability").await.unwrap_or(0) == 1 }).await;
-    put(&env, "nullability", "20261124-100000000.parquet", &[("Op", "VARCHAR"), ("id", "INTEGER"), ("v", "INTEGER")], &[vec![s("I"), Value::Int(2), null()]]).await;
+    env.put_bytes(
+        &env.key("nullability", "LOAD00000001.parquet"),
+        parquet_with_columns(&["id", "v"], &[1, 10]),
+    )
+    .await;
+    env.eventually("loaded", Duration::from_secs(30), || async {
+        worker
+            .warehouse()
+            .row_count("nullability")
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    put(
+        &env,
+        "nullability",
+        "20261124-100000000.parquet",
+        &[("Op", "VARCHAR"), ("id", "INTEGER"), ("v", "INTEGER")],
+        &[vec![s("I"), Value::Int(2), null()]],
+    )
+    .await;
     let colliding = parquet_with_columns(&["id", "Amount", "amount"], &[1, 1, 2]);
-    env.put_bytes(&env.key("case_collision", "LOAD00000001.parquet"), colliding).await;
+    env.put_bytes(
+        &env.key("case_collision", "LOAD00000001.parquet"),
+        colliding,
+    )
+    .await;
 
     settle(&env, &worker).await;
-    let held: Vec<String> = worker.engine().lanes().into_iter().filter(|(_, l)| l.held.is_some()).map(|(t, _)| t).collect();
+    let held: Vec<String> = worker
+        .engine()
+        .lanes()
+        .into_iter()
+        .filter(|(_, l)| l.held.is_some())
+        .map(|(t, _)| t)
+        .collect();
     let alerts = env.alerts().await;
     worker.shutdown().await;
 
-    let mut expected_held = vec!["case_collision", "incompatible_fail", "new_column_fail", "new_table_strict", "removed_fail", "widening_fail"];
+    let mut expected_held = vec![
+        "case_collision",
+        "incompatible_fail",
+        "new_column_fail",
+        "new_table_strict",
+        "removed_fail",
+        "widening_fail",
+    ];
     expected_held.sort();
     assert_eq!(held, expected_held, "held tables");
     let schemas = SchemaStore::new(env.store.clone(), &env.res.bucket, "cdc-worker");
 
     // New table.
-    assert_eq!(rows(&env, "new_table_evolve", &["id", "v"]), vec![r(&[Some("1"), Some("a")])]);
+    assert_eq!(
+        rows(&env, "new_table_evolve", &["id", "v"]),
+        vec![r(&[Some("1"), Some("a")])]
+    );
     let a = alert_for(&alerts, "new_table_evolve", 1);
     assert_eq!(a.body["changes"][0]["kind"], "new_table");
     assert_eq!(a.body["held"], false);
-    assert!(types(&env, "new_table_strict").is_empty(), "held: not created");
+    assert!(
+        types(&env, "new_table_strict").is_empty(),
+        "held: not created"
+    );
     let a = alert_for(&alerts, "new_table_strict", 1);
     assert_eq!(a.body["held"], true);
     assert_eq!(a.body["severity"], "error");
-    assert!(a.body["next_steps"].as_str().unwrap().contains("cdc-worker schema accept new_table_strict"));
+    assert!(
+        a.body["next_steps"]
+            .as_str()
+            .unwrap()
+            .contains("cdc-worker schema accept new_table_strict")
+    );
     assert_eq!(a.attributes["held"]["Value"], "true");
-    assert!(types(&env, "new_table_ignore").is_empty(), "ignored: not created");
+    assert!(
+        types(&env, "new_table_ignore").is_empty(),
+        "ignored: not created"
+    );
     let a = alert_for(&alerts, "new_table_ignore", 1);
     assert_eq!(a.body["actions"][0]["action"], "ignored_table");
     let history = schemas.history("new_table_ignore").await.unwrap();
@@ -201,7 +399,11 @@ async fn every_change_kind_under_every_policy() {
     // New column.
     assert_eq!(
         types(&env, "new_column_add"),
-        vec![("id".into(), "BIGINT".into()), ("v".into(), "VARCHAR".into()), ("extra".into(), "VARCHAR".into())]
+        vec![
+            ("id".into(), "BIGINT".into()),
+            ("v".into(), "VARCHAR".into()),
+            ("extra".into(), "VARCHAR".into())
+        ]
     );
     assert_eq!(
         rows(&env, "new_column_add", &["id", "v", "extra"]),
@@ -216,13 +418,30 @@ async fn every_change_kind_under_every_policy() {
     let a = alert_for(&alerts, "new_column_add", 2);
     assert_eq!(a.body["changes"][0]["kind"], "new_column");
     assert_eq!(a.body["actions"][0]["action"], "added_column");
-    assert!(a.attributes["change_kinds"]["Value"].as_str().unwrap().contains("new_column"));
-    assert_eq!(types(&env, "new_column_ignore").len(), 2, "ignored column not added");
+    assert!(
+        a.attributes["change_kinds"]["Value"]
+            .as_str()
+            .unwrap()
+            .contains("new_column")
+    );
+    assert_eq!(
+        types(&env, "new_column_ignore").len(),
+        2,
+        "ignored column not added"
+    );
     assert_eq!(
         rows(&env, "new_column_ignore", &["id", "v"]),
-        vec![r(&[Some("1"), Some("a2")]), r(&[Some("2"), Some("b2")]), r(&[Some("3"), Some("c")]), r(&[Some("4"), Some("d")])]
+        vec![
+            r(&[Some("1"), Some("a2")]),
+            r(&[Some("2"), Some("b2")]),
+            r(&[Some("3"), Some("c")]),
+            r(&[Some("4"), Some("d")])
+        ]
     );
-    assert_eq!(alert_for(&alerts, "new_column_ignore", 2).body["actions"][0]["action"], "ignored_column");
+    assert_eq!(
+        alert_for(&alerts, "new_column_ignore", 2).body["actions"][0]["action"],
+        "ignored_column"
+    );
     assert_eq!(
         rows(&env, "new_column_fail", &["id", "v"]),
         vec![r(&[Some("1"), Some("a")]), r(&[Some("2"), Some("b2")])],
@@ -232,20 +451,48 @@ async fn every_change_kind_under_every_policy() {
     // Removed column: kept; inserted rows NULL, updated rows keep their last value.
     assert_eq!(
         rows(&env, "removed_keep", &["id", "v", "gone"]),
-        vec![r(&[Some("1"), Some("a2"), Some("g1")]), r(&[Some("2"), Some("b"), Some("g2")]), r(&[Some("3"), Some("c"), None])]
+        vec![
+            r(&[Some("1"), Some("a2"), Some("g1")]),
+            r(&[Some("2"), Some("b"), Some("g2")]),
+            r(&[Some("3"), Some("c"), None])
+        ]
     );
-    assert_eq!(alert_for(&alerts, "removed_keep", 2).body["actions"][0]["action"], "kept_column");
+    assert_eq!(
+        alert_for(&alerts, "removed_keep", 2).body["actions"][0]["action"],
+        "kept_column"
+    );
     assert_eq!(rows(&env, "removed_fail", &["id", "v", "gone"]).len(), 2);
 
     // Widening.
-    assert_eq!(types(&env, "widening_widen")[1], ("n".into(), "BIGINT".into()));
-    assert_eq!(rows(&env, "widening_widen", &["id", "n"]), vec![r(&[Some("1"), Some("5")]), r(&[Some("2"), Some("5000000000")])]);
-    assert_eq!(alert_for(&alerts, "widening_widen", 2).body["changes"][0]["change"], "widening");
-    assert_eq!(types(&env, "widening_fail")[1], ("n".into(), "INTEGER".into()));
+    assert_eq!(
+        types(&env, "widening_widen")[1],
+        ("n".into(), "BIGINT".into())
+    );
+    assert_eq!(
+        rows(&env, "widening_widen", &["id", "n"]),
+        vec![
+            r(&[Some("1"), Some("5")]),
+            r(&[Some("2"), Some("5000000000")])
+        ]
+    );
+    assert_eq!(
+        alert_for(&alerts, "widening_widen", 2).body["changes"][0]["change"],
+        "widening"
+    );
+    assert_eq!(
+        types(&env, "widening_fail")[1],
+        ("n".into(), "INTEGER".into())
+    );
 
     // Narrowing: no DDL, a lossless cast, even under strict.
     assert_eq!(types(&env, "narrowing")[1], ("n".into(), "BIGINT".into()));
-    assert_eq!(rows(&env, "narrowing", &["id", "n"]), vec![r(&[Some("1"), Some("5000000000")]), r(&[Some("2"), Some("7")])]);
+    assert_eq!(
+        rows(&env, "narrowing", &["id", "n"]),
+        vec![
+            r(&[Some("1"), Some("5000000000")]),
+            r(&[Some("2"), Some("7")])
+        ]
+    );
     let a = alert_for(&alerts, "narrowing", 2);
     assert_eq!(a.body["changes"][0]["change"], "narrowing");
     assert_eq!(a.body["held"], false);
@@ -253,62 +500,121 @@ async fn every_change_kind_under_every_policy() {
     // Incompatible.
     assert_eq!(
         types(&env, "incompatible_variant"),
-        vec![("id".into(), "BIGINT".into()), ("n".into(), "BIGINT".into()), ("n__v_string".into(), "VARCHAR".into())]
+        vec![
+            ("id".into(), "BIGINT".into()),
+            ("n".into(), "BIGINT".into()),
+            ("n__v_string".into(), "VARCHAR".into())
+        ]
     );
     assert_eq!(
         rows(&env, "incompatible_variant", &["id", "n", "n__v_string"]),
-        vec![r(&[Some("1"), Some("5"), None]), r(&[Some("2"), Some("123"), None]), r(&[Some("3"), None, Some("abc")])]
+        vec![
+            r(&[Some("1"), Some("5"), None]),
+            r(&[Some("2"), Some("123"), None]),
+            r(&[Some("3"), None, Some("abc")])
+        ]
     );
-    assert_eq!(alert_for(&alerts, "incompatible_variant", 2).body["actions"][0]["action"], "added_variant_column");
+    assert_eq!(
+        alert_for(&alerts, "incompatible_variant", 2).body["actions"][0]["action"],
+        "added_variant_column"
+    );
     assert_eq!(types(&env, "incompatible_cast").len(), 2);
     assert_eq!(
         rows(&env, "incompatible_cast", &["id", "n"]),
-        vec![r(&[Some("1"), Some("5")]), r(&[Some("2"), Some("123")]), r(&[Some("3"), None])]
+        vec![
+            r(&[Some("1"), Some("5")]),
+            r(&[Some("2"), Some("123")]),
+            r(&[Some("3"), None])
+        ]
     );
     assert_eq!(
         rows(&env, "incompatible_ignore", &["id", "n"]),
-        vec![r(&[Some("1"), Some("5")]), r(&[Some("2"), None]), r(&[Some("3"), None])]
+        vec![
+            r(&[Some("1"), Some("5")]),
+            r(&[Some("2"), None]),
+            r(&[Some("3"), None])
+        ]
     );
-    assert_eq!(rows(&env, "incompatible_fail", &["id", "n"]), vec![r(&[Some("1"), Some("5")])]);
+    assert_eq!(
+        rows(&env, "incompatible_fail", &["id", "n"]),
+        vec![r(&[Some("1"), Some("5")])]
+    );
 
     // Probable rename: reported as such, applied as add + keep.
     assert_eq!(
         rows(&env, "probable_rename", &["id", "old_name", "new_name"]),
-        vec![r(&[Some("1"), Some("a"), None]), r(&[Some("2"), None, Some("b")])]
+        vec![
+            r(&[Some("1"), Some("a"), None]),
+            r(&[Some("2"), None, Some("b")])
+        ]
     );
     let a = alert_for(&alerts, "probable_rename", 2);
     assert_eq!(a.body["changes"][0]["kind"], "probable_rename");
     assert_eq!(a.body["changes"][0]["from"], "old_name");
 
     // Nullability: reported, nothing to do, not held even under strict.
-    assert_eq!(rows(&env, "nullability", &["id", "v"]), vec![r(&[Some("1"), Some("10")]), r(&[Some("2"), None])]);
+    assert_eq!(
+        rows(&env, "nullability", &["id", "v"]),
+        vec![r(&[Some("1"), Some("10")]), r(&[Some("2"), None])]
+    );
     let a = alert_for(&alerts, "nullability", 2);
     assert_eq!(a.body["changes"][0]["kind"], "nullability");
     assert_eq!(a.body["held"], false);
 
     // Names that collide once case is folded: held, the message names both.
     assert!(types(&env, "case_collision").is_empty());
-    let a = alerts.iter().find(|a| a.body["table"] == "case_collision").expect("collision alert");
-    assert!(a.body["message"].as_str().unwrap().contains("`Amount` and `amount`"), "{:#}", a.body);
+    let a = alerts
+        .iter()
+        .find(|a| a.body["table"] == "case_collision")
+        .expect("collision alert");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("`Amount` and `amount`"),
+        "{:#}",
+        a.body
+    );
 
     // History: one version per change, with the file that introduced it.
     let h = schemas.history("new_column_add").await.unwrap();
     assert_eq!(h.len(), 2);
-    assert!(h[1].file.as_deref().unwrap().ends_with("20261124-100100000.parquet"));
+    assert!(
+        h[1].file
+            .as_deref()
+            .unwrap()
+            .ends_with("20261124-100100000.parquet")
+    );
     assert!(h[1].columns.iter().any(|c| c.name == "extra"));
 
     // Accepting releases held tables: their waiting files are applied as evolve would.
-    for t in ["new_table_strict", "new_column_fail", "widening_fail", "removed_fail"] {
-        cdc_worker::commands::schema_accept(&env.config, t, None).await.unwrap();
+    for t in [
+        "new_table_strict",
+        "new_column_fail",
+        "widening_fail",
+        "removed_fail",
+    ] {
+        cdc_worker::commands::schema_accept(&env.config, t, None)
+            .await
+            .unwrap();
     }
-    cdc_worker::commands::schema_accept(&env.config, "incompatible_fail", Some("cast")).await.unwrap();
+    cdc_worker::commands::schema_accept(&env.config, "incompatible_fail", Some("cast"))
+        .await
+        .unwrap();
     let worker = env.start().await;
     settle(&env, &worker).await;
     let lanes = worker.engine().lanes();
-    let still_held: Vec<String> = lanes.iter().filter(|(_, l)| l.held.is_some()).map(|(t, _)| t.clone()).collect();
+    let still_held: Vec<String> = lanes
+        .iter()
+        .filter(|(_, l)| l.held.is_some())
+        .map(|(t, _)| t.clone())
+        .collect();
     worker.shutdown().await;
     assert_eq!(still_held, vec!["case_collision".to_string()], "{lanes:#?}");
-    assert_eq!(rows(&env, "new_table_strict", &["id", "v"]), vec![r(&[Some("1"), Some("a")])]);
+    assert_eq!(
+        rows(&env, "new_table_strict", &["id", "v"]),
+        vec![r(&[Some("1"), Some("a")])]
+    );
     assert_eq!(
         rows(&env, "new_column_fail", &["id", "v", "extra"]),
         vec![
@@ -318,10 +624,17 @@ async fn every_change_kind_under_every_policy() {
             r(&[Some("4"), Some("d"), None]),
         ]
     );
-    assert_eq!(types(&env, "widening_fail")[1], ("n".into(), "BIGINT".into()));
+    assert_eq!(
+        types(&env, "widening_fail")[1],
+        ("n".into(), "BIGINT".into())
+    );
     assert_eq!(rows(&env, "removed_fail", &["id", "v", "gone"]).len(), 3);
     assert_eq!(
         rows(&env, "incompatible_fail", &["id", "n"]),
-        vec![r(&[Some("1"), Some("5")]), r(&[Some("2"), Some("123")]), r(&[Some("3"), None])]
+        vec![
+            r(&[Some("1"), Some("5")]),
+            r(&[Some("2"), Some("123")]),
+            r(&[Some("3"), None])
+        ]
     );
 }

@@ -20,7 +20,7 @@ pub async fn read_footers(
     store: &ObjectStore,
     files: Vec<BatchFile>,
     op_column: &str,
-) -> Vec<Result<StagedFile, (BatchFile, StageError)>> {
+) -> Vec<Result<StagedFile, StageError>> {
     futures::stream::iter(files)
         .map(|file| read_footer(store, file, op_column))
         .buffered(FOOTER_CONCURRENCY)
@@ -33,17 +33,17 @@ pub async fn read_footer(
     store: &ObjectStore,
     file: BatchFile,
     op_column: &str,
-) -> Result<StagedFile, (BatchFile, StageError)> {
+) -> Result<StagedFile, StageError> {
     if file.size == 0 {
         // An empty object has no footer; a range request on it is an error at S3.
-        return Err((file, StageError::Poison(ParquetError::Empty)));
+        return Err(StageError::Poison(ParquetError::Empty));
     }
     let mut want = FOOTER_PROBE.min(file.size.max(1));
     for _ in 0..MAX_READS {
         let tail = match store.get_tail(&file.bucket, &file.key, want).await {
             Ok(tail) => tail,
-            Err(StorageError::NotFound { .. }) => return Err((file, StageError::Missing)),
-            Err(e) => return Err((file, StageError::Transient(e.to_string()))),
+            Err(StorageError::NotFound { .. }) => return Err(StageError::Missing),
+            Err(e) => return Err(StageError::Transient(e.to_string())),
         };
         // A tail shorter than asked for is the whole object, whatever the notification said.
         let object_size = if (tail.len() as u64) < want {
@@ -61,18 +61,14 @@ pub async fn read_footer(
             }
             Ok(Tail::NeedBytes(n)) if n > want => want = n,
             Ok(Tail::NeedBytes(n)) => {
-                return Err((
-                    file,
-                    StageError::Transient(format!(
-                        "footer needs {n} bytes but a read of {want} did not hold it"
-                    )),
-                ));
+                return Err(StageError::Transient(format!(
+                    "footer needs {n} bytes but a read of {want} did not hold it"
+                )));
             }
-            Err(e) => return Err((file, StageError::Poison(e))),
+            Err(e) => return Err(StageError::Poison(e)),
         }
     }
-    Err((
-        file,
-        StageError::Transient(format!("footer still incomplete after {MAX_READS} reads")),
-    ))
+    Err(StageError::Transient(format!(
+        "footer still incomplete after {MAX_READS} reads"
+    )))
 }
