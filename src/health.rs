@@ -1,5 +1,5 @@
-//! `/healthz` (the process is alive), `/readyz` (queue and warehouse answer) and
-//! `/metrics` (Prometheus text), for ECS health checks and scraping.
+//! `/healthz` (the process is alive), `/readyz` (queue and warehouse answer),
+//! `/metrics` (Prometheus text) and `/status` (the lanes, as JSON, for `cdc-worker status`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +35,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(Probes {
             queue,
             warehouse,
@@ -68,6 +69,36 @@ async fn ready(State(p): State<Probes>) -> (StatusCode, String) {
             )
         }
     }
+}
+
+/// One lane as `/status` shows it.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct LaneStatus {
+    pub table: String,
+    pub pending_files: usize,
+    pub held: Option<String>,
+    pub consecutive_failures: u32,
+    /// Seconds the oldest waiting file has waited.
+    pub oldest_pending_s: Option<f64>,
+}
+
+async fn status(State(p): State<Probes>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let lanes: Vec<LaneStatus> = p
+        .engine
+        .lanes()
+        .into_iter()
+        .map(|(table, l)| LaneStatus {
+            table,
+            pending_files: l.pending_files,
+            held: l.held,
+            consecutive_failures: l.consecutive_failures,
+            oldest_pending_s: l.oldest_pending.map(|t| t.elapsed().as_secs_f64()),
+        })
+        .collect();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&lanes).unwrap_or_default(),
+    )
 }
 
 async fn metrics(State(p): State<Probes>) -> String {

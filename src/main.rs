@@ -75,8 +75,36 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Per-table leases: show one, or hold it (pausing the table on every worker).
+    Lease {
+        #[command(subcommand)]
+        action: LeaseCommand,
+    },
     /// Measure throughput and latency on LocalStack (release build recommended).
     Bench(commands::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// The lease of a table: holder, fencing token, expiry.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+    },
+    /// Take a table's lease (waiting while another worker holds it), keep it for a
+    /// while, renewing it, then release it. Prints one JSON line per event.
+    Hold {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+        /// How long to hold it, e.g. "30s" or "10m".
+        #[arg(long = "for", value_parser = humantime::parse_duration, default_value = "30s")]
+        hold_for: std::time::Duration,
+        /// Take and release it this many times.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -127,6 +155,9 @@ async fn main() -> ExitCode {
             SchemaCommand::Show { config, .. }
             | SchemaCommand::History { config, .. }
             | SchemaCommand::Accept { config, .. } => config.clone(),
+        }),
+        Command::Lease { action } => Some(match action {
+            LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config.clone(),
         }),
         Command::Bench(_) => None,
     };
@@ -181,6 +212,17 @@ async fn main() -> ExitCode {
             dry_run,
             ..
         } => commands::replay(&config.expect("loaded"), &table, since.as_deref(), dry_run).await,
+        Command::Lease { action } => match action {
+            LeaseCommand::Show { table, .. } => {
+                commands::lease_show(&config.expect("loaded"), &table).await
+            }
+            LeaseCommand::Hold {
+                table,
+                hold_for,
+                rounds,
+                ..
+            } => commands::lease_hold(&config.expect("loaded"), &table, hold_for, rounds).await,
+        },
         Command::Bench(args) => commands::bench::run(args).await,
     };
     match result {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::plan::{self, ApplyPlan, Decision, PlanInput};
 use super::{ApplyContext, Engine, EngineEvent, LaneInfo, PendingFile, new_batch_id};
@@ -457,9 +458,13 @@ impl Lane {
             files: batch.len(),
             at: Instant::now(),
         });
+        // Every log line about this batch carries the table, batch id and file keys.
+        let keys: Vec<&str> = batch.iter().map(|f| f.file.key.as_str()).collect();
+        let span = tracing::info_span!("batch", table = %self.table, batch_id = %batch_id, file_keys = ?keys);
         let mut tally = Tally::default();
         let ok = self
             .apply_batch_inner(&batch_id, &source, batch, &mut tally)
+            .instrument(span)
             .await;
         let _ = self.ctx.events.send(EngineEvent::BatchFinished {
             table: self.table.clone(),

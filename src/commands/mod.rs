@@ -393,15 +393,44 @@ pub async fn schema_accept(
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<()> {
+    // A running worker knows its lanes; the rest comes from S3 and the warehouse.
     if let Some(addr) = config.telemetry.listen {
-        let url = format!(
-            "http://{}/metrics",
-            addr.to_string().replace("0.0.0.0", "127.0.0.1")
-        );
-        if let Ok(resp) = reqwest::get(&url).await
-            && resp.status().is_success()
-        {
-            println!("a worker answers on {addr}: lanes and lag are in its /metrics");
+        let url = format!("http://127.0.0.1:{}/status", addr.port());
+        let response = reqwest::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success());
+        match response {
+            Some(r) => {
+                let lanes: Vec<crate::health::LaneStatus> =
+                    r.json().await.context("reading /status")?;
+                println!("lanes of the worker on {addr}:");
+                println!(
+                    "{:<20} {:>8} {:>9} {:>9}  held",
+                    "table", "waiting", "oldest s", "failures"
+                );
+                for l in &lanes {
+                    let oldest = l
+                        .oldest_pending_s
+                        .map(|s| format!("{s:.1}"))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<20} {:>8} {:>9} {:>9}  {}",
+                        l.table,
+                        l.pending_files,
+                        oldest,
+                        l.consecutive_failures,
+                        l.held.as_deref().unwrap_or("-")
+                    );
+                }
+                println!();
+            }
+            None => {
+                println!("(no worker answers on {url}: lanes are shown for a running worker)\n")
+            }
         }
     }
     let aws = AwsClients::new(&config.aws).await;
@@ -561,6 +590,65 @@ fn encode_key(key: &str) -> String {
     percent_encoding::utf8_percent_encode(key, SET)
         .to_string()
         .replace(' ', "+")
+}
+
+fn lease_manager(config: &Config, store: ObjectStore) -> crate::lease::LeaseManager {
+    crate::lease::LeaseManager::new(
+        store,
+        config.metadata_bucket(),
+        &config.metadata.prefix,
+        config.lease.ttl,
+        crate::telemetry::worker_id(),
+    )
+}
+
+pub async fn lease_show(config: &Config, table: &str) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let leases = lease_manager(config, ObjectStore::new(aws.s3.clone()));
+    match leases.read(table).await? {
+        Some((doc, _)) => println!("{}", serde_json::to_string_pretty(&doc)?),
+        None => println!("table `{table}` has never been leased"),
+    }
+    Ok(())
+}
+
+/// Takes, keeps (renewing) and releases a table's lease `rounds` times, printing a JSON
+/// line per event with the wall-clock time in milliseconds.
+pub async fn lease_hold(
+    config: &Config,
+    table: &str,
+    hold_for: Duration,
+    rounds: u32,
+) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let leases = lease_manager(config, ObjectStore::new(aws.s3.clone()));
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64
+    };
+    let event = |name: &str, token: u64| {
+        println!(
+            "{}",
+            serde_json::json!({"event": name, "table": table, "holder": leases.holder(), "token": token, "at_ms": now_ms()})
+        );
+    };
+    for _ in 0..rounds {
+        let fence = loop {
+            if let Some(fence) = leases.acquire(table).await? {
+                break fence;
+            }
+            tokio::time::sleep(Duration::from_millis(100 + fastrand::u64(..100))).await;
+        };
+        event("acquired", fence.token);
+        let renewing = leases.keep_alive(table);
+        tokio::time::sleep(hold_for).await;
+        drop(renewing);
+        event("releasing", fence.token);
+        leases.release(table).await;
+    }
+    Ok(())
 }
 
 /// Probes the local worker's `/healthz`.

@@ -10,5 +10,7 @@ mod end_to_end;
 mod faults;
 mod hostile;
 mod lanes;
+mod leases;
+mod ops;
 mod poison;
 mod schema_matrix;

@@ -1,0 +1,201 @@
+//! Operations: `replay` re-drives a table from the S3 listing through the queue, and the
+//! HTTP endpoints report health, readiness, lanes and the documented metric series.
+
+use std::time::Duration;
+
+use aws_sdk_s3::types::NotificationConfiguration;
+use cdc_worker::config::{KeySpec, TableConfig};
+
+use crate::harness::Env;
+use crate::model::{Stream, TableModel};
+
+const CDC: &[(&str, &str)] = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")];
+
+fn keyed(c: &mut cdc_worker::config::Config) {
+    c.tables.insert(
+        "orders".into(),
+        TableConfig {
+            key: Some(KeySpec::One("id".into())),
+            ..Default::default()
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_redrives_a_table_from_the_listing() {
+    let env = Env::new("replay", keyed).await;
+    let worker = env.start().await;
+    let mut stream = Stream::new(&env);
+    stream.table("orders", TableModel::keyed(&["id"]));
+    stream
+        .file(
+            "orders",
+            "20261124-100000000.parquet",
+            CDC,
+            &[
+                vec![Some("I"), Some("1"), Some("a")],
+                vec![Some("I"), Some("2"), Some("b")],
+            ],
+        )
+        .await;
+    stream
+        .file(
+            "orders",
+            "20261124-100100000.parquet",
+            CDC,
+            &[vec![Some("U"), Some("1"), Some("a2")]],
+        )
+        .await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+
+    // The last file lands while notifications are off (as if its message were lost).
+    let saved = env
+        .aws
+        .s3
+        .get_bucket_notification_configuration()
+        .bucket(&env.res.bucket)
+        .send()
+        .await
+        .unwrap();
+    env.aws
+        .s3
+        .put_bucket_notification_configuration()
+        .bucket(&env.res.bucket)
+        .notification_configuration(NotificationConfiguration::builder().build())
+        .send()
+        .await
+        .unwrap();
+    stream
+        .file(
+            "orders",
+            "20261124-100200000.parquet",
+            CDC,
+            &[
+                vec![Some("D"), Some("2"), Some("b")],
+                vec![Some("I"), Some("3"), Some("c")],
+            ],
+        )
+        .await;
+    env.aws
+        .s3
+        .put_bucket_notification_configuration()
+        .bucket(&env.res.bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .set_queue_configurations(Some(saved.queue_configurations().to_vec()))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    env.settle(&worker, Duration::from_secs(30)).await;
+    assert_eq!(
+        worker.warehouse().row_count("orders").await.unwrap(),
+        2,
+        "the lost file is not applied yet"
+    );
+
+    // Replay the whole table: applied files are skipped by the ledger, the lost one lands.
+    cdc_worker::commands::replay(&env.config, "orders", None, false)
+        .await
+        .unwrap();
+    env.settle(&worker, Duration::from_secs(30)).await;
+    worker.shutdown().await;
+
+    stream.assert_tables();
+    let ledger: i64 = env
+        .db()
+        .query_row("SELECT count(*) FROM _cdc_worker_ledger", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ledger, 3, "each file applied once");
+    assert_eq!(env.depths().await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn endpoints_expose_health_readiness_lanes_and_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::new("ops", |c| {
+        keyed(c);
+        c.telemetry.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        c.lease.enabled = true;
+        c.lease.ttl = Duration::from_secs(10);
+    })
+    .await;
+    let worker = env.start().await;
+    let mut stream = Stream::new(&env);
+    stream.table("orders", TableModel::keyed(&["id"]));
+    stream
+        .file(
+            "orders",
+            "20261124-100000000.parquet",
+            CDC,
+            &[vec![Some("I"), Some("1"), Some("a")]],
+        )
+        .await;
+    stream
+        .file(
+            "orders",
+            "20261124-100100000.parquet",
+            &[
+                ("Op", "VARCHAR"),
+                ("id", "BIGINT"),
+                ("v", "VARCHAR"),
+                ("w", "VARCHAR"),
+            ],
+            &[vec![Some("I"), Some("2"), Some("b"), Some("new")]],
+        )
+        .await;
+    env.send("not a notification").await;
+    env.eventually("both files applied", Duration::from_secs(30), || async {
+        worker.warehouse().row_count("orders").await.unwrap_or(0) == 2
+    })
+    .await;
+
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        async move {
+            let r = reqwest::get(&url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(get("/readyz").await.0, 200);
+    let (code, lanes) = get("/status").await;
+    assert_eq!(code, 200);
+    let lanes: serde_json::Value = serde_json::from_str(&lanes).unwrap();
+    assert!(
+        lanes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["table"] == "orders"),
+        "{lanes}"
+    );
+    let (code, metrics) = get("/metrics").await;
+    assert_eq!(code, 200);
+    for series in [
+        "cdc_worker_messages_received_total",
+        "cdc_worker_messages_deleted_total",
+        "cdc_worker_messages_failed_total",
+        "cdc_worker_files_applied_total{table=\"orders\"}",
+        "cdc_worker_rows_applied_total{table=\"orders\"}",
+        "cdc_worker_batch_duration_seconds_bucket",
+        "cdc_worker_table_lag_seconds{table=\"orders\"}",
+        "cdc_worker_schema_changes_total{table=\"orders\"}",
+        "cdc_worker_table_held{table=\"orders\"}",
+        "cdc_worker_tables_held",
+        "cdc_worker_lease_events_total{event=\"acquired\"}",
+        "cdc_worker_warehouse_statements_total",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "/metrics lacks {series}:\n{metrics}"
+        );
+    }
+    worker.shutdown().await;
+    stream.assert_tables();
+}
