@@ -98,7 +98,7 @@ pub async fn simulate(
 }
 
 /// Visible plus in-flight messages of a queue.
-async fn queue_depth(aws: &AwsClients, url: &str) -> anyhow::Result<u64> {
+pub async fn queue_depth(aws: &AwsClients, url: &str) -> anyhow::Result<u64> {
     use aws_sdk_sqs::types::QueueAttributeName as A;
     let out = aws
         .sqs

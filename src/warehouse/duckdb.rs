@@ -283,10 +283,6 @@ impl Warehouse for Duckdb {
         "duckdb"
     }
 
-    fn can_alter_column_type(&self) -> bool {
-        true
-    }
-
     fn max_identifier_len(&self) -> usize {
         // DuckDB has no limit; keep names portable to Firebolt.
         255

@@ -164,9 +164,6 @@ pub trait Warehouse: Send + Sync + 'static {
     /// "duckdb" or "firebolt", for logs and metrics.
     fn name(&self) -> &'static str;
 
-    /// Whether `ALTER TABLE .. ALTER COLUMN .. TYPE` exists (else widening rebuilds).
-    fn can_alter_column_type(&self) -> bool;
-
     /// Longest identifier the warehouse accepts, in bytes.
     fn max_identifier_len(&self) -> usize;
 

@@ -190,8 +190,12 @@ impl Env {
     /// Messages in (visible + in flight) the main queue and the DLQ.
     pub async fn depths(&self) -> (u64, u64) {
         (
-            queue_depth(&self.aws, &self.res.queue_url).await,
-            queue_depth(&self.aws, &self.res.dlq_url).await,
+            cdc_worker::commands::queue_depth(&self.aws, &self.res.queue_url)
+                .await
+                .expect("queue depth"),
+            cdc_worker::commands::queue_depth(&self.aws, &self.res.dlq_url)
+                .await
+                .expect("DLQ depth"),
         )
     }
 
@@ -273,27 +277,6 @@ impl Env {
         .map(|r| r.expect("row"))
         .collect()
     }
-}
-
-async fn queue_depth(aws: &AwsClients, url: &str) -> u64 {
-    use aws_sdk_sqs::types::QueueAttributeName as A;
-    let out = aws
-        .sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(A::ApproximateNumberOfMessages)
-        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .expect("queue attributes");
-    let attrs = out.attributes().cloned().unwrap_or_default();
-    let n = |k: A| {
-        attrs
-            .get(&k)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible)
 }
 
 /// Parquet bytes for rows; `columns` are (name, DuckDB type).

@@ -201,11 +201,6 @@ impl Warehouse for Firebolt {
         "firebolt"
     }
 
-    fn can_alter_column_type(&self) -> bool {
-        // Not documented: widening rebuilds the table (rebuild.rs).
-        false
-    }
-
     fn max_identifier_len(&self) -> usize {
         255
     }

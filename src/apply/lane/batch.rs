@@ -1,0 +1,626 @@
+//! Applying one batch: the ledger, earlier files from the S3 listing, out-of-order
+//! files, staging, and each segment planned and committed in order.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use super::{Lane, SegmentOutcome, StopKind, Tally};
+use crate::alerts::{AlertKind, Severity};
+use crate::apply::plan::{self, ApplyPlan, Decision, PlanInput};
+use crate::apply::{EngineEvent, PendingFile, new_batch_id};
+use crate::dms::{KeyClass, SourceTable, classify_key};
+use crate::queue::FileOutcome;
+use crate::schema::diff::{SchemaChange, diff, folding_collision};
+use crate::schema::types::FileSchema;
+use crate::storage::bare_etag;
+use crate::telemetry::{BatchApplied, FileSkipped};
+use crate::warehouse::{BatchFile, LedgerRecord, StageError, StagedFile, WarehouseError};
+
+/// Conflicts retried in place before a batch counts as failed.
+const CONFLICT_RETRIES: u32 = 3;
+
+impl Lane {
+    pub(super) async fn apply_batch(&mut self, batch: Vec<PendingFile>) {
+        let batch_id = new_batch_id();
+        let source = batch[0].source.clone();
+        let _ = self.ctx.events.send(EngineEvent::BatchStarted {
+            table: self.table.clone(),
+            batch_id: batch_id.clone(),
+            files: batch.len(),
+            at: Instant::now(),
+        });
+        // Every log line about this batch carries the table, batch id and file keys.
+        let keys: Vec<&str> = batch.iter().map(|f| f.file.key.as_str()).collect();
+        let span = tracing::info_span!("batch", table = %self.table, batch_id = %batch_id, file_keys = ?keys);
+        let mut tally = Tally::default();
+        let ok = self
+            .apply_batch_inner(&batch_id, &source, batch, &mut tally)
+            .instrument(span)
+            .await;
+        let _ = self.ctx.events.send(EngineEvent::BatchFinished {
+            table: self.table.clone(),
+            batch_id,
+            committed: tally.keys,
+            ok,
+            statements: tally.statements,
+            rows: tally.rows,
+            at: Instant::now(),
+        });
+        self.publish_info();
+    }
+
+    /// Returns whether every file reached a final outcome (nothing failed).
+    pub(super) async fn apply_batch_inner(
+        &mut self,
+        batch_id: &str,
+        source: &SourceTable,
+        batch: Vec<PendingFile>,
+        committed: &mut Tally,
+    ) -> bool {
+        if let Err(e) = self.load_state().await {
+            return self.fail(batch_id, batch, &e).await;
+        }
+        if self.state.ignored {
+            self.skip_ignored(&batch);
+            return true;
+        }
+        if self.state.held.is_some() {
+            self.put_back(batch);
+            return true;
+        }
+        if let Some(stored_source) = self
+            .state
+            .stored
+            .as_ref()
+            .and_then(|s| s.current.source.clone())
+            && stored_source != source.to_string()
+        {
+            return self.routing_collision(batch, &stored_source, source).await;
+        }
+
+        // 1. The ledger.
+        let keys: Vec<String> = batch.iter().map(|f| f.file.key.clone()).collect();
+        let applied = match self.ctx.warehouse.applied(&self.table, &keys).await {
+            Ok(a) => a,
+            Err(e) => return self.fail(batch_id, batch, &e.to_string()).await,
+        };
+        let mut fresh = Vec::with_capacity(batch.len());
+        for f in batch {
+            let same = |r: &LedgerRecord| {
+                r.etag.is_empty() || r.etag == f.file.etag || f.file.etag.is_empty()
+            };
+            match applied.get(&f.file.key) {
+                // Rejected before and still the same bytes: back to the DLQ, quietly.
+                Some(r) if r.rejected && same(r) => f.resolve(FileOutcome::Retry(None)),
+                // Rejected before, now replaced: apply the new content.
+                Some(r) if r.rejected => fresh.push(f),
+                Some(r) if same(r) => {
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason: "already applied (ledger)",
+                    }
+                    .emit();
+                    f.resolve(FileOutcome::Skipped);
+                }
+                Some(LedgerRecord { etag, .. }) => {
+                    let reason = format!(
+                        "replaced after it was applied (ledger ETag {etag}, now {}); not applied again: use `cdc-worker replay --force` if the new content must be loaded",
+                        f.file.etag
+                    );
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason: &reason,
+                    }
+                    .emit();
+                    self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, &reason, None)
+                        .await;
+                    f.resolve(FileOutcome::Skipped);
+                }
+                None => fresh.push(f),
+            }
+        }
+
+        // Earlier files S3 has but no notification brought yet join the batch.
+        if let Err(e) = self.fill_gaps(&mut fresh).await {
+            return self.fail(batch_id, fresh, &e).await;
+        }
+
+        // 2. Out of order: older than what is applied, and not a file we failed ourselves.
+        let ordering = self.ctx.config.ordering_column(&self.table);
+        let mut in_order = Vec::with_capacity(fresh.len());
+        for f in fresh {
+            let late = self
+                .state
+                .last_applied
+                .as_ref()
+                .is_some_and(|(last, _)| f.dms.order().sort_key() < *last)
+                && !self.state.retrying.contains(&f.file.key);
+            if late && ordering.is_none() {
+                let reason = format!(
+                    "arrived after later files of `{}` were applied; applying it now would overwrite newer changes",
+                    self.table
+                );
+                let steps = "Configure dms.ordering_column (DMS TimestampColumnName or AR_H_CHANGE_SEQ) so late files can be applied safely, or rebuild the table with `cdc-worker replay`. The message goes to the dead-letter queue.";
+                self.alert_file(
+                    AlertKind::FileOutOfOrder,
+                    Severity::Error,
+                    &f,
+                    &reason,
+                    Some(steps),
+                )
+                .await;
+                f.resolve(FileOutcome::Retry(None));
+            } else {
+                in_order.push(f);
+            }
+        }
+        if in_order.is_empty() {
+            return true;
+        }
+
+        // 3. Stage.
+        let files: Vec<_> = in_order.iter().map(|f| f.file.clone()).collect();
+        let staged = self.ctx.warehouse.stage(batch_id, files).await;
+        let mut ready: Vec<(PendingFile, StagedFile)> = Vec::new();
+        let mut failed_from: Option<(usize, String)> = None;
+        let mut pending_iter = in_order.into_iter().enumerate();
+        let mut results = staged.files.into_iter();
+        for (i, f) in pending_iter.by_ref() {
+            match results.next() {
+                Some(Ok(s)) => ready.push((f, s)),
+                Some(Err(StageError::Missing)) => {
+                    let reason = "the object no longer exists (deleted after the notification, or a DMS TRUNCATE)";
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        reason,
+                    }
+                    .emit();
+                    self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, reason, None)
+                        .await;
+                    f.resolve(FileOutcome::Skipped);
+                }
+                Some(Err(StageError::Poison(e))) => {
+                    let reason = format!("cannot be read as Parquet: {e}");
+                    if let Err(e) = self
+                        .ctx
+                        .warehouse
+                        .record_rejected(&self.table, std::slice::from_ref(&f.file), &reason)
+                        .await
+                    {
+                        tracing::warn!(table = %self.table, key = %f.file.key, error = %e, "could not record the rejected file in the ledger");
+                    }
+                    let steps = "The file is left in the queue and reaches the dead-letter queue after its maximum receives. Replace it in S3 and redrive the DLQ (or run `cdc-worker replay`); the table goes on meanwhile.";
+                    self.alert_file(
+                        AlertKind::FileRejected,
+                        Severity::Error,
+                        &f,
+                        &reason,
+                        Some(steps),
+                    )
+                    .await;
+                    metrics::counter!("cdc_worker_files_rejected_total", "table" => self.table.clone()).increment(1);
+                    f.resolve(FileOutcome::Retry(None));
+                }
+                Some(Err(StageError::Transient(e))) => {
+                    failed_from = Some((i, e));
+                    // This file and every later one retry: nothing passes a failed file.
+                    let mut rest = vec![f];
+                    rest.extend(pending_iter.by_ref().map(|(_, f)| f));
+                    let reason = failed_from
+                        .as_ref()
+                        .map(|(_, e)| e.clone())
+                        .unwrap_or_default();
+                    // Apply what staged before the failure first.
+                    let ok = self
+                        .apply_segments(batch_id, std::mem::take(&mut ready), committed)
+                        .await;
+                    if ok {
+                        self.fail(batch_id, rest, &reason).await;
+                    } else {
+                        // Already blocked by an earlier failure: these wait behind it.
+                        for f in rest {
+                            self.add(f);
+                        }
+                    }
+                    return false;
+                }
+                None => {
+                    failed_from = Some((i, "staging returned fewer files than asked".into()));
+                    f.resolve(FileOutcome::Retry(None));
+                }
+            }
+        }
+        let ok = self.apply_segments(batch_id, ready, committed).await;
+        drop(staged.workspace);
+        ok && failed_from.is_none()
+    }
+
+    /// Splits staged files where the schema changes and applies each segment in order.
+    pub(super) async fn apply_segments(
+        &mut self,
+        batch_id: &str,
+        ready: Vec<(PendingFile, StagedFile)>,
+        committed: &mut Tally,
+    ) -> bool {
+        let mut segments: Vec<Vec<(PendingFile, StagedFile)>> = Vec::new();
+        for item in ready {
+            match segments.last_mut() {
+                Some(seg) if seg[0].1.schema.table.same_shape(&item.1.schema.table) => {
+                    // The segment's schema (its first file's) is nullable where any file is.
+                    for (c, other) in seg[0]
+                        .1
+                        .schema
+                        .table
+                        .columns
+                        .iter_mut()
+                        .zip(&item.1.schema.table.columns)
+                    {
+                        c.nullable |= other.nullable;
+                    }
+                    seg.push(item);
+                }
+                _ => segments.push(vec![item]),
+            }
+        }
+        let mut segments = segments.into_iter();
+        while let Some(segment) = segments.next() {
+            match self.apply_segment(batch_id, segment, committed).await {
+                SegmentOutcome::Done => {}
+                SegmentOutcome::Stop(rest) => {
+                    // Held or failed: later segments wait (held) or retry (failed).
+                    let later: Vec<PendingFile> = segments.flatten().map(|(f, _)| f).collect();
+                    match rest {
+                        StopKind::Held(files) => {
+                            self.put_back(files);
+                            self.put_back(later);
+                            return true;
+                        }
+                        StopKind::Failed => {
+                            // Later segments wait behind the failed one.
+                            for f in later {
+                                self.add(f);
+                            }
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    pub(super) async fn apply_segment(
+        &mut self,
+        batch_id: &str,
+        segment: Vec<(PendingFile, StagedFile)>,
+        committed: &mut Tally,
+    ) -> SegmentOutcome {
+        let schema: FileSchema = segment[0].1.schema.clone();
+        let source = segment[0].0.source.clone();
+        let started = Instant::now();
+        let files: Vec<PendingFile> = segment.iter().map(|(f, _)| f.clone()).collect();
+
+        if let Some((a, b)) = folding_collision(&schema.table) {
+            let reason = format!(
+                "columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule"
+            );
+            return self.hold(files, &reason, vec![]).await;
+        }
+        if let Some(bad) = schema.table.columns.iter().find_map(|c| {
+            crate::warehouse::sql::check_name(&c.name, self.ctx.warehouse.max_identifier_len())
+                .err()
+        }) {
+            let reason = format!("a column name cannot be used: {bad}");
+            return self.hold(files, &reason, vec![]).await;
+        }
+
+        let target = match self.target().await {
+            Ok(t) => t,
+            Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
+        };
+        let key = match self
+            .ctx
+            .keys
+            .resolve(&self.table, &source, target.as_ref())
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
+        };
+        let table_config = self.ctx.config.table(&self.table);
+        let policy = self.ctx.config.schema.resolve(table_config.schema.as_ref());
+
+        // Source changes: against the last accepted schema, else what the target has.
+        let baseline = self
+            .state
+            .stored
+            .as_ref()
+            .map(|s| s.current.schema())
+            .or_else(|| {
+                target
+                    .as_ref()
+                    .map(|t| crate::schema::types::TableSchema::new(t.columns.clone()))
+            });
+        // A column becoming nullable is reported (once: the recorded schema keeps it
+        // nullable); a file that happens to mark a column REQUIRED is not a change.
+        let changes: Vec<SchemaChange> = match &baseline {
+            Some(b) => diff(Some(b), &schema.table)
+                .into_iter()
+                .filter(|c| {
+                    !matches!(
+                        c,
+                        SchemaChange::Nullability {
+                            nullable: false,
+                            ..
+                        }
+                    )
+                })
+                .collect(),
+            None => diff(None, &schema.table),
+        };
+        let resolutions = self
+            .state
+            .stored
+            .as_ref()
+            .map(|s| s.current.resolutions.clone())
+            .unwrap_or_default();
+        let warehouse = self.ctx.warehouse.clone();
+        let column_name = move |s: &str| warehouse.column_name(s);
+        let decision = plan::plan(&PlanInput {
+            target: target.as_ref(),
+            file: &schema,
+            policy,
+            source_changes: &changes,
+            resolutions: &resolutions,
+            key: &key.columns,
+            column_name: &column_name,
+        });
+
+        if (!changes.is_empty() || self.state.stored.is_none())
+            && let Err(e) = self
+                .record_version(&source, &schema, &changes, &decision, policy, &files[0])
+                .await
+        {
+            return self.segment_failed(batch_id, files, &e).await;
+        }
+
+        let (ddl, load, mode) = match decision {
+            Decision::Ignore => {
+                self.state.ignored = true;
+                self.skip_ignored(&files);
+                return SegmentOutcome::Done;
+            }
+            Decision::Hold { reason, .. } => {
+                self.state.held = Some(reason.clone());
+                self.state.held_checked = Some(Instant::now());
+                let _ = self.ctx.events.send(EngineEvent::TableHeld {
+                    table: self.table.clone(),
+                    reason: reason.clone(),
+                });
+                tracing::warn!(table = %self.table, reason, files = files.len(), "table held by schema policy");
+                return SegmentOutcome::Stop(StopKind::Held(files));
+            }
+            Decision::Apply {
+                ddl, load, mode, ..
+            } => (ddl, load, mode),
+        };
+
+        let fence = match &self.ctx.leases {
+            Some(leases) => match leases.acquire(&self.table).await {
+                Ok(Some(fence)) => Some(fence),
+                Ok(None) => {
+                    // Another worker is applying this table. Keep the files here (their
+                    // visibility kept alive) and try again shortly: releasing them to the
+                    // queue would count a receive each time and, with several tasks,
+                    // could push healthy files into the dead-letter queue. Whoever applies
+                    // next includes every earlier file from the S3 listing.
+                    let wait = Duration::from_millis(500 + fastrand::u64(..1500));
+                    self.state.not_before = Some(Instant::now() + wait);
+                    metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone())
+                        .increment(1);
+                    tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
+                    return SegmentOutcome::Stop(StopKind::Held(files));
+                }
+                Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
+            },
+            None => None,
+        };
+
+        let op_column = schema
+            .has_op
+            .then(|| self.ctx.config.dms.op_column.clone())
+            .or_else(|| {
+                segment
+                    .iter()
+                    .any(|(_, s)| s.schema.has_op)
+                    .then(|| self.ctx.config.dms.op_column.clone())
+            });
+        let ordering = self.ctx.config.ordering_column(&self.table).and_then(|o| {
+            schema
+                .table
+                .columns
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(&o))
+                .map(|c| c.name.clone())
+        });
+        let apply_plan = ApplyPlan {
+            batch_id: batch_id.to_string(),
+            table: self.table.clone(),
+            ddl,
+            load,
+            mode,
+            op_column,
+            ordering_column: ordering,
+            staged_columns: schema.table.columns.clone(),
+            files: segment.iter().map(|(_, s)| s.file.clone()).collect(),
+            fence,
+        };
+        let staged: Vec<StagedFile> = segment.iter().map(|(_, s)| s.clone()).collect();
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let lease_guard = self.ctx.leases.as_ref().map(|l| l.keep_alive(&self.table));
+            let result = self.ctx.warehouse.apply(&apply_plan, &staged).await;
+            drop(lease_guard);
+            match result {
+                Err(WarehouseError::Conflict(e)) if attempt < CONFLICT_RETRIES => {
+                    tracing::debug!(table = %self.table, batch_id, error = %e, "transaction conflict; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                }
+                other => break other,
+            }
+        };
+        if let Some(leases) = &self.ctx.leases {
+            leases.release(&self.table).await;
+        }
+        match result {
+            Ok(stats) => {
+                let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
+                BatchApplied {
+                    table: &self.table,
+                    batch_id,
+                    files: &keys,
+                    stats: &stats,
+                    elapsed: started.elapsed(),
+                }
+                .emit();
+                if !apply_plan.ddl.is_empty() {
+                    self.state.target = None;
+                }
+                for f in &files {
+                    let order = f.dms.order().sort_key();
+                    if self
+                        .state
+                        .last_applied
+                        .as_ref()
+                        .is_none_or(|(l, _)| &order > l)
+                    {
+                        self.state.last_applied = Some((order, f.file.key.clone()));
+                    }
+                    self.state.retrying.remove(&f.file.key);
+                    f.resolve(FileOutcome::Committed);
+                }
+                if let Some(blocked) = &self.state.blocked_from
+                    && files.iter().any(|f| &f.dms.order() >= blocked)
+                {
+                    self.state.blocked_from = None;
+                }
+                self.state.consecutive_failures = 0;
+                self.state.failing_alerted = false;
+                if stats.ambiguous_keys > 0 {
+                    let reason = format!(
+                        "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
+                        stats.ambiguous_keys
+                    );
+                    self.alert_file(AlertKind::TableFailing, Severity::Warning, &files[0], &reason, Some("Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.")).await;
+                }
+                committed.keys.extend(keys);
+                committed.statements += stats.statements;
+                committed.rows += stats.rows_staged;
+                SegmentOutcome::Done
+            }
+            Err(e) => {
+                self.state.target = None;
+                self.segment_failed(batch_id, files, &e.to_string()).await
+            }
+        }
+    }
+
+    /// Adds files of this table that S3 already holds, ordered before the batch's last
+    /// file, and neither applied nor announced yet: notifications arrive out of order, but
+    /// DMS writes a table's files one after the other, so an earlier file in the listing is
+    /// one whose notification is late. Its notification, when it comes, finds it in the
+    /// ledger.
+    pub(super) async fn fill_gaps(&mut self, batch: &mut Vec<PendingFile>) -> Result<(), String> {
+        let Some(last) = batch.iter().map(|f| f.dms.order()).max() else {
+            return Ok(());
+        };
+        let (bucket, folder, source) = {
+            let f = &batch[0];
+            (
+                f.file.bucket.clone(),
+                f.dms.table_prefix.clone(),
+                f.source.clone(),
+            )
+        };
+        let prefix = &self.ctx.config.source.prefix;
+        let start_after = self
+            .state
+            .last_applied
+            .as_ref()
+            .and_then(|(_, key)| match classify_key(prefix, key) {
+                Ok(KeyClass::Dms(k)) if k.key_order_is_dms_order() => Some(key.clone()),
+                _ => None,
+            });
+        let listed = self
+            .ctx
+            .store
+            .list(&bucket, &folder, start_after.as_deref())
+            .await
+            .map_err(|e| format!("listing s3://{bucket}/{folder}: {e}"))?;
+        let known: HashSet<String> = batch.iter().map(|f| f.file.key.clone()).collect();
+        let mut gaps = Vec::new();
+        for object in listed {
+            if known.contains(&object.key) {
+                continue;
+            }
+            let Ok(KeyClass::Dms(dms)) = classify_key(prefix, &object.key) else {
+                continue;
+            };
+            let order = dms.order();
+            let after_last_applied = self
+                .state
+                .last_applied
+                .as_ref()
+                .is_none_or(|(l, _)| order.sort_key() > *l);
+            if dms.source != source || order >= last || !after_last_applied {
+                continue;
+            }
+            gaps.push(PendingFile {
+                table: self.table.clone(),
+                source: source.clone(),
+                file: BatchFile {
+                    bucket: bucket.clone(),
+                    key: object.key,
+                    size: object.size,
+                    etag: bare_etag(&object.etag).to_string(),
+                    order_key: order.sort_key(),
+                },
+                dms,
+                messages: vec![],
+                arrived: Instant::now(),
+            });
+        }
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = gaps.iter().map(|g| g.file.key.clone()).collect();
+        let applied = self
+            .ctx
+            .warehouse
+            .applied(&self.table, &keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Anything in the ledger (applied, or rejected as unreadable) is no gap.
+        gaps.retain(|g| !applied.contains_key(&g.file.key));
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            table = %self.table,
+            files = gaps.len(),
+            first = %gaps[0].file.key,
+            "earlier files found in the S3 listing before their notifications; applying them in order"
+        );
+        metrics::counter!("cdc_worker_gap_files_total", "table" => self.table.clone())
+            .increment(gaps.len() as u64);
+        batch.extend(gaps);
+        batch.sort_by_key(|f| f.dms.order());
+        Ok(())
+    }
+}
