@@ -24,11 +24,9 @@ use crate::telemetry::{self, FileSkipped, MessageUnparseable, NotificationIgnore
 use crate::warehouse::{self, BatchFile, Warehouse};
 
 /// Builds the configured warehouse and creates its bookkeeping tables.
-pub async fn open_warehouse(
-    config: &Config,
-    store: ObjectStore,
-) -> anyhow::Result<Arc<dyn Warehouse>> {
-    let warehouse: Arc<dyn Warehouse> = match config.warehouse.kind {
+/// The configured warehouse, without touching it (for checks and read-only tools).
+pub fn connect_warehouse(config: &Config, store: ObjectStore) -> anyhow::Result<Arc<dyn Warehouse>> {
+    Ok(match config.warehouse.kind {
         WarehouseKind::Duckdb => Arc::new(
             warehouse::duckdb::Duckdb::open(&config.warehouse.duckdb, &config.dms.op_column, store)
                 .context("opening the DuckDB warehouse")?,
@@ -41,7 +39,15 @@ pub async fn open_warehouse(
             )
             .context("configuring the Firebolt warehouse")?,
         ),
-    };
+    })
+}
+
+/// The configured warehouse, with its bookkeeping tables created (for the worker).
+pub async fn open_warehouse(
+    config: &Config,
+    store: ObjectStore,
+) -> anyhow::Result<Arc<dyn Warehouse>> {
+    let warehouse = connect_warehouse(config, store)?;
     warehouse
         .prepare()
         .await

@@ -442,7 +442,7 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
     );
     let mut tables = schemas.tables().await?;
     tables.sort();
-    let ledger = match worker::open_warehouse(config, store).await {
+    let ledger = match worker::connect_warehouse(config, store) {
         Ok(w) => w.ledger_summary().await.unwrap_or_default(),
         Err(e) => {
             println!("(warehouse not readable while a worker holds it, or unreachable: {e:#})");
@@ -740,7 +740,7 @@ pub async fn check_connection(config: Config) -> anyhow::Result<()> {
             println!("skip  alerts topic: alerts.sns_topic_arn not set (alerts are only logged)")
         }
     }
-    let warehouse = worker::open_warehouse(&config, store).await;
+    let warehouse = worker::connect_warehouse(&config, store);
     match warehouse {
         Ok(w) => report(
             &format!("warehouse ({})", w.name()),

@@ -47,12 +47,15 @@ impl ConfigError {
             }
             _ => None,
         };
+        let text = e.to_string();
+        // Values from the environment say so themselves; others came from the file.
         let origin = file
+            .filter(|_| !text.contains("environment"))
             .map(|p| format!(" (in {})", p.display()))
             .unwrap_or_default();
         Self {
             key,
-            message: format!("{e}{origin}"),
+            message: format!("{text}{origin}"),
         }
     }
 }
