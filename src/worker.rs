@@ -25,7 +25,10 @@ use crate::warehouse::{self, BatchFile, Warehouse};
 
 /// Builds the configured warehouse and creates its bookkeeping tables.
 /// The configured warehouse, without touching it (for checks and read-only tools).
-pub fn connect_warehouse(config: &Config, store: ObjectStore) -> anyhow::Result<Arc<dyn Warehouse>> {
+pub fn connect_warehouse(
+    config: &Config,
+    store: ObjectStore,
+) -> anyhow::Result<Arc<dyn Warehouse>> {
     Ok(match config.warehouse.kind {
         WarehouseKind::Duckdb => Arc::new(
             warehouse::duckdb::Duckdb::open(&config.warehouse.duckdb, &config.dms.op_column, store)
@@ -196,6 +199,7 @@ impl Ingest {
                 dms,
                 messages: Vec::new(),
                 arrived: Instant::now(),
+                waiting: None,
             });
         }
         if files.is_empty() && retries == 0 {
@@ -369,6 +373,13 @@ async fn receive_loop(
     let q = &config.queue;
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
+        // Backpressure: a backlog stays in the queue, not in memory.
+        if ingest.engine.waiting_files() >= config.worker.max_waiting_files {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            }
+        }
         // A long poll is never abandoned: SQS would still hand messages to it (even the
         // ones shutdown releases), and they would stay hidden until their visibility timed
         // out. It ends within `wait_time`; what it brings after the stop goes straight back.

@@ -6,7 +6,7 @@ mod lane;
 pub mod plan;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,12 +48,23 @@ pub struct PendingFile {
     /// The messages that announced it (more than one after duplicate deliveries).
     pub messages: Vec<MessageHandle>,
     pub arrived: Instant,
+    /// The engine's count of files waiting, when this file was submitted to it (files
+    /// found in the S3 listing were not).
+    pub waiting: Option<Arc<AtomicUsize>>,
 }
 
 impl PendingFile {
+    /// Gives every message that announced this file its outcome. Call once per file.
     pub fn resolve(&self, outcome: FileOutcome) {
         for m in &self.messages {
             m.resolve(outcome.clone());
+        }
+        if let Some(waiting) = &self.waiting {
+            // One submission per message: duplicates merged into this file carry theirs.
+            let n = self.messages.len();
+            let _ = waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some(w.saturating_sub(n))
+            });
         }
     }
 }
@@ -104,6 +115,7 @@ pub struct Engine {
     tasks: TaskTracker,
     /// Cancelled on shutdown: lanes finish their running batch and release the rest.
     stop: CancellationToken,
+    waiting: Arc<AtomicUsize>,
 }
 
 static BATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -128,6 +140,7 @@ impl Engine {
             lanes: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            waiting: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -140,7 +153,10 @@ impl Engine {
     }
 
     /// Hands a file to its table's lane, starting the lane if needed.
-    pub fn submit(self: &Arc<Self>, file: PendingFile) {
+    pub fn submit(self: &Arc<Self>, mut file: PendingFile) {
+        self.waiting
+            .fetch_add(file.messages.len(), Ordering::AcqRel);
+        file.waiting = Some(self.waiting.clone());
         if self.stop.is_cancelled() {
             file.resolve(FileOutcome::Retry(Some(Duration::ZERO)));
             return;
@@ -191,6 +207,11 @@ impl Engine {
                 None
             }
         }
+    }
+
+    /// Files submitted and not yet resolved, for the receivers' backpressure.
+    pub fn waiting_files(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Lanes as `status` shows them.

@@ -60,6 +60,9 @@ pub struct BenchArgs {
     /// The worker binary (default: this executable).
     #[arg(long)]
     pub worker: Option<PathBuf>,
+    /// Keep generated files, worker configs and logs here (default: a temporary directory).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
 }
 
 struct GenFile {
@@ -273,7 +276,7 @@ linger = "{linger}"
 path = "{db}"
 [telemetry]
 log_format = "json"
-log_level = "info,aws=warn"
+log_level = "info,aws=warn,cdc_worker::apply=debug"
 "#,
             endpoint = args.endpoint,
             queue = resources.queue_url,
@@ -493,13 +496,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "note: a debug build; figures for BENCHMARKS.md come from `cargo build --release`"
         );
     }
-    let work = tempfile::Builder::new().prefix("cdc-bench").tempdir()?;
+    let temp = tempfile::Builder::new().prefix("cdc-bench").tempdir()?;
+    let work_path = match &args.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let work = work_path.as_path();
     println!(
         "== cdc-worker bench: {} tables, {} CDC files x {} changes (I/U/D {}), worker.concurrency {}",
         args.tables, args.files, args.rows, args.mix, args.concurrency
     );
     let started = Instant::now();
-    let files = generate(&args, work.path())?;
+    let files = generate(&args, work)?;
     let total_bytes: u64 = files.iter().map(|f| f.bytes).sum();
     let total_rows: usize = files.iter().map(|f| f.rows).sum();
     println!(
@@ -524,7 +535,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rate: None,
             },
             &files,
-            work.path(),
+            work,
         )
         .await?;
         report("batched", &m);
@@ -542,14 +553,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rate: None,
             },
             subset,
-            work.path(),
+            work,
         )
         .await?;
         report("per-file", &m);
         per_file = Some(m);
     }
     if wants("floor") {
-        let (elapsed, rows) = floor(&files, work.path())?;
+        let (elapsed, rows) = floor(&files, work)?;
         let rate = rows as f64 / elapsed.as_secs_f64().max(1e-9);
         println!(
             "floor      {rows:>6} rows in {:>7.2} s = {rate:>10.0} rows/s (plain INSERT ... SELECT * FROM read_parquet, local files)",
@@ -571,7 +582,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rate: Some(args.steady_rate),
             },
             &files[..n],
-            work.path(),
+            work,
         )
         .await?;
         report(&format!("steady {:.0}/s", args.steady_rate), &m);

@@ -162,6 +162,9 @@ pub struct WorkerConfig {
     /// A table's lane with no work for this long is dropped (it is recreated on demand).
     #[serde(with = "humantime_serde")]
     pub lane_idle_timeout: Duration,
+    /// Receivers pause while this many files wait in lanes: bounds memory and the
+    /// visibility keep-alive calls a large backlog would cost.
+    pub max_waiting_files: usize,
 }
 
 impl Default for WorkerConfig {
@@ -171,6 +174,7 @@ impl Default for WorkerConfig {
             max_parallel_batches: 0,
             shutdown_timeout: Duration::from_secs(30),
             lane_idle_timeout: Duration::from_secs(300),
+            max_waiting_files: 2000,
         }
     }
 }

@@ -126,6 +126,12 @@ impl Config {
                 "must be between 1 and 1024",
             ));
         }
+        if self.worker.max_waiting_files < self.batch.max_files {
+            return Err(ConfigError::at(
+                "worker.max_waiting_files",
+                "must be at least batch.max_files, or batches could never fill",
+            ));
+        }
         if self.batch.max_files == 0 {
             return Err(ConfigError::at("batch.max_files", "must be at least 1"));
         }

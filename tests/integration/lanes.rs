@@ -103,3 +103,39 @@ async fn one_table_serial_many_tables_parallel() {
         assert_eq!(n, files_per_table * 3000);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_waits_in_the_queue_not_in_memory() {
+    let env = Env::new("backpressure", |c| {
+        c.batch.max_files = 5;
+        c.batch.linger = Duration::from_millis(100);
+        c.worker.max_waiting_files = 10;
+        c.worker.concurrency = 2;
+        c.queue.max_messages = 10;
+    })
+    .await;
+    let columns = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("payload", "VARCHAR")];
+    // The backlog is there before the worker starts, as after an outage.
+    for n in 0..60 {
+        let rows: Vec<_> = (0..50).map(|r| vec![s("I"), i(n * 100 + r), s("x")]).collect();
+        env.put_parquet(&env.key(&format!("t{}", n % 3), &format!("20261124-10{n:02}00000.parquet")), columns, &rows).await;
+    }
+    let worker = env.start().await;
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while env.depths().await != (0, 0) || worker.engine().waiting_files() > 0 {
+        peak = peak.max(worker.engine().waiting_files());
+        assert!(Instant::now() < deadline, "the backlog did not drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waiting = worker.engine().waiting_files();
+    worker.shutdown().await;
+    // Each receiver may overshoot by one receive of max_messages.
+    assert!(peak <= 10 + 2 * 10, "{peak} files waited in memory");
+    assert!(peak > 0);
+    assert_eq!(waiting, 0, "every submitted file was accounted for");
+    for t in 0..3 {
+        let n: i64 = env.db().query_row(&format!("SELECT count(*) FROM t{t}"), [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 20 * 50);
+    }
+}

@@ -1,12 +1,12 @@
 //! Applying one batch: the ledger, earlier files from the S3 listing, out-of-order
 //! files, staging, and each segment planned and committed in order.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::{Lane, SegmentOutcome, StopKind, Tally};
+use super::{Lane, Listing, SegmentOutcome, StopKind, Tally};
 use crate::alerts::{AlertKind, Severity};
 use crate::apply::plan::{self, ApplyPlan, Decision, PlanInput};
 use crate::apply::{EngineEvent, PendingFile, new_batch_id};
@@ -82,6 +82,7 @@ impl Lane {
 
         // 1. The ledger.
         let keys: Vec<String> = batch.iter().map(|f| f.file.key.clone()).collect();
+        let t0 = Instant::now();
         let applied = match self.ctx.warehouse.applied(&self.table, &keys).await {
             Ok(a) => a,
             Err(e) => return self.fail(batch_id, batch, &e.to_string()).await,
@@ -125,6 +126,7 @@ impl Lane {
         }
 
         // Earlier files S3 has but no notification brought yet join the batch.
+        let t1 = Instant::now();
         if let Err(e) = self.fill_gaps(&mut fresh).await {
             return self.fail(batch_id, fresh, &e).await;
         }
@@ -164,7 +166,14 @@ impl Lane {
 
         // 3. Stage.
         let files: Vec<_> = in_order.iter().map(|f| f.file.clone()).collect();
+        let t2 = Instant::now();
         let staged = self.ctx.warehouse.stage(batch_id, files).await;
+        tracing::debug!(
+            ledger_ms = (t1 - t0).as_millis() as u64,
+            gaps_ms = (t2 - t1).as_millis() as u64,
+            stage_ms = t2.elapsed().as_millis() as u64,
+            "batch timings"
+        );
         let mut ready: Vec<(PendingFile, StagedFile)> = Vec::new();
         let mut failed_from: Option<(usize, String)> = None;
         let mut pending_iter = in_order.into_iter().enumerate();
@@ -465,7 +474,9 @@ impl Lane {
         let result = loop {
             attempt += 1;
             let lease_guard = self.ctx.leases.as_ref().map(|l| l.keep_alive(&self.table));
+            let t3 = Instant::now();
             let result = self.ctx.warehouse.apply(&apply_plan, &staged).await;
+            tracing::debug!(apply_ms = t3.elapsed().as_millis() as u64, "apply timing");
             drop(lease_guard);
             match result {
                 Err(WarehouseError::Conflict(e)) if attempt < CONFLICT_RETRIES => {
@@ -540,65 +551,31 @@ impl Lane {
         let Some(last) = batch.iter().map(|f| f.dms.order()).max() else {
             return Ok(());
         };
-        let (bucket, folder, source) = {
-            let f = &batch[0];
-            (
-                f.file.bucket.clone(),
-                f.dms.table_prefix.clone(),
-                f.source.clone(),
-            )
-        };
-        let prefix = &self.ctx.config.source.prefix;
-        let start_after = self
+        let covered = self
             .state
-            .last_applied
+            .listing
             .as_ref()
-            .and_then(|(_, key)| match classify_key(prefix, key) {
-                Ok(KeyClass::Dms(k)) if k.key_order_is_dms_order() => Some(key.clone()),
-                _ => None,
-            });
-        let listed = self
-            .ctx
-            .store
-            .list(&bucket, &folder, start_after.as_deref())
-            .await
-            .map_err(|e| format!("listing s3://{bucket}/{folder}: {e}"))?;
-        let known: HashSet<String> = batch.iter().map(|f| f.file.key.clone()).collect();
-        let mut gaps = Vec::new();
-        for object in listed {
-            if known.contains(&object.key) {
-                continue;
-            }
-            let Ok(KeyClass::Dms(dms)) = classify_key(prefix, &object.key) else {
-                continue;
-            };
-            let order = dms.order();
-            let after_last_applied = self
-                .state
-                .last_applied
-                .as_ref()
-                .is_none_or(|(l, _)| order.sort_key() > *l);
-            if dms.source != source || order >= last || !after_last_applied {
-                continue;
-            }
-            gaps.push(PendingFile {
-                table: self.table.clone(),
-                source: source.clone(),
-                file: BatchFile {
-                    bucket: bucket.clone(),
-                    key: object.key,
-                    size: object.size,
-                    etag: bare_etag(&object.etag).to_string(),
-                    order_key: order.sort_key(),
-                },
-                dms,
-                messages: vec![],
-                arrived: Instant::now(),
-            });
+            .is_some_and(|l| l.through >= last);
+        if !covered {
+            self.refresh_listing(&batch[0]).await?;
         }
+        let in_batch: HashSet<String> = batch.iter().map(|f| f.file.key.clone()).collect();
+        let Some(listing) = self.state.listing.as_mut() else {
+            return Ok(());
+        };
+        // The batch's own files are accounted for from here on.
+        listing
+            .unapplied
+            .retain(|_, g| !in_batch.contains(&g.file.key));
+        let mut gaps: Vec<PendingFile> = listing
+            .unapplied
+            .range(..last)
+            .map(|(_, g)| g.clone())
+            .collect();
         if gaps.is_empty() {
             return Ok(());
         }
+        // Another worker may have applied some since the listing.
         let keys: Vec<String> = gaps.iter().map(|g| g.file.key.clone()).collect();
         let applied = self
             .ctx
@@ -606,8 +583,10 @@ impl Lane {
             .applied(&self.table, &keys)
             .await
             .map_err(|e| e.to_string())?;
-        // Anything in the ledger (applied, or rejected as unreadable) is no gap.
         gaps.retain(|g| !applied.contains_key(&g.file.key));
+        for g in &gaps {
+            listing.unapplied.remove(&g.dms.order());
+        }
         if gaps.is_empty() {
             return Ok(());
         }
@@ -619,8 +598,82 @@ impl Lane {
         );
         metrics::counter!("cdc_worker_gap_files_total", "table" => self.table.clone())
             .increment(gaps.len() as u64);
+        for g in &mut gaps {
+            g.arrived = Instant::now();
+        }
         batch.extend(gaps);
         batch.sort_by_key(|f| f.dms.order());
+        Ok(())
+    }
+
+    /// Lists the table's folder from the last applied file on, and remembers every file
+    /// it shows that the ledger does not hold.
+    async fn refresh_listing(&mut self, sample: &PendingFile) -> Result<(), String> {
+        let bucket = sample.file.bucket.clone();
+        let folder = sample.dms.table_prefix.clone();
+        let prefix = self.ctx.config.source.prefix.clone();
+        let start_after =
+            self.state.last_applied.as_ref().and_then(|(_, key)| {
+                match classify_key(&prefix, key) {
+                    Ok(KeyClass::Dms(k)) if k.key_order_is_dms_order() => Some(key.clone()),
+                    _ => None,
+                }
+            });
+        let listed = self
+            .ctx
+            .store
+            .list(&bucket, &folder, start_after.as_deref())
+            .await
+            .map_err(|e| format!("listing s3://{bucket}/{folder}: {e}"))?;
+        let mut files = BTreeMap::new();
+        let mut through = None;
+        for object in listed {
+            let Ok(KeyClass::Dms(dms)) = classify_key(&prefix, &object.key) else {
+                continue;
+            };
+            let order = dms.order();
+            let after_last_applied = self
+                .state
+                .last_applied
+                .as_ref()
+                .is_none_or(|(l, _)| order.sort_key() > *l);
+            if dms.source != sample.source || !after_last_applied {
+                continue;
+            }
+            if through.as_ref().is_none_or(|t| order > *t) {
+                through = Some(order.clone());
+            }
+            files.insert(
+                order.clone(),
+                PendingFile {
+                    table: self.table.clone(),
+                    source: sample.source.clone(),
+                    file: BatchFile {
+                        bucket: bucket.clone(),
+                        key: object.key,
+                        size: object.size,
+                        etag: bare_etag(&object.etag).to_string(),
+                        order_key: order.sort_key(),
+                    },
+                    dms,
+                    messages: vec![],
+                    arrived: Instant::now(),
+                    waiting: None,
+                },
+            );
+        }
+        let keys: Vec<String> = files.values().map(|f| f.file.key.clone()).collect();
+        let applied = self
+            .ctx
+            .warehouse
+            .applied(&self.table, &keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        files.retain(|_, f| !applied.contains_key(&f.file.key));
+        self.state.listing = through.map(|through| Listing {
+            through,
+            unapplied: files,
+        });
         Ok(())
     }
 }

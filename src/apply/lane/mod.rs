@@ -43,6 +43,15 @@ struct PendingKey {
     etag: String,
 }
 
+/// What the last S3 listing of the table showed: every file up to `through`, and those not
+/// applied when it was taken. DMS writes a table's files one after the other, so no file
+/// appears later before one already listed: a batch that ends within the listing needs no
+/// new one (in real S3 a listing is cheap, but one per batch adds up).
+struct Listing {
+    through: DmsOrder,
+    unapplied: BTreeMap<DmsOrder, PendingFile>,
+}
+
 #[derive(Default)]
 struct TableState {
     loaded: bool,
@@ -64,6 +73,7 @@ struct TableState {
     alerted: HashSet<String>,
     /// Not before this instant (lease held elsewhere, or a lane-level retry backoff).
     not_before: Option<Instant>,
+    listing: Option<Listing>,
 }
 
 pub(super) struct Lane {
