@@ -55,6 +55,9 @@ pub enum AlertKind {
     TableHeld,
     /// Two source tables route to one target.
     RoutingCollision,
+    /// A key changed more than once in one file and nothing says which change is last
+    /// (Firebolt cannot see row order without an ordering column).
+    AmbiguousOrder,
 }
 
 impl AlertKind {
@@ -67,6 +70,7 @@ impl AlertKind {
             AlertKind::TableFailing => "table_failing",
             AlertKind::TableHeld => "table_held",
             AlertKind::RoutingCollision => "routing_collision",
+            AlertKind::AmbiguousOrder => "ambiguous_order",
         }
     }
 }

@@ -276,7 +276,7 @@ linger = "{linger}"
 path = "{db}"
 [telemetry]
 log_format = "json"
-log_level = "info,aws=warn,cdc_worker::apply=debug"
+log_level = "info,aws=warn"
 "#,
             endpoint = args.endpoint,
             queue = resources.queue_url,

@@ -117,8 +117,18 @@ async fn a_backlog_waits_in_the_queue_not_in_memory() {
     let columns = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("payload", "VARCHAR")];
     // The backlog is there before the worker starts, as after an outage.
     for n in 0..60 {
-        let rows: Vec<_> = (0..50).map(|r| vec![s("I"), i(n * 100 + r), s("x")]).collect();
-        env.put_parquet(&env.key(&format!("t{}", n % 3), &format!("20261124-10{n:02}00000.parquet")), columns, &rows).await;
+        let rows: Vec<_> = (0..50)
+            .map(|r| vec![s("I"), i(n * 100 + r), s("x")])
+            .collect();
+        env.put_parquet(
+            &env.key(
+                &format!("t{}", n % 3),
+                &format!("20261124-10{n:02}00000.parquet"),
+            ),
+            columns,
+            &rows,
+        )
+        .await;
     }
     let worker = env.start().await;
     let mut peak = 0;
@@ -135,7 +145,10 @@ async fn a_backlog_waits_in_the_queue_not_in_memory() {
     assert!(peak > 0);
     assert_eq!(waiting, 0, "every submitted file was accounted for");
     for t in 0..3 {
-        let n: i64 = env.db().query_row(&format!("SELECT count(*) FROM t{t}"), [], |r| r.get(0)).unwrap();
+        let n: i64 = env
+            .db()
+            .query_row(&format!("SELECT count(*) FROM t{t}"), [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 20 * 50);
     }
 }

@@ -13,13 +13,22 @@ use crate::apply::{EngineEvent, PendingFile, new_batch_id};
 use crate::dms::{KeyClass, SourceTable, classify_key};
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
-use crate::schema::types::FileSchema;
+use crate::schema::policy::SchemaPolicy;
+use crate::schema::types::{FileSchema, TableSchema};
 use crate::storage::bare_etag;
 use crate::telemetry::{BatchApplied, FileSkipped};
 use crate::warehouse::{BatchFile, LedgerRecord, StageError, StagedFile, WarehouseError};
 
 /// Conflicts retried in place before a batch counts as failed.
 const CONFLICT_RETRIES: u32 = 3;
+
+/// Whether this worker may apply the table now.
+enum Lease {
+    /// Yes; with the fencing token when leases are on.
+    Held(Option<crate::apply::plan::Fence>),
+    /// Another worker is applying it.
+    Busy,
+}
 
 impl Lane {
     pub(super) async fn apply_batch(&mut self, batch: Vec<PendingFile>) {
@@ -82,7 +91,6 @@ impl Lane {
 
         // 1. The ledger.
         let keys: Vec<String> = batch.iter().map(|f| f.file.key.clone()).collect();
-        let t0 = Instant::now();
         let applied = match self.ctx.warehouse.applied(&self.table, &keys).await {
             Ok(a) => a,
             Err(e) => return self.fail(batch_id, batch, &e.to_string()).await,
@@ -126,7 +134,6 @@ impl Lane {
         }
 
         // Earlier files S3 has but no notification brought yet join the batch.
-        let t1 = Instant::now();
         if let Err(e) = self.fill_gaps(&mut fresh).await {
             return self.fail(batch_id, fresh, &e).await;
         }
@@ -166,14 +173,7 @@ impl Lane {
 
         // 3. Stage.
         let files: Vec<_> = in_order.iter().map(|f| f.file.clone()).collect();
-        let t2 = Instant::now();
         let staged = self.ctx.warehouse.stage(batch_id, files).await;
-        tracing::debug!(
-            ledger_ms = (t1 - t0).as_millis() as u64,
-            gaps_ms = (t2 - t1).as_millis() as u64,
-            stage_ms = t2.elapsed().as_millis() as u64,
-            "batch timings"
-        );
         let mut ready: Vec<(PendingFile, StagedFile)> = Vec::new();
         let mut failed_from: Option<(usize, String)> = None;
         let mut pending_iter = in_order.into_iter().enumerate();
@@ -303,93 +303,26 @@ impl Lane {
         true
     }
 
+    /// Plans one segment (files sharing a schema), records a new schema version when it
+    /// brings one, and commits it.
     pub(super) async fn apply_segment(
         &mut self,
         batch_id: &str,
         segment: Vec<(PendingFile, StagedFile)>,
         committed: &mut Tally,
     ) -> SegmentOutcome {
+        let started = Instant::now();
         let schema: FileSchema = segment[0].1.schema.clone();
         let source = segment[0].0.source.clone();
-        let started = Instant::now();
-        let files: Vec<PendingFile> = segment.iter().map(|(f, _)| f.clone()).collect();
+        let (files, staged): (Vec<PendingFile>, Vec<StagedFile>) = segment.into_iter().unzip();
 
-        if let Some((a, b)) = folding_collision(&schema.table) {
-            let reason = format!(
-                "columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule"
-            );
-            return self.hold(files, &reason, vec![]).await;
+        if let Some(reason) = self.unusable_names(&schema) {
+            return self.hold(files, &reason).await;
         }
-        if let Some(bad) = schema.table.columns.iter().find_map(|c| {
-            crate::warehouse::sql::check_name(&c.name, self.ctx.warehouse.max_identifier_len())
-                .err()
-        }) {
-            let reason = format!("a column name cannot be used: {bad}");
-            return self.hold(files, &reason, vec![]).await;
-        }
-
-        let target = match self.target().await {
-            Ok(t) => t,
-            Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
+        let (decision, changes, policy) = match self.decide(&schema, &source).await {
+            Ok(d) => d,
+            Err(e) => return self.segment_failed(batch_id, files, &e).await,
         };
-        let key = match self
-            .ctx
-            .keys
-            .resolve(&self.table, &source, target.as_ref())
-            .await
-        {
-            Ok(k) => k,
-            Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
-        };
-        let table_config = self.ctx.config.table(&self.table);
-        let policy = self.ctx.config.schema.resolve(table_config.schema.as_ref());
-
-        // Source changes: against the last accepted schema, else what the target has.
-        let baseline = self
-            .state
-            .stored
-            .as_ref()
-            .map(|s| s.current.schema())
-            .or_else(|| {
-                target
-                    .as_ref()
-                    .map(|t| crate::schema::types::TableSchema::new(t.columns.clone()))
-            });
-        // A column becoming nullable is reported (once: the recorded schema keeps it
-        // nullable); a file that happens to mark a column REQUIRED is not a change.
-        let changes: Vec<SchemaChange> = match &baseline {
-            Some(b) => diff(Some(b), &schema.table)
-                .into_iter()
-                .filter(|c| {
-                    !matches!(
-                        c,
-                        SchemaChange::Nullability {
-                            nullable: false,
-                            ..
-                        }
-                    )
-                })
-                .collect(),
-            None => diff(None, &schema.table),
-        };
-        let resolutions = self
-            .state
-            .stored
-            .as_ref()
-            .map(|s| s.current.resolutions.clone())
-            .unwrap_or_default();
-        let warehouse = self.ctx.warehouse.clone();
-        let column_name = move |s: &str| warehouse.column_name(s);
-        let decision = plan::plan(&PlanInput {
-            target: target.as_ref(),
-            file: &schema,
-            policy,
-            source_changes: &changes,
-            resolutions: &resolutions,
-            key: &key.columns,
-            column_name: &column_name,
-        });
-
         if (!changes.is_empty() || self.state.stored.is_none())
             && let Err(e) = self
                 .record_version(&source, &schema, &changes, &decision, policy, &files[0])
@@ -397,7 +330,6 @@ impl Lane {
         {
             return self.segment_failed(batch_id, files, &e).await;
         }
-
         let (ddl, load, mode) = match decision {
             Decision::Ignore => {
                 self.state.ignored = true;
@@ -418,37 +350,12 @@ impl Lane {
                 ddl, load, mode, ..
             } => (ddl, load, mode),
         };
-
-        let fence = match &self.ctx.leases {
-            Some(leases) => match leases.acquire(&self.table).await {
-                Ok(Some(fence)) => Some(fence),
-                Ok(None) => {
-                    // Another worker is applying this table. Keep the files here (their
-                    // visibility kept alive) and try again shortly: releasing them to the
-                    // queue would count a receive each time and, with several tasks,
-                    // could push healthy files into the dead-letter queue. Whoever applies
-                    // next includes every earlier file from the S3 listing.
-                    let wait = Duration::from_millis(500 + fastrand::u64(..1500));
-                    self.state.not_before = Some(Instant::now() + wait);
-                    metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone())
-                        .increment(1);
-                    tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
-                    return SegmentOutcome::Stop(StopKind::Held(files));
-                }
-                Err(e) => return self.segment_failed(batch_id, files, &e.to_string()).await,
-            },
-            None => None,
+        let fence = match self.take_lease().await {
+            Ok(Lease::Held(fence)) => fence,
+            Ok(Lease::Busy) => return SegmentOutcome::Stop(StopKind::Held(files)),
+            Err(e) => return self.segment_failed(batch_id, files, &e).await,
         };
-
-        let op_column = schema
-            .has_op
-            .then(|| self.ctx.config.dms.op_column.clone())
-            .or_else(|| {
-                segment
-                    .iter()
-                    .any(|(_, s)| s.schema.has_op)
-                    .then(|| self.ctx.config.dms.op_column.clone())
-            });
+        let op = &self.ctx.config.dms.op_column;
         let ordering = self.ctx.config.ordering_column(&self.table).and_then(|o| {
             schema
                 .table
@@ -457,30 +364,140 @@ impl Lane {
                 .find(|c| c.name.eq_ignore_ascii_case(&o))
                 .map(|c| c.name.clone())
         });
-        let apply_plan = ApplyPlan {
+        let plan = ApplyPlan {
             batch_id: batch_id.to_string(),
             table: self.table.clone(),
             ddl,
             load,
             mode,
-            op_column,
+            op_column: staged.iter().any(|s| s.schema.has_op).then(|| op.clone()),
             ordering_column: ordering,
             staged_columns: schema.table.columns.clone(),
-            files: segment.iter().map(|(_, s)| s.file.clone()).collect(),
+            files: staged.iter().map(|s| s.file.clone()).collect(),
             fence,
         };
-        let staged: Vec<StagedFile> = segment.iter().map(|(_, s)| s.clone()).collect();
+        self.commit(&plan, &staged, files, started, committed).await
+    }
+
+    /// A reason to hold the table when the segment's column names cannot be created.
+    fn unusable_names(&self, schema: &FileSchema) -> Option<String> {
+        if let Some((a, b)) = folding_collision(&schema.table) {
+            return Some(format!(
+                "columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule"
+            ));
+        }
+        let max = self.ctx.warehouse.max_identifier_len();
+        schema
+            .table
+            .columns
+            .iter()
+            .find_map(|c| crate::warehouse::sql::check_name(&c.name, max).err())
+            .map(|bad| format!("a column name cannot be used: {bad}"))
+    }
+
+    /// Compares the segment with the last accepted schema and plans it against the target.
+    async fn decide(
+        &mut self,
+        schema: &FileSchema,
+        source: &SourceTable,
+    ) -> Result<(Decision, Vec<SchemaChange>, SchemaPolicy), String> {
+        let target = self.target().await.map_err(|e| e.to_string())?;
+        let key = self
+            .ctx
+            .keys
+            .resolve(&self.table, source, target.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let table_config = self.ctx.config.table(&self.table);
+        let policy = self.ctx.config.schema.resolve(table_config.schema.as_ref());
+        // Against the last accepted schema, else what the target has.
+        let baseline = self
+            .state
+            .stored
+            .as_ref()
+            .map(|s| s.current.schema())
+            .or_else(|| target.as_ref().map(|t| TableSchema::new(t.columns.clone())));
+        // A column becoming nullable is reported (once: the recorded schema keeps it
+        // nullable); a file that happens to mark a column REQUIRED is not a change.
+        let changes: Vec<SchemaChange> = diff(baseline.as_ref(), &schema.table)
+            .into_iter()
+            .filter(|c| {
+                !matches!(
+                    c,
+                    SchemaChange::Nullability {
+                        nullable: false,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let resolutions = self
+            .state
+            .stored
+            .as_ref()
+            .map(|s| s.current.resolutions.clone())
+            .unwrap_or_default();
+        let warehouse = self.ctx.warehouse.clone();
+        let column_name = move |s: &str| warehouse.column_name(s);
+        let decision = plan::plan(&PlanInput {
+            target: target.as_ref(),
+            file: schema,
+            policy,
+            source_changes: &changes,
+            resolutions: &resolutions,
+            key: &key.columns,
+            column_name: &column_name,
+        });
+        Ok((decision, changes, policy))
+    }
+
+    /// The table's lease, when leases are on.
+    async fn take_lease(&mut self) -> Result<Lease, String> {
+        let Some(leases) = &self.ctx.leases else {
+            return Ok(Lease::Held(None));
+        };
+        match leases
+            .acquire(&self.table)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(fence) => Ok(Lease::Held(Some(fence))),
+            None => {
+                // Another worker is applying this table. Keep the files here (their
+                // visibility kept alive) and try again shortly: releasing them to the
+                // queue would count a receive each time and, with several tasks, could push
+                // healthy files into the dead-letter queue. Whoever applies next includes
+                // every earlier file from the S3 listing.
+                let wait = Duration::from_millis(500 + fastrand::u64(..1500));
+                self.state.not_before = Some(Instant::now() + wait);
+                metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone())
+                    .increment(1);
+                tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
+                Ok(Lease::Busy)
+            }
+        }
+    }
+
+    /// Runs the plan (conflicts retried in place, the lease renewed meanwhile) and gives
+    /// every file its outcome.
+    async fn commit(
+        &mut self,
+        plan: &ApplyPlan,
+        staged: &[StagedFile],
+        files: Vec<PendingFile>,
+        started: Instant,
+        committed: &mut Tally,
+    ) -> SegmentOutcome {
+        let batch_id = plan.batch_id.as_str();
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            let lease_guard = self.ctx.leases.as_ref().map(|l| l.keep_alive(&self.table));
-            let t3 = Instant::now();
-            let result = self.ctx.warehouse.apply(&apply_plan, &staged).await;
-            tracing::debug!(apply_ms = t3.elapsed().as_millis() as u64, "apply timing");
-            drop(lease_guard);
+            let renewing = self.ctx.leases.as_ref().map(|l| l.keep_alive(&self.table));
+            let result = self.ctx.warehouse.apply(plan, staged).await;
+            drop(renewing);
             match result {
                 Err(WarehouseError::Conflict(e)) if attempt < CONFLICT_RETRIES => {
-                    tracing::debug!(table = %self.table, batch_id, error = %e, "transaction conflict; retrying");
+                    tracing::debug!(error = %e, "transaction conflict; retrying");
                     tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
                 }
                 other => break other,
@@ -489,57 +506,64 @@ impl Lane {
         if let Some(leases) = &self.ctx.leases {
             leases.release(&self.table).await;
         }
-        match result {
-            Ok(stats) => {
-                let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
-                BatchApplied {
-                    table: &self.table,
-                    batch_id,
-                    files: &keys,
-                    stats: &stats,
-                    elapsed: started.elapsed(),
-                }
-                .emit();
-                if !apply_plan.ddl.is_empty() {
-                    self.state.target = None;
-                }
-                for f in &files {
-                    let order = f.dms.order().sort_key();
-                    if self
-                        .state
-                        .last_applied
-                        .as_ref()
-                        .is_none_or(|(l, _)| &order > l)
-                    {
-                        self.state.last_applied = Some((order, f.file.key.clone()));
-                    }
-                    self.state.retrying.remove(&f.file.key);
-                    f.resolve(FileOutcome::Committed);
-                }
-                if let Some(blocked) = &self.state.blocked_from
-                    && files.iter().any(|f| &f.dms.order() >= blocked)
-                {
-                    self.state.blocked_from = None;
-                }
-                self.state.consecutive_failures = 0;
-                self.state.failing_alerted = false;
-                if stats.ambiguous_keys > 0 {
-                    let reason = format!(
-                        "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
-                        stats.ambiguous_keys
-                    );
-                    self.alert_file(AlertKind::TableFailing, Severity::Warning, &files[0], &reason, Some("Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.")).await;
-                }
-                committed.keys.extend(keys);
-                committed.statements += stats.statements;
-                committed.rows += stats.rows_staged;
-                SegmentOutcome::Done
-            }
+        let stats = match result {
+            Ok(stats) => stats,
             Err(e) => {
                 self.state.target = None;
-                self.segment_failed(batch_id, files, &e.to_string()).await
+                return self.segment_failed(batch_id, files, &e.to_string()).await;
             }
+        };
+        let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
+        BatchApplied {
+            table: &self.table,
+            batch_id,
+            files: &keys,
+            stats: &stats,
+            elapsed: started.elapsed(),
         }
+        .emit();
+        if !plan.ddl.is_empty() {
+            self.state.target = None;
+        }
+        for f in &files {
+            let order = f.dms.order().sort_key();
+            if self
+                .state
+                .last_applied
+                .as_ref()
+                .is_none_or(|(l, _)| &order > l)
+            {
+                self.state.last_applied = Some((order, f.file.key.clone()));
+            }
+            self.state.retrying.remove(&f.file.key);
+            f.resolve(FileOutcome::Committed);
+        }
+        if let Some(blocked) = &self.state.blocked_from
+            && files.iter().any(|f| &f.dms.order() >= blocked)
+        {
+            self.state.blocked_from = None;
+        }
+        self.state.consecutive_failures = 0;
+        self.state.failing_alerted = false;
+        if stats.ambiguous_keys > 0 {
+            let reason = format!(
+                "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
+                stats.ambiguous_keys
+            );
+            let steps = "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.";
+            self.alert_file(
+                AlertKind::AmbiguousOrder,
+                Severity::Warning,
+                &files[0],
+                &reason,
+                Some(steps),
+            )
+            .await;
+        }
+        committed.keys.extend(keys);
+        committed.statements += stats.statements;
+        committed.rows += stats.rows_staged;
+        SegmentOutcome::Done
     }
 
     /// Adds files of this table that S3 already holds, ordered before the batch's last

@@ -156,12 +156,7 @@ impl Lane {
         Ok(())
     }
 
-    pub(super) async fn hold(
-        &mut self,
-        files: Vec<PendingFile>,
-        reason: &str,
-        _kinds: Vec<crate::schema::diff::ChangeKind>,
-    ) -> SegmentOutcome {
+    pub(super) async fn hold(&mut self, files: Vec<PendingFile>, reason: &str) -> SegmentOutcome {
         if self.state.alerted.insert(format!("hold:{reason}")) {
             let mut alert = Alert::new(
                 AlertKind::TableHeld,
