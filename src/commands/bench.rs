@@ -136,6 +136,10 @@ struct Measured {
     statements: u64,
     latencies: Vec<Duration>,
     peak_rss_kib: u64,
+    /// CPU time (user + system) the worker process used.
+    cpu: Duration,
+    /// CPU time LocalStack used meanwhile (when its pid file is found).
+    localstack_cpu: Option<Duration>,
 }
 
 impl Measured {
@@ -179,6 +183,37 @@ fn parse_log_line(line: &str) -> Option<LogEvent> {
         }),
         _ => None,
     }
+}
+
+/// User plus system CPU time of a process so far (from /proc; Linux clock ticks are 1/100 s).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The pid of the LocalStack that deploy/localstack/start.sh started, if it runs.
+fn localstack_pid() -> Option<u32> {
+    let cache = std::env::var("CDC_WORKER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cache/cdc-worker")))
+        .ok()?;
+    let pid: u32 = std::fs::read_to_string(cache.join("localstack.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -360,6 +395,7 @@ log_level = "info,aws=warn"
     });
     let started = Instant::now();
     let mut start_wall = SystemTime::now();
+    let localstack = localstack_pid().map(|p| (p, cpu_time(p)));
 
     if let Some(rate) = phase.rate {
         let gap = Duration::from_secs_f64(1.0 / rate);
@@ -423,6 +459,8 @@ log_level = "info,aws=warn"
     }
     m.elapsed = last_commit.duration_since(start_wall).unwrap_or_default();
     m.peak_rss_kib = peak_rss_kib(pid);
+    m.cpu = cpu_time(pid);
+    m.localstack_cpu = localstack.map(|(p, before)| cpu_time(p).saturating_sub(before));
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -476,14 +514,23 @@ fn report(label: &str, m: &Measured) {
         )
     };
     println!(
-        "{label:<10} {:>6} files in {:>7.2} s = {:>8.1} files/s, {:>10.0} rows/s; statements/file {:.2}; {latency}; worker peak RSS {:.0} MiB",
+        "{label:<10} {:>6} files in {:>7.2} s = {:>8.1} files/s, {:>10.0} rows/s; statements/file {:.2}; {latency}; worker CPU {:.1} ms/file; worker peak RSS {:.0} MiB",
         m.files,
         m.elapsed.as_secs_f64(),
         m.files_per_s(),
         m.rows_per_s(),
         m.statements as f64 / m.files.max(1) as f64,
+        m.cpu.as_secs_f64() * 1000.0 / m.files.max(1) as f64,
         mib(m.peak_rss_kib),
     );
+    if let Some(cpu) = m.localstack_cpu {
+        println!(
+            "{:<10} LocalStack CPU {:.1} ms/file ({:.0}% of one core over the run)",
+            "",
+            cpu.as_secs_f64() * 1000.0 / m.files.max(1) as f64,
+            100.0 * cpu.as_secs_f64() / m.elapsed.as_secs_f64().max(1e-9)
+        );
+    }
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -589,8 +636,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let (Some(b), Some(p)) = (&batched, &per_file) {
         println!(
-            "ratio      batched / per-file files/s = {:.1}x (target >= 10x)",
-            b.files_per_s() / p.files_per_s().max(1e-9)
+            "ratio      batched / per-file files/s = {:.1}x (target >= 10x); worker CPU per file per-file / batched = {:.1}x",
+            b.files_per_s() / p.files_per_s().max(1e-9),
+            (p.cpu.as_secs_f64() / p.files.max(1) as f64)
+                / (b.cpu.as_secs_f64() / b.files.max(1) as f64).max(1e-9)
         );
     }
     if let (Some(b), Some(f)) = (&batched, floor_rate) {
