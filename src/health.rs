@@ -9,6 +9,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use tokio_util::sync::CancellationToken;
 
 use crate::apply::Engine;
 use crate::queue::Queue;
@@ -22,12 +23,15 @@ struct Probes {
     engine: Arc<Engine>,
 }
 
-/// Binds `addr` and serves until the returned task is aborted.
+/// Binds `addr` and serves until `stop` is cancelled. The returned task ends only after
+/// every connection has closed, so nothing the probes hold (the warehouse above all)
+/// outlives the worker's shutdown.
 pub async fn serve(
     addr: SocketAddr,
     queue: Arc<dyn Queue>,
     warehouse: Arc<dyn Warehouse>,
     engine: Arc<Engine>,
+    stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
@@ -42,7 +46,10 @@ pub async fn serve(
             engine,
         });
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
             tracing::error!(error = %e, "health endpoint stopped");
         }
     }))

@@ -231,7 +231,7 @@ pub struct Worker {
     receivers: TaskTracker,
     acker: tokio::task::JoinHandle<()>,
     ingest: Option<Arc<Ingest>>,
-    http: Option<tokio::task::JoinHandle<()>>,
+    http: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl Worker {
@@ -287,11 +287,19 @@ impl Worker {
         }
         receivers.close();
         let http = match config.telemetry.listen {
-            Some(addr) => Some(
-                crate::health::serve(addr, queue.clone(), warehouse.clone(), engine.clone())
-                    .await
-                    .context("starting the health and metrics endpoint")?,
-            ),
+            Some(addr) => {
+                let stop_serving = CancellationToken::new();
+                let task = crate::health::serve(
+                    addr,
+                    queue.clone(),
+                    warehouse.clone(),
+                    engine.clone(),
+                    stop_serving.clone(),
+                )
+                .await
+                .context("starting the health and metrics endpoint")?;
+                Some((stop_serving, task))
+            }
             None => None,
         };
         tracing::info!(
@@ -353,8 +361,11 @@ impl Worker {
             .saturating_sub(started.elapsed())
             .max(Duration::from_secs(2));
         let _ = tokio::time::timeout(remaining, &mut self.acker).await;
-        if let Some(http) = self.http.take() {
-            http.abort();
+        // The endpoint serves until the end so probes see the drain; waiting for it means
+        // the warehouse is closed (DuckDB's file released) when `shutdown` returns.
+        if let Some((stop_serving, task)) = self.http.take() {
+            stop_serving.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
