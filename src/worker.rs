@@ -262,7 +262,7 @@ impl Worker {
             keys: KeyResolver::new(&config, store.clone()),
             alerts: alerts.clone(),
             leases,
-            permits: Arc::new(Semaphore::new(config.worker.parallel_batches())),
+            permits: Arc::new(Semaphore::new(config.parallel_batches())),
             events,
         });
         let (tracker, acker) = Tracker::new(queue.clone(), &config.queue);

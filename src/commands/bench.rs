@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// worker.concurrency of the batched run.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// worker.max_parallel_batches of the batched and steady runs (0: the worker's default).
+    #[arg(long, default_value_t = 0)]
+    pub parallel_batches: usize,
     /// Files for the per-file reference (its rate is measured on the first ones).
     #[arg(long, default_value_t = 300)]
     pub per_file_files: usize,
@@ -231,6 +234,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 struct Phase<'a> {
     name: &'a str,
     concurrency: usize,
+    parallel_batches: usize,
     max_files: usize,
     linger: &'a str,
     /// None: upload everything first, then measure the drain; Some(rate): upload at this
@@ -303,7 +307,7 @@ bucket = "{name}"
 prefix = "dms"
 [worker]
 concurrency = {concurrency}
-max_parallel_batches = {concurrency}
+max_parallel_batches = {parallel_batches}
 [batch]
 max_files = {max_files}
 linger = "{linger}"
@@ -316,6 +320,7 @@ log_level = "info,aws=warn"
             endpoint = args.endpoint,
             queue = resources.queue_url,
             concurrency = phase.concurrency,
+            parallel_batches = phase.parallel_batches,
             max_files = phase.max_files,
             linger = phase.linger,
             db = dir.join("warehouse.duckdb").display(),
@@ -358,6 +363,16 @@ log_level = "info,aws=warn"
         .await;
         for r in results {
             uploaded.extend(r?);
+        }
+        // S3 notifies asynchronously: measure the drain only once the whole backlog is in
+        // the queue, or the worker would be timed against notification delivery.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while super::queue_depth(&aws, &resources.queue_url).await? < files.len() as u64 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "S3 notifications did not all reach the queue within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -577,6 +592,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &Phase {
                 name: "batched",
                 concurrency: args.concurrency,
+                parallel_batches: args.parallel_batches,
                 max_files: 100,
                 linger: "1s",
                 rate: None,
@@ -595,6 +611,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &Phase {
                 name: "per-file",
                 concurrency: 1,
+                parallel_batches: 1,
                 max_files: 1,
                 linger: "0s",
                 rate: None,
@@ -624,6 +641,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &Phase {
                 name: "steady",
                 concurrency: args.concurrency,
+                parallel_batches: args.parallel_batches,
                 max_files: 100,
                 linger: "1s",
                 rate: Some(args.steady_rate),

@@ -154,7 +154,8 @@ impl Default for RoutingConfig {
 pub struct WorkerConfig {
     /// Tasks long-polling SQS.
     pub concurrency: usize,
-    /// Batches applied at once across all tables; 0 means `concurrency`.
+    /// Batches applied at once across all tables; 0 picks per warehouse (see
+    /// [`Config::parallel_batches`]).
     pub max_parallel_batches: usize,
     /// On SIGTERM: time to finish in-flight batches before releasing the rest.
     #[serde(with = "humantime_serde")]
@@ -175,16 +176,6 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             lane_idle_timeout: Duration::from_secs(300),
             max_waiting_files: 2000,
-        }
-    }
-}
-
-impl WorkerConfig {
-    pub fn parallel_batches(&self) -> usize {
-        if self.max_parallel_batches == 0 {
-            self.concurrency
-        } else {
-            self.max_parallel_batches
         }
     }
 }
@@ -458,6 +449,25 @@ impl Serialize for Secret {
 }
 
 impl Config {
+    /// Batches applied at once. By default DuckDB gets two per core: it runs in this
+    /// process, so more only holds more staged data in memory (measured in BENCHMARKS.md);
+    /// a Firebolt engine is remote, so every receiver may have a batch in flight.
+    pub fn parallel_batches(&self) -> usize {
+        if self.worker.max_parallel_batches > 0 {
+            return self.worker.max_parallel_batches;
+        }
+        match self.warehouse.kind {
+            WarehouseKind::Duckdb => {
+                let cores = match self.warehouse.duckdb.threads {
+                    0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                    n => n as usize,
+                };
+                self.worker.concurrency.min(2 * cores).max(1)
+            }
+            WarehouseKind::Firebolt => self.worker.concurrency.max(1),
+        }
+    }
+
     /// Loads defaults < `file` < environment, then validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_with_env(file, None)
@@ -539,6 +549,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_batches_follow_the_warehouse_unless_set() {
+        let mut c = Config::default();
+        c.worker.concurrency = 16;
+        c.warehouse.duckdb.threads = 2;
+        assert_eq!(c.parallel_batches(), 4, "DuckDB: two per core");
+        c.warehouse.kind = WarehouseKind::Firebolt;
+        assert_eq!(c.parallel_batches(), 16, "Firebolt: one per receiver");
+        c.worker.max_parallel_batches = 3;
+        assert_eq!(c.parallel_batches(), 3, "explicit setting wins");
+    }
 
     #[test]
     fn default_toml_matches_default_impls() {
