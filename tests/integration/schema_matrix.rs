@@ -115,11 +115,20 @@ fn types(env: &Env, table: &str) -> Vec<(String, String)> {
     env.columns(table)
 }
 
+/// The one alert of a schema version: several files, batches or retries must not repeat it.
 fn alert_for<'a>(alerts: &'a [ReceivedAlert], table: &str, version: u64) -> &'a ReceivedAlert {
-    alerts
+    let matching: Vec<&ReceivedAlert> = alerts
         .iter()
-        .find(|a| a.body["table"] == table && a.body["schema_version"] == version)
-        .unwrap_or_else(|| panic!("no alert for {table} v{version}: {alerts:#?}"))
+        .filter(|a| a.body["table"] == table && a.body["schema_version"] == version)
+        .collect();
+    match matching[..] {
+        [one] => one,
+        [] => panic!("no alert for {table} v{version}: {alerts:#?}"),
+        _ => panic!(
+            "{} alerts for {table} v{version}: {matching:#?}",
+            matching.len()
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
