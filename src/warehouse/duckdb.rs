@@ -307,6 +307,9 @@ impl Warehouse for Duckdb {
                          status VARCHAR DEFAULT 'applied',
                          detail VARCHAR,
                          applied_at TIMESTAMPTZ DEFAULT current_timestamp);
+                     -- Ledgers written before statuses existed hold applied files only.
+                     ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'applied';
+                     ALTER TABLE {ledger} ADD COLUMN IF NOT EXISTS detail VARCHAR;
                      CREATE TABLE IF NOT EXISTS {fence} (
                          table_name VARCHAR NOT NULL,
                          token BIGINT NOT NULL,
@@ -641,4 +644,51 @@ async fn download_one(
 pub fn open_read_only(path: &Path) -> duckdb::Result<Connection> {
     let config = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
     Connection::open_with_flags(path, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offline_store() -> ObjectStore {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .build();
+        ObjectStore::new(aws_sdk_s3::Client::from_conf(conf))
+    }
+
+    #[tokio::test]
+    async fn a_ledger_from_before_statuses_keeps_its_files_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.duckdb");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE _cdc_worker_ledger (table_name VARCHAR NOT NULL, s3_key VARCHAR NOT NULL,
+                     etag VARCHAR, size_bytes BIGINT, batch_id VARCHAR, order_key VARCHAR,
+                     applied_at TIMESTAMPTZ DEFAULT current_timestamp);
+                 INSERT INTO _cdc_worker_ledger (table_name, s3_key, etag, size_bytes, batch_id, order_key)
+                     VALUES ('orders', 'dms/public/orders/a.parquet', 'e1', 10, 'b1', '1|a.parquet');",
+            )
+            .unwrap();
+        }
+        let config = DuckdbConfig {
+            path,
+            ..DuckdbConfig::default()
+        };
+        let wh = Duckdb::open(&config, "Op", offline_store()).unwrap();
+        wh.prepare().await.unwrap();
+        let key = "dms/public/orders/a.parquet".to_string();
+        let found = wh
+            .applied("orders", std::slice::from_ref(&key))
+            .await
+            .unwrap();
+        assert_eq!(found[&key].etag, "e1");
+        assert!(!found[&key].rejected, "old entries are applied files");
+        assert_eq!(
+            wh.last_applied("orders").await.unwrap(),
+            Some(("1|a.parquet".to_string(), key))
+        );
+    }
 }
