@@ -4,6 +4,8 @@
 pub mod bench;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -155,9 +157,20 @@ async fn reset_demo(
     aws: &AwsClients,
     resources: &Resources,
 ) -> anyhow::Result<()> {
-    let endpoint = config.aws.endpoint_url.as_deref().unwrap_or_default();
+    let local = config
+        .aws
+        .endpoint_url
+        .as_deref()
+        .and_then(|e| reqwest::Url::parse(e).ok())
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .is_some_and(|h| {
+            matches!(
+                h.as_str(),
+                "localhost" | "127.0.0.1" | "[::1]" | "localstack"
+            )
+        });
     anyhow::ensure!(
-        endpoint.contains("127.0.0.1") || endpoint.contains("localhost"),
+        local,
         "the demo resets its bucket, queue and DuckDB file; it only runs against LocalStack (aws.endpoint_url on localhost)"
     );
     let store = ObjectStore::new(aws.s3.clone());
@@ -177,7 +190,10 @@ async fn reset_demo(
         .context("purging the demo queue")?;
     let _ = dev::drain_alerts(aws, &resources.alerts_queue_url).await;
     let db = &config.warehouse.duckdb.path;
-    for path in [db.clone(), db.with_extension("duckdb.wal")] {
+    // DuckDB's WAL is the database path with `.wal` appended, whatever its extension.
+    let mut wal = db.clone().into_os_string();
+    wal.push(".wal");
+    for path in [db.clone(), PathBuf::from(wal)] {
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
@@ -395,11 +411,7 @@ pub async fn schema_accept(
 pub async fn status(config: &Config) -> anyhow::Result<()> {
     // A running worker knows its lanes; the rest comes from S3 and the warehouse.
     if let Some(addr) = config.telemetry.listen {
-        let url = format!("http://127.0.0.1:{}/status", addr.port());
-        let response = reqwest::Client::new()
-            .get(&url)
-            .timeout(Duration::from_secs(3))
-            .send()
+        let response = get_local(addr, "/status")
             .await
             .ok()
             .filter(|r| r.status().is_success());
@@ -429,7 +441,10 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
                 println!();
             }
             None => {
-                println!("(no worker answers on {url}: lanes are shown for a running worker)\n")
+                println!(
+                    "(no worker answers on {}: lanes are shown for a running worker)\n",
+                    local_url(addr, "/status")
+                )
             }
         }
     }
@@ -651,19 +666,35 @@ pub async fn lease_hold(
     Ok(())
 }
 
+/// The worker's own endpoint as seen from this host: a wildcard listen address is
+/// reached on loopback, a specific one on itself.
+fn local_url(listen: SocketAddr, path: &str) -> String {
+    let ip = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    format!("http://{}{path}", SocketAddr::new(ip, listen.port()))
+}
+
+async fn get_local(listen: SocketAddr, path: &str) -> anyhow::Result<reqwest::Response> {
+    let url = local_url(listen, path);
+    reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))
+}
+
 /// Probes the local worker's `/healthz`.
 pub async fn health(config: &Config) -> anyhow::Result<()> {
     let addr = config
         .telemetry
         .listen
         .context("telemetry.listen is not set: the worker serves no health endpoint")?;
-    let url = format!("http://127.0.0.1:{}/healthz", addr.port());
-    let response = reqwest::Client::new()
-        .get(&url)
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
+    let url = local_url(addr, "/healthz");
+    let response = get_local(addr, "/healthz").await?;
     anyhow::ensure!(
         response.status().is_success(),
         "GET {url}: {}",
