@@ -81,7 +81,20 @@ impl DmsKey {
                     .folders
                     .split(['/', '-', '_'])
                     .next()
-                    .is_some_and(|y| y.len() >= 4 && (y.starts_with("19") || y.starts_with("20"))))
+                    .is_some_and(starts_year_first))
+    }
+}
+
+/// `2026` (a delimited year) or `20261124`, `202611`, `2026112415` (year then month).
+/// DDMMYYYY without delimiters can start like a year (`20112026`), but its third pair is
+/// `19` or `20`, never a month.
+fn starts_year_first(segment: &str) -> bool {
+    let pair = |i: usize| segment.get(i..i + 2).and_then(|p| p.parse::<u8>().ok());
+    let year_first = matches!(pair(0), Some(19 | 20)) && pair(2).is_some();
+    match segment.len() {
+        4 => year_first,
+        n if n > 4 => year_first && pair(4).is_some_and(|m| (1..=12).contains(&m)),
+        _ => false,
     }
 }
 
@@ -334,6 +347,31 @@ mod tests {
         assert_eq!(k.kind, FileKind::Cdc);
         assert_eq!(k.folders, "2021/11/23");
         assert_eq!(k.table_prefix, "dms/public/orders/");
+    }
+
+    #[test]
+    fn listings_may_start_after_keys_only_in_sortable_layouts() {
+        let sortable = |folders: &str| {
+            let key = format!("dms/public/t/{folders}20261124-013830913.parquet");
+            dms("dms", &key).key_order_is_dms_order()
+        };
+        assert!(sortable(""));
+        assert!(sortable("2026/11/24/"));
+        assert!(sortable("20261124/"));
+        assert!(sortable("2026-11-24/"));
+        assert!(sortable("2026112415/"));
+        assert!(!sortable("11/2026/24/"), "MMYYYYDD");
+        assert!(!sortable("11202624/"), "MMYYYYDD without delimiter");
+        assert!(!sortable("24/11/2026/"), "DDMMYYYY");
+        assert!(
+            !sortable("20112026/"),
+            "DDMMYYYY on the 20th looks year-first"
+        );
+        assert!(
+            !sortable("19112026/"),
+            "DDMMYYYY on the 19th looks year-first"
+        );
+        assert!(!dms("dms", "dms/public/t/LOAD00000001.parquet").key_order_is_dms_order());
     }
 
     #[test]
