@@ -116,7 +116,7 @@ impl Lane {
                 }
                 Some(LedgerRecord { etag, .. }) => {
                     let reason = format!(
-                        "replaced after it was applied (ledger ETag {etag}, now {}); not applied again: use `cdc-worker replay --force` if the new content must be loaded",
+                        "replaced after it was applied (ledger ETag {etag}, now {}); not applied again (DMS never rewrites a file): to load the new content, upload it under a new name that sorts after the table's last applied file",
                         f.file.etag
                     );
                     FileSkipped {
@@ -550,15 +550,24 @@ impl Lane {
                 "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
                 stats.ambiguous_keys
             );
-            let steps = "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.";
-            self.alert_file(
-                AlertKind::AmbiguousOrder,
-                Severity::Warning,
-                &files[0],
-                &reason,
-                Some(steps),
-            )
-            .await;
+            tracing::warn!(table = %self.table, ambiguous_keys = stats.ambiguous_keys, "{reason}");
+            // A table without an ordering column stays that way: one alert per lane,
+            // not one per batch.
+            let first_for_lane = self
+                .state
+                .alerted
+                .insert(AlertKind::AmbiguousOrder.as_str().to_string());
+            if first_for_lane {
+                let steps = "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.";
+                self.alert_file(
+                    AlertKind::AmbiguousOrder,
+                    Severity::Warning,
+                    &files[0],
+                    &reason,
+                    Some(steps),
+                )
+                .await;
+            }
         }
         committed.keys.extend(keys);
         committed.statements += stats.statements;
