@@ -355,6 +355,24 @@ impl Lane {
             Ok(Lease::Busy) => return SegmentOutcome::Stop(StopKind::Held(files)),
             Err(e) => return self.segment_failed(batch_id, files, &e).await,
         };
+        if fence.is_some() {
+            match self.moved_while_unleased(&files).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    // Start the batch again from fresh state: the ledger check, the order
+                    // check and the gap listing all see what the other task committed.
+                    self.release_lease().await;
+                    tracing::info!(table = %self.table, "another task applied this table meanwhile; re-reading its state");
+                    self.state.loaded = false;
+                    self.state.listing = None;
+                    return SegmentOutcome::Stop(StopKind::Held(files));
+                }
+                Err(e) => {
+                    self.release_lease().await;
+                    return self.segment_failed(batch_id, files, &e).await;
+                }
+            }
+        }
         let op = &self.ctx.config.dms.op_column;
         let ordering = self.ctx.config.ordering_column(&self.table).and_then(|o| {
             schema
@@ -452,6 +470,35 @@ impl Lane {
     }
 
     /// The table's lease, when leases are on.
+    /// With several tasks, another one may have applied this table between this lane's
+    /// ledger check and its taking the lease: it read state without the lease, so it
+    /// compares that state with the warehouse again now that it holds it.
+    async fn moved_while_unleased(&self, files: &[PendingFile]) -> Result<bool, String> {
+        let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
+        let warehouse = &self.ctx.warehouse;
+        let recorded = warehouse
+            .applied(&self.table, &keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        // A rejected file's fixed re-upload (new ETag) is still ours to apply.
+        let taken = files.iter().any(|f| {
+            recorded
+                .get(&f.file.key)
+                .is_some_and(|r| !r.rejected || r.etag == f.file.etag)
+        });
+        let last = warehouse
+            .last_applied(&self.table)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(taken || last != self.state.last_applied)
+    }
+
+    async fn release_lease(&self) {
+        if let Some(leases) = &self.ctx.leases {
+            leases.release(&self.table).await;
+        }
+    }
+
     async fn take_lease(&mut self) -> Result<Lease, String> {
         let Some(leases) = &self.ctx.leases else {
             return Ok(Lease::Held(None));
@@ -503,9 +550,7 @@ impl Lane {
                 other => break other,
             }
         };
-        if let Some(leases) = &self.ctx.leases {
-            leases.release(&self.table).await;
-        }
+        self.release_lease().await;
         let stats = match result {
             Ok(stats) => stats,
             Err(e) => {
