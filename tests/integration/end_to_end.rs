@@ -276,6 +276,11 @@ async fn dms_stream_reaches_duckdb_exactly() {
         "4 full-load files and 12 CDC files"
     );
     env.settle(&worker, Duration::from_secs(90)).await;
+    assert_eq!(
+        worker.engine().waiting_files(),
+        0,
+        "every announced file was accounted for (the receivers' backpressure count)"
+    );
     worker.shutdown().await;
 
     // Every table equals the independently computed state, row by row.

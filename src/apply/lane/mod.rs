@@ -178,8 +178,15 @@ impl Lane {
             etag: file.file.etag.clone(),
         };
         match self.pending.get_mut(&key) {
-            // The same file announced again (duplicate delivery): one apply, all acked.
-            Some(existing) => existing.messages.extend(file.messages),
+            // The same file announced again (duplicate delivery, or the late notification
+            // of a file the listing found): one apply, all acked, and the engine's count
+            // of waiting messages goes down for every one of them.
+            Some(existing) => {
+                existing.messages.extend(file.messages);
+                if existing.waiting.is_none() {
+                    existing.waiting = file.waiting;
+                }
+            }
             None => {
                 if self.source.is_none() {
                     self.source = Some(file.source.clone());
