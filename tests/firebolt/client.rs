@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use cdc_worker::config::Secret;
 use cdc_worker::warehouse::WarehouseError;
 use cdc_worker::warehouse::firebolt::client::Statement;
 use cdc_worker::warehouse::firebolt::error::FireboltError;
@@ -368,6 +369,28 @@ async fn credentials_never_appear_in_errors_or_debug_output() {
             "credential leaked: {text}"
         );
     }
+
+    // A long plain-text reply that echoes a COPY's key where the message is cut short:
+    // no prefix of the key may survive.
+    let key = "AKIAEXAMPLEKEYSECRETVALUE0123456789";
+    let echo = format!("{}AWS_SECRET_ACCESS_KEY = '{key}'", "x".repeat(560));
+    server.fault(Reply::status(400, &echo));
+    let copy = Statement::new(
+        "copy",
+        "test:copy",
+        format!("COPY t FROM 's3://b/' WITH CREDENTIALS = (AWS_SECRET_ACCESS_KEY = '{key}')"),
+    )
+    .with_secret(Secret::new(key));
+    let err = c.execute(&copy).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("xxxx"),
+        "the server's message is kept: {text}"
+    );
+    assert!(
+        !text.contains(&key[..8]),
+        "a prefix of the key leaked: {text}"
+    );
 }
 
 #[tokio::test]

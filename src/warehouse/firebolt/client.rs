@@ -192,6 +192,17 @@ impl Statement {
         self
     }
 
+    /// A reply with every secret of this statement masked, before anything (truncation
+    /// included) can cut a secret so that masking no longer finds it.
+    fn mask(&self, mut text: String) -> String {
+        for secret in &self.secrets {
+            if !secret.expose().is_empty() {
+                text = text.replace(secret.expose(), "****");
+            }
+        }
+        text
+    }
+
     fn scrub(&self, error: FireboltError) -> FireboltError {
         self.secrets
             .iter()
@@ -763,7 +774,7 @@ impl Client {
         let updates = SessionUpdates::from_headers(response.headers());
         let retry_after = retry_after(response.headers());
         let text = match response.text().await {
-            Ok(t) => t,
+            Ok(t) => statement.mask(t),
             Err(e) => {
                 return (
                     Err(classify_transport(step, e, self.config.request_timeout)),
