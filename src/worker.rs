@@ -169,11 +169,16 @@ impl Ingest {
                     continue;
                 }
             };
-            if warehouse::is_reserved_table(&table)
-                || warehouse::sql::check_name(&table, 255).is_err()
-            {
+            let unusable = if warehouse::is_reserved_table(&table) {
+                Some("reserved for cdc-worker's own tables".to_string())
+            } else {
+                warehouse::sql::check_name(&table, warehouse::MAX_TABLE_NAME_LEN)
+                    .err()
+                    .map(|e| e.to_string())
+            };
+            if let Some(why) = unusable {
                 let reason = format!(
-                    "target table name `{}` is reserved or unusable",
+                    "target table name `{}` is unusable: {why}",
                     table.escape_debug()
                 );
                 FileSkipped {

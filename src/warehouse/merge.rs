@@ -444,6 +444,15 @@ pub fn duckdb_read_parquet(paths: &[String]) -> StagedRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_derived_from_the_longest_table_name_fit() {
+        use crate::warehouse::firebolt::sql::{rebuild_table, rebuilt_marker};
+        let t = "t".repeat(crate::warehouse::MAX_TABLE_NAME_LEN);
+        for derived in [tombstone_table(&t), rebuild_table(&t), rebuilt_marker(&t)] {
+            assert!(derived.len() <= 255, "{} bytes", derived.len());
+        }
+    }
     use crate::apply::plan::{KeyColumn, LoadColumn};
     use crate::schema::types::Column;
 

@@ -22,6 +22,11 @@ use crate::schema::types::{Column, FileSchema};
 pub const LEDGER_TABLE: &str = "_cdc_worker_ledger";
 pub const FENCE_TABLE: &str = "_cdc_worker_fence";
 
+/// Longest name of a target table: tables derived from it (tombstones
+/// `_cdc_worker_deleted__<t>`, Firebolt's rebuild copy `_cdc_worker_rebuild__<t>` and
+/// marker `_cdc_worker_rebuilt__<t>`) must fit the 255-character identifier limit too.
+pub const MAX_TABLE_NAME_LEN: usize = 255 - "_cdc_worker_rebuilt__".len();
+
 pub fn is_reserved_table(name: &str) -> bool {
     name.to_lowercase().starts_with("_cdc_worker")
 }

@@ -66,11 +66,7 @@ pub async fn widen(
     widen: &[(String, ColumnType)],
     no_indexes: &AtomicBool,
 ) -> Result<(), WarehouseError> {
-    if sql::rebuild_table(table).len() > 255 || sql::rebuilt_marker(table).len() > 255 {
-        return Err(WarehouseError::Sql(format!(
-            "cannot widen columns of `{table}`: its name is too long for the rebuild tables; use a variant column instead (schema.widening policy)"
-        )));
-    }
+    // Table names leave room for the rebuild tables' (`MAX_TABLE_NAME_LEN`).
     let mut state = inspect(run, schema, table, no_indexes).await?;
     if state.has_leftovers() {
         recover(run, schema, table, &state).await?;
