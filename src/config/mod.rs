@@ -449,7 +449,8 @@ impl Serialize for Secret {
 }
 
 impl Config {
-    /// Batches applied at once. By default DuckDB gets two per core: it runs in this
+    /// Batches applied at once. By default DuckDB gets two per core (at most one per
+    /// receiver; cores are `warehouse.duckdb.threads` when set): it runs in this
     /// process, so more only holds more staged data in memory (measured in BENCHMARKS.md);
     /// a Firebolt engine is remote, so every receiver may have a batch in flight.
     pub fn parallel_batches(&self) -> usize {
