@@ -79,11 +79,7 @@ impl KeyResolver {
             configured,
             store,
             bucket: config.metadata_bucket().to_string(),
-            key: format!(
-                "{}/{}",
-                config.metadata.prefix.trim_end_matches('/'),
-                config.metadata.table_keys
-            ),
+            key: config.metadata.table_keys_key(),
             refresh: config.metadata.table_keys_refresh,
             cache: Mutex::new(None),
         }

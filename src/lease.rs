@@ -71,6 +71,17 @@ fn now_ms() -> u64 {
 }
 
 impl LeaseManager {
+    /// The leases `config` describes, held under this process's worker id.
+    pub fn from_config(config: &crate::config::Config, store: ObjectStore) -> Self {
+        Self::new(
+            store,
+            config.metadata_bucket(),
+            &config.metadata.prefix,
+            config.lease.ttl,
+            crate::telemetry::worker_id(),
+        )
+    }
+
     pub fn new(
         store: ObjectStore,
         bucket: &str,

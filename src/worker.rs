@@ -248,22 +248,16 @@ impl Worker {
         let warehouse = open_warehouse(&config, store.clone()).await?;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(aws.sqs.clone(), &config.queue.url));
         let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
-        let metadata_bucket = config.metadata_bucket().to_string();
-        let leases = config.lease.enabled.then(|| {
-            LeaseManager::new(
-                store.clone(),
-                &metadata_bucket,
-                &config.metadata.prefix,
-                config.lease.ttl,
-                telemetry::worker_id(),
-            )
-        });
+        let leases = config
+            .lease
+            .enabled
+            .then(|| LeaseManager::from_config(&config, store.clone()));
         let (events, _) = broadcast::channel(4096);
         let engine = Engine::new(ApplyContext {
             config: config.clone(),
             warehouse: warehouse.clone(),
             store: store.clone(),
-            schemas: SchemaStore::new(store.clone(), &metadata_bucket, &config.metadata.prefix),
+            schemas: SchemaStore::from_config(&config, store.clone()),
             keys: KeyResolver::new(&config, store.clone()),
             alerts: alerts.clone(),
             leases,

@@ -283,7 +283,7 @@ async fn run_phase(
     store
         .put(
             &name,
-            "cdc-worker/table_keys.json",
+            &crate::config::MetadataConfig::default().table_keys_key(),
             Bytes::from(serde_json::to_vec(&keys)?),
             "application/json",
             WriteCondition::Unconditional,

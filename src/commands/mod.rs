@@ -57,14 +57,6 @@ pub async fn dev_setup(config: &Config) -> anyhow::Result<Resources> {
     Ok(resources)
 }
 
-fn table_keys_key(config: &Config) -> String {
-    format!(
-        "{}/{}",
-        config.metadata.prefix.trim_end_matches('/'),
-        config.metadata.table_keys
-    )
-}
-
 pub async fn simulate(
     config: &Config,
     seed: u64,
@@ -77,7 +69,7 @@ pub async fn simulate(
     store
         .put(
             config.metadata_bucket(),
-            &table_keys_key(config),
+            &config.metadata.table_keys_key(),
             Bytes::from(serde_json::to_vec_pretty(&sim.table_keys)?),
             "application/json",
             WriteCondition::Unconditional,
@@ -235,11 +227,7 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     }
     worker.shutdown().await;
 
-    let schemas = SchemaStore::new(
-        ObjectStore::new(aws.s3.clone()),
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-    );
+    let schemas = SchemaStore::from_config(&config, ObjectStore::new(aws.s3.clone()));
     println!();
     println!(
         "{:<14} {:>10} {:>10}  {:<8} schema",
@@ -293,11 +281,7 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
 
 pub async fn schema_show(config: &Config, table: &str) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::new(
-        ObjectStore::new(aws.s3.clone()),
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-    );
+    let schemas = SchemaStore::from_config(config, ObjectStore::new(aws.s3.clone()));
     let stored = schemas.load(table).await?.with_context(|| {
         format!(
             "no schema recorded for table `{table}` (s3://{}/{})",
@@ -311,11 +295,7 @@ pub async fn schema_show(config: &Config, table: &str) -> anyhow::Result<()> {
 
 pub async fn schema_history(config: &Config, table: &str) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::new(
-        ObjectStore::new(aws.s3.clone()),
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-    );
+    let schemas = SchemaStore::from_config(config, ObjectStore::new(aws.s3.clone()));
     let versions = schemas.history(table).await?;
     if versions.is_empty() {
         anyhow::bail!("no schema history for table `{table}`");
@@ -366,11 +346,7 @@ pub async fn schema_accept(
         Some(other) => anyhow::bail!("--incompatible takes variant, cast or ignore, not `{other}`"),
     };
     let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::new(
-        ObjectStore::new(aws.s3.clone()),
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-    );
+    let schemas = SchemaStore::from_config(config, ObjectStore::new(aws.s3.clone()));
     let before = schemas
         .load(table)
         .await?
@@ -450,11 +426,7 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
     }
     let aws = AwsClients::new(&config.aws).await;
     let store = ObjectStore::new(aws.s3.clone());
-    let schemas = SchemaStore::new(
-        store.clone(),
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-    );
+    let schemas = SchemaStore::from_config(config, store.clone());
     let mut tables = schemas.tables().await?;
     tables.sort();
     let ledger = match worker::connect_warehouse(config, store) {
@@ -500,11 +472,7 @@ pub async fn replay(
 ) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
     let store = ObjectStore::new(aws.s3.clone());
-    let schemas = SchemaStore::new(
-        store.clone(),
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-    );
+    let schemas = SchemaStore::from_config(config, store.clone());
     let router = TableRouter::new(&config.routing);
     // The source folder: from the schema history, else every source that routes here.
     let source = schemas.load(table).await?.and_then(|s| s.current.source);
@@ -607,19 +575,9 @@ fn encode_key(key: &str) -> String {
         .replace(' ', "+")
 }
 
-fn lease_manager(config: &Config, store: ObjectStore) -> crate::lease::LeaseManager {
-    crate::lease::LeaseManager::new(
-        store,
-        config.metadata_bucket(),
-        &config.metadata.prefix,
-        config.lease.ttl,
-        crate::telemetry::worker_id(),
-    )
-}
-
 pub async fn lease_show(config: &Config, table: &str) -> anyhow::Result<()> {
     let aws = AwsClients::new(&config.aws).await;
-    let leases = lease_manager(config, ObjectStore::new(aws.s3.clone()));
+    let leases = crate::lease::LeaseManager::from_config(config, ObjectStore::new(aws.s3.clone()));
     match leases.read(table).await? {
         Some((doc, _)) => println!("{}", serde_json::to_string_pretty(&doc)?),
         None => println!("table `{table}` has never been leased"),
@@ -635,8 +593,13 @@ pub async fn lease_hold(
     hold_for: Duration,
     rounds: u32,
 ) -> anyhow::Result<()> {
+    if !config.lease.enabled {
+        eprintln!(
+            "warning: lease.enabled is false in this config; workers that share it do not take leases, so holding one pauses nothing"
+        );
+    }
     let aws = AwsClients::new(&config.aws).await;
-    let leases = lease_manager(config, ObjectStore::new(aws.s3.clone()));
+    let leases = crate::lease::LeaseManager::from_config(config, ObjectStore::new(aws.s3.clone()));
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -740,13 +703,13 @@ pub async fn check_connection(config: Config) -> anyhow::Result<()> {
     report(
         "metadata bucket",
         store
-            .get(config.metadata_bucket(), &table_keys_key(&config))
+            .get(config.metadata_bucket(), &config.metadata.table_keys_key())
             .await
             .map(|o| {
                 format!(
                     "s3://{}/{} {}",
                     config.metadata_bucket(),
-                    table_keys_key(&config),
+                    config.metadata.table_keys_key(),
                     if o.is_some() {
                         "found"
                     } else {

@@ -316,6 +316,13 @@ pub struct MetadataConfig {
     pub table_keys_refresh: Duration,
 }
 
+impl MetadataConfig {
+    /// The S3 key of the table-keys document.
+    pub fn table_keys_key(&self) -> String {
+        format!("{}/{}", self.prefix.trim_end_matches('/'), self.table_keys)
+    }
+}
+
 impl Default for MetadataConfig {
     fn default() -> Self {
         Self {

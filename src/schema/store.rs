@@ -131,6 +131,11 @@ pub fn key_segment(table: &str) -> String {
 }
 
 impl SchemaStore {
+    /// The store where `config` keeps schemas (`metadata.bucket`, `metadata.prefix`).
+    pub fn from_config(config: &crate::config::Config, store: ObjectStore) -> Self {
+        Self::new(store, config.metadata_bucket(), &config.metadata.prefix)
+    }
+
     pub fn new(store: ObjectStore, bucket: impl Into<String>, prefix: &str) -> Self {
         Self {
             store,

@@ -155,7 +155,7 @@ impl Env {
         self.store
             .put(
                 &self.res.bucket,
-                "cdc-worker/table_keys.json",
+                &self.config.metadata.table_keys_key(),
                 Bytes::from(doc.to_string()),
                 "application/json",
                 WriteCondition::Unconditional,
