@@ -9,6 +9,10 @@ use cdc_worker::config::{KeySpec, TableConfig};
 use crate::harness::Env;
 use crate::model::{Stream, TableModel};
 
+/// The endpoints test's table: no other test of this binary uses it, so its metric series
+/// are this test's alone.
+const T: &str = "ops_endpoints";
+
 const CDC: &[(&str, &str)] = &[("Op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")];
 
 fn keyed(c: &mut cdc_worker::config::Config) {
@@ -89,10 +93,24 @@ async fn replay_redrives_a_table_from_the_listing() {
         .await
         .unwrap();
     env.settle(&worker, Duration::from_secs(30)).await;
+    let lost = env.key("orders", "20261124-100200000.parquet");
+    assert!(
+        worker
+            .warehouse()
+            .applied("orders", std::slice::from_ref(&lost))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the lost file is not applied before the replay"
+    );
     assert_eq!(
-        worker.warehouse().row_count("orders").await.unwrap(),
-        2,
-        "the lost file is not applied yet"
+        worker
+            .warehouse()
+            .last_applied("orders")
+            .await
+            .unwrap()
+            .map(|(_, key)| key),
+        Some(env.key("orders", "20261124-100100000.parquet"))
     );
 
     // Replay the whole table: applied files are skipped by the ledger, the lost one lands.
@@ -119,7 +137,13 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
         .unwrap()
         .port();
     let env = Env::new("ops", |c| {
-        keyed(c);
+        c.tables.insert(
+            T.into(),
+            TableConfig {
+                key: Some(KeySpec::One("id".into())),
+                ..Default::default()
+            },
+        );
         c.telemetry.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
         c.lease.enabled = true;
         c.lease.ttl = Duration::from_secs(10);
@@ -127,10 +151,10 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
     .await;
     let worker = env.start().await;
     let mut stream = Stream::new(&env);
-    stream.table("orders", TableModel::keyed(&["id"]));
+    stream.table(T, TableModel::keyed(&["id"]));
     stream
         .file(
-            "orders",
+            T,
             "20261124-100000000.parquet",
             CDC,
             &[vec![Some("I"), Some("1"), Some("a")]],
@@ -138,7 +162,7 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
         .await;
     stream
         .file(
-            "orders",
+            T,
             "20261124-100100000.parquet",
             &[
                 ("Op", "VARCHAR"),
@@ -151,7 +175,7 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
         .await;
     env.send("not a notification").await;
     env.eventually("both files applied", Duration::from_secs(30), || async {
-        worker.warehouse().row_count("orders").await.unwrap_or(0) == 2
+        worker.warehouse().row_count(T).await.unwrap_or(0) == 2
     })
     .await;
 
@@ -167,26 +191,47 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
     let (code, lanes) = get("/status").await;
     assert_eq!(code, 200);
     let lanes: serde_json::Value = serde_json::from_str(&lanes).unwrap();
-    assert!(
-        lanes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["table"] == "orders"),
-        "{lanes}"
-    );
+    let lane = lanes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["table"] == T)
+        .unwrap_or_else(|| panic!("no lane for {T}: {lanes}"));
+    assert_eq!(lane["pending_files"], 0, "{lane}");
+    assert!(lane["held"].is_null(), "{lane}");
     let (code, metrics) = get("/metrics").await;
     assert_eq!(code, 200);
+    // The recorder is process-wide and other tests run alongside: per-table series are
+    // asserted by value on a table only this test uses, global ones by presence.
+    let value = |series: &str| -> Option<f64> {
+        metrics.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    let table_series = |name: &str| format!("{name}{{table=\"{T}\"}}");
+    for (name, expected) in [
+        ("cdc_worker_files_applied_total", 2.0),
+        ("cdc_worker_rows_applied_total", 2.0),
+        // v1 (new table) and v2 (new column `w`).
+        ("cdc_worker_schema_changes_total", 2.0),
+        ("cdc_worker_table_held", 0.0),
+    ] {
+        let series = table_series(name);
+        assert_eq!(value(&series), Some(expected), "{series} in:\n{metrics}");
+    }
+    assert!(
+        value(&table_series("cdc_worker_table_lag_seconds")).is_some(),
+        "lag series for {T}:\n{metrics}"
+    );
     for series in [
         "cdc_worker_messages_received_total",
         "cdc_worker_messages_deleted_total",
         "cdc_worker_messages_failed_total",
-        "cdc_worker_files_applied_total{table=\"orders\"}",
-        "cdc_worker_rows_applied_total{table=\"orders\"}",
         "cdc_worker_batch_duration_seconds_bucket",
-        "cdc_worker_table_lag_seconds{table=\"orders\"}",
-        "cdc_worker_schema_changes_total{table=\"orders\"}",
-        "cdc_worker_table_held{table=\"orders\"}",
         "cdc_worker_tables_held",
         "cdc_worker_lease_events_total{event=\"acquired\"}",
         "cdc_worker_warehouse_statements_total",
