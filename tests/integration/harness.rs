@@ -57,10 +57,13 @@ impl Env {
             .with_test_writer()
             .try_init();
         cdc_worker::telemetry::metrics_handle();
+        // The random part keeps a recycled pid (containers) from finding an earlier run's
+        // bucket and queues in a LocalStack that is still running.
         let unique = format!(
-            "{name}-{}-{}",
+            "{name}-{}-{}-{:06x}",
             std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..1 << 24)
         )
         .to_lowercase()
         .replace('_', "-");

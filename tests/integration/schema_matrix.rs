@@ -470,7 +470,14 @@ async fn every_change_kind_under_every_policy() {
         alert_for(&alerts, "removed_keep", 2).body["actions"][0]["action"],
         "kept_column"
     );
-    assert_eq!(rows(&env, "removed_fail", &["id", "v", "gone"]).len(), 2);
+    assert_eq!(
+        rows(&env, "removed_fail", &["id", "v", "gone"]),
+        vec![
+            r(&[Some("1"), Some("a"), Some("g1")]),
+            r(&[Some("2"), Some("b"), Some("g2")])
+        ],
+        "held: the full load only"
+    );
 
     // Widening.
     assert_eq!(
@@ -492,6 +499,31 @@ async fn every_change_kind_under_every_policy() {
         types(&env, "widening_fail")[1],
         ("n".into(), "INTEGER".into())
     );
+    assert_eq!(
+        rows(&env, "widening_fail", &["id", "n"]),
+        vec![r(&[Some("1"), Some("5")])],
+        "held: the full load only"
+    );
+
+    // Every held table says so once, as an error, with the command that releases it.
+    for t in [
+        "new_column_fail",
+        "removed_fail",
+        "widening_fail",
+        "incompatible_fail",
+    ] {
+        let a = alert_for(&alerts, t, 2);
+        assert_eq!(a.body["held"], true, "{t}: {:#}", a.body);
+        assert_eq!(a.body["severity"], "error", "{t}");
+        assert!(
+            a.body["next_steps"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("cdc-worker schema accept {t}")),
+            "{t}: {:#}",
+            a.body
+        );
+    }
 
     // Narrowing: no DDL, a lossless cast, even under strict.
     assert_eq!(types(&env, "narrowing")[1], ("n".into(), "BIGINT".into()));
@@ -637,7 +669,23 @@ async fn every_change_kind_under_every_policy() {
         types(&env, "widening_fail")[1],
         ("n".into(), "BIGINT".into())
     );
-    assert_eq!(rows(&env, "removed_fail", &["id", "v", "gone"]).len(), 3);
+    assert_eq!(
+        rows(&env, "widening_fail", &["id", "n"]),
+        vec![
+            r(&[Some("1"), Some("5")]),
+            r(&[Some("2"), Some("5000000000")])
+        ],
+        "the waiting file is applied once widened"
+    );
+    assert_eq!(
+        rows(&env, "removed_fail", &["id", "v", "gone"]),
+        vec![
+            r(&[Some("1"), Some("a2"), Some("g1")]),
+            r(&[Some("2"), Some("b"), Some("g2")]),
+            r(&[Some("3"), Some("c"), None])
+        ],
+        "kept column: the updated row keeps its value, the inserted one has NULL"
+    );
     assert_eq!(
         rows(&env, "incompatible_fail", &["id", "n"]),
         vec![
