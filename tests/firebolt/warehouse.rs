@@ -571,12 +571,17 @@ async fn widening_rebuilds_the_table_through_a_marked_copy() {
         Some("rebuild-verify") => Reply::counts(&[10, 9]),
         _ => default_reply(s),
     });
-    assert!(wh.apply(&p, &files).await.is_err());
+    let err = wh.apply(&p, &files).await.unwrap_err().to_string();
     let kinds = server.kinds();
+    assert!(
+        kinds.iter().any(|k| k == "rebuild-verify"),
+        "it failed at the verification, not before: {kinds:?} ({err})"
+    );
+    assert!(err.contains("10") && err.contains('9'), "{err}");
     assert!(
         !kinds
             .iter()
-            .any(|k| k == "rebuild-mark" || k == "rebuild-drop"),
+            .any(|k| k == "rebuild-mark" || k == "rebuild-drop" || k == "merge"),
         "{kinds:?}"
     );
 }
