@@ -105,7 +105,6 @@ pub struct LaneInfo {
     pub pending_files: usize,
     pub held: Option<String>,
     pub consecutive_failures: u32,
-    pub last_applied: Option<String>,
     pub oldest_pending: Option<Instant>,
 }
 
@@ -142,10 +141,6 @@ impl Engine {
             stop: CancellationToken::new(),
             waiting: Arc::new(AtomicUsize::new(0)),
         })
-    }
-
-    pub fn context(&self) -> &Arc<ApplyContext> {
-        &self.ctx
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {

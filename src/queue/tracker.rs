@@ -139,12 +139,8 @@ impl Tracker {
         }
     }
 
-    /// Makes a message visible again after `delay`.
-    pub fn release(&self, message_id: String, receipt_handle: String, delay: Duration) {
-        self.release_after(None, message_id, receipt_handle, delay);
-    }
-
-    /// As [`Tracker::release`], once `first` (the message's keep-alive) has ended.
+    /// Makes a message visible again after `delay`, once `first` (the message's
+    /// keep-alive) has ended, so a late extension cannot undo the release.
     fn release_after(
         &self,
         first: Option<tokio::task::JoinHandle<()>>,

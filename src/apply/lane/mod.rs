@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApplyContext, Engine, LaneInfo, PendingFile};
-use crate::dms::{DmsOrder, SourceTable};
+use crate::dms::DmsOrder;
 use crate::queue::FileOutcome;
 use crate::schema::store::{Stored, TableStatus};
 use crate::telemetry::FileSkipped;
@@ -85,7 +85,6 @@ pub(super) struct Lane {
     stop: CancellationToken,
     pending: BTreeMap<PendingKey, PendingFile>,
     state: TableState,
-    source: Option<SourceTable>,
 }
 
 impl Lane {
@@ -106,7 +105,6 @@ impl Lane {
             stop,
             pending: BTreeMap::new(),
             state: TableState::default(),
-            source: None,
         }
     }
 
@@ -188,9 +186,6 @@ impl Lane {
                 }
             }
             None => {
-                if self.source.is_none() {
-                    self.source = Some(file.source.clone());
-                }
                 self.pending.insert(key, file);
             }
         }

@@ -4,7 +4,6 @@
 //! and jitter for failures that may pass, never for a statement that may have been
 //! applied unless it is idempotent.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Mutex, Semaphore};
@@ -445,10 +444,6 @@ impl Client {
         })
     }
 
-    pub fn config(&self) -> &ClientConfig {
-        &self.config
-    }
-
     pub fn is_cloud(&self) -> bool {
         self.auth.is_some()
     }
@@ -817,9 +812,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()))
 }
-
-/// A shared client, as the warehouse holds it.
-pub type SharedClient = Arc<Client>;
 
 #[cfg(test)]
 mod tests {

@@ -39,10 +39,6 @@ impl<'a> Runner<'a> {
         })
     }
 
-    pub fn session(&self) -> &SessionState {
-        &self.session
-    }
-
     fn statement(&mut self, kind: &'static str, sql: String) -> Statement {
         self.seq += 1;
         Statement::new(
