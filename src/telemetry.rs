@@ -194,16 +194,47 @@ impl BatchFailed<'_> {
     }
 }
 
+/// Why a file is skipped: the metric's `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipKind {
+    /// In the ledger with the same ETag (a redelivery or a re-upload).
+    AlreadyApplied,
+    /// In the ledger with another ETag: the object was rewritten after it was applied.
+    Replaced,
+    /// The object is gone.
+    Missing,
+    /// The table's policy ignores it.
+    TableIgnored,
+    /// The key is not a DMS file of a table.
+    Unroutable,
+    /// The target table's name cannot be used.
+    UnusableName,
+}
+
+impl SkipKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipKind::AlreadyApplied => "already_applied",
+            SkipKind::Replaced => "replaced",
+            SkipKind::Missing => "missing",
+            SkipKind::TableIgnored => "table_ignored",
+            SkipKind::Unroutable => "unroutable",
+            SkipKind::UnusableName => "unusable_name",
+        }
+    }
+}
+
 /// A file that will not be applied; the message is acknowledged.
 pub struct FileSkipped<'a> {
     pub table: &'a str,
     pub key: &'a str,
+    pub kind: SkipKind,
     pub reason: &'a str,
 }
 
 impl FileSkipped<'_> {
     pub fn emit(&self) {
-        if self.reason.starts_with("already applied") {
+        if self.kind == SkipKind::AlreadyApplied {
             // Redeliveries are routine; the metric counts them.
             tracing::debug!(
                 table = self.table,
@@ -219,20 +250,8 @@ impl FileSkipped<'_> {
                 "file skipped"
             );
         }
-        metrics::counter!("cdc_worker_files_skipped_total", "reason" => reason_label(self.reason))
+        metrics::counter!("cdc_worker_files_skipped_total", "reason" => self.kind.label())
             .increment(1);
-    }
-}
-
-fn reason_label(reason: &str) -> &'static str {
-    if reason.starts_with("already applied") {
-        "already_applied"
-    } else if reason.contains("no longer exists") {
-        "missing"
-    } else if reason.contains("replaced") {
-        "replaced"
-    } else {
-        "other"
     }
 }
 

@@ -20,7 +20,7 @@ use crate::lease::LeaseManager;
 use crate::queue::{FileOutcome, Queue, RawMessage, SqsQueue, Tracker};
 use crate::schema::store::SchemaStore;
 use crate::storage::ObjectStore;
-use crate::telemetry::{self, FileSkipped, MessageUnparseable, NotificationIgnored};
+use crate::telemetry::{self, FileSkipped, MessageUnparseable, NotificationIgnored, SkipKind};
 use crate::warehouse::{self, BatchFile, Warehouse};
 
 /// Builds the configured warehouse and creates its bookkeeping tables.
@@ -131,6 +131,7 @@ impl Ingest {
                     FileSkipped {
                         table: "",
                         key: &object.key,
+                        kind: SkipKind::Unroutable,
                         reason: &reason,
                     }
                     .emit();
@@ -184,6 +185,7 @@ impl Ingest {
                 FileSkipped {
                     table: &table,
                     key: &object.key,
+                    kind: SkipKind::UnusableName,
                     reason: &reason,
                 }
                 .emit();

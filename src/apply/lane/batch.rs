@@ -16,7 +16,7 @@ use crate::schema::diff::{SchemaChange, diff, folding_collision};
 use crate::schema::policy::SchemaPolicy;
 use crate::schema::types::{FileSchema, TableSchema};
 use crate::storage::bare_etag;
-use crate::telemetry::{BatchApplied, FileSkipped};
+use crate::telemetry::{BatchApplied, FileSkipped, SkipKind};
 use crate::warehouse::{BatchFile, LedgerRecord, StageError, StagedFile, WarehouseError};
 
 /// Conflicts retried in place before a batch counts as failed.
@@ -109,6 +109,7 @@ impl Lane {
                     FileSkipped {
                         table: &self.table,
                         key: &f.file.key,
+                        kind: SkipKind::AlreadyApplied,
                         reason: "already applied (ledger)",
                     }
                     .emit();
@@ -122,6 +123,7 @@ impl Lane {
                     FileSkipped {
                         table: &self.table,
                         key: &f.file.key,
+                        kind: SkipKind::Replaced,
                         reason: &reason,
                     }
                     .emit();
@@ -186,6 +188,7 @@ impl Lane {
                     FileSkipped {
                         table: &self.table,
                         key: &f.file.key,
+                        kind: SkipKind::Missing,
                         reason,
                     }
                     .emit();

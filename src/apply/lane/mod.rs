@@ -30,7 +30,7 @@ use super::{ApplyContext, Engine, LaneInfo, PendingFile};
 use crate::dms::DmsOrder;
 use crate::queue::FileOutcome;
 use crate::schema::store::{Stored, TableStatus};
-use crate::telemetry::FileSkipped;
+use crate::telemetry::{FileSkipped, SkipKind};
 use crate::warehouse::{TargetTable, WarehouseError};
 
 /// How often a held table re-reads its status from S3.
@@ -359,6 +359,7 @@ impl Lane {
             FileSkipped {
                 table: &self.table,
                 key: &f.file.key,
+                kind: SkipKind::TableIgnored,
                 reason: "table ignored by policy",
             }
             .emit();
