@@ -28,12 +28,14 @@ async fn duplicate_notifications_and_reuploads_change_nothing() {
     env.settle(&worker, Duration::from_secs(90)).await;
 
     // Applied files uploaded again, unchanged: one keyed table, one append-only table.
+    // Mid-stream files, so that applying one again would show: a keyed table would rewind
+    // (or the file would go to the DLQ as out of order), an append-only one would double.
+    let mut events = worker.engine().subscribe();
     for table in ["orders", "audit_log"] {
         let (key, _, _) = stream
             .uploaded
             .iter()
-            .rev()
-            .find(|(k, _, _)| k.contains(&format!("/{table}/")))
+            .find(|(k, _, _)| k.contains(&format!("/{table}/")) && !k.contains("LOAD"))
             .unwrap();
         let body = env
             .store
@@ -44,6 +46,19 @@ async fn duplicate_notifications_and_reuploads_change_nothing() {
             .body;
         env.put_bytes(key, body.to_vec()).await;
     }
+    // Both re-uploads reach their lanes (notifications are asynchronous) before settling.
+    let mut seen = std::collections::HashSet::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while seen.len() < 2 {
+            if let Ok(cdc_worker::apply::EngineEvent::BatchFinished { table, .. }) =
+                events.recv().await
+            {
+                seen.insert(table);
+            }
+        }
+    })
+    .await
+    .expect("both re-uploads were handled");
     env.settle(&worker, Duration::from_secs(60)).await;
     let (queue, dlq) = env.depths().await;
     worker.shutdown().await;
