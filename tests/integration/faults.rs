@@ -239,3 +239,66 @@ async fn visibility_is_kept_alive_while_work_runs() {
     acker.await.unwrap();
     assert_eq!(env.depths().await, (0, 0), "deleted once its work was done");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unannounced_earlier_files_are_applied_in_order_within_batch_limits() {
+    let env = Env::new("gaps", |c| {
+        keyed(c, "gappy");
+        c.batch.max_files = 2;
+        c.batch.linger = Duration::from_millis(200);
+    })
+    .await;
+    let worker = env.start().await;
+    let mut events = worker.engine().subscribe();
+    // Five files land without notifications (lost or late messages); id 1 is updated by
+    // each, so applying them out of order would leave the wrong value.
+    let saved = env.pause_notifications().await;
+    for n in 1..=5 {
+        env.put_parquet(
+            &env.key("gappy", &format!("20261124-10{n:02}00000.parquet")),
+            CDC,
+            &[
+                vec![s(if n == 1 { "I" } else { "U" }), i(1), s(&format!("v{n}"))],
+                vec![s("I"), i(10 + n), s("x")],
+            ],
+        )
+        .await;
+    }
+    env.resume_notifications(saved).await;
+    // The sixth is announced: its lane finds the five earlier ones in the S3 listing.
+    env.put_parquet(
+        &env.key("gappy", "20261124-100600000.parquet"),
+        CDC,
+        &[vec![s("U"), i(1), s("v6")]],
+    )
+    .await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+    worker.shutdown().await;
+
+    let mut committed = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let cdc_worker::apply::EngineEvent::BatchFinished {
+            committed: files, ..
+        } = event
+        {
+            assert!(files.len() <= 2, "batch.max_files holds: {files:?}");
+            committed.extend(files);
+        }
+    }
+    let expected: Vec<String> = (1..=6)
+        .map(|n| env.key("gappy", &format!("20261124-10{n:02}00000.parquet")))
+        .collect();
+    assert_eq!(committed, expected, "every file once, in DMS order");
+    assert_eq!(
+        env.rows("gappy", &["id", "v"]),
+        vec![
+            vec![Some("1".into()), Some("v6".into())],
+            vec![Some("11".into()), Some("x".into())],
+            vec![Some("12".into()), Some("x".into())],
+            vec![Some("13".into()), Some("x".into())],
+            vec![Some("14".into()), Some("x".into())],
+            vec![Some("15".into()), Some("x".into())],
+        ]
+    );
+    assert_eq!(env.depths().await, (0, 0));
+}

@@ -215,6 +215,40 @@ impl Env {
         .expect("worker settles");
     }
 
+    /// Turns the bucket's notifications off (files uploaded meanwhile are never announced,
+    /// as if their messages were lost) and returns what [`Env::resume_notifications`]
+    /// restores.
+    pub async fn pause_notifications(&self) -> aws_sdk_s3::types::NotificationConfiguration {
+        let saved = self
+            .aws
+            .s3
+            .get_bucket_notification_configuration()
+            .bucket(&self.res.bucket)
+            .send()
+            .await
+            .expect("notification configuration");
+        self.set_notifications(aws_sdk_s3::types::NotificationConfiguration::builder().build())
+            .await;
+        aws_sdk_s3::types::NotificationConfiguration::builder()
+            .set_queue_configurations(Some(saved.queue_configurations().to_vec()))
+            .build()
+    }
+
+    pub async fn resume_notifications(&self, saved: aws_sdk_s3::types::NotificationConfiguration) {
+        self.set_notifications(saved).await;
+    }
+
+    async fn set_notifications(&self, config: aws_sdk_s3::types::NotificationConfiguration) {
+        self.aws
+            .s3
+            .put_bucket_notification_configuration()
+            .bucket(&self.res.bucket)
+            .notification_configuration(config)
+            .send()
+            .await
+            .expect("set notifications");
+    }
+
     /// Waits until `check` holds, polling.
     pub async fn eventually<F, Fut>(&self, what: &str, timeout: Duration, mut check: F)
     where

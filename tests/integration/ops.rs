@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use aws_sdk_s3::types::NotificationConfiguration;
 use cdc_worker::config::{KeySpec, TableConfig};
 
 use crate::harness::Env;
@@ -53,22 +52,7 @@ async fn replay_redrives_a_table_from_the_listing() {
     env.settle(&worker, Duration::from_secs(30)).await;
 
     // The last file lands while notifications are off (as if its message were lost).
-    let saved = env
-        .aws
-        .s3
-        .get_bucket_notification_configuration()
-        .bucket(&env.res.bucket)
-        .send()
-        .await
-        .unwrap();
-    env.aws
-        .s3
-        .put_bucket_notification_configuration()
-        .bucket(&env.res.bucket)
-        .notification_configuration(NotificationConfiguration::builder().build())
-        .send()
-        .await
-        .unwrap();
+    let saved = env.pause_notifications().await;
     stream
         .file(
             "orders",
@@ -80,18 +64,7 @@ async fn replay_redrives_a_table_from_the_listing() {
             ],
         )
         .await;
-    env.aws
-        .s3
-        .put_bucket_notification_configuration()
-        .bucket(&env.res.bucket)
-        .notification_configuration(
-            NotificationConfiguration::builder()
-                .set_queue_configurations(Some(saved.queue_configurations().to_vec()))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    env.resume_notifications(saved).await;
     env.settle(&worker, Duration::from_secs(30)).await;
     let lost = env.key("orders", "20261124-100200000.parquet");
     assert!(

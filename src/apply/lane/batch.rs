@@ -665,25 +665,37 @@ impl Lane {
             .await
             .map_err(|e| e.to_string())?;
         gaps.retain(|g| !applied.contains_key(&g.file.key));
-        for g in &gaps {
-            listing.unapplied.remove(&g.dms.order());
-        }
         if gaps.is_empty() {
             return Ok(());
         }
-        tracing::info!(
-            table = %self.table,
-            files = gaps.len(),
-            first = %gaps[0].file.key,
-            "earlier files found in the S3 listing before their notifications; applying them in order"
-        );
-        metrics::counter!("cdc_worker_gap_files_total", "table" => self.table.clone())
-            .increment(gaps.len() as u64);
-        for g in &mut gaps {
-            g.arrived = Instant::now();
+        // Earlier files join the batch, within the batch limits: after an outage the
+        // listing can hold most of a backlog. What does not fit comes later, in order: the
+        // batch's own files wait in the lane, the gaps found now stay in the listing.
+        let mut files: Vec<PendingFile> = std::mem::take(batch).into_iter().chain(gaps).collect();
+        files.sort_by_key(|f| f.dms.order());
+        let later = files.split_off(batch_cut(&files, &self.ctx.config.batch));
+        let mut joined = 0usize;
+        for f in files.iter_mut().filter(|f| !in_batch.contains(&f.file.key)) {
+            listing.unapplied.remove(&f.dms.order());
+            f.arrived = Instant::now();
+            joined += 1;
         }
-        batch.extend(gaps);
-        batch.sort_by_key(|f| f.dms.order());
+        if joined > 0 {
+            tracing::info!(
+                table = %self.table,
+                files = joined,
+                deferred = later.len(),
+                "earlier files found in the S3 listing before their notifications; applying them in order"
+            );
+            metrics::counter!("cdc_worker_gap_files_total", "table" => self.table.clone())
+                .increment(joined as u64);
+        }
+        *batch = files;
+        let own: Vec<PendingFile> = later
+            .into_iter()
+            .filter(|f| in_batch.contains(&f.file.key))
+            .collect();
+        self.put_back(own);
         Ok(())
     }
 
@@ -757,4 +769,17 @@ impl Lane {
         });
         Ok(())
     }
+}
+
+/// How many of `files` (in DMS order) one batch takes: up to `max_files` and
+/// `max_bytes`, and always the first.
+pub(super) fn batch_cut(files: &[PendingFile], limits: &crate::config::BatchConfig) -> usize {
+    let mut bytes = 0u64;
+    for (i, f) in files.iter().enumerate() {
+        if i > 0 && (i >= limits.max_files || bytes + f.file.size > limits.max_bytes.as_u64()) {
+            return i;
+        }
+        bytes += f.file.size;
+    }
+    files.len()
 }
