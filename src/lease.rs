@@ -232,14 +232,14 @@ impl LeaseManager {
         }
     }
 
-    /// Renews the lease every third of its TTL until the guard is dropped.
-    pub fn keep_alive(&self, table: &str) -> DropGuard {
+    /// Renews the lease every third of its TTL until the renewal is stopped or dropped.
+    pub fn keep_alive(&self, table: &str) -> Renewal {
         let token = CancellationToken::new();
         let this = self.clone();
         let table = table.to_string();
         let stop = token.clone();
         let every = (self.inner.ttl / 3).max(Duration::from_millis(500));
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -258,7 +258,10 @@ impl LeaseManager {
                 }
             }
         });
-        token.drop_guard()
+        Renewal {
+            _guard: token.drop_guard(),
+            task,
+        }
     }
 
     /// Gives the lease up so another worker can take it at once (keeps the token).
@@ -283,5 +286,21 @@ impl LeaseManager {
                 tracing::warn!(table, error = %e, "could not release lease; it expires on its own")
             }
         }
+    }
+}
+
+/// A lease being renewed in the background. Dropping it stops further renewals; [`Renewal::stop`]
+/// also waits for one already in flight, so a release that follows cannot race it (a
+/// renewal landing after the release would revive the lease until its TTL).
+pub struct Renewal {
+    _guard: DropGuard,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewal {
+    pub async fn stop(self) {
+        let Renewal { _guard, task } = self;
+        drop(_guard);
+        let _ = task.await;
     }
 }

@@ -622,7 +622,7 @@ pub async fn lease_hold(
         event("acquired", fence.token);
         let renewing = leases.keep_alive(table);
         tokio::time::sleep(hold_for).await;
-        drop(renewing);
+        renewing.stop().await;
         event("releasing", fence.token);
         leases.release(table).await;
     }

@@ -544,7 +544,9 @@ impl Lane {
             attempt += 1;
             let renewing = self.ctx.leases.as_ref().map(|l| l.keep_alive(&self.table));
             let result = self.ctx.warehouse.apply(plan, staged).await;
-            drop(renewing);
+            if let Some(renewing) = renewing {
+                renewing.stop().await;
+            }
             match result {
                 Err(WarehouseError::Conflict(e)) if attempt < CONFLICT_RETRIES => {
                     tracing::debug!(error = %e, "transaction conflict; retrying");
