@@ -47,12 +47,24 @@ impl ConfigError {
             }
             _ => None,
         };
-        let text = e.to_string();
-        // Values from the environment say so themselves; others came from the file.
+        use ::config::ConfigError as E;
+        // Errors with an origin name it themselves (the file, or "the environment"); the
+        // others (an unknown key, say) could come from either.
+        let names_origin = matches!(
+            &e,
+            E::Type {
+                origin: Some(_),
+                ..
+            } | E::At {
+                origin: Some(_),
+                ..
+            } | E::FileParse { uri: Some(_), .. }
+        );
         let origin = file
-            .filter(|_| !text.contains("environment"))
-            .map(|p| format!(" (in {})", p.display()))
+            .filter(|_| !names_origin)
+            .map(|p| format!(" (in {} or the environment)", p.display()))
             .unwrap_or_default();
+        let text = e.to_string();
         Self {
             key,
             message: format!("{text}{origin}"),
