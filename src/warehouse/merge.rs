@@ -6,7 +6,7 @@
 use crate::apply::plan::{ApplyPlan, KeyColumn, LoadExpr, LoadMode};
 use crate::schema::types::ColumnType;
 
-use super::sql::{ident, literal};
+use super::sql::{ident, ident_list, literal};
 
 /// Name of the rank column the dedupe adds; source columns may not use the `__cdc_` prefix.
 pub const RANK_COLUMN: &str = "__cdc_rank";
@@ -159,7 +159,7 @@ pub fn latest_per_key(plan: &ApplyPlan, rows: &StagedRows, key: &[String]) -> St
     }
     format!(
         "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {}) AS {} FROM ({}) AS staged) AS ranked WHERE {} = 1",
-        key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", "),
+        ident_list(key.iter().map(String::as_str)),
         order.join(", "),
         ident(RANK_COLUMN),
         staged_select(plan, rows),

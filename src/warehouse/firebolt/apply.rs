@@ -12,8 +12,9 @@ use crate::warehouse::merge::{self, Dialect, RESERVED_PREFIX};
 use crate::warehouse::{ApplyStats, FENCE_TABLE, LEDGER_TABLE, StagedFile, WarehouseError};
 
 use super::run::Runner;
-use super::sql::{self, q};
+use super::sql;
 use super::{Firebolt, rebuild};
+use crate::warehouse::sql::qualified;
 
 /// Refuses source columns that collide with the names the staging and MERGE use.
 fn check_stage_names(plan: &ApplyPlan) -> Result<(), WarehouseError> {
@@ -42,7 +43,7 @@ pub async fn apply(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let stage = q(
+    let stage = qualified(
         &wh.schema,
         &sql::stage_table_name(&plan.batch_id, created, fastrand::u32(..)),
     );
@@ -73,7 +74,7 @@ async fn steps(
     stage: &str,
 ) -> Result<ApplyStats, WarehouseError> {
     let schema = &wh.schema;
-    let target = q(schema, &plan.table);
+    let target = qualified(schema, &plan.table);
     let batch: Vec<_> = files.iter().map(|f| f.file.clone()).collect();
     let expected_rows: u64 = files.iter().map(|f| f.schema.rows).sum();
     let mut stats = ApplyStats {
@@ -169,7 +170,7 @@ async fn steps(
     // 5. The tombstone table (deleted keys with their ordering value), when the plan keeps
     //    them: CREATE IF NOT EXISTS, sent once per process and table.
     let rows = sql::staged_rows(stage, &batch);
-    let tombstones = q(schema, &merge::tombstone_table(&plan.table));
+    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
     let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
     if let Some((create, _)) = &tombstone_sql
         && !wh.tombstones_known(&plan.table)
@@ -185,7 +186,7 @@ async fn steps(
 
     // 7. Fence: refuse to commit if a newer lease holder has committed this table.
     if let Some(fence) = &plan.fence {
-        let fence_table = q(schema, FENCE_TABLE);
+        let fence_table = qualified(schema, FENCE_TABLE);
         let current = run
             .run("fence-read", sql::fence_select(&fence_table, &plan.table))
             .await?;
@@ -236,8 +237,11 @@ async fn steps(
     }
 
     // 10. The ledger: every file of the batch, one INSERT.
-    run.run("ledger", sql::ledger_insert(&q(schema, LEDGER_TABLE), plan))
-        .await?;
+    run.run(
+        "ledger",
+        sql::ledger_insert(&qualified(schema, LEDGER_TABLE), plan),
+    )
+    .await?;
 
     // 11. COMMIT. If the answer is lost (crash, timeout), the outcome is unknown: the error
     //     goes up, the files come back, and `applied()` reads the ledger: committed files

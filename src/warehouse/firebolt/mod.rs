@@ -33,10 +33,11 @@ use super::{
     ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, LedgerRecord, STATUS_REJECTED,
     Staged, StagedFile, TargetTable, Warehouse, WarehouseError,
 };
+use crate::warehouse::sql::qualified;
 use client::{Client, ClientConfig, Statement};
 use error::FireboltError;
 use run::Runner;
-use sql::{CopySource, S3Credentials, q};
+use sql::{CopySource, S3Credentials};
 
 /// A staging table older than this belongs to a worker that died: prepare() drops it.
 /// Far longer than any apply (statements time out after `request_timeout`).
@@ -102,7 +103,7 @@ impl Firebolt {
     }
 
     fn ledger(&self) -> String {
-        q(&self.schema, LEDGER_TABLE)
+        qualified(&self.schema, LEDGER_TABLE)
     }
 
     async fn runner(&self, what: &str) -> Result<Runner<'_>, FireboltError> {
@@ -157,8 +158,11 @@ impl Firebolt {
             if now.saturating_sub(created) < STALE_STAGE_AGE.as_secs() {
                 continue;
             }
-            run.run("drop-stale-stage", sql::drop_table(&q(&self.schema, &name)))
-                .await?;
+            run.run(
+                "drop-stale-stage",
+                sql::drop_table(&qualified(&self.schema, &name)),
+            )
+            .await?;
             dropped += 1;
         }
         Ok(dropped)
@@ -227,7 +231,7 @@ impl Warehouse for Firebolt {
             .await?;
         run.run(
             "create-fence",
-            sql::create_fence(&q(&self.schema, FENCE_TABLE)),
+            sql::create_fence(&qualified(&self.schema, FENCE_TABLE)),
         )
         .await?;
         match self.drop_stale_stages(&mut run).await {
@@ -346,7 +350,10 @@ impl Warehouse for Firebolt {
         let rows = run
             .run(
                 "row-count",
-                format!("SELECT count(*) FROM {}", q(&self.schema, &found.name)),
+                format!(
+                    "SELECT count(*) FROM {}",
+                    qualified(&self.schema, &found.name)
+                ),
             )
             .await?;
         rows.u64_at(0, 0).map_err(WarehouseError::Other)

@@ -24,7 +24,8 @@ use crate::warehouse::WarehouseError;
 
 use super::catalog::{Inspection, inspect};
 use super::run::Runner;
-use super::sql::{self, q};
+use super::sql;
+use crate::warehouse::sql::qualified;
 
 /// Finishes or cleans up whatever an interrupted rebuild of `table` left.
 pub async fn recover(
@@ -33,8 +34,8 @@ pub async fn recover(
     table: &str,
     state: &Inspection,
 ) -> Result<(), WarehouseError> {
-    let copy = q(schema, &sql::rebuild_table(table));
-    let marker = q(schema, &sql::rebuilt_marker(table));
+    let copy = qualified(schema, &sql::rebuild_table(table));
+    let marker = qualified(schema, &sql::rebuilt_marker(table));
     match (state.marker, &state.copy) {
         (true, Some(complete)) => {
             tracing::warn!(
@@ -95,9 +96,9 @@ pub async fn widen(
         return Ok(());
     }
     tracing::info!(table, columns = ?changed, "widening by table rebuild");
-    let target_q = q(schema, table);
-    let copy = q(schema, &sql::rebuild_table(table));
-    let marker = q(schema, &sql::rebuilt_marker(table));
+    let target_q = qualified(schema, table);
+    let copy = qualified(schema, &sql::rebuild_table(table));
+    let marker = qualified(schema, &sql::rebuilt_marker(table));
 
     // Phase 1: the copy, with the new types. `t` stays authoritative until the marker.
     run.run("rebuild-drop-copy", sql::drop_table(&copy)).await?;
@@ -137,9 +138,9 @@ async fn restore(
     columns: &[Column],
     primary_key: &[String],
 ) -> Result<(), WarehouseError> {
-    let target_q = q(schema, table);
-    let copy = q(schema, &sql::rebuild_table(table));
-    let marker = q(schema, &sql::rebuilt_marker(table));
+    let target_q = qualified(schema, table);
+    let copy = qualified(schema, &sql::rebuild_table(table));
+    let marker = qualified(schema, &sql::rebuilt_marker(table));
     run.run("rebuild-drop", sql::drop_table(&target_q)).await?;
     run.run(
         "rebuild-create",

@@ -9,7 +9,7 @@ use crate::apply::plan::{ApplyPlan, LoadExpr, LoadMode};
 use crate::config::Secret;
 use crate::schema::types::{Column, ColumnType};
 use crate::warehouse::merge::{Dialect, StagedRows};
-use crate::warehouse::sql::{ident, literal, qualified};
+use crate::warehouse::sql::{ident, ident_list, literal};
 use crate::warehouse::{BatchFile, STATUS_APPLIED, STATUS_REJECTED};
 
 /// The staging column that receives `$source_file_name`.
@@ -88,11 +88,7 @@ pub fn create_table(
     if !primary_index.is_empty() {
         sql.push_str(&format!(
             " PRIMARY INDEX {}",
-            primary_index
-                .iter()
-                .map(|c| ident(c))
-                .collect::<Vec<_>>()
-                .join(", ")
+            ident_list(primary_index.iter().map(String::as_str))
         ));
     }
     sql
@@ -315,11 +311,7 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
     };
     match &plan.mode {
         LoadMode::Merge { key } => {
-            let keys = key
-                .iter()
-                .map(|k| ident(&k.source))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let keys = ident_list(key.iter().map(|k| k.source.as_str()));
             layout.distinct_keys = Some(exprs.len());
             exprs.push(format!(
                 "(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} GROUP BY {keys}) AS k)"
@@ -517,11 +509,7 @@ pub fn drop_table(table: &str) -> String {
 /// Copying a table into its rebuild with widened columns: `INSERT INTO copy SELECT
 /// CAST(..) FROM t`. `columns` are the new columns; `widened` names those that change.
 pub fn rebuild_copy(copy: &str, target: &str, columns: &[Column], widened: &[String]) -> String {
-    let names = columns
-        .iter()
-        .map(|c| ident(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let names = ident_list(columns.iter().map(|c| c.name.as_str()));
     let values = columns
         .iter()
         .map(|c| {
@@ -543,11 +531,7 @@ pub fn rebuild_copy(copy: &str, target: &str, columns: &[Column], widened: &[Str
 
 /// Filling the recreated table back from the complete copy.
 pub fn rebuild_restore(target: &str, copy: &str, columns: &[Column]) -> String {
-    let names = columns
-        .iter()
-        .map(|c| ident(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let names = ident_list(columns.iter().map(|c| c.name.as_str()));
     format!("INSERT INTO {target} ({names}) SELECT {names} FROM {copy}")
 }
 
@@ -587,11 +571,6 @@ pub fn parse_index_definition(definition: &str) -> Vec<String> {
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .collect()
-}
-
-/// `"schema"."table"`.
-pub fn q(schema: &str, table: &str) -> String {
-    qualified(schema, table)
 }
 
 #[cfg(test)]
