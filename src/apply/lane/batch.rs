@@ -658,15 +658,21 @@ impl Lane {
         if gaps.is_empty() {
             return Ok(());
         }
-        // Another worker may have applied some since the listing.
-        let keys: Vec<String> = gaps.iter().map(|g| g.file.key.clone()).collect();
-        let applied = self
-            .ctx
-            .warehouse
-            .applied(&self.table, &keys)
-            .await
-            .map_err(|e| e.to_string())?;
-        gaps.retain(|g| !applied.contains_key(&g.file.key));
+        // Another worker may have applied some since an earlier listing (a fresh one was
+        // just checked against the ledger).
+        if covered {
+            let keys: Vec<String> = gaps.iter().map(|g| g.file.key.clone()).collect();
+            let applied = self
+                .ctx
+                .warehouse
+                .applied(&self.table, &keys)
+                .await
+                .map_err(|e| e.to_string())?;
+            gaps.retain(|g| !applied.contains_key(&g.file.key));
+            listing
+                .unapplied
+                .retain(|_, g| !applied.contains_key(&g.file.key));
+        }
         if gaps.is_empty() {
             return Ok(());
         }
