@@ -95,12 +95,20 @@ async fn one_table_serial_many_tables_parallel() {
         intervals.len() >= tables.len() * 2,
         "several batches per table"
     );
+    // Every row once: a file applied twice or not at all shows in the distinct count
+    // and the id range, not only in the row count.
+    let expected_rows = files_per_table * 3000;
     for t in tables {
-        let n: i64 = env
-            .db()
-            .query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, files_per_table * 3000);
+        assert_eq!(
+            id_summary(&env, t),
+            (
+                expected_rows,
+                expected_rows,
+                0,
+                (files_per_table - 1) * 10_000 + 2999
+            ),
+            "{t}"
+        );
     }
 }
 
@@ -145,10 +153,21 @@ async fn a_backlog_waits_in_the_queue_not_in_memory() {
     assert!(peak > 0);
     assert_eq!(waiting, 0, "every submitted file was accounted for");
     for t in 0..3 {
-        let n: i64 = env
-            .db()
-            .query_row(&format!("SELECT count(*) FROM t{t}"), [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 20 * 50);
+        assert_eq!(
+            id_summary(&env, &format!("t{t}")),
+            (20 * 50, 20 * 50, t * 100, (57 + t) * 100 + 49),
+            "t{t}"
+        );
     }
+}
+
+/// (rows, distinct ids, min id, max id) of a table.
+fn id_summary(env: &Env, table: &str) -> (i64, i64, i64, i64) {
+    env.db()
+        .query_row(
+            &format!("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM {table}"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
 }
