@@ -436,7 +436,20 @@ mod tests {
         let legacy = br#"{"columns": {"id": "bigint", "amount": "decimal(15,2)"}}"#;
         let c = parse_current("orders", legacy).unwrap();
         assert_eq!(c.version, 0);
-        assert_eq!(c.columns.len(), 2);
+        let columns: Vec<(&str, &ColumnType)> =
+            c.columns.iter().map(|c| (c.name.as_str(), &c.ty)).collect();
+        assert!(columns.contains(&("id", &ColumnType::Int64)), "{columns:?}");
+        assert!(
+            columns.contains(&(
+                "amount",
+                &ColumnType::Decimal {
+                    precision: 15,
+                    scale: 2
+                }
+            )),
+            "{columns:?}"
+        );
+        assert_eq!(columns.len(), 2);
         let bare = br#"{"id": "INTEGER"}"#;
         assert_eq!(
             parse_current("t", bare).unwrap().columns[0].ty,
