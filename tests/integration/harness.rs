@@ -276,6 +276,22 @@ impl Env {
         duckdb::Connection::open(&self.config.warehouse.duckdb.path).expect("open DuckDB")
     }
 
+    /// The S3 keys the ledger records as applied, one entry per row, sorted: a file
+    /// recorded twice shows twice (after the worker stopped).
+    pub fn ledger_keys(&self) -> Vec<String> {
+        let conn = self.db();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT s3_key FROM {} WHERE status = 'applied' ORDER BY s3_key",
+                cdc_worker::warehouse::LEDGER_TABLE
+            ))
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     /// Every row of a table as text (NULL as None), sorted.
     pub fn rows(&self, table: &str, columns: &[&str]) -> Vec<Vec<Option<String>>> {
         let conn = self.db();

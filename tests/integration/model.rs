@@ -115,6 +115,13 @@ impl<'a> Stream<'a> {
         }
     }
 
+    /// The keys of every uploaded file, sorted.
+    pub fn uploaded_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.uploaded.iter().map(|(k, _, _)| k.clone()).collect();
+        keys.sort();
+        keys
+    }
+
     pub fn table(&mut self, name: &str, model: TableModel) {
         self.models.insert(name.to_string(), model);
     }
