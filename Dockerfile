@@ -28,7 +28,7 @@ RUN mkdir src \
 COPY config ./config
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --bin cdc-worker \
     && cp target/release/cdc-worker /usr/local/bin/cdc-worker
 
 # ---------------------------------------------------------------- runtime

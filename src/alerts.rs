@@ -49,8 +49,10 @@ pub enum AlertKind {
     /// A file arrived after later files of its table were applied and cannot be applied
     /// safely; it is held (dead-letter queue).
     FileOutOfOrder,
-    /// A table keeps failing to apply; its files are retried with backoff.
+    /// A table keeps failing to apply; its files wait and are retried with backoff.
     TableFailing,
+    /// A table that was reported failing applies again.
+    TableRecovered,
     /// A held table's files are waiting for `cdc-worker schema accept`.
     TableHeld,
     /// Two source tables route to one target.
@@ -68,6 +70,7 @@ impl AlertKind {
             AlertKind::FileRejected => "file_rejected",
             AlertKind::FileOutOfOrder => "file_out_of_order",
             AlertKind::TableFailing => "table_failing",
+            AlertKind::TableRecovered => "table_recovered",
             AlertKind::TableHeld => "table_held",
             AlertKind::RoutingCollision => "routing_collision",
             AlertKind::AmbiguousOrder => "ambiguous_order",

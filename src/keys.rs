@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::batch::TargetTable;
 use crate::config::{Config, KeySpec};
 use crate::dms::SourceTable;
 use crate::storage::{ObjectStore, StorageError};
-use crate::warehouse::TargetTable;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::apply::plan::Fence;
+use crate::batch::Fence;
 use crate::schema::store::key_segment;
 use crate::storage::{ObjectStore, StorageError, WriteCondition};
 

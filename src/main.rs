@@ -1,4 +1,5 @@
-//! The `cdc-worker` command line.
+//! The `cdc-worker` command line: the daemon and the commands an operator runs. The
+//! development tools (LocalStack setup, simulation, demo, benchmark) are `cdc-worker-dev`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,23 +37,6 @@ enum Command {
     CheckConnection(ConfigArg),
     /// Exit 0 if the running worker's /healthz answers (for container health checks).
     Health(ConfigArg),
-    /// Create the bucket, queue (with DLQ), notification and alerts topic the config names
-    /// (for LocalStack and test accounts; production uses deploy/cloudformation).
-    DevSetup(ConfigArg),
-    /// Write realistic DMS output (full load, then CDC) into the source bucket.
-    Simulate {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Seed of the generated data.
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-        /// Pause between uploads, in milliseconds.
-        #[arg(long, default_value_t = 0)]
-        pace_ms: u64,
-    },
-    /// Set up LocalStack resources, simulate DMS, run the worker until every file is
-    /// applied, and print the target tables and the alerts.
-    Demo(ConfigArg),
     /// Schema history and held tables.
     Schema {
         #[command(subcommand)]
@@ -80,8 +64,6 @@ enum Command {
         #[command(subcommand)]
         action: LeaseCommand,
     },
-    /// Measure throughput and latency on LocalStack (release build recommended).
-    Bench(commands::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -147,83 +129,58 @@ async fn main() -> ExitCode {
         | Command::CheckConfig(c)
         | Command::CheckConnection(c)
         | Command::Health(c)
-        | Command::DevSetup(c)
-        | Command::Demo(c)
-        | Command::Status(c) => Some(c.clone()),
-        Command::Simulate { config, .. } | Command::Replay { config, .. } => Some(config.clone()),
-        Command::Schema { action } => Some(match action {
+        | Command::Status(c) => c,
+        Command::Replay { config, .. } => config,
+        Command::Schema { action } => match action {
             SchemaCommand::Show { config, .. }
             | SchemaCommand::History { config, .. }
-            | SchemaCommand::Accept { config, .. } => config.clone(),
-        }),
-        Command::Lease { action } => Some(match action {
-            LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config.clone(),
-        }),
-        Command::Bench(_) => None,
+            | SchemaCommand::Accept { config, .. } => config,
+        },
+        Command::Lease { action } => match action {
+            LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config,
+        },
     };
-    let config = match config_arg.as_ref().map(load) {
-        Some(Ok(c)) => Some(c),
-        Some(Err(code)) => return code,
-        None => None,
+    let config = match load(config_arg) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    if let Some(c) = &config
-        && !matches!(cli.command, Command::Health(_))
-    {
-        telemetry::init_logging(&c.telemetry);
+    if !matches!(cli.command, Command::Health(_)) {
+        telemetry::init_logging(&config.telemetry);
         telemetry::metrics_handle();
     }
     let result = match cli.command {
-        Command::Run(_) => cdc_worker::worker::run_until_signal(config.expect("loaded")).await,
+        Command::Run(_) => cdc_worker::worker::run_until_signal(config).await,
         Command::CheckConfig(_) => {
-            print!("{}", config.expect("loaded").to_masked_toml());
+            print!("{}", config.to_masked_toml());
             Ok(())
         }
-        Command::CheckConnection(_) => commands::check_connection(config.expect("loaded")).await,
-        Command::Health(_) => commands::health(&config.expect("loaded")).await,
-        Command::DevSetup(_) => commands::dev_setup(&config.expect("loaded"))
-            .await
-            .map(|_| ()),
-        Command::Simulate { seed, pace_ms, .. } => {
-            commands::simulate(&config.expect("loaded"), seed, pace_ms)
-                .await
-                .map(|_| ())
-        }
-        Command::Demo(_) => commands::demo(config.expect("loaded")).await,
+        Command::CheckConnection(_) => commands::check_connection(config).await,
+        Command::Health(_) => commands::health(&config).await,
         Command::Schema { action } => match action {
-            SchemaCommand::Show { table, .. } => {
-                commands::schema_show(&config.expect("loaded"), &table).await
-            }
-            SchemaCommand::History { table, .. } => {
-                commands::schema_history(&config.expect("loaded"), &table).await
-            }
+            SchemaCommand::Show { table, .. } => commands::schema_show(&config, &table).await,
+            SchemaCommand::History { table, .. } => commands::schema_history(&config, &table).await,
             SchemaCommand::Accept {
                 table,
                 incompatible,
                 ..
-            } => {
-                commands::schema_accept(&config.expect("loaded"), &table, incompatible.as_deref())
-                    .await
-            }
+            } => commands::schema_accept(&config, &table, incompatible.as_deref()).await,
         },
-        Command::Status(_) => commands::status(&config.expect("loaded")).await,
+        Command::Status(_) => commands::status(&config).await,
         Command::Replay {
             table,
             since,
             dry_run,
             ..
-        } => commands::replay(&config.expect("loaded"), &table, since.as_deref(), dry_run).await,
+        } => commands::replay(&config, &table, since.as_deref(), dry_run).await,
         Command::Lease { action } => match action {
-            LeaseCommand::Show { table, .. } => {
-                commands::lease_show(&config.expect("loaded"), &table).await
-            }
+            LeaseCommand::Show { table, .. } => commands::lease_show(&config, &table).await,
             LeaseCommand::Hold {
                 table,
                 hold_for,
                 rounds,
                 ..
-            } => commands::lease_hold(&config.expect("loaded"), &table, hold_for, rounds).await,
+            } => commands::lease_hold(&config, &table, hold_for, rounds).await,
         },
-        Command::Bench(args) => commands::bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

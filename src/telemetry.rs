@@ -9,8 +9,8 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+use crate::batch::ApplyStats;
 use crate::config::{LogFormat, TelemetryConfig};
-use crate::warehouse::ApplyStats;
 
 /// Installs the log subscriber once; later calls are no-ops (tests start many workers).
 pub fn init_logging(config: &TelemetryConfig) {

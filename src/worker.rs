@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::alerts::{Alert, AlertKind, Alerts, Severity};
 use crate::apply::{ApplyContext, Engine, PendingFile};
 use crate::aws::AwsClients;
+use crate::batch::BatchFile;
 use crate::config::{Config, WarehouseKind};
 use crate::dms::{KeyClass, TableRouter, classify_key};
 use crate::event::{Notification, parse_body};
@@ -21,7 +22,7 @@ use crate::queue::{FileOutcome, Queue, RawMessage, SqsQueue, Tracker};
 use crate::schema::store::SchemaStore;
 use crate::storage::ObjectStore;
 use crate::telemetry::{self, FileSkipped, MessageUnparseable, NotificationIgnored, SkipKind};
-use crate::warehouse::{self, BatchFile, Warehouse};
+use crate::warehouse::{self, Warehouse};
 
 /// Builds the configured warehouse and creates its bookkeeping tables.
 /// The configured warehouse, without touching it (for checks and read-only tools).

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alerts::Alerts;
+use crate::batch::BatchFile;
 use crate::config::Config;
 use crate::dms::{DmsKey, SourceTable};
 use crate::keys::KeyResolver;
@@ -22,7 +23,7 @@ use crate::lease::LeaseManager;
 use crate::queue::{FileOutcome, MessageHandle};
 use crate::schema::store::SchemaStore;
 use crate::storage::ObjectStore;
-use crate::warehouse::{BatchFile, Warehouse};
+use crate::warehouse::Warehouse;
 
 /// Everything a lane needs, shared by all lanes.
 pub struct ApplyContext {

@@ -11,105 +11,13 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::batch::{Ddl, KeyColumn, LoadColumn, LoadExpr, LoadMode, TargetTable};
 use crate::schema::diff::{ChangeKind, SchemaChange, TypeChange, classify, fold};
 use crate::schema::policy::{
     IncompatiblePolicy, NewColumnPolicy, NewTablePolicy, RemovedColumnPolicy, SchemaPolicy,
     WideningPolicy,
 };
 use crate::schema::types::{Column, ColumnType, FileSchema};
-use crate::warehouse::{BatchFile, TargetTable};
-
-/// A statement that changes the target's shape, run before the load in the same
-/// transaction where the warehouse allows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "ddl", rename_all = "snake_case")]
-pub enum Ddl {
-    CreateTable {
-        columns: Vec<Column>,
-        /// Firebolt's primary index; DuckDB declares no constraint (see its module).
-        primary_key: Vec<String>,
-    },
-    AddColumn {
-        column: Column,
-    },
-    WidenColumn {
-        column: String,
-        from: ColumnType,
-        to: ColumnType,
-    },
-}
-
-/// How one target column is filled from the staged batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoadExpr {
-    /// The source column as it is.
-    Column(String),
-    /// A cast that cannot fail (the file's type is narrower than the column's).
-    Cast { column: String, to: ColumnType },
-    /// A cast that may fail: such values load as NULL and are counted.
-    TryCast { column: String, to: ColumnType },
-    /// The source value only where it does not cast to `fits` (a variant column).
-    Variant { column: String, fits: ColumnType },
-}
-
-impl LoadExpr {
-    pub fn source_column(&self) -> &str {
-        match self {
-            LoadExpr::Column(c)
-            | LoadExpr::Cast { column: c, .. }
-            | LoadExpr::TryCast { column: c, .. }
-            | LoadExpr::Variant { column: c, .. } => c,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadColumn {
-    pub target: String,
-    pub expr: LoadExpr,
-}
-
-/// A key column: its name in the target and in the staged files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyColumn {
-    pub target: String,
-    pub source: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoadMode {
-    /// One row per key, the latest change winning; `D` deletes.
-    Merge { key: Vec<KeyColumn> },
-    /// No key: every non-delete row is appended in file and row order.
-    Append,
-}
-
-/// Everything a warehouse needs to apply one segment.
-#[derive(Debug, Clone)]
-pub struct ApplyPlan {
-    pub batch_id: String,
-    pub table: String,
-    pub ddl: Vec<Ddl>,
-    pub load: Vec<LoadColumn>,
-    pub mode: LoadMode,
-    /// The operation column, when at least one file carries it.
-    pub op_column: Option<String>,
-    /// The ordering column (source name), when configured and present.
-    pub ordering_column: Option<String>,
-    /// All source columns of the segment, in order: the staging table's shape.
-    pub staged_columns: Vec<Column>,
-    /// The files to record in the ledger, in DMS order.
-    pub files: Vec<BatchFile>,
-    /// The lease token this apply runs under; the ledger commit checks it.
-    pub fence: Option<Fence>,
-}
-
-/// Fencing: the commit succeeds only if no newer lease holder has committed this table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    pub token: u64,
-    pub holder: String,
-}
 
 /// What the worker did (or will do) about a change, for alerts and logs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -334,12 +334,28 @@ impl Default for MetadataConfig {
     }
 }
 
-/// Where alerts go.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// Where alerts go, and when a failing table is reported.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
     /// SNS topic; empty disables publishing (alerts are still logged).
     pub sns_topic_arn: Option<String>,
+    /// Consecutive failed batches after which a table is reported (`table_failing`).
+    pub table_failing_after: u32,
+    /// While a table keeps failing, the first reminder comes this long after the first
+    /// report; each later one waits twice as long.
+    #[serde(with = "humantime_serde")]
+    pub table_failing_reminder: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            sns_topic_arn: None,
+            table_failing_after: 3,
+            table_failing_reminder: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 /// The per-table lease that keeps several worker tasks from applying one table at once.

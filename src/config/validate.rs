@@ -131,6 +131,18 @@ impl Config {
         if self.dms.op_column.is_empty() {
             return Err(ConfigError::at("dms.op_column", "must not be empty"));
         }
+        if self.alerts.table_failing_after == 0 {
+            return Err(ConfigError::at(
+                "alerts.table_failing_after",
+                "must be at least 1 (consecutive failures before a table is reported)",
+            ));
+        }
+        if self.alerts.table_failing_reminder < Duration::from_secs(1) {
+            return Err(ConfigError::at(
+                "alerts.table_failing_reminder",
+                "must be at least 1s (for example \"30m\")",
+            ));
+        }
         self.validate_routing()?;
         if self.worker.concurrency == 0 || self.worker.concurrency > 1024 {
             return Err(ConfigError::at(

@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::schema::dialect::Dialect;
 use crate::schema::diff::{ChangeKind, SchemaChange};
 use crate::schema::policy::{IncompatiblePolicy, SchemaPolicy};
 use crate::schema::types::{Column, ColumnType, TableSchema};
 use crate::storage::{ObjectStore, StorageError, WriteCondition};
-use crate::warehouse::merge::Dialect;
 
 /// Whether a table's files are being applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

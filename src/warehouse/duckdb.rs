@@ -15,17 +15,19 @@ use async_trait::async_trait;
 use duckdb::{Connection, params_from_iter};
 use futures::StreamExt;
 
-use crate::apply::plan::{ApplyPlan, Ddl, LoadMode};
+use crate::batch::{
+    ApplyPlan, ApplyStats, BatchFile, Ddl, LedgerEntry, LedgerRecord, LoadMode, STATUS_REJECTED,
+    StageError, Staged, StagedFile, TargetTable,
+};
 use crate::config::DuckdbConfig;
 use crate::schema::parquet;
 use crate::storage::{ObjectStore, StorageError, bare_etag};
 
-use super::merge::{self, Dialect, RESERVED_PREFIX};
+use crate::schema::dialect::Dialect;
+
+use super::merge::{self, RESERVED_PREFIX};
 use super::sql::{ident, qualified};
-use super::{
-    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, LedgerRecord, STATUS_REJECTED,
-    StageError, Staged, StagedFile, TargetTable, Warehouse, WarehouseError,
-};
+use super::{FENCE_TABLE, LEDGER_TABLE, Warehouse, WarehouseError};
 
 /// Column names DuckDB's `read_parquet` uses for its virtual columns: a source column of
 /// that name would shadow them.
@@ -45,10 +47,20 @@ pub struct DuckdbWarehouse {
     primary: Mutex<Connection>,
 }
 
+/// DuckDB names the kind of every error it raises in the message's first words
+/// (`ExceptionType` in DuckDB's `exception.hpp`): the data kinds are the rows' fault.
+const DATA_ERRORS: [&str; 3] = [
+    "Constraint Error",
+    "Conversion Error",
+    "Invalid Input Error",
+];
+
 fn sql_err(e: duckdb::Error) -> WarehouseError {
     let text = e.to_string();
     if text.contains("onflict") {
         WarehouseError::Conflict(text)
+    } else if DATA_ERRORS.iter().any(|kind| text.starts_with(kind)) {
+        WarehouseError::Data(text)
     } else {
         WarehouseError::Sql(text)
     }

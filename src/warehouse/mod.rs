@@ -8,14 +8,13 @@ pub mod merge;
 pub mod sql;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::apply::plan::ApplyPlan;
-use crate::schema::parquet::ParquetError;
-use crate::schema::types::{Column, FileSchema};
+use crate::batch::{
+    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, Staged, StagedFile, TargetTable,
+};
 
 /// Bookkeeping tables live beside the targets under these reserved names; a source table
 /// that would route to one of them is refused.
@@ -31,107 +30,6 @@ pub fn is_reserved_table(name: &str) -> bool {
     name.to_lowercase().starts_with("_cdc_worker")
 }
 
-/// One S3 object of a batch, in DMS order within the batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchFile {
-    pub bucket: String,
-    pub key: String,
-    pub size: u64,
-    /// ETag without quotes.
-    pub etag: String,
-    /// [`crate::dms::DmsOrder::sort_key`] of the file within its table.
-    pub order_key: String,
-}
-
-impl BatchFile {
-    pub fn uri(&self) -> String {
-        format!("s3://{}/{}", self.bucket, self.key)
-    }
-}
-
-/// A file whose schema is known and whose data the warehouse can read.
-#[derive(Debug, Clone)]
-pub struct StagedFile {
-    pub file: BatchFile,
-    pub schema: FileSchema,
-    /// DuckDB downloads the object; Firebolt reads it from S3 (None).
-    pub local_path: Option<PathBuf>,
-}
-
-/// Why a file of a batch could not be staged.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StageError {
-    /// The object is gone (deleted, or a DMS TRUNCATE removed the folder).
-    #[error("object no longer exists")]
-    Missing,
-    /// The object is not a readable Parquet file: retrying cannot help.
-    #[error("unreadable Parquet: {0}")]
-    Poison(#[from] ParquetError),
-    /// S3 or disk trouble that may pass.
-    #[error("{0}")]
-    Transient(String),
-}
-
-/// The outcome of staging a batch: per file, in batch order. Dropping it removes
-/// whatever was downloaded.
-#[derive(Debug, Default)]
-pub struct Staged {
-    pub files: Vec<Result<StagedFile, StageError>>,
-    pub workspace: Option<tempfile::TempDir>,
-}
-
-/// A target table as the warehouse describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetTable {
-    pub name: String,
-    pub columns: Vec<Column>,
-    /// Declared primary key (DuckDB) or primary index (Firebolt) columns.
-    pub primary_key: Vec<String>,
-}
-
-/// What a committed apply did, for logs, metrics and the benchmark.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ApplyStats {
-    /// Rows read from the batch's files.
-    pub rows_staged: u64,
-    /// Rows left after reducing to one change per key (keyed tables).
-    pub rows_merged: u64,
-    pub rows_deleted: u64,
-    /// Rows appended (tables without a key).
-    pub rows_appended: u64,
-    /// Deletes that cannot apply to a table without a key (counted, not applied).
-    pub deletes_ignored: u64,
-    /// Values that did not cast to their column's type and were loaded as NULL, per column.
-    pub cast_failures: Vec<(String, u64)>,
-    /// Keys changed more than once in one file with no ordering column to decide
-    /// (Firebolt cannot see row order).
-    pub ambiguous_keys: u64,
-    pub statements: u32,
-}
-
-/// A ledger entry's verdict on a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LedgerRecord {
-    pub etag: String,
-    /// Rejected as unreadable rather than applied.
-    pub rejected: bool,
-}
-
-/// Ledger statuses.
-pub const STATUS_APPLIED: &str = "applied";
-pub const STATUS_REJECTED: &str = "rejected";
-
-/// A file recorded as applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LedgerEntry {
-    pub table: String,
-    pub key: String,
-    pub etag: String,
-    pub size: u64,
-    pub batch_id: String,
-    pub applied_at: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WarehouseError {
     /// Another transaction touched the same data; retrying is safe.
@@ -143,7 +41,13 @@ pub enum WarehouseError {
     /// Credentials were refused.
     #[error("warehouse authentication failed: {0}")]
     Auth(String),
-    /// A statement failed; the message is the warehouse's.
+    /// A statement failed because of values in the batch's data (a constraint the rows
+    /// violate, a value that cannot be read or converted): the files, not the warehouse or
+    /// the statement, are at fault, so applying them again cannot succeed.
+    #[error("the batch's data was refused: {0}")]
+    Data(String),
+    /// A statement failed for another reason (the catalog changed under it, or the
+    /// statement itself); the message is the warehouse's.
     #[error("SQL error: {0}")]
     Sql(String),
     /// A fencing check failed: another worker holds this table now.

@@ -9,12 +9,12 @@
 
 use std::time::Duration;
 
-use cdc_worker::apply::plan::{ApplyPlan, Ddl, KeyColumn, LoadColumn, LoadExpr, LoadMode};
+use cdc_worker::batch::{ApplyPlan, BatchFile, Ddl, KeyColumn, LoadColumn, LoadExpr, LoadMode};
 use cdc_worker::config::{FireboltConfig, Secret};
 use cdc_worker::schema::types::Column;
 use cdc_worker::storage::{ObjectStore, WriteCondition};
+use cdc_worker::warehouse::Warehouse;
 use cdc_worker::warehouse::firebolt::Firebolt;
-use cdc_worker::warehouse::{BatchFile, Warehouse};
 use duckdb::types::Value;
 
 fn env(name: &str) -> Option<String> {
@@ -28,7 +28,7 @@ fn parquet(columns: &[(&str, &str)], rows: &[Vec<Value>]) -> Vec<u8> {
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
-    cdc_worker::simulate::write_parquet(&path, &cols, rows).unwrap();
+    cdc_worker::devkit::parquet::write_parquet(&path, &cols, rows).unwrap();
     std::fs::read(path).unwrap()
 }
 

@@ -4,11 +4,12 @@
 //! source file names, then the exact MERGE/append/check/ledger SQL the Firebolt apply
 //! sends. Only `PRIMARY INDEX` (Firebolt's sort key) is cut, as DuckDB has none.
 
-use cdc_worker::apply::plan::{ApplyPlan, KeyColumn, LoadColumn, LoadExpr, LoadMode};
+use cdc_worker::batch::{ApplyPlan, BatchFile, KeyColumn, LoadColumn, LoadExpr, LoadMode};
+use cdc_worker::schema::dialect::Dialect;
 use cdc_worker::schema::types::{Column, ColumnType};
+use cdc_worker::warehouse::LEDGER_TABLE;
 use cdc_worker::warehouse::firebolt::sql;
-use cdc_worker::warehouse::merge::{self, Dialect};
-use cdc_worker::warehouse::{BatchFile, LEDGER_TABLE};
+use cdc_worker::warehouse::merge;
 use duckdb::Connection;
 
 const STAGE: &str = "\"main\".\"_cdc_worker_stage__1_00000001_b1\"";

@@ -2,10 +2,13 @@
 //! protocol test server: the statements sent, in order, with their session parameters,
 //! and what happens when a step fails. Footers are read from a minimal S3.
 
-use cdc_worker::apply::plan::{ApplyPlan, Ddl, Fence, KeyColumn, LoadColumn, LoadExpr, LoadMode};
+use cdc_worker::batch::{
+    ApplyPlan, BatchFile, Ddl, Fence, KeyColumn, LoadColumn, LoadExpr, LoadMode, StageError,
+    StagedFile,
+};
 use cdc_worker::schema::types::{Column, ColumnType, FileSchema, TableSchema};
 use cdc_worker::warehouse::firebolt::sql::CopySource;
-use cdc_worker::warehouse::{BatchFile, StageError, StagedFile, Warehouse, WarehouseError};
+use cdc_worker::warehouse::{Warehouse, WarehouseError};
 use serde_json::json;
 
 use crate::s3::FakeS3;
@@ -873,7 +876,7 @@ fn parquet(columns: &[(&str, &str)], rows: usize) -> Vec<u8> {
                 .collect()
         })
         .collect();
-    cdc_worker::simulate::write_parquet(&path, &cols, &data).unwrap();
+    cdc_worker::devkit::parquet::write_parquet(&path, &cols, &data).unwrap();
     std::fs::read(path).unwrap()
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cdc_worker::aws::AwsClients;
 use cdc_worker::config::Config;
-use cdc_worker::dev::{self, ReceivedAlert, ResourceSpec, Resources};
+use cdc_worker::devkit::resources::{self as dev, ReceivedAlert, ResourceSpec, Resources};
 use cdc_worker::storage::{ObjectStore, WriteCondition};
 use cdc_worker::worker::Worker;
 use duckdb::types::Value;
@@ -102,7 +102,7 @@ impl Env {
         let mut config = Config::from_toml(&base).expect("test config");
         tweak(&mut config);
         let aws = AwsClients::new(&config.aws).await;
-        let mut spec = cdc_worker::commands::resource_spec(&config);
+        let mut spec = cdc_worker::devkit::resource_spec(&config);
         spec.max_receive_count = max_receive_count;
         spec.visibility_timeout_s = config.queue.visibility_timeout.as_secs().max(1) as u32;
         let res = dev::ensure_resources(&aws, &ResourceSpec { ..spec })
@@ -193,10 +193,10 @@ impl Env {
     /// Messages in (visible + in flight) the main queue and the DLQ.
     pub async fn depths(&self) -> (u64, u64) {
         (
-            cdc_worker::commands::queue_depth(&self.aws, &self.res.queue_url)
+            cdc_worker::devkit::queue_depth(&self.aws, &self.res.queue_url)
                 .await
                 .expect("queue depth"),
-            cdc_worker::commands::queue_depth(&self.aws, &self.res.dlq_url)
+            cdc_worker::devkit::queue_depth(&self.aws, &self.res.dlq_url)
                 .await
                 .expect("DLQ depth"),
         )
@@ -204,7 +204,7 @@ impl Env {
 
     /// Waits until the queue is empty and the worker idle for a moment.
     pub async fn settle(&self, worker: &Worker, timeout: Duration) {
-        cdc_worker::commands::wait_until_idle(
+        cdc_worker::devkit::wait_until_idle(
             &self.aws,
             worker,
             &self.res.queue_url,
@@ -340,7 +340,7 @@ pub fn parquet_bytes(columns: &[(&str, &str)], rows: &[Vec<Value>]) -> Vec<u8> {
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
-    cdc_worker::simulate::write_parquet(&path, &columns, rows).expect("write parquet");
+    cdc_worker::devkit::parquet::write_parquet(&path, &columns, rows).expect("write parquet");
     std::fs::read(&path).expect("read parquet")
 }
 

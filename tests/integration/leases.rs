@@ -4,9 +4,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cdc_worker::apply::plan::{ApplyPlan, Ddl, LoadColumn, LoadExpr, LoadMode};
+use cdc_worker::batch::{ApplyPlan, BatchFile, Ddl, LoadColumn, LoadExpr, LoadMode};
 use cdc_worker::lease::LeaseManager;
-use cdc_worker::warehouse::{BatchFile, WarehouseError};
+use cdc_worker::warehouse::WarehouseError;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{Env, i, s};

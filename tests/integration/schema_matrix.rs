@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use cdc_worker::config::{Config, KeySpec, TableConfig, TableSchemaConfig};
-use cdc_worker::dev::ReceivedAlert;
+use cdc_worker::devkit::resources::ReceivedAlert;
 use cdc_worker::schema::policy::{
     IncompatiblePolicy, NewColumnPolicy, NewTablePolicy, PolicyPreset,
 };

@@ -8,8 +8,9 @@ use tracing::Instrument;
 
 use super::{Lane, Listing, SegmentOutcome, StopKind, Tally};
 use crate::alerts::{AlertKind, Severity};
-use crate::apply::plan::{self, ApplyPlan, Decision, PlanInput};
+use crate::apply::plan::{self, Decision, PlanInput};
 use crate::apply::{EngineEvent, PendingFile, new_batch_id};
+use crate::batch::{ApplyPlan, BatchFile, LedgerRecord, StageError, StagedFile};
 use crate::dms::{KeyClass, SourceTable, classify_key};
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
@@ -17,7 +18,7 @@ use crate::schema::policy::SchemaPolicy;
 use crate::schema::types::{FileSchema, TableSchema};
 use crate::storage::bare_etag;
 use crate::telemetry::{BatchApplied, FileSkipped, SkipKind};
-use crate::warehouse::{BatchFile, LedgerRecord, StageError, StagedFile, WarehouseError};
+use crate::warehouse::WarehouseError;
 
 /// Conflicts retried in place before a batch counts as failed.
 const CONFLICT_RETRIES: u32 = 3;
@@ -25,7 +26,7 @@ const CONFLICT_RETRIES: u32 = 3;
 /// Whether this worker may apply the table now.
 enum Lease {
     /// Yes; with the fencing token when leases are on.
-    Held(Option<crate::apply::plan::Fence>),
+    Held(Option<crate::batch::Fence>),
     /// Another worker is applying it.
     Busy,
 }

@@ -27,11 +27,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApplyContext, Engine, LaneInfo, PendingFile};
+use crate::batch::TargetTable;
 use crate::dms::DmsOrder;
 use crate::queue::FileOutcome;
 use crate::schema::store::{Stored, TableStatus};
 use crate::telemetry::{FileSkipped, SkipKind};
-use crate::warehouse::{TargetTable, WarehouseError};
+use crate::warehouse::WarehouseError;
 
 /// How often a held table re-reads its status from S3.
 const HOLD_RECHECK: Duration = Duration::from_secs(10);

@@ -7,9 +7,10 @@
 //! a crash there is recovered. The invariant: a file is in the ledger if and only if its
 //! changes are in the target, so a redelivered file is either skipped or applied again.
 
-use crate::apply::plan::{ApplyPlan, Ddl, LoadMode};
-use crate::warehouse::merge::{self, Dialect, RESERVED_PREFIX};
-use crate::warehouse::{ApplyStats, FENCE_TABLE, LEDGER_TABLE, StagedFile, WarehouseError};
+use crate::batch::{ApplyPlan, ApplyStats, Ddl, LoadMode, StagedFile};
+use crate::schema::dialect::Dialect;
+use crate::warehouse::merge::{self, RESERVED_PREFIX};
+use crate::warehouse::{FENCE_TABLE, LEDGER_TABLE, WarehouseError};
 
 use super::run::Runner;
 use super::sql;

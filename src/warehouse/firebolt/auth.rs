@@ -45,7 +45,7 @@ struct Cached {
 #[derive(Debug, Clone, Copy)]
 pub struct AuthRetry {
     pub max_retries: u32,
-    pub backoff: super::client::Backoff,
+    pub backoff: super::transport::Backoff,
     pub max_retry_after: Duration,
     pub timeout: Duration,
 }
@@ -192,7 +192,7 @@ impl TokenCache {
                 Err(e) => (
                     FireboltError::Connection {
                         step: STEP,
-                        message: super::client::transport_message(e),
+                        message: super::transport::transport_message(e),
                     },
                     None,
                 ),

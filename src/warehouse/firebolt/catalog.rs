@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::batch::TargetTable;
+use crate::schema::dialect::Dialect;
 use crate::schema::types::Column;
-use crate::warehouse::TargetTable;
-use crate::warehouse::merge::Dialect;
 
 use super::error::FireboltError;
 use super::protocol::QueryResult;

@@ -17,34 +17,7 @@ use super::protocol::{
     Body, HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, QueryResult, SessionState, SessionUpdates,
     error_message, parse_body, parse_retry_after,
 };
-
-/// Exponential backoff with jitter: attempt n waits between half and all of
-/// `base * 2^n`, capped at `max`.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let full = self
-            .base
-            .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-            .min(self.max);
-        let half = full / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            base: Duration::from_millis(250),
-            max: Duration::from_secs(20),
-        }
-    }
-}
+pub use super::transport::{Backoff, transport_message};
 
 /// Which Firebolt to talk to.
 #[derive(Debug, Clone)]
@@ -359,23 +332,6 @@ fn classify_status(
             ),
         },
     }
-}
-
-/// A transport error with its causes ("connection refused" is in a source, not in the
-/// top-level message), without the URL (the step names the request).
-pub fn transport_message(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    truncate(&text)
 }
 
 fn classify_transport(step: &'static str, e: reqwest::Error, timeout: Duration) -> Failure {

@@ -17,6 +17,7 @@ mod rebuild;
 pub mod run;
 pub mod sql;
 pub mod stage;
+pub mod transport;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -25,14 +26,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::apply::plan::ApplyPlan;
+use crate::batch::{
+    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, STATUS_REJECTED, Staged,
+    StagedFile, TargetTable,
+};
 use crate::config::FireboltConfig;
 use crate::storage::ObjectStore;
 
-use super::{
-    ApplyStats, BatchFile, FENCE_TABLE, LEDGER_TABLE, LedgerEntry, LedgerRecord, STATUS_REJECTED,
-    Staged, StagedFile, TargetTable, Warehouse, WarehouseError,
-};
+use super::{FENCE_TABLE, LEDGER_TABLE, Warehouse, WarehouseError};
 use crate::warehouse::sql::qualified;
 use client::{Client, ClientConfig, Statement};
 use error::FireboltError;
@@ -193,6 +194,7 @@ fn in_step(step: &str, e: WarehouseError) -> WarehouseError {
         WarehouseError::Conflict(t) => WarehouseError::Conflict(m(t)),
         WarehouseError::Unavailable(t) => WarehouseError::Unavailable(m(t)),
         WarehouseError::Auth(t) => WarehouseError::Auth(m(t)),
+        WarehouseError::Data(t) => WarehouseError::Data(m(t)),
         WarehouseError::Sql(t) => WarehouseError::Sql(m(t)),
         WarehouseError::Fenced(t) => WarehouseError::Fenced(m(t)),
         WarehouseError::Other(t) => WarehouseError::Other(m(t)),

@@ -5,12 +5,12 @@
 //!
 //! Items the reference marks UNCONFIRMED are isolated here, each with a comment.
 
-use crate::apply::plan::{ApplyPlan, LoadExpr, LoadMode};
+use crate::batch::{ApplyPlan, BatchFile, LoadExpr, LoadMode, STATUS_APPLIED, STATUS_REJECTED};
 use crate::config::Secret;
+use crate::schema::dialect::Dialect;
 use crate::schema::types::{Column, ColumnType};
-use crate::warehouse::merge::{Dialect, StagedRows};
+use crate::warehouse::merge::StagedRows;
 use crate::warehouse::sql::{ident, ident_list, literal};
-use crate::warehouse::{BatchFile, STATUS_APPLIED, STATUS_REJECTED};
 
 /// The staging column that receives `$source_file_name`.
 pub const SOURCE_FILE_COLUMN: &str = "__cdc_source_file";
@@ -576,7 +576,7 @@ pub fn parse_index_definition(definition: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::plan::{KeyColumn, LoadColumn};
+    use crate::batch::{KeyColumn, LoadColumn};
 
     const HOSTILE: &str = "x\"; DROP TABLE x; --";
 

@@ -4,9 +4,9 @@
 
 use futures::StreamExt;
 
+use crate::batch::{BatchFile, StageError, StagedFile};
 use crate::schema::parquet::{ParquetError, Tail, decode_tail};
 use crate::storage::{ObjectStore, StorageError};
-use crate::warehouse::{BatchFile, StageError, StagedFile};
 
 /// The first range read: most DMS footers fit, so one request per file.
 pub const FOOTER_PROBE: u64 = 64 * 1024;

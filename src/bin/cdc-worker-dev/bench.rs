@@ -16,11 +16,11 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::aws::AwsClients;
-use crate::config::AwsConfig;
-use crate::dev::{self, ResourceSpec};
-use crate::storage::{ObjectStore, WriteCondition};
-use crate::warehouse::sql::{ident, literal};
+use cdc_worker::aws::AwsClients;
+use cdc_worker::config::AwsConfig;
+use cdc_worker::devkit::resources::{self, ResourceSpec};
+use cdc_worker::storage::{ObjectStore, WriteCondition};
+use cdc_worker::warehouse::sql::{ident, literal};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -60,7 +60,7 @@ pub struct BenchArgs {
         default_value = "batched,per-file,floor,steady"
     )]
     pub phases: Vec<String>,
-    /// The worker binary (default: this executable).
+    /// The worker binary (default: `cdc-worker` beside this executable).
     #[arg(long)]
     pub worker: Option<PathBuf>,
     /// Keep generated files, worker configs and logs here (default: a temporary directory).
@@ -253,7 +253,7 @@ async fn run_phase(
         endpoint_url: Some(args.endpoint.clone()),
         force_path_style: true,
         access_key_id: Some("test".into()),
-        secret_access_key: Some(crate::config::Secret::new("test")),
+        secret_access_key: Some(cdc_worker::config::Secret::new("test")),
         session_token: None,
     };
     let aws = AwsClients::new(&aws_config).await;
@@ -264,7 +264,7 @@ async fn run_phase(
         std::process::id(),
         fastrand::u32(..)
     );
-    let resources = dev::ensure_resources(
+    let resources = resources::ensure_resources(
         &aws,
         &ResourceSpec {
             bucket: name.clone(),
@@ -283,7 +283,7 @@ async fn run_phase(
     store
         .put(
             &name,
-            &crate::config::MetadataConfig::default().table_keys_key(),
+            &cdc_worker::config::MetadataConfig::default().table_keys_key(),
             Bytes::from(serde_json::to_vec(&keys)?),
             "application/json",
             WriteCondition::Unconditional,
@@ -367,7 +367,9 @@ log_level = "info,aws=warn"
         // S3 notifies asynchronously: measure the drain only once the whole backlog is in
         // the queue, or the worker would be timed against notification delivery.
         let deadline = Instant::now() + Duration::from_secs(120);
-        while super::queue_depth(&aws, &resources.queue_url).await? < files.len() as u64 {
+        while cdc_worker::devkit::queue_depth(&aws, &resources.queue_url).await?
+            < files.len() as u64
+        {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "S3 notifications did not all reach the queue within 120 s"
@@ -378,7 +380,7 @@ log_level = "info,aws=warn"
 
     let binary = match &args.worker {
         Some(p) => p.clone(),
-        None => std::env::current_exe()?,
+        None => daemon_binary()?,
     };
     let mut child = tokio::process::Command::new(&binary)
         .args(["run", "--config"])
@@ -549,7 +551,7 @@ fn report(label: &str, m: &Measured) {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    crate::telemetry::init_logging(&crate::config::TelemetryConfig {
+    cdc_worker::telemetry::init_logging(&cdc_worker::config::TelemetryConfig {
         log_level: "warn".into(),
         ..Default::default()
     });
@@ -667,4 +669,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The daemon built beside this development binary (cargo puts both in one directory).
+fn daemon_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let daemon = me.with_file_name("cdc-worker");
+    anyhow::ensure!(
+        daemon.exists(),
+        "{} not found: build it with `cargo build --bins` (or pass --worker)",
+        daemon.display()
+    );
+    Ok(daemon)
 }

@@ -11,48 +11,14 @@ use anyhow::Context;
 use bytes::Bytes;
 use duckdb::types::Value;
 
-use crate::storage::{ObjectStore, WriteCondition};
-use crate::warehouse::sql::{ident, literal};
-
-/// Writes rows to a Parquet file with DuckDB. `columns` are (name, DuckDB type); values
-/// are cast to the column type, so text works for decimals and timestamps.
-pub fn write_parquet(
-    path: &Path,
-    columns: &[(String, String)],
-    rows: &[Vec<Value>],
-) -> anyhow::Result<()> {
-    let conn = duckdb::Connection::open_in_memory()?;
-    let defs: Vec<String> = columns
-        .iter()
-        .map(|(n, t)| format!("{} {t}", ident(n)))
-        .collect();
-    conn.execute_batch(&format!("CREATE TABLE t ({})", defs.join(", ")))?;
-    // Many rows per statement: one round trip per chunk instead of per row.
-    let casts: Vec<String> = columns
-        .iter()
-        .map(|(_, t)| format!("CAST(? AS {t})"))
-        .collect();
-    let tuple = format!("({})", casts.join(", "));
-    for chunk in rows.chunks(500) {
-        let sql = format!(
-            "INSERT INTO t VALUES {}",
-            vec![tuple.as_str(); chunk.len()].join(", ")
-        );
-        conn.execute(&sql, duckdb::params_from_iter(chunk.iter().flatten()))?;
-    }
-    conn.execute_batch(&format!(
-        "COPY t TO {} (FORMAT PARQUET)",
-        literal(&path.to_string_lossy())
-    ))?;
-    Ok(())
-}
+use cdc_worker::devkit::parquet::write_parquet;
+use cdc_worker::storage::{ObjectStore, WriteCondition};
 
 /// One file of the simulation, in upload order.
 #[derive(Debug, Clone)]
 pub struct SimFile {
     pub key: String,
     pub path: PathBuf,
-    pub table: String,
 }
 
 /// A generated stream and the state the targets must end in.
@@ -174,11 +140,7 @@ impl Writer {
         let key = format!("{prefix}{}/{}/{folder}{name}", table.schema, table.name);
         let path = self.dir.join(format!("{:05}.parquet", self.files.len()));
         write_parquet(&path, &columns, &data).with_context(|| format!("writing {key}"))?;
-        self.files.push(SimFile {
-            key,
-            path,
-            table: table.name.to_string(),
-        });
+        self.files.push(SimFile { key, path });
         Ok(())
     }
 }

@@ -1,0 +1,204 @@
+//! The vocabulary of a batch, shared by the apply engine and the warehouses: the files of
+//! a batch and their staged form, the target table as a warehouse describes it, the plan a
+//! warehouse executes, the fence it commits under, the ledger's records and what an apply
+//! did. It sits below both, so neither imports the other's types.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::schema::parquet::ParquetError;
+use crate::schema::types::{Column, ColumnType, FileSchema};
+
+/// One S3 object of a batch, in DMS order within the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchFile {
+    pub bucket: String,
+    pub key: String,
+    pub size: u64,
+    /// ETag without quotes.
+    pub etag: String,
+    /// [`crate::dms::DmsOrder::sort_key`] of the file within its table.
+    pub order_key: String,
+}
+
+impl BatchFile {
+    pub fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// A file whose schema is known and whose data the warehouse can read.
+#[derive(Debug, Clone)]
+pub struct StagedFile {
+    pub file: BatchFile,
+    pub schema: FileSchema,
+    /// DuckDB downloads the object; Firebolt reads it from S3 (None).
+    pub local_path: Option<PathBuf>,
+}
+
+/// Why a file of a batch could not be staged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StageError {
+    /// The object is gone (deleted, or a DMS TRUNCATE removed the folder).
+    #[error("object no longer exists")]
+    Missing,
+    /// The object is not a readable Parquet file: retrying cannot help.
+    #[error("unreadable Parquet: {0}")]
+    Poison(#[from] ParquetError),
+    /// S3 or disk trouble that may pass.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The outcome of staging a batch: per file, in batch order. Dropping it removes
+/// whatever was downloaded.
+#[derive(Debug, Default)]
+pub struct Staged {
+    pub files: Vec<Result<StagedFile, StageError>>,
+    pub workspace: Option<tempfile::TempDir>,
+}
+
+/// A target table as the warehouse describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTable {
+    pub name: String,
+    pub columns: Vec<Column>,
+    /// Declared primary key (DuckDB) or primary index (Firebolt) columns.
+    pub primary_key: Vec<String>,
+}
+
+/// What a committed apply did, for logs, metrics and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Rows read from the batch's files.
+    pub rows_staged: u64,
+    /// Rows left after reducing to one change per key (keyed tables).
+    pub rows_merged: u64,
+    pub rows_deleted: u64,
+    /// Rows appended (tables without a key).
+    pub rows_appended: u64,
+    /// Deletes that cannot apply to a table without a key (counted, not applied).
+    pub deletes_ignored: u64,
+    /// Values that did not cast to their column's type and were loaded as NULL, per column.
+    pub cast_failures: Vec<(String, u64)>,
+    /// Keys changed more than once in one file with no ordering column to decide
+    /// (Firebolt cannot see row order).
+    pub ambiguous_keys: u64,
+    pub statements: u32,
+}
+
+/// A ledger entry's verdict on a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRecord {
+    pub etag: String,
+    /// Rejected as unreadable rather than applied.
+    pub rejected: bool,
+}
+
+/// Ledger statuses.
+pub const STATUS_APPLIED: &str = "applied";
+pub const STATUS_REJECTED: &str = "rejected";
+
+/// A file recorded as applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub table: String,
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    pub batch_id: String,
+    pub applied_at: String,
+}
+
+/// A statement that changes the target's shape, run before the load in the same
+/// transaction where the warehouse allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "ddl", rename_all = "snake_case")]
+pub enum Ddl {
+    CreateTable {
+        columns: Vec<Column>,
+        /// Firebolt's primary index; DuckDB declares no constraint (see its module).
+        primary_key: Vec<String>,
+    },
+    AddColumn {
+        column: Column,
+    },
+    WidenColumn {
+        column: String,
+        from: ColumnType,
+        to: ColumnType,
+    },
+}
+
+/// How one target column is filled from the staged batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadExpr {
+    /// The source column as it is.
+    Column(String),
+    /// A cast that cannot fail (the file's type is narrower than the column's).
+    Cast { column: String, to: ColumnType },
+    /// A cast that may fail: such values load as NULL and are counted.
+    TryCast { column: String, to: ColumnType },
+    /// The source value only where it does not cast to `fits` (a variant column).
+    Variant { column: String, fits: ColumnType },
+}
+
+impl LoadExpr {
+    pub fn source_column(&self) -> &str {
+        match self {
+            LoadExpr::Column(c)
+            | LoadExpr::Cast { column: c, .. }
+            | LoadExpr::TryCast { column: c, .. }
+            | LoadExpr::Variant { column: c, .. } => c,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadColumn {
+    pub target: String,
+    pub expr: LoadExpr,
+}
+
+/// A key column: its name in the target and in the staged files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyColumn {
+    pub target: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadMode {
+    /// One row per key, the latest change winning; `D` deletes.
+    Merge { key: Vec<KeyColumn> },
+    /// No key: every non-delete row is appended in file and row order.
+    Append,
+}
+
+/// Everything a warehouse needs to apply one segment.
+#[derive(Debug, Clone)]
+pub struct ApplyPlan {
+    pub batch_id: String,
+    pub table: String,
+    pub ddl: Vec<Ddl>,
+    pub load: Vec<LoadColumn>,
+    pub mode: LoadMode,
+    /// The operation column, when at least one file carries it.
+    pub op_column: Option<String>,
+    /// The ordering column (source name), when configured and present.
+    pub ordering_column: Option<String>,
+    /// All source columns of the segment, in order: the staging table's shape.
+    pub staged_columns: Vec<Column>,
+    /// The files to record in the ledger, in DMS order.
+    pub files: Vec<BatchFile>,
+    /// The lease token this apply runs under; the ledger commit checks it.
+    pub fence: Option<Fence>,
+}
+
+/// Fencing: the commit succeeds only if no newer lease holder has committed this table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub token: u64,
+    pub holder: String,
+}
