@@ -245,10 +245,19 @@ pub struct Worker {
 impl Worker {
     /// Connects to AWS and the warehouse and starts receiving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let aws = AwsClients::new(&config.aws).await;
+        let warehouse = open_warehouse(&config, ObjectStore::new(aws.s3.clone())).await?;
+        Self::start_with_warehouse(config, warehouse).await
+    }
+
+    /// Starts receiving into a warehouse opened (and prepared) by the caller.
+    pub async fn start_with_warehouse(
+        config: Config,
+        warehouse: Arc<dyn Warehouse>,
+    ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let aws = AwsClients::new(&config.aws).await;
         let store = ObjectStore::new(aws.s3.clone());
-        let warehouse = open_warehouse(&config, store.clone()).await?;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(aws.sqs.clone(), &config.queue.url));
         let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
         let leases = config

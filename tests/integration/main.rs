@@ -12,5 +12,6 @@ mod hostile;
 mod lanes;
 mod leases;
 mod ops;
+mod outage;
 mod poison;
 mod schema_matrix;
