@@ -14,7 +14,7 @@ mod publisher;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use email::email_text;
 pub use publisher::{PublishError, PublishStats};
@@ -26,7 +26,7 @@ use crate::telemetry;
 /// Version of the alert body shape; bumped only on incompatible changes.
 pub const ALERT_FORMAT_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Info,
@@ -48,7 +48,7 @@ impl Severity {
 /// the golden tests walk, so a new kind cannot go without its email text).
 macro_rules! alert_kinds {
     ($($(#[$doc:meta])* $kind:ident => $name:literal,)*) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[serde(rename_all = "snake_case")]
         pub enum AlertKind {
             $($(#[$doc])* $kind,)*
@@ -94,8 +94,9 @@ alert_kinds! {
     AmbiguousOrder => "ambiguous_order",
 }
 
-/// One alert. Optional fields are omitted from the JSON when empty.
-#[derive(Debug, Clone, Serialize)]
+/// One alert. Optional fields are omitted from the JSON when empty. It deserializes from
+/// the JSON body too (for subscribers written in Rust, and the tests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Alert {
     pub format_version: u32,
     pub alert: AlertKind,
@@ -107,9 +108,9 @@ pub struct Alert {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<u64>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<SchemaChange>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<SchemaPolicy>,
@@ -206,10 +207,19 @@ impl Alerts {
     /// Starts the background publisher when `topic_arn` is set; call it inside the Tokio
     /// runtime that will run the worker.
     pub fn new(sns: aws_sdk_sns::Client, topic_arn: Option<String>) -> Self {
+        Self::with_queue_capacity(sns, topic_arn, publisher::QUEUE_CAPACITY)
+    }
+
+    /// Like [`Alerts::new`], with room for `capacity` alerts waiting for SNS.
+    pub fn with_queue_capacity(
+        sns: aws_sdk_sns::Client,
+        topic_arn: Option<String>,
+        capacity: usize,
+    ) -> Self {
         Self {
             sns: topic_arn
                 .filter(|t| !t.is_empty())
-                .map(|t| publisher::Publisher::start(sns, t, publisher::QUEUE_CAPACITY)),
+                .map(|t| publisher::Publisher::start(sns, t, capacity)),
         }
     }
 

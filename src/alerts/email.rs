@@ -532,6 +532,16 @@ mod tests {
     }
 
     #[test]
+    fn the_json_body_renders_the_same_email() {
+        // What an SQS subscriber gets carries everything the email says.
+        for &kind in AlertKind::ALL {
+            let a = fixture(kind);
+            let back: Alert = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+            assert_eq!(email_text(&back), email_text(&a), "{kind:?}");
+        }
+    }
+
+    #[test]
     fn long_lists_are_cut_with_a_count() {
         let (_, many) = variants().pop().unwrap();
         let text = email_text(&many);
