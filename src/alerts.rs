@@ -231,16 +231,12 @@ impl Alerts {
     /// Logs the alert and queues it for SNS. Returns at once: a slow, failing or
     /// unreachable SNS never delays the caller (a batch, a receiver).
     pub async fn publish(&self, alert: &Alert) {
+        // One `message` (the alert's sentence); `alert` names the kind, for searches.
+        let (kind, table, text) = (alert.alert.as_str(), &alert.table, &alert.message);
         match alert.severity {
-            Severity::Info => {
-                tracing::info!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
-            }
-            Severity::Warning => {
-                tracing::warn!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
-            }
-            Severity::Error => {
-                tracing::error!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
-            }
+            Severity::Info => tracing::info!(alert = kind, %table, "{text}"),
+            Severity::Warning => tracing::warn!(alert = kind, %table, "{text}"),
+            Severity::Error => tracing::error!(alert = kind, %table, "{text}"),
         }
         metrics::counter!("cdc_worker_alerts_total", "alert" => alert.alert.as_str(), "severity" => alert.severity.as_str()).increment(1);
         if let Some(sns) = &self.sns {
