@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts LocalStack (S3, SQS, SNS, and SES, through which SNS delivers email) on 127.0.0.1:4566 without Docker, installing it into a
+# Starts LocalStack (S3, SQS, SNS, and SES, through which SNS delivers email) on
+# 127.0.0.1:4566 without Docker, installing it into a
 # private virtualenv on first use. Idempotent: returns at once when LocalStack already answers.
 #
 #   deploy/localstack/start.sh          # install if needed, start in the background, wait

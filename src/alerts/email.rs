@@ -156,7 +156,11 @@ pub fn email_text(alert: &Alert) -> String {
         }
     }
 
-    let _ = writeln!(out, "\nRunbook: docs/operations.md#{}", alert.alert.as_str());
+    let _ = writeln!(
+        out,
+        "\nRunbook: docs/operations.md#{}",
+        alert.alert.as_str()
+    );
     let mut more: Vec<&str> = guide.docs.to_vec();
     more.push("docs/alerts.md");
     let _ = writeln!(out, "More:    {}", more.join(", "));
@@ -176,7 +180,10 @@ fn headline(alert: &Alert) -> String {
             .and_then(|rest| rest.strip_prefix(": "))
             .unwrap_or(&alert.message);
         return if alert.table.is_empty() {
-            format!("{}: {what}", capitalized(&alert.alert.as_str().replace('_', " ")))
+            format!(
+                "{}: {what}",
+                capitalized(&alert.alert.as_str().replace('_', " "))
+            )
         } else if what.starts_with(alert.table.as_str()) {
             what.to_string()
         } else {
@@ -320,7 +327,9 @@ mod tests {
                     kind,
                     Severity::Error,
                     "orders",
-                    &format!("{FILE}: cannot be read as Parquet: file too small to be Parquet (12 bytes)"),
+                    &format!(
+                        "{FILE}: cannot be read as Parquet: file too small to be Parquet (12 bytes)"
+                    ),
                 );
                 a.source = Some("public.orders".into());
                 a.file = Some(FILE.into());
@@ -332,7 +341,9 @@ mod tests {
                     kind,
                     Severity::Error,
                     "orders",
-                    &format!("{FILE}: arrived after later files of `orders` were applied; applying it now would overwrite newer changes"),
+                    &format!(
+                        "{FILE}: arrived after later files of `orders` were applied; applying it now would overwrite newer changes"
+                    ),
                 );
                 a.source = Some("public.orders".into());
                 a.file = Some(FILE.into());
@@ -372,7 +383,9 @@ mod tests {
                     kind,
                     Severity::Warning,
                     "orders",
-                    &format!("{FILE}: 2 keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change"),
+                    &format!(
+                        "{FILE}: 2 keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change"
+                    ),
                 );
                 a.source = Some("public.orders".into());
                 a.file = Some(FILE.into());
@@ -401,7 +414,10 @@ mod tests {
             to: ColumnType::String,
             change: TypeChange::Incompatible,
         }];
-        held.actions = vec![action("held", "table held: amount: decimal(10,2) -> string (incompatible) under the strict policy")];
+        held.actions = vec![action(
+            "held",
+            "table held: amount: decimal(10,2) -> string (incompatible) under the strict policy",
+        )];
         held.policy = Some(PolicyPreset::Strict.policy());
         held.file = Some(
             "s3://dms-bucket/dms/public/payments/2026/11/24/20261124-101500123.parquet".into(),
@@ -455,7 +471,8 @@ mod tests {
             )
         });
         assert_eq!(
-            actual, expected,
+            actual,
+            expected,
             "email text of {name} differs from {}",
             path.display()
         );
@@ -483,8 +500,8 @@ mod tests {
     }
 
     fn anchors(doc: &Path) -> Vec<String> {
-        let text = std::fs::read_to_string(doc)
-            .unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
+        let text =
+            std::fs::read_to_string(doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
         text.lines()
             .filter(|l| l.starts_with('#'))
             .map(|l| anchor(l.trim_start_matches('#')))
@@ -503,7 +520,11 @@ mod tests {
             for link in links {
                 let (file, section) = link.split_once('#').unwrap_or((link, ""));
                 let path = root().join(file);
-                assert!(path.exists(), "{link} (alert {}) does not exist", alert.alert.as_str());
+                assert!(
+                    path.exists(),
+                    "{link} (alert {}) does not exist",
+                    alert.alert.as_str()
+                );
                 if !section.is_empty() {
                     assert!(
                         anchors(&path).iter().any(|a| a == section),
@@ -523,12 +544,30 @@ mod tests {
             let mut lines = text.lines();
             let first = lines.next().unwrap();
             assert!(!first.is_empty() && first.len() < 200, "{kind:?}: {first}");
-            assert_eq!(lines.next(), Some(""), "{kind:?}: a blank line after the headline");
+            assert_eq!(
+                lines.next(),
+                Some(""),
+                "{kind:?}: a blank line after the headline"
+            );
             assert!(text.contains(&format!("Table:  {}", a.table)), "{text}");
             assert!(text.contains("What the worker did\n"), "{text}");
             assert!(text.contains("What to do\n"), "{text}");
-            assert!(text.contains("\n    cdc-worker "), "{kind:?} names a command: {text}");
+            assert!(
+                text.contains("\n    cdc-worker "),
+                "{kind:?} names a command: {text}"
+            );
         }
+    }
+
+    #[test]
+    fn the_example_in_the_docs_is_the_email_the_worker_sends() {
+        let doc = std::fs::read_to_string(root().join("docs/alerts.md")).unwrap();
+        let example = doc
+            .split("```text\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/alerts.md has a ```text example");
+        assert_eq!(example, email_text(&fixture(AlertKind::SchemaChange)));
     }
 
     #[test]
@@ -546,6 +585,9 @@ mod tests {
         let (_, many) = variants().pop().unwrap();
         let text = email_text(&many);
         assert_eq!(text.matches("  - new column c").count(), MAX_LISTED);
-        assert!(text.contains("  ... and 5 more (the JSON body lists them all)"), "{text}");
+        assert!(
+            text.contains("  ... and 5 more (the JSON body lists them all)"),
+            "{text}"
+        );
     }
 }

@@ -323,7 +323,8 @@ fn describe(e: &SdkError<aws_sdk_sns::operation::publish::PublishError>) -> (Str
             let code = err.code().unwrap_or("error");
             let text = err.message().unwrap_or_default();
             let status = service.raw().status().as_u16();
-            let permanent = (400..500).contains(&status) && status != 429 && !code.contains("Throttl");
+            let permanent =
+                (400..500).contains(&status) && status != 429 && !code.contains("Throttl");
             (format!("{code}: {text}"), permanent)
         }
         SdkError::TimeoutError(_) => ("timed out".into(), false),

@@ -142,15 +142,29 @@ async fn a_schema_change_reaches_sqs_as_json_and_email_as_text() {
     // The email subscriber gets the text of that very alert, not JSON.
     let alert: Alert = serde_json::from_value(change.body.clone()).expect("the body is an Alert");
     let expected = email_text(&alert);
-    env.eventually("the email of schema v2", Duration::from_secs(10), || async {
-        mails_to(&address).await.contains(&expected)
-    })
+    env.eventually(
+        "the email of schema v2",
+        Duration::from_secs(10),
+        || async { mails_to(&address).await.contains(&expected) },
+    )
     .await;
     let mails = mails_to(&address).await;
-    assert!(expected.starts_with("orders: schema v2: new column\n\n"), "{expected}");
-    assert!(expected.contains("\n  - added column coupon string\n"), "{expected}");
-    assert!(expected.contains("\n    cdc-worker schema history orders\n"), "{expected}");
-    assert!(mails.iter().all(|m| !m.trim_start().starts_with('{')), "{mails:#?}");
+    assert!(
+        expected.starts_with("orders: schema v2: new column\n\n"),
+        "{expected}"
+    );
+    assert!(
+        expected.contains("\n  - added column coupon string\n"),
+        "{expected}"
+    );
+    assert!(
+        expected.contains("\n    cdc-worker schema history orders\n"),
+        "{expected}"
+    );
+    assert!(
+        mails.iter().all(|m| !m.trim_start().starts_with('{')),
+        "{mails:#?}"
+    );
     // One mail per alert: the new table (v1) and the new column (v2).
     assert_eq!(mails.len(), 2, "{mails:#?}");
 }
@@ -212,7 +226,10 @@ async fn a_hanging_sns_delays_no_caller_and_a_full_queue_drops_what_does_not_fit
     // The background task is now stuck on the first alert, inside SNS.
     let started = std::time::Instant::now();
     while accepted.load(Ordering::SeqCst) == 0 {
-        assert!(started.elapsed() < Duration::from_secs(10), "no publish attempt");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no publish attempt"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for n in 1..=13 {
