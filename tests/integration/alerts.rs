@@ -267,6 +267,16 @@ async fn a_missing_topic_fails_in_the_background_and_the_error_names_it() {
 async fn flush_waits_for_queued_alerts_to_reach_the_topic() {
     let env = Env::new("alerts-flush", |_| {}).await;
     let alerts = Alerts::new(env.aws.sns.clone(), Some(env.res.topic_arn.clone()));
+    // The publisher's failure counters exist from the start (at zero), so that the
+    // alerting rules' increase() sees the first failure.
+    let metrics = cdc_worker::telemetry::metrics_handle().render();
+    for series in [
+        "cdc_worker_alert_publish_failures_total",
+        "cdc_worker_alerts_dropped_total{reason=\"queue_full\"}",
+        "cdc_worker_alerts_dropped_total{reason=\"shutdown\"}",
+    ] {
+        assert!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
+    }
     for n in 0..5 {
         publish_without_waiting(&alerts, &alert(n)).await;
     }
