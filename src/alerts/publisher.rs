@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aws_sdk_sns::config::retry::RetryConfig;
 use aws_sdk_sns::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sns::types::MessageAttributeValue;
 use tokio::sync::{mpsc, watch};
@@ -294,12 +295,19 @@ async fn send(
     let mut delay = FIRST_RETRY_DELAY;
     let mut attempt = 1;
     loop {
-        let (cause, permanent) =
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, request.clone().send()).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => describe(&e),
-                Err(_) => (format!("no answer within {ATTEMPT_TIMEOUT:?}"), false),
-            };
+        // The SDK's own retries are off: the attempts and delays are the ones documented.
+        let attempt_once = request
+            .clone()
+            .customize()
+            .config_override(
+                aws_sdk_sns::config::Builder::default().retry_config(RetryConfig::disabled()),
+            )
+            .send();
+        let (cause, permanent) = match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt_once).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => describe(&e),
+            Err(_) => (format!("no answer within {ATTEMPT_TIMEOUT:?}"), false),
+        };
         if permanent || attempt == ATTEMPTS {
             return Err(PublishError {
                 topic: topic.to_string(),

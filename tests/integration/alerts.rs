@@ -275,7 +275,10 @@ async fn flush_waits_for_queued_alerts_to_reach_the_topic() {
         "cdc_worker_alerts_dropped_total{reason=\"queue_full\"}",
         "cdc_worker_alerts_dropped_total{reason=\"shutdown\"}",
     ] {
-        assert!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
+        assert!(
+            metrics.contains(series),
+            "/metrics lacks {series}:\n{metrics}"
+        );
     }
     for n in 0..5 {
         publish_without_waiting(&alerts, &alert(n)).await;
@@ -294,5 +297,26 @@ async fn flush_waits_for_queued_alerts_to_reach_the_topic() {
         (0..5)
             .map(|n| format!("file {n} skipped"))
             .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_sns_is_tried_three_times_in_the_background() {
+    // A port nobody listens on: every connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let topic = "arn:aws:sns:us-east-1:000000000000:unreachable".to_string();
+    let alerts = Alerts::new(sns_client(&url), Some(topic.clone()));
+    publish_without_waiting(&alerts, &alert(1)).await;
+    assert_eq!(alerts.flush(Duration::from_secs(10)).await, 0);
+    let stats = alerts.stats();
+    assert_eq!((stats.published, stats.failed), (0, 1), "{stats:?}");
+    let error = stats.last_error.expect("the failure is recorded");
+    assert!(
+        error.starts_with(&format!(
+            "could not publish alert to SNS topic {topic} after 3 attempt(s): cannot reach SNS"
+        )),
+        "{error}"
     );
 }
