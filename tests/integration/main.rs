@@ -4,6 +4,7 @@
 mod harness;
 mod model;
 
+mod alerts;
 mod crash;
 mod delivery;
 mod end_to_end;
