@@ -366,6 +366,13 @@ impl Worker {
             let remaining = budget
                 .saturating_sub(started.elapsed())
                 .max(Duration::from_secs(2));
+            let unsent = ingest.alerts.flush(remaining).await;
+            if unsent > 0 {
+                tracing::warn!(alerts = unsent, "alerts not published before shutdown");
+            }
+            let remaining = budget
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(2));
             let _ = tokio::time::timeout(remaining, ingest.tracker.flush_releases()).await;
         }
         let remaining = budget
