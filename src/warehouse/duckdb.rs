@@ -236,6 +236,13 @@ fn apply_in_transaction(
                 conn.execute_batch(create).map_err(sql_err)?;
                 stats.statements += 1;
             }
+            // Rows whose key has a NULL are skipped by the MERGE; count them for the report.
+            if let Some(q) = merge::null_key_rows_query(plan, &rows) {
+                stats.null_key_rows = conn
+                    .query_row(&q, [], |r| r.get::<_, i64>(0))
+                    .map_err(sql_err)? as u64;
+                stats.statements += 1;
+            }
             let sql = merge::merge_statement(d, &target, plan, &rows, Some(&tombstones));
             stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
             if let Some((_, record)) = &tombstone_sql {
@@ -383,6 +390,7 @@ impl Warehouse for Duckdb {
                     name,
                     columns,
                     primary_key,
+                    dialect: Dialect::Duckdb,
                 }))
             })
             .await

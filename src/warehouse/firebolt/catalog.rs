@@ -79,8 +79,8 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
         if f.columns.is_empty() {
             return None;
         }
-        // The index definition gives the key's order; keep it only if it names columns of
-        // the table, else fall back to is_in_primary_index (in column order).
+        // The primary index definition gives the key's order; keep it only if it names
+        // columns of the table, else fall back to is_in_primary_index (in column order).
         let from_definition: Vec<String> = f
             .index_definition
             .as_deref()
@@ -104,6 +104,7 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
             name: table.to_string(),
             columns: f.columns,
             primary_key,
+            dialect: Dialect::Firebolt,
         })
     };
     let target = take(table);
@@ -138,9 +139,9 @@ pub async fn inspect(
             Ok(result) => return Ok(parse_inspection(table, &result)),
             Err(e)
                 if e.sql_description()
-                    .is_some_and(|d| d.to_ascii_lowercase().contains("index")) =>
+                    .is_some_and(|d| d.to_ascii_lowercase().contains("primary_index")) =>
             {
-                tracing::info!(error = %e, "information_schema.indexes is not available; primary keys come from is_in_primary_index");
+                tracing::info!(error = %e, "information_schema.tables has no primary_index; primary keys come from is_in_primary_index");
                 no_indexes.store(true, Ordering::Relaxed);
             }
             Err(e) => return Err(e),
@@ -164,7 +165,7 @@ mod tests {
             json!(["column", "orders", "id", "bigint", "NO", "YES"]),
             json!(["column", "orders", "name", "text null", "YES", "NO"]),
             json!(["column", "orders", "region", "text", "YES", "YES"]),
-            json!(["index", "orders", "[region, id]", "primary", "", ""]),
+            json!(["index", "orders", "[region, id]", "", "", ""]),
             json!([
                 "column",
                 "_cdc_worker_rebuild__orders",
