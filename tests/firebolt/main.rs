@@ -12,4 +12,5 @@ mod support;
 mod client;
 mod core;
 mod semantics;
+mod strict;
 mod warehouse;

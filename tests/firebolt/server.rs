@@ -81,8 +81,6 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     pub body: String,
     pub delay: Duration,
-    /// Sent exactly as scripted: no transaction headers added.
-    pub exact: bool,
     /// Not a reply: the server answers as it would without a script.
     default: bool,
 }
@@ -95,7 +93,6 @@ impl Reply {
             headers: vec![],
             body: String::new(),
             delay: Duration::ZERO,
-            exact: false,
             default: false,
         }
     }
@@ -175,11 +172,6 @@ impl Reply {
 
     pub fn delayed(mut self, delay: Duration) -> Self {
         self.delay = delay;
-        self
-    }
-
-    pub fn exactly(mut self) -> Self {
-        self.exact = true;
         self
     }
 
@@ -263,8 +255,6 @@ struct State {
 pub struct ProtocolServer {
     /// The API (Cloud) or Core URL.
     pub url: String,
-    pub system_url: String,
-    pub engine_url: String,
     state: Arc<State>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -362,8 +352,6 @@ impl ProtocolServer {
         }
         ProtocolServer {
             url: urls["api"].clone(),
-            system_url: urls["system"].clone(),
-            engine_url: urls["engine"].clone(),
             state,
             tasks,
         }
@@ -715,7 +703,11 @@ fn statement_with(
     let mut transactions = state.transactions.lock().unwrap();
     let tx_id = seen.param("transaction_id").map(str::to_string);
     match (&parsed, tx_id) {
-        (Parsed::Begin, Some(_)) => {
+        (Parsed::Begin, Some(id)) => {
+            // A failed statement: the transaction is aborted.
+            if let Some(tx) = transactions.get_mut(&id) {
+                tx.aborted = true;
+            }
             sql_error("cannot BEGIN: a transaction is already in progress on this connection")
         }
         (Parsed::Commit | Parsed::Rollback, None) => {
@@ -821,9 +813,6 @@ fn statement_with(
                         (_, Some(r)) => r,
                         (Outcome::Rows(r), None) => r,
                     };
-                    if reply.exact {
-                        return reply;
-                    }
                     tx.sequence += 1;
                     reply.header(
                         "Firebolt-Update-Parameters",
