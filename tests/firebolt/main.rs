@@ -11,6 +11,7 @@ mod support;
 
 mod client;
 mod core;
+mod sdk;
 mod semantics;
 mod strict;
 mod warehouse;
