@@ -33,7 +33,10 @@ async fn run_sdk(envs: &[(&str, String)]) -> Option<Value> {
         );
         return None;
     };
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/firebolt-sdk/conformance.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/firebolt-sdk/conformance.py"
+    );
     let mut command = tokio::process::Command::new(&python);
     command.arg(script).kill_on_drop(true);
     for (k, v) in envs {
@@ -86,8 +89,14 @@ async fn the_python_sdk_in_core_mode_agrees_with_the_server() {
     let failures = &report["failures"];
     for (name, text) in [
         ("missing_table", "does not exist"),
-        ("nullable_primary_index", "cannot be used in a primary index"),
-        ("commit_outside_transaction", "no transaction is in progress"),
+        (
+            "nullable_primary_index",
+            "cannot be used in a primary index",
+        ),
+        (
+            "commit_outside_transaction",
+            "no transaction is in progress",
+        ),
     ] {
         let message = failures[name]["message"].as_str().unwrap_or_default();
         assert!(message.contains(text), "{name}: {}", failures[name]);
@@ -124,9 +133,16 @@ async fn the_python_sdk_in_core_mode_agrees_with_the_server() {
         .iter()
         .find(|s| s.body.contains("VALUES (3, 'three')"))
         .expect("the transaction's INSERT");
-    assert!(insert.param("transaction_id").is_some(), "{:?}", insert.params);
+    assert!(
+        insert.param("transaction_id").is_some(),
+        "{:?}",
+        insert.params
+    );
     assert_eq!(insert.param("transaction_sequence_id"), Some("0"));
-    let commit = statements.iter().find(|s| s.body == "COMMIT").expect("COMMIT");
+    let commit = statements
+        .iter()
+        .find(|s| s.body == "COMMIT")
+        .expect("COMMIT");
     assert_eq!(
         commit.param("transaction_id"),
         insert.param("transaction_id")
@@ -170,7 +186,13 @@ async fn the_python_sdk_in_cloud_mode_agrees_with_the_server_up_to_the_user_engi
         .iter()
         .find(|s| s.path == "/oauth/token")
         .expect("a token request");
-    assert!(token.body.contains("audience=https%3A%2F%2Fapi.firebolt.io"), "{}", token.body);
+    assert!(
+        token
+            .body
+            .contains("audience=https%3A%2F%2Fapi.firebolt.io"),
+        "{}",
+        token.body
+    );
     assert_eq!(
         token.header("host").as_deref(),
         Some(format!("id.fbtest:{port}").as_str()),
@@ -188,6 +210,10 @@ async fn the_python_sdk_in_cloud_mode_agrees_with_the_server_up_to_the_user_engi
         ["USE DATABASE \"db\"", "USE ENGINE \"etl\""]
     );
     for s in &system {
-        assert_eq!(s.param("account_id"), Some("acc-1"), "engineUrl's parameters");
+        assert_eq!(
+            s.param("account_id"),
+            Some("acc-1"),
+            "engineUrl's parameters"
+        );
     }
 }

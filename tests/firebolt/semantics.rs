@@ -508,7 +508,9 @@ fn unsigned_integers_get_their_sign_back() {
     ))
     .unwrap();
     let got: Vec<(i64, i64, String)> = conn
-        .prepare(&format!("SELECT id, u32, CAST(u64 AS VARCHAR) FROM {target} ORDER BY id"))
+        .prepare(&format!(
+            "SELECT id, u32, CAST(u64 AS VARCHAR) FROM {target} ORDER BY id"
+        ))
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap()

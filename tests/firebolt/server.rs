@@ -392,6 +392,7 @@ impl ProtocolServer {
     }
 
     /// A table's columns as (name, type, nullable) and its primary index, if it exists.
+    #[allow(clippy::type_complexity)]
     pub fn table(
         &self,
         schema: &str,
@@ -894,7 +895,7 @@ fn missing(name: &Name) -> String {
 }
 
 /// What one statement does to `catalog` (a transaction's working copy, or a copy that is
-/// published when it succeeds), and its answer.
+/// published when it succeeds), and its answer. One arm per statement kind.
 fn run_statement(
     parsed: &Parsed,
     catalog: &mut Catalog,
@@ -1042,8 +1043,7 @@ fn literals_after(text: &str, column: &str) -> Vec<String> {
             let end = if pattern.ends_with('(') {
                 rest.find(')').unwrap_or(rest.len())
             } else {
-                rest.find(|c: char| c == ' ' || c == ')')
-                    .unwrap_or(rest.len())
+                rest.find([' ', ')']).unwrap_or(rest.len())
             };
             for part in split_literals(&rest[..end]) {
                 out.push(part);

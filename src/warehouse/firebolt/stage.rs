@@ -89,3 +89,28 @@ pub async fn read_footer(
         "footer still incomplete after {MAX_READS} reads"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::types::{Column, TableSchema};
+
+    /// Audit W2: a TIME column never reaches Firebolt; the planner reports it as ignored.
+    #[test]
+    fn time_columns_are_not_loaded_into_firebolt() {
+        let mut schema = FileSchema {
+            table: TableSchema::new(vec![
+                Column::new("id", ColumnType::Int64),
+                Column::new("at", ColumnType::Time),
+            ]),
+            has_op: true,
+            rows: 1,
+        };
+        without_time(&mut schema);
+        assert_eq!(schema.table.columns[0].ty, ColumnType::Int64);
+        assert!(matches!(
+            &schema.table.columns[1].ty,
+            ColumnType::Unsupported(why) if why.contains("no TIME type")
+        ));
+    }
+}
