@@ -712,6 +712,23 @@ async fn describe_reads_the_schema_s_primary_index_in_order_and_copes_without_it
         1,
         "the missing column is remembered"
     );
+
+    // A server without ordinal_position: the columns come in its own order.
+    let server = ProtocolServer::core().await;
+    server.respond(|s| {
+        if s.body.contains("ordinal_position") {
+            Reply::error(400, "column \"ordinal_position\" does not exist")
+        } else {
+            default_reply(s)
+        }
+    });
+    let wh = ready(&server).await;
+    server.execute("CREATE TABLE \"public\".\"regions\" (\"id\" BIGINT NOT NULL, \"region\" TEXT NULL) PRIMARY INDEX \"id\"");
+    let t = wh.describe("regions").await.unwrap().unwrap();
+    assert_eq!(
+        (t.columns.len(), t.primary_key.clone()),
+        (2, vec!["id".to_string()])
+    );
 }
 
 #[tokio::test]

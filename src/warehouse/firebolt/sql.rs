@@ -549,12 +549,14 @@ pub fn fence_update(fence: &str, table: &str, token: u64, holder: &str) -> Strin
 /// the primary index from `information_schema.tables.primary_index`, "an ordered array of
 /// the column names comprising the primary index definition" (information schema
 /// reference, tables), whose `table_schema` is the schema.
-pub fn describe_query(schema: &str, tables: &[String]) -> String {
+/// `ordered = false` leaves `ordinal_position` out, for a server that lacks it (it is on no
+/// Firebolt columns page; a real DMS loader orders by it).
+pub fn describe_query(schema: &str, tables: &[String], ordered: bool) -> String {
     format!(
         "SELECT kind, table_name, name, data_type, is_nullable, is_in_primary_index FROM ({} UNION ALL \
          SELECT 'index' AS kind, table_name, CAST(primary_index AS TEXT) AS name, '' AS data_type, '' AS is_nullable, '' AS is_in_primary_index, 0 AS position \
          FROM information_schema.tables WHERE table_schema = {} AND table_name IN ({})) AS described ORDER BY table_name, position",
-        columns_part(schema, tables),
+        columns_part(schema, tables, ordered),
         literal(schema),
         name_list(tables)
     )
@@ -562,10 +564,10 @@ pub fn describe_query(schema: &str, tables: &[String]) -> String {
 
 /// The columns alone (`is_in_primary_index` gives the key), for a server whose
 /// `information_schema.tables` has no `primary_index`.
-pub fn describe_columns_query(schema: &str, tables: &[String]) -> String {
+pub fn describe_columns_query(schema: &str, tables: &[String], ordered: bool) -> String {
     format!(
         "SELECT kind, table_name, name, data_type, is_nullable, is_in_primary_index FROM ({}) AS described ORDER BY table_name, position",
-        columns_part(schema, tables)
+        columns_part(schema, tables, ordered)
     )
 }
 
@@ -577,11 +579,12 @@ fn name_list(tables: &[String]) -> String {
         .join(", ")
 }
 
-fn columns_part(schema: &str, tables: &[String]) -> String {
+fn columns_part(schema: &str, tables: &[String], ordered: bool) -> String {
     format!(
         "SELECT 'column' AS kind, table_name, column_name AS name, data_type, CAST(is_nullable AS TEXT) AS is_nullable, \
-         CAST(is_in_primary_index AS TEXT) AS is_in_primary_index, ordinal_position AS position \
+         CAST(is_in_primary_index AS TEXT) AS is_in_primary_index, {} AS position \
          FROM information_schema.columns WHERE table_schema = {} AND table_name IN ({})",
+        if ordered { "ordinal_position" } else { "1" },
         literal(schema),
         name_list(tables)
     )
