@@ -92,6 +92,8 @@ alert_kinds! {
     /// A key changed more than once in one file and nothing says which change is last
     /// (Firebolt cannot see row order without an ordering column).
     AmbiguousOrder => "ambiguous_order",
+    /// Rows of an applied file were skipped: their key has a NULL, so they change no row.
+    RowsSkipped => "rows_skipped",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from

@@ -82,7 +82,7 @@ fn guide(alert: &Alert) -> Guide {
         AlertKind::TableFailing => Guide {
             state: "BLOCKED: the table's files wait and are retried with backoff (nothing is lost); other tables go on",
             did: "is retrying the failing batch with backoff; later files of the table wait behind it",
-            todo: "Find the cause in the error above (warehouse, S3, disk, or the file's data) and fix it: the table resumes by itself. Files that reached the dead-letter queue meanwhile need a redrive or a replay.",
+            todo: "Find the cause in the error above and fix it. An outage (warehouse, S3, disk): the files wait in the worker, nothing goes to the dead-letter queue, and the table resumes by itself. A file whose data is refused: it goes to the dead-letter queue after its receives and the table waits behind it; fix or replace the file in S3, then redrive the DLQ.",
             commands: &[
                 "cdc-worker status",
                 "cdc-worker check-connection",
@@ -93,7 +93,7 @@ fn guide(alert: &Alert) -> Guide {
         AlertKind::TableRecovered => Guide {
             state: "loading again",
             did: "applied the table's files again after the failures; the files that waited follow in order",
-            todo: "Nothing. If files reached the dead-letter queue while the table failed, redrive them or replay the table.",
+            todo: "Nothing: the files that waited are applied in order.",
             commands: &["cdc-worker status"],
             docs: &[],
         },
@@ -103,6 +103,13 @@ fn guide(alert: &Alert) -> Guide {
             todo: "Give each source table its own target with routing.table_name (for example \"{schema}_{table}\"), then replay the second source's files.",
             commands: &["cdc-worker check-config", "cdc-worker status"],
             docs: &[],
+        },
+        AlertKind::RowsSkipped => Guide {
+            state: "loading goes on",
+            did: "applied the file without the rows whose key has a NULL: a key identifies a row, so such a row changes none",
+            todo: "Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the key is right, nothing is lost.",
+            commands: &["cdc-worker schema show {table}"],
+            docs: &["docs/firebolt.md"],
         },
         AlertKind::AmbiguousOrder => Guide {
             state: "loading goes on",
@@ -376,6 +383,20 @@ mod tests {
                 );
                 a.source = Some("sales.orders".into());
                 a.next_steps = Some("Change routing.table_name (for example to \"{schema}_{table}\") so each source table has its own target. The files of the second source go to the dead-letter queue.".into());
+                a
+            }
+            AlertKind::RowsSkipped => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "orders",
+                    &format!(
+                        "{FILE}: 2 rows with a NULL in the key column(s) were skipped (a key identifies a row; a NULL key changes none)"
+                    ),
+                );
+                a.source = Some("public.orders".into());
+                a.file = Some(FILE.into());
+                a.next_steps = Some("Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the source key is right, the rows were not changes of any row.".into());
                 a
             }
             AlertKind::AmbiguousOrder => {

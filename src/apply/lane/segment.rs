@@ -359,9 +359,12 @@ impl Lane {
         }
     }
 
-    /// What the statistics of a commit tell people: keys whose last change no ordering
-    /// column decides.
+    /// What the statistics of a commit tell people: rows skipped for a NULL key, and keys
+    /// whose last change no ordering column decides.
     async fn report_stats(&mut self, stats: &ApplyStats, first: &PendingFile) {
+        if stats.null_key_rows > 0 {
+            self.report_null_keys(stats.null_key_rows, first).await;
+        }
         if stats.ambiguous_keys == 0 {
             return;
         }
@@ -385,5 +388,19 @@ impl Lane {
             )
             .await;
         }
+    }
+
+    /// Rows whose key has a NULL were skipped (a DMS key is a primary key, so such a row
+    /// changes no row): counted, logged, and alerted once per file.
+    async fn report_null_keys(&mut self, rows: u64, first: &PendingFile) {
+        metrics::counter!("cdc_worker_null_key_rows_total", "table" => self.table.clone())
+            .increment(rows);
+        let reason = format!(
+            "{rows} rows with a NULL in the key column(s) were skipped (a key identifies a row; a NULL key changes none)"
+        );
+        tracing::warn!(table = %self.table, null_key_rows = rows, "{reason}");
+        let steps = "Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the source key is right, the rows were not changes of any row.";
+        self.alert_file(AlertKind::RowsSkipped, Severity::Warning, first, &reason, Some(steps))
+            .await;
     }
 }
