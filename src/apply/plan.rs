@@ -150,263 +150,300 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
     if let Some(hold) = policy_hold(input) {
         return hold;
     }
-    let name = input.column_name;
-    let file_columns = &input.file.table.columns;
-
-    // Key columns must be in the file, whatever the target.
-    let mut key = Vec::new();
-    for k in input.key {
-        match file_columns.iter().find(|c| fold(&c.name) == fold(k)) {
-            Some(c) => key.push(KeyColumn {
-                target: name(&c.name),
-                source: c.name.clone(),
-            }),
-            None => {
-                return Decision::Hold {
-                    reason: format!(
-                        "key column `{k}` is not in the file; fix the table's key (config, table_keys.json) or the source"
-                    ),
-                    kinds: vec![],
-                };
-            }
-        }
-    }
+    let key = match key_columns(input) {
+        Ok(key) => key,
+        Err(hold) => return hold,
+    };
     let mode = if key.is_empty() {
         LoadMode::Append
     } else {
         LoadMode::Merge { key: key.clone() }
     };
-
-    let mut ddl = Vec::new();
-    let mut load = Vec::new();
-    let mut actions = Vec::new();
-    let loadable: Vec<&Column> = file_columns
-        .iter()
-        .filter(|c| {
-            if let ColumnType::Unsupported(what) = &c.ty {
-                actions.push(Action::IgnoredColumn {
-                    column: c.name.clone(),
-                    reason: format!("type {what} cannot be loaded"),
-                });
-                false
-            } else {
-                true
-            }
-        })
-        .collect();
-
-    let Some(target) = input.target else {
-        // Key columns are NOT NULL: Firebolt refuses nullable columns in a primary index
-        // (its docs up to 2025), and DMS keys are primary keys. Staged rows with a NULL key
-        // are skipped and counted by the warehouse (`ApplyStats::null_key_rows`).
-        let columns: Vec<Column> = loadable
-            .iter()
-            .map(|c| Column {
-                name: name(&c.name),
-                ty: c.ty.clone(),
-                nullable: !key.iter().any(|k| k.source == c.name),
-            })
-            .collect();
-        actions.insert(
-            0,
-            Action::CreatedTable {
-                key: key.iter().map(|k| k.target.clone()).collect(),
-            },
-        );
-        if key.is_empty() {
-            actions.push(Action::AppendOnly {
-                note: "no key configured: rows are appended and deletes ignored; set [tables.NAME] key = [...] or add the table to table_keys.json to merge".into(),
-            });
-        }
-        ddl.push(Ddl::CreateTable {
-            columns,
-            primary_key: key.iter().map(|k| k.target.clone()).collect(),
-        });
-        load = loadable
-            .iter()
-            .map(|c| LoadColumn {
-                target: name(&c.name),
-                expr: LoadExpr::Column(c.name.clone()),
-            })
-            .collect();
-        return Decision::Apply {
-            ddl,
-            load,
-            mode,
-            actions,
-        };
-    };
-
-    let removed: Vec<&str> = input
-        .source_changes
-        .iter()
-        .filter_map(|c| match c {
-            SchemaChange::RemovedColumn { column, .. } => Some(column.as_str()),
-            SchemaChange::ProbableRename { from, .. } => Some(from.as_str()),
-            _ => None,
-        })
-        .collect();
-    for column in removed {
-        actions.push(Action::KeptColumn {
-            column: column.to_string(),
-            note: "inserted rows get NULL; updated rows keep their last value".into(),
-        });
-    }
-    for change in input.source_changes {
-        if let SchemaChange::Nullability {
-            column,
-            nullable: true,
-        } = change
-        {
-            actions.push(Action::KeptColumn {
-                column: column.clone(),
-                note: "now nullable at the source; no change needed (target columns are nullable)"
-                    .into(),
-            });
-        }
-    }
-
-    for c in loadable {
-        let target_name = name(&c.name);
-        let existing = target
-            .columns
-            .iter()
-            .find(|t| fold(&t.name) == fold(&target_name));
-        let Some(existing) = existing else {
-            match input.policy.new_column {
-                NewColumnPolicy::Ignore => actions.push(Action::IgnoredColumn {
-                    column: c.name.clone(),
-                    reason: "policy new_column = ignore: its values are not loaded".into(),
-                }),
-                // Fail reaches here only once accepted: then it is added.
-                NewColumnPolicy::Add | NewColumnPolicy::Fail => {
-                    let column = Column {
-                        name: target_name.clone(),
-                        ty: c.ty.clone(),
-                        nullable: true,
-                    };
-                    actions.push(Action::AddedColumn {
-                        column: target_name.clone(),
-                        ty: c.ty.clone(),
-                    });
-                    ddl.push(Ddl::AddColumn { column });
-                    load.push(LoadColumn {
-                        target: target_name,
-                        expr: LoadExpr::Column(c.name.clone()),
-                    });
-                }
-            }
-            continue;
-        };
-        let target_name = existing.name.clone();
-        match target_change(target, &existing.ty, &c.ty) {
-            TypeChange::Same => load.push(LoadColumn {
-                target: target_name,
-                expr: LoadExpr::Column(c.name.clone()),
-            }),
-            TypeChange::Narrowing => {
-                if input.source_changes.iter().any(|ch| matches!(ch, SchemaChange::TypeChanged { column, .. } if fold(column) == fold(&c.name))) {
-                    actions.push(Action::CastOnLoad {
-                        column: target_name.clone(),
-                        to: existing.ty.clone(),
-                        lossless: true,
-                    });
-                }
-                load.push(LoadColumn {
-                    target: target_name,
-                    expr: LoadExpr::Cast {
-                        column: c.name.clone(),
-                        to: existing.ty.clone(),
-                    },
-                });
-            }
-            TypeChange::Widening => {
-                // `widening = "fail"` reaches here only once accepted.
-                actions.push(Action::WidenedColumn {
-                    column: target_name.clone(),
-                    from: existing.ty.clone(),
-                    to: c.ty.clone(),
-                });
-                ddl.push(Ddl::WidenColumn {
-                    column: target_name.clone(),
-                    from: existing.ty.clone(),
-                    to: c.ty.clone(),
-                });
-                load.push(LoadColumn {
-                    target: target_name,
-                    expr: LoadExpr::Column(c.name.clone()),
-                });
-            }
-            TypeChange::Incompatible => {
-                let resolution = input.resolutions.get(&fold(&c.name)).copied().unwrap_or(
-                    match input.policy.incompatible {
-                        // Fail reaches here only once accepted without a choice.
-                        IncompatiblePolicy::Fail => IncompatiblePolicy::Variant,
-                        other => other,
-                    },
-                );
-                match resolution {
-                    IncompatiblePolicy::Variant | IncompatiblePolicy::Fail => {
-                        let variant = variant_column(&target_name, &c.ty);
-                        let has_variant = target
-                            .columns
-                            .iter()
-                            .any(|t| fold(&t.name) == fold(&variant));
-                        if !has_variant {
-                            ddl.push(Ddl::AddColumn {
-                                column: Column::new(variant.clone(), c.ty.clone()),
-                            });
-                        }
-                        actions.push(Action::AddedVariantColumn {
-                            column: target_name.clone(),
-                            variant: variant.clone(),
-                            ty: c.ty.clone(),
-                        });
-                        load.push(LoadColumn {
-                            target: target_name,
-                            expr: LoadExpr::TryCast {
-                                column: c.name.clone(),
-                                to: existing.ty.clone(),
-                            },
-                        });
-                        load.push(LoadColumn {
-                            target: variant,
-                            expr: LoadExpr::Variant {
-                                column: c.name.clone(),
-                                fits: existing.ty.clone(),
-                            },
-                        });
-                    }
-                    IncompatiblePolicy::Cast => {
-                        actions.push(Action::CastOnLoad {
-                            column: target_name.clone(),
-                            to: existing.ty.clone(),
-                            lossless: false,
-                        });
-                        load.push(LoadColumn {
-                            target: target_name,
-                            expr: LoadExpr::TryCast {
-                                column: c.name.clone(),
-                                to: existing.ty.clone(),
-                            },
-                        });
-                    }
-                    IncompatiblePolicy::Ignore => actions.push(Action::IgnoredColumn {
-                        column: target_name,
-                        reason: format!(
-                            "type changed to {} (incompatible = ignore): inserted rows get NULL, updated rows keep their last value",
-                            c.ty
-                        ),
-                    }),
-                }
+    let mut out = Planned::default();
+    let loadable = loadable_columns(input, &mut out.actions);
+    match input.target {
+        None => plan_new_table(input, &key, &loadable, &mut out),
+        Some(target) => {
+            note_source_changes(input, &mut out.actions);
+            for c in loadable {
+                plan_column(input, target, c, &mut out);
             }
         }
     }
     Decision::Apply {
-        ddl,
-        load,
+        ddl: out.ddl,
+        load: out.load,
         mode,
-        actions,
+        actions: out.actions,
+    }
+}
+
+/// What a plan accumulates column by column.
+#[derive(Default)]
+struct Planned {
+    ddl: Vec<Ddl>,
+    load: Vec<LoadColumn>,
+    actions: Vec<Action>,
+}
+
+impl Planned {
+    fn load_as_is(&mut self, target: String, source: &str) {
+        self.load.push(LoadColumn {
+            target,
+            expr: LoadExpr::Column(source.to_string()),
+        });
+    }
+}
+
+/// The key's columns as the file names them; a key column missing from the file holds
+/// the table, whatever the target.
+fn key_columns(input: &PlanInput<'_>) -> Result<Vec<KeyColumn>, Decision> {
+    let file_columns = &input.file.table.columns;
+    input
+        .key
+        .iter()
+        .map(|k| match file_columns.iter().find(|c| fold(&c.name) == fold(k)) {
+            Some(c) => Ok(KeyColumn {
+                target: (input.column_name)(&c.name),
+                source: c.name.clone(),
+            }),
+            None => Err(Decision::Hold {
+                reason: format!(
+                    "key column `{k}` is not in the file; fix the table's key (config, table_keys.json) or the source"
+                ),
+                kinds: vec![],
+            }),
+        })
+        .collect()
+}
+
+/// The file's columns that can be loaded; the others are reported as ignored.
+fn loadable_columns<'a>(input: &PlanInput<'a>, actions: &mut Vec<Action>) -> Vec<&'a Column> {
+    input
+        .file
+        .table
+        .columns
+        .iter()
+        .filter(|c| {
+            let ColumnType::Unsupported(what) = &c.ty else {
+                return true;
+            };
+            actions.push(Action::IgnoredColumn {
+                column: c.name.clone(),
+                reason: format!("type {what} cannot be loaded"),
+            });
+            false
+        })
+        .collect()
+}
+
+fn plan_new_table(
+    input: &PlanInput<'_>,
+    key: &[KeyColumn],
+    loadable: &[&Column],
+    out: &mut Planned,
+) {
+    let name = input.column_name;
+    // Key columns are NOT NULL: Firebolt refuses nullable columns in a primary index
+    // (its docs up to 2025), and DMS keys are primary keys. Staged rows with a NULL key
+    // are skipped and counted by the warehouse (`ApplyStats::null_key_rows`).
+    let columns: Vec<Column> = loadable
+        .iter()
+        .map(|c| Column {
+            name: name(&c.name),
+            ty: c.ty.clone(),
+            nullable: !key.iter().any(|k| k.source == c.name),
+        })
+        .collect();
+    let key_names: Vec<String> = key.iter().map(|k| k.target.clone()).collect();
+    out.actions.insert(
+        0,
+        Action::CreatedTable {
+            key: key_names.clone(),
+        },
+    );
+    if key.is_empty() {
+        out.actions.push(Action::AppendOnly {
+            note: "no key configured: rows are appended and deletes ignored; set [tables.NAME] key = [...] or add the table to table_keys.json to merge".into(),
+        });
+    }
+    out.ddl.push(Ddl::CreateTable {
+        columns,
+        primary_key: key_names,
+    });
+    for c in loadable {
+        out.load_as_is(name(&c.name), &c.name);
+    }
+}
+
+/// Source changes that need no DDL but are reported: removed columns are kept, columns
+/// that became nullable need nothing.
+fn note_source_changes(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
+    for change in input.source_changes {
+        match change {
+            SchemaChange::RemovedColumn { column, .. }
+            | SchemaChange::ProbableRename { from: column, .. } => {
+                actions.push(Action::KeptColumn {
+                    column: column.clone(),
+                    note: "inserted rows get NULL; updated rows keep their last value".into(),
+                })
+            }
+            SchemaChange::Nullability {
+                column,
+                nullable: true,
+            } => actions.push(Action::KeptColumn {
+                column: column.clone(),
+                note: "now nullable at the source; no change needed (target columns are nullable)"
+                    .into(),
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// How one file column reaches an existing target: added, loaded as it is, cast, widened,
+/// or split into a variant column.
+fn plan_column(input: &PlanInput<'_>, target: &TargetTable, c: &Column, out: &mut Planned) {
+    let target_name = (input.column_name)(&c.name);
+    let Some(existing) = target
+        .columns
+        .iter()
+        .find(|t| fold(&t.name) == fold(&target_name))
+    else {
+        plan_new_column(input, c, target_name, out);
+        return;
+    };
+    let target_name = existing.name.clone();
+    match target_change(target, &existing.ty, &c.ty) {
+        TypeChange::Same => out.load_as_is(target_name, &c.name),
+        TypeChange::Narrowing => {
+            let reported = input.source_changes.iter().any(|ch| {
+                matches!(ch, SchemaChange::TypeChanged { column, .. } if fold(column) == fold(&c.name))
+            });
+            if reported {
+                out.actions.push(Action::CastOnLoad {
+                    column: target_name.clone(),
+                    to: existing.ty.clone(),
+                    lossless: true,
+                });
+            }
+            out.load.push(LoadColumn {
+                target: target_name,
+                expr: LoadExpr::Cast {
+                    column: c.name.clone(),
+                    to: existing.ty.clone(),
+                },
+            });
+        }
+        TypeChange::Widening => {
+            // `widening = "fail"` reaches here only once accepted.
+            out.actions.push(Action::WidenedColumn {
+                column: target_name.clone(),
+                from: existing.ty.clone(),
+                to: c.ty.clone(),
+            });
+            out.ddl.push(Ddl::WidenColumn {
+                column: target_name.clone(),
+                from: existing.ty.clone(),
+                to: c.ty.clone(),
+            });
+            out.load_as_is(target_name, &c.name);
+        }
+        TypeChange::Incompatible => plan_incompatible(input, target, existing, c, out),
+    }
+}
+
+fn plan_new_column(input: &PlanInput<'_>, c: &Column, target_name: String, out: &mut Planned) {
+    match input.policy.new_column {
+        NewColumnPolicy::Ignore => out.actions.push(Action::IgnoredColumn {
+            column: c.name.clone(),
+            reason: "policy new_column = ignore: its values are not loaded".into(),
+        }),
+        // Fail reaches here only once accepted: then it is added.
+        NewColumnPolicy::Add | NewColumnPolicy::Fail => {
+            out.actions.push(Action::AddedColumn {
+                column: target_name.clone(),
+                ty: c.ty.clone(),
+            });
+            out.ddl.push(Ddl::AddColumn {
+                column: Column {
+                    name: target_name.clone(),
+                    ty: c.ty.clone(),
+                    nullable: true,
+                },
+            });
+            out.load_as_is(target_name, &c.name);
+        }
+    }
+}
+
+/// A type the target column cannot hold: a variant column, a cast that may fail, or the
+/// values ignored, as the accepted resolution or the policy says.
+fn plan_incompatible(
+    input: &PlanInput<'_>,
+    target: &TargetTable,
+    existing: &Column,
+    c: &Column,
+    out: &mut Planned,
+) {
+    let target_name = existing.name.clone();
+    let resolution =
+        input
+            .resolutions
+            .get(&fold(&c.name))
+            .copied()
+            .unwrap_or(match input.policy.incompatible {
+                // Fail reaches here only once accepted without a choice.
+                IncompatiblePolicy::Fail => IncompatiblePolicy::Variant,
+                other => other,
+            });
+    let try_cast = LoadExpr::TryCast {
+        column: c.name.clone(),
+        to: existing.ty.clone(),
+    };
+    match resolution {
+        IncompatiblePolicy::Variant | IncompatiblePolicy::Fail => {
+            let variant = variant_column(&target_name, &c.ty);
+            if !target.columns.iter().any(|t| fold(&t.name) == fold(&variant)) {
+                out.ddl.push(Ddl::AddColumn {
+                    column: Column::new(variant.clone(), c.ty.clone()),
+                });
+            }
+            out.actions.push(Action::AddedVariantColumn {
+                column: target_name.clone(),
+                variant: variant.clone(),
+                ty: c.ty.clone(),
+            });
+            out.load.push(LoadColumn {
+                target: target_name,
+                expr: try_cast,
+            });
+            out.load.push(LoadColumn {
+                target: variant,
+                expr: LoadExpr::Variant {
+                    column: c.name.clone(),
+                    fits: existing.ty.clone(),
+                },
+            });
+        }
+        IncompatiblePolicy::Cast => {
+            out.actions.push(Action::CastOnLoad {
+                column: target_name.clone(),
+                to: existing.ty.clone(),
+                lossless: false,
+            });
+            out.load.push(LoadColumn {
+                target: target_name,
+                expr: try_cast,
+            });
+        }
+        IncompatiblePolicy::Ignore => out.actions.push(Action::IgnoredColumn {
+            column: target_name,
+            reason: format!(
+                "type changed to {} (incompatible = ignore): inserted rows get NULL, updated rows keep their last value",
+                c.ty
+            ),
+        }),
     }
 }
 
