@@ -400,7 +400,13 @@ impl Lane {
         );
         tracing::warn!(table = %self.table, null_key_rows = rows, "{reason}");
         let steps = "Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the source key is right, the rows were not changes of any row.";
-        self.alert_file(AlertKind::RowsSkipped, Severity::Warning, first, &reason, Some(steps))
-            .await;
+        self.alert_file(
+            AlertKind::RowsSkipped,
+            Severity::Warning,
+            first,
+            &reason,
+            Some(steps),
+        )
+        .await;
     }
 }
