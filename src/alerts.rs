@@ -60,6 +60,12 @@ pub enum AlertKind {
     /// A key changed more than once in one file and nothing says which change is last
     /// (Firebolt cannot see row order without an ordering column).
     AmbiguousOrder,
+    /// Notifications reach the queue for another bucket or outside `source.prefix`: a
+    /// setup mistake until proven otherwise. Once per cause.
+    NotificationIgnored,
+    /// A startup check found something that keeps files from arriving or failing files
+    /// from reaching a dead-letter queue (bucket, notification, redrive policy).
+    SetupProblem,
 }
 
 impl AlertKind {
@@ -74,6 +80,8 @@ impl AlertKind {
             AlertKind::TableHeld => "table_held",
             AlertKind::RoutingCollision => "routing_collision",
             AlertKind::AmbiguousOrder => "ambiguous_order",
+            AlertKind::NotificationIgnored => "notification_ignored",
+            AlertKind::SetupProblem => "setup_problem",
         }
     }
 }

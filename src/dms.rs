@@ -111,6 +111,30 @@ impl DmsOrder {
     }
 }
 
+impl DmsOrder {
+    /// Whether this file comes after `other` by counter or file name alone, whatever
+    /// folders either is in: for a file given by its name only (`replay --since`).
+    pub fn after_by_name(&self, other: &DmsOrder) -> bool {
+        match (&self.kind, &other.kind) {
+            (
+                FileKind::Load { segment, counter },
+                FileKind::Load {
+                    segment: s2,
+                    counter: c2,
+                },
+            ) => (counter, segment) > (c2, s2),
+            (FileKind::Load { .. }, FileKind::Cdc) => false,
+            (FileKind::Cdc, FileKind::Load { .. }) => true,
+            (FileKind::Cdc, FileKind::Cdc) => self.file_name > other.file_name,
+        }
+    }
+
+    /// The file name, for messages.
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+}
+
 impl Ord for DmsOrder {
     fn cmp(&self, other: &Self) -> Ordering {
         match (&self.kind, &other.kind) {
@@ -178,7 +202,14 @@ impl LayoutError {
 pub enum KeyClass {
     Dms(DmsKey),
     /// Outside the prefix, or not a `.parquet` file: none of the worker's business.
-    Ignored(&'static str),
+    Ignored(KeyIgnored),
+}
+
+/// Why a key is none of the worker's business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyIgnored {
+    OutsidePrefix,
+    NotParquet,
 }
 
 /// Parses a decoded object key.
@@ -189,11 +220,11 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
     } else {
         match key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
             Some(rest) => rest,
-            None => return Ok(KeyClass::Ignored("outside the configured prefix")),
+            None => return Ok(KeyClass::Ignored(KeyIgnored::OutsidePrefix)),
         }
     };
     if !key.ends_with(".parquet") {
-        return Ok(KeyClass::Ignored("not a .parquet file"));
+        return Ok(KeyClass::Ignored(KeyIgnored::NotParquet));
     }
     if key.chars().any(char::is_control) {
         return Err(LayoutError::ControlCharacter(

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alerts::Alerts;
-use crate::batch::BatchFile;
+use crate::batch::{BatchFile, LoadMode};
 use crate::config::Config;
 use crate::dms::{DmsKey, SourceTable};
 use crate::keys::KeyResolver;
@@ -107,6 +107,10 @@ pub struct LaneInfo {
     pub held: Option<String>,
     pub consecutive_failures: u32,
     pub oldest_pending: Option<Instant>,
+    /// The last applied file of the table by DMS order (S3 key), once the lane knows it.
+    pub last_applied: Option<String>,
+    /// How the lane's last commit loaded the table (merge on its key columns, or append).
+    pub mode: Option<LoadMode>,
 }
 
 pub struct Engine {

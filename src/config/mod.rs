@@ -167,6 +167,10 @@ pub struct WorkerConfig {
     /// Receivers pause while this many files wait in lanes: bounds memory and the
     /// visibility keep-alive calls a large backlog would cost.
     pub max_waiting_files: usize,
+    /// `/healthz` (and `cdc-worker health`) fail once no receive from the queue has
+    /// succeeded for this long.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_after: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -177,6 +181,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             lane_idle_timeout: Duration::from_secs(300),
             max_waiting_files: 2000,
+            unhealthy_after: Duration::from_secs(300),
         }
     }
 }

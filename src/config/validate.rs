@@ -99,6 +99,12 @@ impl Config {
                 "must be at least batch.max_files, or batches could never fill",
             ));
         }
+        if self.worker.unhealthy_after < Duration::from_secs(1) {
+            return Err(ConfigError::at(
+                "worker.unhealthy_after",
+                "must be at least 1s (example: unhealthy_after = \"5m\")",
+            ));
+        }
         if self.batch.max_files == 0 {
             return Err(ConfigError::at("batch.max_files", "must be at least 1"));
         }
@@ -400,7 +406,7 @@ mod tests {
         );
         assert_eq!(
             err("[worker]\nconcurency = 3\n"),
-            "invalid configuration: `worker.concurency`: unknown key (did you mean `concurrency`?); the keys of [worker] are: concurrency, max_parallel_batches, shutdown_timeout, lane_idle_timeout, max_waiting_files"
+            "invalid configuration: `worker.concurency`: unknown key (did you mean `concurrency`?); the keys of [worker] are: concurrency, max_parallel_batches, shutdown_timeout, lane_idle_timeout, max_waiting_files, unhealthy_after"
         );
     }
 
@@ -445,7 +451,7 @@ mod tests {
         };
         assert_eq!(
             load("CDC_WORKER__WORKER__CONCURENCY", "8"),
-            "invalid configuration: `worker.concurency` (set by the environment variable CDC_WORKER__WORKER__CONCURENCY): unknown key (did you mean `concurrency`?); the keys of [worker] are: concurrency, max_parallel_batches, shutdown_timeout, lane_idle_timeout, max_waiting_files"
+            "invalid configuration: `worker.concurency` (set by the environment variable CDC_WORKER__WORKER__CONCURENCY): unknown key (did you mean `concurrency`?); the keys of [worker] are: concurrency, max_parallel_batches, shutdown_timeout, lane_idle_timeout, max_waiting_files, unhealthy_after"
         );
         assert_eq!(
             load("CDC_WORKER__QUEUE__MAX_MESSAGES", "11"),

@@ -70,6 +70,30 @@ async fn create_queue(
     out.queue_url().map(str::to_string).context("no queue URL")
 }
 
+/// The key filter of the bucket notification: the prefix as a folder (`dms/`, so that
+/// `dms-old/` is not announced) and DMS's `.parquet` suffix, so the worker's own objects
+/// and other uploads never reach the queue.
+pub fn notification_filter(prefix: &str) -> NotificationConfigurationFilter {
+    let mut rules = S3KeyFilter::builder().filter_rules(
+        FilterRule::builder()
+            .name(FilterRuleName::Suffix)
+            .value(".parquet")
+            .build(),
+    );
+    let folder = prefix.trim_end_matches('/');
+    if !folder.is_empty() {
+        rules = rules.filter_rules(
+            FilterRule::builder()
+                .name(FilterRuleName::Prefix)
+                .value(format!("{folder}/"))
+                .build(),
+        );
+    }
+    NotificationConfigurationFilter::builder()
+        .key(rules.build())
+        .build()
+}
+
 /// Creates (or finds) every resource of `spec`.
 pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::Result<Resources> {
     match aws.s3.create_bucket().bucket(&spec.bucket).send().await {
@@ -120,25 +144,10 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
         .await
         .context("setting the queue policy")?;
 
-    let mut queue_config = QueueConfiguration::builder()
+    let queue_config = QueueConfiguration::builder()
         .queue_arn(&queue_arn)
-        .events(Event::S3ObjectCreated);
-    if !spec.prefix.is_empty() {
-        queue_config = queue_config.filter(
-            NotificationConfigurationFilter::builder()
-                .key(
-                    S3KeyFilter::builder()
-                        .filter_rules(
-                            FilterRule::builder()
-                                .name(FilterRuleName::Prefix)
-                                .value(&spec.prefix)
-                                .build(),
-                        )
-                        .build(),
-                )
-                .build(),
-        );
-    }
+        .events(Event::S3ObjectCreated)
+        .filter(notification_filter(&spec.prefix));
     aws.s3
         .put_bucket_notification_configuration()
         .bucket(&spec.bucket)

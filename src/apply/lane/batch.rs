@@ -596,6 +596,7 @@ impl Lane {
         }
         self.state.consecutive_failures = 0;
         self.state.failing_alerted = false;
+        self.state.mode = Some(plan.mode.clone());
         if stats.ambiguous_keys > 0 {
             let reason = format!(
                 "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",

@@ -74,6 +74,8 @@ struct TableState {
     alerted: HashSet<String>,
     /// Not before this instant (lease held elsewhere, or a lane-level retry backoff).
     not_before: Option<Instant>,
+    /// How the last commit loaded the table, for `/status`.
+    mode: Option<crate::batch::LoadMode>,
     listing: Option<Listing>,
 }
 
@@ -289,6 +291,8 @@ impl Lane {
         info.held = self.state.held.clone();
         info.consecutive_failures = self.state.consecutive_failures;
         info.oldest_pending = self.pending.values().map(|f| f.arrived).min();
+        info.last_applied = self.state.last_applied.as_ref().map(|(_, key)| key.clone());
+        info.mode = self.state.mode.clone();
         if let Some(oldest) = info.oldest_pending {
             crate::telemetry::record_lag(&self.table, oldest.elapsed());
         } else {
