@@ -161,6 +161,9 @@ impl Alert {
             other => other.as_str().replace('_', " "),
         };
         let held = if self.held { " (HELD)" } else { "" };
+        if self.table.is_empty() {
+            return subject_text(&format!("[cdc-worker] {what}{held}"));
+        }
         subject_text(&format!("[cdc-worker] {}: {what}{held}", self.table))
     }
 }

@@ -200,6 +200,20 @@ pub struct ReceivedAlert {
     pub body: serde_json::Value,
 }
 
+/// The inbox queue [`ensure_resources`] subscribed to the alerts topic `topic` (a name).
+pub async fn alerts_inbox_url(aws: &AwsClients, topic: &str) -> anyhow::Result<String> {
+    let name = format!("{topic}-inbox");
+    let out = aws
+        .sqs
+        .get_queue_url()
+        .queue_name(&name)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("SQS queue {name}: {}", crate::aws::explain(&e)))
+        .context("finding the alerts inbox (created by `cdc-worker-dev dev-setup`)")?;
+    out.queue_url().map(str::to_string).context("no queue URL")
+}
+
 /// Drains the alerts inbox queue (SNS envelopes, raw delivery off).
 pub async fn drain_alerts(aws: &AwsClients, inbox_url: &str) -> anyhow::Result<Vec<ReceivedAlert>> {
     let mut alerts = Vec::new();
