@@ -545,3 +545,25 @@ pub fn record_lag(table: &str, lag: Duration) {
     metrics::gauge!("cdc_worker_table_lag_seconds", "table" => table.to_string())
         .set(lag.as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README lists every metric with its type, labels and help text.
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../README.md");
+        for (name, kind, labels, help) in METRICS {
+            let kind = format!("{kind:?}").to_lowercase();
+            let labels: Vec<String> = labels
+                .split(',')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| format!("`{l}`"))
+                .collect();
+            let row = format!("| `{name}` | {kind} | {} | {help} |", labels.join(", "));
+            assert!(readme.contains(&row), "README.md lacks the row:\n{row}");
+        }
+    }
+}

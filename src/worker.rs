@@ -15,7 +15,9 @@ use crate::apply::{ApplyContext, Engine, PendingFile};
 use crate::aws::AwsClients;
 use crate::batch::BatchFile;
 use crate::config::{Config, WarehouseKind};
-use crate::dms::{KeyClass, KeyIgnored, LayoutError, RoutingCollision, TableRouter, classify_key};
+use crate::dms::{
+    DmsKey, KeyClass, KeyIgnored, LayoutError, RoutingCollision, TableRouter, classify_key,
+};
 use crate::event::{Notification, ObjectCreated, parse_body};
 use crate::health::ReceiveHealth;
 use crate::keys::KeyResolver;
@@ -203,21 +205,7 @@ impl Ingest {
             self.alerts.publish(&alert).await;
             return Routed::Done;
         }
-        Routed::File(Box::new(PendingFile {
-            table,
-            source: dms.source.clone(),
-            file: BatchFile {
-                bucket: object.bucket,
-                key: object.key,
-                size: object.size,
-                etag: object.etag.unwrap_or_default(),
-                order_key: dms.order().sort_key(),
-            },
-            dms,
-            messages: Vec::new(),
-            arrived: Instant::now(),
-            waiting: None,
-        }))
+        Routed::File(Box::new(pending_file(table, dms, object)))
     }
 
     fn ignore(
@@ -362,6 +350,24 @@ impl Ingest {
     }
 }
 
+fn pending_file(table: String, dms: DmsKey, object: ObjectCreated) -> PendingFile {
+    PendingFile {
+        table,
+        source: dms.source.clone(),
+        file: BatchFile {
+            bucket: object.bucket,
+            key: object.key,
+            size: object.size,
+            etag: object.etag.unwrap_or_default(),
+            order_key: dms.order().sort_key(),
+        },
+        dms,
+        messages: Vec::new(),
+        arrived: Instant::now(),
+        waiting: None,
+    }
+}
+
 /// `s3://bucket/key`, control characters escaped (keys can be hostile).
 fn location(object: &ObjectCreated) -> String {
     format!("s3://{}/{}", object.bucket, object.key.escape_debug())
@@ -399,6 +405,30 @@ fn unusable_table_name(table: &str) -> Option<String> {
     })
 }
 
+fn new_engine(
+    config: &Arc<Config>,
+    warehouse: &Arc<dyn Warehouse>,
+    store: &ObjectStore,
+    alerts: &Alerts,
+) -> Arc<Engine> {
+    let leases = config
+        .lease
+        .enabled
+        .then(|| LeaseManager::from_config(config, store.clone()));
+    let (events, _) = broadcast::channel(4096);
+    Engine::new(ApplyContext {
+        config: config.clone(),
+        warehouse: warehouse.clone(),
+        store: store.clone(),
+        schemas: SchemaStore::from_config(config, store.clone()),
+        keys: KeyResolver::new(config, store.clone()),
+        alerts: alerts.clone(),
+        leases,
+        permits: Arc::new(Semaphore::new(config.parallel_batches())),
+        events,
+    })
+}
+
 /// A running worker.
 pub struct Worker {
     config: Arc<Config>,
@@ -428,22 +458,7 @@ impl Worker {
         let store = ObjectStore::new(aws.s3.clone());
         let warehouse = open_warehouse(&config, store.clone()).await?;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(aws.sqs.clone(), &config.queue.url));
-        let leases = config
-            .lease
-            .enabled
-            .then(|| LeaseManager::from_config(&config, store.clone()));
-        let (events, _) = broadcast::channel(4096);
-        let engine = Engine::new(ApplyContext {
-            config: config.clone(),
-            warehouse: warehouse.clone(),
-            store: store.clone(),
-            schemas: SchemaStore::from_config(&config, store.clone()),
-            keys: KeyResolver::new(&config, store.clone()),
-            alerts: alerts.clone(),
-            leases,
-            permits: Arc::new(Semaphore::new(config.parallel_batches())),
-            events,
-        });
+        let engine = new_engine(&config, &warehouse, &store, &alerts);
         let (tracker, acker) = Tracker::new(queue.clone(), &config.queue);
         let acker = tokio::spawn(acker);
         let ingest = Arc::new(Ingest {

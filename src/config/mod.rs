@@ -400,7 +400,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `tracing` filter, e.g. "info" or "info,cdc_worker::apply=debug". `RUST_LOG` wins.
     pub log_level: String,
-    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints; empty disables them.
+    /// Address of the `/healthz`, `/readyz`, `/status` and `/metrics` endpoints; empty
+    /// disables them.
     pub listen: Option<SocketAddr>,
 }
 
