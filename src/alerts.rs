@@ -2,15 +2,22 @@
 //! rejected files, tables that keep failing), logged always and published to SNS when a
 //! topic is configured.
 //!
-//! The JSON body has a stable, documented shape (docs/alerts.md); the subject is short
-//! ASCII for email; message attributes (`alert`, `table`, `severity`, `change_kinds`) let
-//! subscriptions filter.
+//! Each alert goes to SNS as a per-protocol message (`MessageStructure=json`): email
+//! subscribers get a plain-text body a person reads at a glance ([`email_text`]), every
+//! other protocol (SQS, Lambda, HTTPS, ...) the JSON body with its stable, documented
+//! shape (docs/alerts.md). The subject is short ASCII; message attributes (`alert`,
+//! `table`, `severity`, `held`, `change_kinds`) let subscriptions filter.
+
+mod email;
+mod publisher;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use aws_sdk_sns::types::MessageAttributeValue;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+pub use email::email_text;
+pub use publisher::{PublishError, PublishStats};
 
 use crate::schema::diff::{ChangeKind, SchemaChange};
 use crate::schema::policy::SchemaPolicy;
@@ -19,7 +26,7 @@ use crate::telemetry;
 /// Version of the alert body shape; bumped only on incompatible changes.
 pub const ALERT_FORMAT_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Info,
@@ -37,57 +44,67 @@ impl Severity {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertKind {
+/// Declares the alert kinds once: the enum, its wire names and [`AlertKind::ALL`] (which
+/// the golden tests walk, so a new kind cannot go without its email text).
+macro_rules! alert_kinds {
+    ($($(#[$doc:meta])* $kind:ident => $name:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum AlertKind {
+            $($(#[$doc])* $kind,)*
+        }
+
+        impl AlertKind {
+            /// Every kind, in declaration order.
+            pub const ALL: &[AlertKind] = &[$(AlertKind::$kind),*];
+
+            /// The wire name: the body's `alert` field and the `alert` attribute.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(AlertKind::$kind => $name,)*
+                }
+            }
+        }
+    };
+}
+
+// A new kind: add it here, then the compiler points at its email text
+// (`email::guide`) and its golden test fixture; document it in docs/alerts.md and its
+// runbook entry in docs/operations.md.
+alert_kinds! {
     /// A new schema version of a table.
-    SchemaChange,
+    SchemaChange => "schema_change",
     /// A file was not applied and will not be (gone, or a hostile key); the table goes on.
-    FileSkipped,
+    FileSkipped => "file_skipped",
     /// A file cannot be read (corrupt, not Parquet); it goes to the dead-letter queue.
-    FileRejected,
+    FileRejected => "file_rejected",
     /// A file arrived after later files of its table were applied and cannot be applied
     /// safely; it is held (dead-letter queue).
-    FileOutOfOrder,
+    FileOutOfOrder => "file_out_of_order",
     /// A table keeps failing to apply; its files wait and are retried with backoff.
-    TableFailing,
+    TableFailing => "table_failing",
     /// A table that was reported failing applies again.
-    TableRecovered,
+    TableRecovered => "table_recovered",
     /// A held table's files are waiting for `cdc-worker schema accept`.
-    TableHeld,
+    TableHeld => "table_held",
     /// Two source tables route to one target.
-    RoutingCollision,
+    RoutingCollision => "routing_collision",
     /// A key changed more than once in one file and nothing says which change is last
     /// (Firebolt cannot see row order without an ordering column).
-    AmbiguousOrder,
+    AmbiguousOrder => "ambiguous_order",
+    /// Rows of an applied file were skipped: their key has a NULL, so they change no row.
+    RowsSkipped => "rows_skipped",
     /// Notifications reach the queue for another bucket or outside `source.prefix`: a
     /// setup mistake until proven otherwise. Once per cause.
-    NotificationIgnored,
+    NotificationIgnored => "notification_ignored",
     /// A startup check found something that keeps files from arriving or failing files
     /// from reaching a dead-letter queue (bucket, notification, redrive policy).
-    SetupProblem,
+    SetupProblem => "setup_problem",
 }
 
-impl AlertKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertKind::SchemaChange => "schema_change",
-            AlertKind::FileSkipped => "file_skipped",
-            AlertKind::FileRejected => "file_rejected",
-            AlertKind::FileOutOfOrder => "file_out_of_order",
-            AlertKind::TableFailing => "table_failing",
-            AlertKind::TableRecovered => "table_recovered",
-            AlertKind::TableHeld => "table_held",
-            AlertKind::RoutingCollision => "routing_collision",
-            AlertKind::AmbiguousOrder => "ambiguous_order",
-            AlertKind::NotificationIgnored => "notification_ignored",
-            AlertKind::SetupProblem => "setup_problem",
-        }
-    }
-}
-
-/// One alert. Optional fields are omitted from the JSON when empty.
-#[derive(Debug, Clone, Serialize)]
+/// One alert. Optional fields are omitted from the JSON when empty. It deserializes from
+/// the JSON body too (for subscribers written in Rust, and the tests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Alert {
     pub format_version: u32,
     pub alert: AlertKind,
@@ -99,9 +116,9 @@ pub struct Alert {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<u64>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<SchemaChange>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<SchemaPolicy>,
@@ -187,16 +204,33 @@ pub fn subject_text(text: &str) -> String {
     out
 }
 
-/// Where alerts go.
+/// Where alerts go: the log always, and the SNS topic when one is configured.
+///
+/// Publishing never waits for SNS: [`Alerts::publish`] logs and counts the alert, renders
+/// the SNS message and hands it to a background task through a bounded queue (see
+/// [`publisher`] for what happens when the queue is full or SNS is down).
 #[derive(Clone, Debug)]
 pub struct Alerts {
-    sns: Option<(aws_sdk_sns::Client, String)>,
+    sns: Option<publisher::Publisher>,
 }
 
 impl Alerts {
+    /// Starts the background publisher when `topic_arn` is set; call it inside the Tokio
+    /// runtime that will run the worker.
     pub fn new(sns: aws_sdk_sns::Client, topic_arn: Option<String>) -> Self {
+        Self::with_queue_capacity(sns, topic_arn, publisher::QUEUE_CAPACITY)
+    }
+
+    /// Like [`Alerts::new`], with room for `capacity` alerts waiting for SNS.
+    pub fn with_queue_capacity(
+        sns: aws_sdk_sns::Client,
+        topic_arn: Option<String>,
+        capacity: usize,
+    ) -> Self {
         Self {
-            sns: topic_arn.filter(|t| !t.is_empty()).map(|t| (sns, t)),
+            sns: topic_arn
+                .filter(|t| !t.is_empty())
+                .map(|t| publisher::Publisher::start(sns, t, capacity)),
         }
     }
 
@@ -205,68 +239,38 @@ impl Alerts {
         Self { sns: None }
     }
 
-    /// Logs the alert and publishes it; a publish failure is logged, never fatal.
+    /// Logs the alert and queues it for SNS. Returns at once: a slow, failing or
+    /// unreachable SNS never delays the caller (a batch, a receiver).
     pub async fn publish(&self, alert: &Alert) {
-        let body = serde_json::to_string(alert).unwrap_or_default();
+        // One `message` (the alert's sentence); `alert` names the kind, for searches.
+        let (kind, table, text) = (alert.alert.as_str(), &alert.table, &alert.message);
         match alert.severity {
-            Severity::Info => {
-                tracing::info!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
-            }
-            Severity::Warning => {
-                tracing::warn!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
-            }
-            Severity::Error => {
-                tracing::error!(alert = alert.alert.as_str(), table = %alert.table, message = %alert.message, "alert")
-            }
+            Severity::Info => tracing::info!(alert = kind, %table, "{text}"),
+            Severity::Warning => tracing::warn!(alert = kind, %table, "{text}"),
+            Severity::Error => tracing::error!(alert = kind, %table, "{text}"),
         }
         metrics::counter!("cdc_worker_alerts_total", "alert" => alert.alert.as_str(), "severity" => alert.severity.as_str()).increment(1);
-        let Some((client, topic)) = &self.sns else {
-            return;
-        };
-        let kinds: Vec<&str> = alert.change_kinds().iter().map(|k| k.as_str()).collect();
-        let string = |v: &str| {
-            MessageAttributeValue::builder()
-                .data_type("String")
-                .string_value(v)
-                .build()
-                .expect("string attribute")
-        };
-        let mut request = client
-            .publish()
-            .topic_arn(topic)
-            .subject(alert.subject())
-            .message(body)
-            .message_attributes("alert", string(alert.alert.as_str()))
-            .message_attributes("severity", string(alert.severity.as_str()))
-            .message_attributes("held", string(if alert.held { "true" } else { "false" }));
-        if !alert.table.is_empty() {
-            request = request.message_attributes("table", string(&alert.table));
+        if let Some(sns) = &self.sns {
+            sns.enqueue(publisher::SnsMessage::of(alert));
         }
-        if !kinds.is_empty() {
-            request = request.message_attributes(
-                "change_kinds",
-                MessageAttributeValue::builder()
-                    .data_type("String.Array")
-                    .string_value(serde_json::to_string(&kinds).unwrap_or_default())
-                    .build()
-                    .expect("array attribute"),
-            );
+    }
+
+    /// Waits until every queued alert is published (or has failed), at most `within`: at
+    /// shutdown, with what is left of the shutdown budget. Returns how many were still
+    /// unsent when the time ran out (they are in the log; none is retried later).
+    pub async fn flush(&self, within: Duration) -> usize {
+        match &self.sns {
+            Some(sns) => sns.flush(within).await,
+            None => 0,
         }
-        let mut delay = Duration::from_millis(200);
-        for attempt in 1..=3 {
-            match request.clone().send().await {
-                Ok(_) => return,
-                Err(e) if attempt < 3 => {
-                    tracing::debug!(error = %aws_sdk_sns::error::DisplayErrorContext(&e), attempt, "alert publish failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                }
-                Err(e) => {
-                    metrics::counter!("cdc_worker_alert_publish_failures_total").increment(1);
-                    tracing::error!(error = %aws_sdk_sns::error::DisplayErrorContext(&e), alert = alert.alert.as_str(), table = %alert.table, "could not publish alert to SNS");
-                }
-            }
-        }
+    }
+
+    /// What the publisher has done so far (all zero without a topic).
+    pub fn stats(&self) -> PublishStats {
+        self.sns
+            .as_ref()
+            .map(publisher::Publisher::stats)
+            .unwrap_or_default()
     }
 }
 
@@ -314,5 +318,14 @@ mod tests {
             assert!(v.get(field).is_some(), "{field} missing: {v}");
         }
         assert_eq!(v["alert"], "file_skipped");
+    }
+
+    #[test]
+    fn every_kind_has_one_wire_name() {
+        let mut seen = std::collections::HashSet::new();
+        for &kind in AlertKind::ALL {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+            assert!(seen.insert(kind.as_str()), "{kind:?} twice");
+        }
     }
 }

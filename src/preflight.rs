@@ -90,18 +90,31 @@ impl Report {
                 Status::Ok | Status::Skip => continue,
             };
             tracing::warn!(check = c.name, problem = %c.detail, "setup check failed; the worker runs on, but see the problem");
+            // The detail reads "problem; what to do": the alert's message is the problem,
+            // its next steps the fix.
+            let (problem, fix) = c.detail.split_once("; ").unwrap_or((&c.detail, ""));
             let mut alert = Alert::new(
                 AlertKind::SetupProblem,
                 severity,
                 "",
-                format!("{}: {}", c.name, c.detail),
+                format!("{}: {problem}", c.name),
             );
-            alert.next_steps = Some(
-                "Fix the setup and restart the worker; `cdc-worker check-connection` runs the same checks."
-                    .into(),
-            );
+            alert.next_steps = Some(format!(
+                "{}Then restart the worker; `cdc-worker check-connection` runs the same checks.",
+                capitalized_sentence(fix)
+            ));
             alerts.publish(&alert).await;
         }
+    }
+}
+
+/// `fix it` as `Fix it. ` (empty stays empty).
+fn capitalized_sentence(text: &str) -> String {
+    let text = text.trim().trim_end_matches('.');
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => format!("{}{}. ", first.to_uppercase(), chars.as_str()),
+        None => String::new(),
     }
 }
 
@@ -218,7 +231,7 @@ pub fn judge_redrive(policy: Option<&str>) -> Check {
         None => Check::new(
             "dead-letter queue",
             Status::Warn,
-            "the queue has no redrive policy: a file that can never be applied (corrupt, or late without an ordering column) is received again and again instead of moving to a dead-letter queue. Give the queue a RedrivePolicy (deadLetterTargetArn, maxReceiveCount 5)",
+            "the queue has no redrive policy: a file that can never be applied (corrupt, or late) comes back forever instead of resting in a dead-letter queue; give the queue a RedrivePolicy (deadLetterTargetArn, maxReceiveCount 5)",
         ),
     }
 }

@@ -372,7 +372,8 @@ impl NotificationIgnored<'_> {
 pub struct BatchApplied<'a> {
     pub table: &'a str,
     pub batch_id: &'a str,
-    pub files: &'a [String],
+    /// Files committed (their keys are in the batch's span and its debug line).
+    pub files: usize,
     pub stats: &'a ApplyStats,
     pub elapsed: Duration,
 }
@@ -382,8 +383,7 @@ impl BatchApplied<'_> {
         tracing::info!(
             table = self.table,
             batch_id = self.batch_id,
-            files = self.files.len(),
-            file_keys = ?self.files,
+            files = self.files,
             rows_staged = self.stats.rows_staged,
             rows_merged = self.stats.rows_merged,
             rows_appended = self.stats.rows_appended,
@@ -393,7 +393,7 @@ impl BatchApplied<'_> {
         );
         let table = self.table.to_string();
         metrics::counter!("cdc_worker_files_applied_total", "table" => table.clone())
-            .increment(self.files.len() as u64);
+            .increment(self.files as u64);
         metrics::counter!("cdc_worker_rows_applied_total", "table" => table.clone())
             .increment(self.stats.rows_staged);
         metrics::counter!("cdc_worker_batches_total", "table" => table.clone(), "outcome" => "committed")
@@ -425,26 +425,35 @@ impl BatchApplied<'_> {
     }
 }
 
-/// A batch (or segment) that failed; its files are retried with backoff.
+/// A batch (or segment) that failed: its files wait in the lane and are retried with
+/// backoff, or, when their data is refused, go back to the queue.
 pub struct BatchFailed<'a> {
     pub table: &'a str,
     pub batch_id: &'a str,
-    pub files: &'a [String],
     pub error: &'a str,
+    /// "poison" (the data is refused) or "transient".
+    pub disposition: &'static str,
     pub consecutive_failures: u32,
 }
 
 impl BatchFailed<'_> {
     pub fn emit(&self) {
+        let fate = if self.disposition == "poison" {
+            "batch failed: its data is refused; the file at fault goes back to the queue and later files wait"
+        } else {
+            "batch failed; its files wait in the lane and are retried with backoff"
+        };
         tracing::warn!(
             table = self.table,
             batch_id = self.batch_id,
-            file_keys = ?self.files,
             error = self.error,
+            disposition = self.disposition,
             consecutive_failures = self.consecutive_failures,
-            "batch failed; its files return to the queue with backoff"
+            "{fate}"
         );
         metrics::counter!("cdc_worker_batches_total", "table" => self.table.to_string(), "outcome" => "failed")
+            .increment(1);
+        metrics::counter!("cdc_worker_batch_failures_total", "table" => self.table.to_string(), "disposition" => self.disposition)
             .increment(1);
     }
 }

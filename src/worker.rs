@@ -249,7 +249,7 @@ impl Ingest {
                 Severity::Warning,
                 "",
                 format!(
-                    "Notifications of files in bucket `{}` reach this worker's queue, but source.bucket is `{configured}`: they are acknowledged and ignored (first one: {location}). Reported once per bucket.",
+                    "notifications for bucket `{}` are ignored: source.bucket is `{configured}` (reported once per bucket)",
                     object.bucket
                 ),
             );
@@ -283,7 +283,7 @@ impl Ingest {
                 Severity::Warning,
                 "",
                 format!(
-                    "Notifications of files under `{folder}` reach this worker's queue, but source.prefix is `{prefix}`: they are acknowledged and ignored (first one: {location}). Reported once per folder."
+                    "notifications for files under `{folder}` are ignored: source.prefix is `{prefix}` (reported once per folder)"
                 ),
             );
             alert.file = Some(location);
@@ -405,6 +405,17 @@ fn unusable_table_name(table: &str) -> Option<String> {
     })
 }
 
+/// The startup checks: an error when the worker cannot work at all, else each problem
+/// logged and alerted.
+async fn check_setup(config: &Config, aws: &AwsClients, alerts: &Alerts) -> anyhow::Result<()> {
+    let report = preflight::run(config, aws).await;
+    if let Some(fatal) = report.fatal() {
+        anyhow::bail!(fatal);
+    }
+    report.announce(alerts).await;
+    Ok(())
+}
+
 fn new_engine(
     config: &Arc<Config>,
     warehouse: &Arc<dyn Warehouse>,
@@ -444,19 +455,36 @@ pub struct Worker {
 
 impl Worker {
     /// Checks the setup ([`crate::preflight`]), connects to the warehouse and starts
-    /// receiving. A queue that cannot be used is an error (nothing would ever arrive);
-    /// other setup problems are a WARN and an alert each.
+    /// receiving. A queue that cannot be used is an error (nothing would ever arrive, and
+    /// nothing is created, not even the DuckDB file); other setup problems are a WARN and
+    /// an alert each.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let config = Arc::new(config);
         let aws = AwsClients::new(&config.aws).await;
         let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
-        let report = preflight::run(&config, &aws).await;
-        if let Some(fatal) = report.fatal() {
-            anyhow::bail!(fatal);
-        }
-        report.announce(&alerts).await;
+        check_setup(&config, &aws, &alerts).await?;
+        let warehouse = open_warehouse(&config, ObjectStore::new(aws.s3.clone())).await?;
+        Self::launch(Arc::new(config), aws, alerts, warehouse).await
+    }
+
+    /// Starts receiving into a warehouse opened (and prepared) by the caller, after the
+    /// same setup checks.
+    pub async fn start_with_warehouse(
+        config: Config,
+        warehouse: Arc<dyn Warehouse>,
+    ) -> anyhow::Result<Self> {
+        let aws = AwsClients::new(&config.aws).await;
+        let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
+        check_setup(&config, &aws, &alerts).await?;
+        Self::launch(Arc::new(config), aws, alerts, warehouse).await
+    }
+
+    async fn launch(
+        config: Arc<Config>,
+        aws: AwsClients,
+        alerts: Alerts,
+        warehouse: Arc<dyn Warehouse>,
+    ) -> anyhow::Result<Self> {
         let store = ObjectStore::new(aws.s3.clone());
-        let warehouse = open_warehouse(&config, store.clone()).await?;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(aws.sqs.clone(), &config.queue.url));
         let engine = new_engine(&config, &warehouse, &store, &alerts);
         let (tracker, acker) = Tracker::new(queue.clone(), &config.queue);
@@ -548,6 +576,13 @@ impl Worker {
         // Releases first (waiting files go back at once), then deletes: dropping the last
         // tracker closes the delete channel and the acker drains it.
         if let Some(ingest) = self.ingest.take() {
+            let remaining = budget
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(2));
+            let unsent = ingest.alerts.flush(remaining).await;
+            if unsent > 0 {
+                tracing::warn!(alerts = unsent, "alerts not published before shutdown");
+            }
             let remaining = budget
                 .saturating_sub(started.elapsed())
                 .max(Duration::from_secs(2));

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts LocalStack (S3, SQS, SNS) on 127.0.0.1:4566 without Docker, installing it into a
+# Starts LocalStack (S3, SQS, SNS, and SES, through which SNS delivers email) on
+# 127.0.0.1:4566 without Docker, installing it into a
 # private virtualenv on first use. Idempotent: returns at once when LocalStack already answers.
 #
 #   deploy/localstack/start.sh          # install if needed, start in the background, wait
@@ -24,8 +25,18 @@ sys.exit(0 if all(services.get(s) in ("available", "running") for s in ("s3", "s
 PY
 }
 
+has_ses() { python3 - "$health" <<'PY' 2>/dev/null
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
+    sys.exit(0 if json.load(r).get("services", {}).get("ses") in ("available", "running") else 1)
+PY
+}
+
 if healthy; then
   echo "localstack: already running on 127.0.0.1:$port"
+  # One started by an earlier version of this script has no SES: only the alert email
+  # test needs it, so say so instead of stopping what others may be using.
+  has_ses || echo "localstack: note: it runs without SES, which the alert email test needs; restart it (deploy/localstack/stop.sh, then this script) when nothing else uses it" >&2
   exit 0
 fi
 
@@ -44,7 +55,7 @@ fi
 echo "localstack: starting on 127.0.0.1:$port (log: $cache/localstack.log)"
 # LOCALSTACK_HOST and the path strategy make queue URLs resolvable without outside DNS:
 # http://127.0.0.1:4566/queue/us-east-1/000000000000/NAME
-SERVICES=s3,sqs,sns \
+SERVICES=s3,sqs,sns,ses \
 GATEWAY_LISTEN=127.0.0.1:$port \
 LOCALSTACK_HOST=127.0.0.1:$port \
 SQS_ENDPOINT_STRATEGY=path \

@@ -2,97 +2,24 @@
 //! files one batch at a time, in DMS order. Lanes of different tables run in parallel,
 //! bounded by `worker.max_parallel_batches`.
 
+pub mod context;
+pub mod failure;
 mod lane;
 pub mod plan;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::alerts::Alerts;
-use crate::batch::{BatchFile, LoadMode};
-use crate::config::Config;
-use crate::dms::{DmsKey, SourceTable};
-use crate::keys::KeyResolver;
-use crate::lease::LeaseManager;
-use crate::queue::{FileOutcome, MessageHandle};
-use crate::schema::store::SchemaStore;
-use crate::storage::ObjectStore;
-use crate::warehouse::Warehouse;
+pub use context::{ApplyContext, EngineEvent, LaneInfo, PendingFile, new_batch_id};
 
-/// Everything a lane needs, shared by all lanes.
-pub struct ApplyContext {
-    pub config: Arc<Config>,
-    pub warehouse: Arc<dyn Warehouse>,
-    pub store: ObjectStore,
-    pub schemas: SchemaStore,
-    pub keys: KeyResolver,
-    pub alerts: Alerts,
-    pub leases: Option<LeaseManager>,
-    /// Bounds the batches applying at once across tables.
-    pub permits: Arc<Semaphore>,
-    pub events: broadcast::Sender<EngineEvent>,
-}
-
-/// A file on its way to its table's lane.
-#[derive(Clone)]
-pub struct PendingFile {
-    pub table: String,
-    pub source: SourceTable,
-    pub dms: DmsKey,
-    pub file: BatchFile,
-    /// The messages that announced it (more than one after duplicate deliveries).
-    pub messages: Vec<MessageHandle>,
-    pub arrived: Instant,
-    /// The engine's count of files waiting, when this file was submitted to it (files
-    /// found in the S3 listing were not).
-    pub waiting: Option<Arc<AtomicUsize>>,
-}
-
-impl PendingFile {
-    /// Gives every message that announced this file its outcome. Call once per file.
-    pub fn resolve(&self, outcome: FileOutcome) {
-        for m in &self.messages {
-            m.resolve(outcome.clone());
-        }
-        if let Some(waiting) = &self.waiting {
-            // One submission per message: duplicates merged into this file carry theirs.
-            let n = self.messages.len();
-            let _ = waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                Some(w.saturating_sub(n))
-            });
-        }
-    }
-}
-
-/// What the engine reports as it works: for tests, the benchmark and `status`.
-#[derive(Debug, Clone)]
-pub enum EngineEvent {
-    BatchStarted {
-        table: String,
-        batch_id: String,
-        files: usize,
-        at: Instant,
-    },
-    BatchFinished {
-        table: String,
-        batch_id: String,
-        committed: Vec<String>,
-        ok: bool,
-        statements: u32,
-        rows: u64,
-        at: Instant,
-    },
-    TableHeld {
-        table: String,
-        reason: String,
-    },
-}
+use crate::queue::FileOutcome;
+use lane::{Exit, Lane};
 
 /// A lane's mailbox, with what `status` shows about it.
 struct LaneEntry {
@@ -100,19 +27,7 @@ struct LaneEntry {
     info: Arc<Mutex<LaneInfo>>,
 }
 
-/// A lane's state as `status` and `/metrics` show it.
-#[derive(Debug, Clone, Default)]
-pub struct LaneInfo {
-    pub pending_files: usize,
-    pub held: Option<String>,
-    pub consecutive_failures: u32,
-    pub oldest_pending: Option<Instant>,
-    /// The last applied file of the table by DMS order (S3 key), once the lane knows it.
-    pub last_applied: Option<String>,
-    /// How the lane's last commit loaded the table (merge on its key columns, or append).
-    pub mode: Option<LoadMode>,
-}
-
+/// Routes files to their table's lane, starting lanes on demand and retiring idle ones.
 pub struct Engine {
     ctx: Arc<ApplyContext>,
     lanes: Mutex<HashMap<String, LaneEntry>>,
@@ -120,21 +35,6 @@ pub struct Engine {
     /// Cancelled on shutdown: lanes finish their running batch and release the rest.
     stop: CancellationToken,
     waiting: Arc<AtomicUsize>,
-}
-
-static BATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A batch id unique across restarts and workers: start time, process and counter.
-pub fn new_batch_id() -> String {
-    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let prefix = PREFIX.get_or_init(|| {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        format!("b{millis:x}p{:x}", std::process::id())
-    });
-    format!("{prefix}n{}", BATCH_COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Engine {
@@ -181,19 +81,12 @@ impl Engine {
                 info: info.clone(),
             },
         );
-        let lane = lane::Lane::new(
-            table,
-            self.ctx.clone(),
-            rx,
-            info,
-            Arc::downgrade(self),
-            self.stop.clone(),
-        );
-        self.tasks.spawn(lane.run());
+        let lane = Lane::new(table, self.ctx.clone(), rx, info, self.stop.clone());
+        self.tasks.spawn(run_lane(lane, Arc::downgrade(self)));
     }
 
-    /// Called by an idle lane: removes it if no file arrived meanwhile. Holding the lanes
-    /// lock while checking the mailbox means no file can be sent to a lane that exits.
+    /// Called when a lane went idle: removes it if no file arrived meanwhile. Holding the
+    /// lanes lock while checking the mailbox means no file can be sent to a lane that exits.
     fn retire(
         &self,
         table: &str,
@@ -233,5 +126,23 @@ impl Engine {
         tokio::time::timeout(budget, self.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// Runs a lane until it stops, retiring it when it goes idle unless a file arrived.
+async fn run_lane(mut lane: Lane, engine: Weak<Engine>) {
+    loop {
+        match lane.run().await {
+            Exit::Stopped => return,
+            Exit::Idle(mut idle) => {
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                if !idle.retire_or_resume(|table, rx| engine.retire(table, rx)) {
+                    return;
+                }
+                lane = *idle;
+            }
+        }
     }
 }

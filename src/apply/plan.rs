@@ -196,12 +196,15 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
         .collect();
 
     let Some(target) = input.target else {
+        // Key columns are NOT NULL: Firebolt refuses nullable columns in a primary index
+        // (its docs up to 2025), and DMS keys are primary keys. Staged rows with a NULL key
+        // are skipped and counted by the warehouse (`ApplyStats::null_key_rows`).
         let columns: Vec<Column> = loadable
             .iter()
             .map(|c| Column {
                 name: name(&c.name),
                 ty: c.ty.clone(),
-                nullable: true,
+                nullable: !key.iter().any(|k| k.source == c.name),
             })
             .collect();
         actions.insert(
@@ -296,7 +299,7 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
             continue;
         };
         let target_name = existing.name.clone();
-        match classify(&existing.ty, &c.ty) {
+        match target_change(target, &existing.ty, &c.ty) {
             TypeChange::Same => load.push(LoadColumn {
                 target: target_name,
                 expr: LoadExpr::Column(c.name.clone()),
@@ -407,6 +410,19 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
     }
 }
 
+/// How a target column's type compares with the file's. Types the target's dialect
+/// renders alike are the same column type there, whatever the parsed types say: a column
+/// the worker created from the file's type must never look changed when it is described
+/// again (Firebolt: a uint64 and a decimal(20,0) are both NUMERIC(20, 0), a decimal wider
+/// than 38 digits is NUMERIC(38, s), a TIME is TEXT).
+fn target_change(target: &TargetTable, existing: &ColumnType, file: &ColumnType) -> TypeChange {
+    if target.dialect.type_name(existing) == target.dialect.type_name(file) {
+        TypeChange::Same
+    } else {
+        classify(existing, file)
+    }
+}
+
 /// Whether a new (not yet accepted) change meets a policy that stops the table.
 fn policy_hold(input: &PlanInput<'_>) -> Option<Decision> {
     let p = &input.policy;
@@ -482,6 +498,7 @@ mod tests {
                 .map(|(n, t)| Column::new(*n, t.clone()))
                 .collect(),
             primary_key: vec![],
+            dialect: crate::schema::dialect::Dialect::Duckdb,
         }
     }
 
@@ -515,8 +532,21 @@ mod tests {
         let f = file(&[("id", ColumnType::Int64), ("name", ColumnType::String)]);
         match run(None, None, &f, PolicyPreset::Evolve, &["ID"]) {
             Decision::Apply { ddl, mode, .. } => {
-                assert!(
-                    matches!(&ddl[0], Ddl::CreateTable { primary_key, .. } if primary_key == &["id"])
+                let Ddl::CreateTable {
+                    primary_key,
+                    columns,
+                } = &ddl[0]
+                else {
+                    panic!("{ddl:?}")
+                };
+                assert_eq!(primary_key, &["id"]);
+                assert_eq!(
+                    columns
+                        .iter()
+                        .map(|c| (c.name.as_str(), c.nullable))
+                        .collect::<Vec<_>>(),
+                    [("id", false), ("name", true)],
+                    "key columns are NOT NULL (a Firebolt primary index refuses nullable ones)"
                 );
                 assert!(matches!(mode, LoadMode::Merge { .. }));
             }
@@ -609,6 +639,79 @@ mod tests {
             run(None, None, &f, PolicyPreset::Evolve, &["id"]),
             Decision::Hold { .. }
         ));
+    }
+
+    /// Every source type, created by the worker and described back by each warehouse,
+    /// plans as unchanged: no DDL, no cast (a rebuild or variant per batch otherwise).
+    #[test]
+    fn a_column_the_worker_created_never_looks_changed() {
+        use crate::schema::dialect::Dialect;
+        let all = [
+            ColumnType::Boolean,
+            ColumnType::Int8,
+            ColumnType::Int16,
+            ColumnType::Int32,
+            ColumnType::Int64,
+            ColumnType::UInt8,
+            ColumnType::UInt16,
+            ColumnType::UInt32,
+            ColumnType::UInt64,
+            ColumnType::Float32,
+            ColumnType::Float64,
+            ColumnType::Decimal {
+                precision: 20,
+                scale: 0,
+            },
+            ColumnType::Decimal {
+                precision: 12,
+                scale: 2,
+            },
+            ColumnType::Decimal {
+                precision: 40,
+                scale: 4,
+            },
+            ColumnType::String,
+            ColumnType::Binary,
+            ColumnType::Date,
+            ColumnType::Time,
+            ColumnType::Timestamp,
+            ColumnType::TimestampTz,
+        ];
+        for dialect in [Dialect::Duckdb, Dialect::Firebolt] {
+            let cols: Vec<(String, ColumnType)> = all
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (format!("c{i}"), t.clone()))
+                .collect();
+            let refs: Vec<(&str, ColumnType)> =
+                cols.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let f = file(&refs);
+            // What the warehouse reports after creating each column from the file's type.
+            let described = TargetTable {
+                dialect,
+                ..target(
+                    &refs
+                        .iter()
+                        .map(|(n, t)| (*n, dialect.parse_type(&dialect.type_name(t))))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            match run(
+                Some(&described),
+                Some(&f.table),
+                &f,
+                PolicyPreset::Strict,
+                &[],
+            ) {
+                Decision::Apply { ddl, load, .. } => {
+                    assert!(ddl.is_empty(), "{dialect:?}: {ddl:?}");
+                    for l in load {
+                        assert!(matches!(l.expr, LoadExpr::Column(_)), "{dialect:?}: {l:?}");
+                    }
+                }
+                other => panic!("{dialect:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::schema::dialect::Dialect;
 use crate::schema::parquet::ParquetError;
 use crate::schema::types::{Column, ColumnType, FileSchema};
 
@@ -66,6 +67,10 @@ pub struct TargetTable {
     pub columns: Vec<Column>,
     /// Declared primary key (DuckDB) or primary index (Firebolt) columns.
     pub primary_key: Vec<String>,
+    /// The dialect whose type names the column types were read from: two types that
+    /// render to the same name in it are the same column type there (Firebolt's NUMERIC(20, 0)
+    /// holds a uint64 and a decimal(20,0) alike), so the planner compares rendered names.
+    pub dialect: Dialect,
 }
 
 /// What a committed apply did, for logs, metrics and the benchmark.
@@ -85,6 +90,9 @@ pub struct ApplyStats {
     /// Keys changed more than once in one file with no ordering column to decide
     /// (Firebolt cannot see row order).
     pub ambiguous_keys: u64,
+    /// Staged rows of a keyed table whose key has a NULL: DMS keys are primary keys, so
+    /// such a row is not a change of any row; it is skipped, never merged, and counted here.
+    pub null_key_rows: u64,
     pub statements: u32,
 }
 

@@ -280,8 +280,12 @@ pub struct FireboltConfig {
     /// How COPY reads the DMS bucket: an IAM role Firebolt assumes, static keys, or the
     /// name of a `LOCATION` object created beforehand.
     pub s3_role_arn: Option<String>,
+    /// The external id the role's trust policy asks for (with `s3_role_arn`).
+    pub s3_role_external_id: Option<String>,
     pub s3_access_key_id: Option<String>,
     pub s3_secret_access_key: Option<Secret>,
+    /// With temporary (STS) keys: their session token.
+    pub s3_session_token: Option<Secret>,
     pub s3_location: Option<String>,
 }
 
@@ -300,8 +304,10 @@ impl Default for FireboltConfig {
             request_timeout: Duration::from_secs(300),
             max_retries: 3,
             s3_role_arn: None,
+            s3_role_external_id: None,
             s3_access_key_id: None,
             s3_secret_access_key: None,
+            s3_session_token: None,
             s3_location: None,
         }
     }

@@ -225,6 +225,18 @@ impl Config {
                         "set both s3_access_key_id and s3_secret_access_key, or neither",
                     ));
                 }
+                if f.s3_session_token.is_some() && f.s3_access_key_id.is_none() {
+                    return Err(ConfigError::at(
+                        "warehouse.firebolt.s3_session_token",
+                        "a session token goes with s3_access_key_id and s3_secret_access_key",
+                    ));
+                }
+                if f.s3_role_external_id.is_some() && f.s3_role_arn.is_none() {
+                    return Err(ConfigError::at(
+                        "warehouse.firebolt.s3_role_external_id",
+                        "an external id goes with s3_role_arn",
+                    ));
+                }
             }
         }
         Ok(())

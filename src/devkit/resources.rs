@@ -65,7 +65,7 @@ async fn create_queue(
     let out = request
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+        .map_err(|e| anyhow::anyhow!("SQS: {}", crate::aws::explain(&e)))
         .with_context(|| format!("creating queue {name}"))?;
     out.queue_url().map(str::to_string).context("no queue URL")
 }
@@ -99,9 +99,11 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
     match aws.s3.create_bucket().bucket(&spec.bucket).send().await {
         Ok(_) => {}
         Err(e) => {
-            let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
-            if !text.contains("BucketAlreadyOwnedByYou") && !text.contains("BucketAlreadyExists") {
-                anyhow::bail!("creating bucket {}: {text}", spec.bucket);
+            let why = crate::aws::explain(&e);
+            if !why.detail.contains("BucketAlreadyOwnedByYou")
+                && !why.detail.contains("BucketAlreadyExists")
+            {
+                anyhow::bail!("creating bucket {}: {why}", spec.bucket);
             }
         }
     }
@@ -158,7 +160,7 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
         )
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)))
+        .map_err(|e| anyhow::anyhow!("S3 bucket {}: {}", spec.bucket, crate::aws::explain(&e)))
         .context("configuring the bucket notification")?;
 
     let topic_arn = aws

@@ -3,6 +3,7 @@
 //! table lanes, visibility kept alive) -> deleted once every file is committed, or released
 //! with a backoff when one failed.
 
+pub mod memory;
 mod sqs;
 mod tracker;
 
@@ -31,6 +32,8 @@ pub enum QueueError {
     Delete { queue: String, message: String },
     #[error("changing visibility on {queue}: {message}")]
     Visibility { queue: String, message: String },
+    #[error("sending to {queue}: {message}")]
+    Send { queue: String, message: String },
 }
 
 /// The few operations the worker needs from a queue.
@@ -53,6 +56,9 @@ pub trait Queue: Send + Sync + 'static {
         receipt_handle: &str,
         timeout: Duration,
     ) -> Result<(), QueueError>;
+
+    /// Sends a message (a fresh copy of one whose work outlasts SQS's 12 hours in flight).
+    async fn send(&self, body: &str) -> Result<(), QueueError>;
 
     /// A cheap call that proves the queue is reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), QueueError>;

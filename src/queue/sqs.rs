@@ -127,6 +127,20 @@ impl Queue for SqsQueue {
             })
     }
 
+    async fn send(&self, body: &str) -> Result<(), QueueError> {
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Send {
+                queue: self.url.clone(),
+                message: crate::aws::explain(&e).to_string(),
+            })
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         self.client
             .get_queue_attributes()

@@ -3,12 +3,19 @@
 //! visibility. The last file to resolve decides its fate: deleted when all were committed
 //! or skipped, released with a backoff when one must be retried. A handle dropped without
 //! being resolved stops its keep-alive, so the message simply reappears later.
+//!
+//! SQS keeps a received message in flight at most 12 hours. Work that outlasts that (a
+//! table waiting out a long outage) hands the message over before: a fresh copy is sent and
+//! the old one deleted, so waiting costs no receive count however long it lasts. The copy
+//! reaches the same lane, where it joins the waiting file (the ledger skips it if the file
+//! was applied meanwhile).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -36,9 +43,14 @@ pub struct InFlight {
     retry: Mutex<Option<Duration>>,
     tracker: Tracker,
     keepalive: Mutex<Option<(DropGuard, tokio::task::JoinHandle<()>)>>,
+    /// A copy of the message took over (see the module's comment): this one is deleted.
+    handed_over: Arc<AtomicBool>,
 }
 
 pub type MessageHandle = Arc<InFlight>;
+
+/// SQS keeps a received message in flight at most this long, whatever the extensions.
+const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 3600);
 
 impl InFlight {
     /// Records one file's outcome; the last one deletes or releases the message.
@@ -63,6 +75,10 @@ impl InFlight {
                     drop(guard);
                     task
                 });
+        if self.handed_over.load(Ordering::Acquire) {
+            // Its copy is in the queue and has a fate of its own.
+            return;
+        }
         match *self.retry.lock().expect("retry lock") {
             None => self.tracker.delete(self.receipt_handle.clone()),
             Some(delay) => self.tracker.release_after(
@@ -114,12 +130,13 @@ impl Tracker {
     pub fn track(&self, raw: &RawMessage, files: usize) -> MessageHandle {
         assert!(files > 0, "a tracked message has files");
         let token = CancellationToken::new();
+        let handed_over = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(keep_alive(
             self.queue.clone(),
-            raw.message_id.clone(),
-            raw.receipt_handle.clone(),
+            raw.clone(),
             self.visibility,
             token.clone(),
+            handed_over.clone(),
         ));
         Arc::new(InFlight {
             message_id: raw.message_id.clone(),
@@ -129,6 +146,7 @@ impl Tracker {
             retry: Mutex::new(None),
             tracker: self.clone(),
             keepalive: Mutex::new(Some((token.drop_guard(), task))),
+            handed_over,
         })
     }
 
@@ -180,20 +198,64 @@ impl Tracker {
 
 async fn keep_alive(
     queue: Arc<dyn Queue>,
-    message_id: String,
-    receipt_handle: String,
+    message: RawMessage,
     visibility: Duration,
     stop: CancellationToken,
+    handed_over: Arc<AtomicBool>,
 ) {
+    let received = Instant::now();
     let every = (visibility / 2).max(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match queue.set_visibility(&receipt_handle, visibility).await {
+        if received.elapsed() + visibility + every >= MAX_IN_FLIGHT {
+            if hand_over(queue.as_ref(), &message).await {
+                handed_over.store(true, Ordering::Release);
+                return;
+            }
+            continue;
+        }
+        match queue
+            .set_visibility(&message.receipt_handle, visibility)
+            .await
+        {
             Ok(()) => metrics::counter!("cdc_worker_visibility_extensions_total").increment(1),
-            Err(e) => tracing::warn!(message_id, error = %e, "could not extend visibility"),
+            Err(e) => {
+                tracing::warn!(message_id = message.message_id, error = %e, "could not extend visibility")
+            }
+        }
+    }
+}
+
+/// Replaces a message near SQS's in-flight limit by a fresh copy; true once the old one
+/// is deleted (until then it stays in flight and is tried again at the next extension).
+async fn hand_over(queue: &dyn Queue, message: &RawMessage) -> bool {
+    if let Err(e) = queue.send(&message.body).await {
+        tracing::warn!(message_id = message.message_id, error = %e, "could not send a fresh copy of a long-waiting message; trying again");
+        return false;
+    }
+    match queue
+        .delete(std::slice::from_ref(&message.receipt_handle))
+        .await
+    {
+        Ok(failed) if failed.is_empty() => {
+            metrics::counter!("cdc_worker_messages_handed_over_total").increment(1);
+            tracing::info!(
+                message_id = message.message_id,
+                "message in work for nearly 12 hours handed over to a fresh copy"
+            );
+            true
+        }
+        // The copy is sent: a duplicate is harmless (the ledger skips it), a lost
+        // deletion only means the old message reappears once.
+        _ => {
+            tracing::warn!(
+                message_id = message.message_id,
+                "could not delete a message after sending its copy; it reappears once and is skipped"
+            );
+            true
         }
     }
 }
@@ -217,5 +279,97 @@ async fn run_acker(queue: Arc<dyn Queue>, mut rx: mpsc::UnboundedReceiver<String
             }
         }
         batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The queue's side of the lane's rules, on the in-memory queue with paused time.
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::queue::memory::MemoryQueue;
+
+    fn config() -> QueueConfig {
+        QueueConfig {
+            visibility_timeout: Duration::from_secs(10),
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(4),
+            ..QueueConfig::default()
+        }
+    }
+
+    async fn receive(queue: &MemoryQueue) -> Vec<RawMessage> {
+        queue
+            .receive(10, Duration::ZERO, Duration::from_secs(10))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_in_work_stays_hidden_however_long_the_work_takes() {
+        let queue = Arc::new(MemoryQueue::new(5));
+        queue.push("file");
+        let (tracker, acker) = Tracker::new(queue.clone(), &config());
+        let acker = tokio::spawn(acker);
+        let message = receive(&queue).await.pop().unwrap();
+        let handle = tracker.track(&message, 1);
+        // Eleven hours: the keep-alive extends the visibility all along.
+        tokio::time::sleep(Duration::from_secs(11 * 3600)).await;
+        assert!(receive(&queue).await.is_empty(), "nobody else sees it");
+        assert_eq!(queue.receive_counts(), [("file".to_string(), 1)]);
+        // Past SQS's 12 hours in flight, a fresh copy has taken over, unreceived.
+        tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+        assert_eq!(
+            queue.receive_counts(),
+            [("file".to_string(), 0)],
+            "no receive spent"
+        );
+        // The worker receives the copy (its file joins the one waiting in the lane) and
+        // commits both.
+        let copy = receive(&queue).await.pop().unwrap();
+        let copy_handle = tracker.track(&copy, 1);
+        handle.resolve(FileOutcome::Committed);
+        copy_handle.resolve(FileOutcome::Committed);
+        drop((handle, copy_handle, tracker));
+        acker.await.unwrap();
+        assert_eq!(
+            queue.depths(),
+            (0, 0),
+            "deleted once committed, nothing in the DLQ"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_message_backs_off_and_reaches_the_dlq_after_its_receives() {
+        let queue = Arc::new(MemoryQueue::new(3));
+        queue.push("poison");
+        let (tracker, _acker) = Tracker::new(queue.clone(), &config());
+        let mut waits = Vec::new();
+        let mut last = tokio::time::Instant::now();
+        loop {
+            let Some(message) = receive(&queue).await.pop() else {
+                if queue.depths() == (0, 1) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            waits.push((tokio::time::Instant::now() - last).as_secs());
+            last = tokio::time::Instant::now();
+            tracker.track(&message, 1).resolve(FileOutcome::Retry(None));
+            tracker.flush_releases().await;
+        }
+        assert_eq!(
+            waits,
+            [0, 1, 2],
+            "released after 1 s, then 2 s (doubling per receive)"
+        );
+        assert_eq!(
+            queue.depths(),
+            (0, 1),
+            "in the dead-letter queue after 3 receives"
+        );
     }
 }

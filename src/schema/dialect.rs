@@ -69,11 +69,10 @@ impl Dialect {
             .or_else(|| t.strip_prefix("numeric("))
             .and_then(|r| r.strip_suffix(')'))
         {
+            // A Firebolt NUMERIC(20, 0) may hold a uint64 or a decimal(20,0): it is read as
+            // what it is, and the planner compares rendered names (both are NUMERIC(20, 0)).
             let mut parts = inner.split(',').map(|p| p.trim().parse::<u8>());
             if let (Some(Ok(precision)), Some(Ok(scale))) = (parts.next(), parts.next()) {
-                if self == Dialect::Firebolt && precision == 20 && scale == 0 {
-                    return UInt64;
-                }
                 return Decimal { precision, scale };
             }
         }
@@ -87,8 +86,15 @@ impl Dialect {
             "usmallint" => UInt16,
             "uinteger" => UInt32,
             "ubigint" => UInt64,
+            // Firebolt's FLOAT is an alias of DOUBLE PRECISION (data types reference);
+            // DuckDB's is a 4-byte REAL.
+            "float" if self == Dialect::Firebolt => Float64,
             "float" | "real" | "float4" => Float32,
             "double" | "double precision" | "float8" => Float64,
+            "numeric" | "decimal" if self == Dialect::Firebolt => Decimal {
+                precision: 38,
+                scale: 9,
+            },
             "varchar" | "text" | "string" => String,
             "blob" | "bytea" => Binary,
             "date" | "pgdate" => Date,
@@ -121,11 +127,36 @@ mod tests {
                 ColumnType::Date,
                 ColumnType::Timestamp,
                 ColumnType::TimestampTz,
-                ColumnType::UInt64,
             ] {
                 assert_eq!(d.parse_type(&d.type_name(&ty)), ty, "{d:?} {ty}");
             }
         }
+        // Where a dialect has fewer types than the files, the name round-trips, not the type.
+        for ty in [
+            ColumnType::UInt64,
+            ColumnType::UInt32,
+            ColumnType::Int8,
+            ColumnType::Float32,
+            ColumnType::Time,
+            ColumnType::Decimal {
+                precision: 40,
+                scale: 2,
+            },
+        ] {
+            let d = Dialect::Firebolt;
+            let name = d.type_name(&ty);
+            assert_eq!(d.type_name(&d.parse_type(&name)), name, "{ty}");
+        }
+        assert_eq!(
+            Dialect::Firebolt.parse_type("NUMERIC(20, 0)"),
+            ColumnType::Decimal {
+                precision: 20,
+                scale: 0
+            },
+            "a decimal(20,0) source column is not mistaken for a uint64"
+        );
+        assert_eq!(Dialect::Firebolt.parse_type("FLOAT"), ColumnType::Float64);
+        assert_eq!(Dialect::Duckdb.parse_type("FLOAT"), ColumnType::Float32);
         assert_eq!(
             Dialect::Firebolt.parse_type("Decimal(38, 30) null"),
             ColumnType::Decimal {

@@ -267,6 +267,13 @@ fn apply_in_transaction(
                 conn.execute_batch(create).map_err(sql_err)?;
                 stats.statements += 1;
             }
+            // Rows whose key has a NULL are skipped by the MERGE; count them for the report.
+            if let Some(q) = merge::null_key_rows_query(plan, &rows) {
+                stats.null_key_rows = conn
+                    .query_row(&q, [], |r| r.get::<_, i64>(0))
+                    .map_err(sql_err)? as u64;
+                stats.statements += 1;
+            }
             let sql = merge::merge_statement(d, &target, plan, &rows, Some(&tombstones));
             stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
             if let Some((_, record)) = &tombstone_sql {
@@ -414,6 +421,7 @@ impl Warehouse for Duckdb {
                     name,
                     columns,
                     primary_key,
+                    dialect: Dialect::Duckdb,
                 }))
             })
             .await
@@ -733,5 +741,96 @@ mod tests {
             wh.last_applied("orders").await.unwrap(),
             Some(("1|a.parquet".to_string(), key))
         );
+    }
+
+    /// Audit B1's fate on DuckDB: staged rows whose key has a NULL are skipped (never
+    /// merged, never matched) and counted in `ApplyStats::null_key_rows`.
+    #[tokio::test]
+    async fn rows_with_a_null_key_are_skipped_and_counted() {
+        use crate::batch::{KeyColumn, LoadColumn, LoadExpr, LoadMode};
+        use crate::schema::types::{Column, ColumnType, FileSchema, TableSchema};
+        use duckdb::types::Value;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.parquet");
+        let cols: Vec<(String, String)> = [("Op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")]
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        let text = |s: &str| Value::Text(s.into());
+        crate::devkit::parquet::write_parquet(
+            &path,
+            &cols,
+            &[
+                vec![text("I"), Value::BigInt(1), text("one")],
+                vec![text("I"), Value::Null, text("no key")],
+                vec![text("U"), Value::Null, text("no key either")],
+                vec![text("I"), Value::BigInt(2), text("two")],
+            ],
+        )
+        .unwrap();
+        let config = DuckdbConfig {
+            path: dir.path().join("w.duckdb"),
+            ..DuckdbConfig::default()
+        };
+        let wh = Duckdb::open(&config, "Op", offline_store()).unwrap();
+        wh.prepare().await.unwrap();
+        let columns = vec![
+            Column::new("id", ColumnType::Int64),
+            Column::new("v", ColumnType::String),
+        ];
+        let file = BatchFile {
+            bucket: "b".into(),
+            key: "dms/t/1.parquet".into(),
+            size: 1,
+            etag: "e".into(),
+            order_key: "1".into(),
+        };
+        let plan = ApplyPlan {
+            batch_id: "b1".into(),
+            table: "t".into(),
+            ddl: vec![Ddl::CreateTable {
+                columns: columns.clone(),
+                primary_key: vec!["id".into()],
+            }],
+            load: columns
+                .iter()
+                .map(|c| LoadColumn {
+                    target: c.name.clone(),
+                    expr: LoadExpr::Column(c.name.clone()),
+                })
+                .collect(),
+            mode: LoadMode::Merge {
+                key: vec![KeyColumn {
+                    target: "id".into(),
+                    source: "id".into(),
+                }],
+            },
+            op_column: Some("Op".into()),
+            ordering_column: None,
+            staged_columns: columns.clone(),
+            files: vec![file.clone()],
+            fence: None,
+        };
+        let staged = StagedFile {
+            file,
+            schema: FileSchema {
+                table: TableSchema::new(columns),
+                has_op: true,
+                rows: 4,
+            },
+            local_path: Some(path),
+        };
+        let stats = wh.apply(&plan, &[staged]).await.unwrap();
+        assert_eq!(stats.null_key_rows, 2);
+        assert_eq!(stats.rows_merged, 2);
+        let conn = open_read_only(&config.path).unwrap();
+        let rows: Vec<(i64, String)> = conn
+            .prepare("SELECT id, v FROM main.t ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows, vec![(1, "one".into()), (2, "two".into())]);
     }
 }

@@ -23,6 +23,19 @@ pub struct StagedRows {
     pub file_ordinal: String,
     /// Expression of a row's position inside its file, where the warehouse has one.
     pub row_ordinal: Option<String>,
+    /// Staged columns read through an expression instead of as they are: (column,
+    /// expression over the relation's columns). Firebolt stages unsigned integers as the
+    /// signed type Parquet stores them in and corrects the sign here (`firebolt::sql`).
+    pub converted: Vec<(String, String)>,
+}
+
+impl StagedRows {
+    fn column(&self, name: &str) -> String {
+        match self.converted.iter().find(|(c, _)| c == name) {
+            Some((_, expr)) => format!("{expr} AS {}", ident(name)),
+            None => ident(name),
+        }
+    }
 }
 
 /// `s."col"`, cast as the plan says.
@@ -49,8 +62,31 @@ fn not_delete(plan: &ApplyPlan, alias: &str) -> Option<String> {
     })
 }
 
+/// `k1 IS NULL OR k2 IS NULL ...`: a staged row whose key has a NULL. DMS keys are primary
+/// keys, so such a row changes no row of the target: it is skipped and counted, and key
+/// matching can use plain equality (Firebolt needs an equality predicate to join on).
+fn null_key(key: &[String], alias: &str) -> String {
+    key.iter()
+        .map(|k| format!("{alias}.{} IS NULL", ident(k)))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// For a keyed plan: how many staged rows have a NULL in a key column (skipped).
+pub fn null_key_rows_query(plan: &ApplyPlan, rows: &StagedRows) -> Option<String> {
+    let LoadMode::Merge { key } = &plan.mode else {
+        return None;
+    };
+    let source_key: Vec<String> = key.iter().map(|k| k.source.clone()).collect();
+    Some(format!(
+        "SELECT count(*) FROM ({}) AS s WHERE {}",
+        staged_select(plan, rows),
+        null_key(&source_key, "s")
+    ))
+}
+
 /// The staged rows reduced to one row per key: the latest change wins, by ordering
-/// column, then file position, then row position.
+/// column, then file position, then row position. Rows with a NULL key are left out.
 pub fn latest_per_key(plan: &ApplyPlan, rows: &StagedRows, key: &[String]) -> String {
     let mut order = Vec::new();
     if let Some(ord) = &plan.ordering_column {
@@ -61,18 +97,23 @@ pub fn latest_per_key(plan: &ApplyPlan, rows: &StagedRows, key: &[String]) -> St
         order.push(format!("{} DESC", ident(ROW_ORDINAL_COLUMN)));
     }
     format!(
-        "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {}) AS {} FROM ({}) AS staged) AS ranked WHERE {} = 1",
+        "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {}) AS {} FROM ({}) AS staged WHERE NOT ({})) AS ranked WHERE {} = 1",
         ident_list(key.iter().map(String::as_str)),
         order.join(", "),
         ident(RANK_COLUMN),
         staged_select(plan, rows),
+        null_key(key, "staged"),
         ident(RANK_COLUMN),
     )
 }
 
 /// The staged columns plus the ordinals, under fixed names.
 pub fn staged_select(plan: &ApplyPlan, rows: &StagedRows) -> String {
-    let mut cols: Vec<String> = plan.staged_columns.iter().map(|c| ident(&c.name)).collect();
+    let mut cols: Vec<String> = plan
+        .staged_columns
+        .iter()
+        .map(|c| rows.column(&c.name))
+        .collect();
     if let Some(op) = &plan.op_column {
         cols.push(ident(op));
     }
@@ -118,11 +159,9 @@ fn key_match(key: &[KeyColumn], left: &str, right: &str, right_is_source: bool) 
             } else {
                 &k.target
             };
-            format!(
-                "{left}.{} IS NOT DISTINCT FROM {right}.{}",
-                ident(&k.target),
-                ident(r)
-            )
+            // Plain equality: Firebolt joins need one equality predicate between the sides
+            // (release notes 4.3/4.4); keys are never NULL here (`latest_per_key`).
+            format!("{left}.{} = {right}.{}", ident(&k.target), ident(r))
         })
         .collect::<Vec<_>>()
         .join(" AND ")
@@ -341,6 +380,7 @@ pub fn duckdb_read_parquet(paths: &[String]) -> StagedRows {
         relation: format!("read_parquet([{list}], union_by_name = true)"),
         file_ordinal: "file_index".into(),
         row_ordinal: Some("file_row_number".into()),
+        converted: Vec::new(),
     }
 }
 
@@ -402,7 +442,7 @@ mod tests {
         let sql = merge_statement(Dialect::Duckdb, "\"main\".\"orders\"", &plan, &rows, None);
         assert_eq!(
             sql,
-            "MERGE INTO \"main\".\"orders\" AS t USING (SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY \"id\" ORDER BY \"__cdc_file\" DESC, \"__cdc_row\" DESC) AS \"__cdc_rank\" FROM (SELECT \"id\", \"na\"\"me\", \"Op\", file_index AS \"__cdc_file\", file_row_number AS \"__cdc_row\" FROM read_parquet(['/tmp/b/000000.parquet'], union_by_name = true)) AS staged) AS ranked WHERE \"__cdc_rank\" = 1) AS s ON t.\"id\" IS NOT DISTINCT FROM s.\"id\" WHEN MATCHED AND s.\"Op\" = 'D' THEN DELETE WHEN MATCHED THEN UPDATE SET \"na\"\"me\" = TRY_CAST(s.\"na\"\"me\" AS BIGINT) WHEN NOT MATCHED AND (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') THEN INSERT (\"id\", \"na\"\"me\") VALUES (s.\"id\", TRY_CAST(s.\"na\"\"me\" AS BIGINT))"
+            "MERGE INTO \"main\".\"orders\" AS t USING (SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY \"id\" ORDER BY \"__cdc_file\" DESC, \"__cdc_row\" DESC) AS \"__cdc_rank\" FROM (SELECT \"id\", \"na\"\"me\", \"Op\", file_index AS \"__cdc_file\", file_row_number AS \"__cdc_row\" FROM read_parquet(['/tmp/b/000000.parquet'], union_by_name = true)) AS staged WHERE NOT (staged.\"id\" IS NULL)) AS ranked WHERE \"__cdc_rank\" = 1) AS s ON t.\"id\" = s.\"id\" WHEN MATCHED AND s.\"Op\" = 'D' THEN DELETE WHEN MATCHED THEN UPDATE SET \"na\"\"me\" = TRY_CAST(s.\"na\"\"me\" AS BIGINT) WHEN NOT MATCHED AND (s.\"Op\" IS NULL OR s.\"Op\" <> 'D') THEN INSERT (\"id\", \"na\"\"me\") VALUES (s.\"id\", TRY_CAST(s.\"na\"\"me\" AS BIGINT))"
         );
     }
 
@@ -435,6 +475,7 @@ mod tests {
             relation: "stage".into(),
             file_ordinal: "f".into(),
             row_ordinal: Some("r".into()),
+            converted: Vec::new(),
         };
         let (create, record) = tombstone_statements("t", "tomb", plan, &staged).unwrap();
         conn.execute_batch(&create).unwrap();

@@ -8,7 +8,7 @@ use cdc_worker::warehouse::WarehouseError;
 use cdc_worker::warehouse::firebolt::client::Statement;
 use cdc_worker::warehouse::firebolt::error::FireboltError;
 
-use crate::server::{ProtocolServer, Reply};
+use crate::server::{Host, ProtocolServer, Reply};
 use crate::support::{SECRET, client, cloud_config, core_config};
 
 fn select(label: &str) -> Statement {
@@ -27,21 +27,25 @@ async fn cloud_authenticates_discovers_the_engine_and_applies_use_headers() {
     c.execute(&select("b1:02:select")).await.unwrap();
 
     let seen = server.seen();
-    let route: Vec<(String, String)> = seen
+    let route: Vec<(String, Host, String)> = seen
         .iter()
-        .map(|s| (s.method.clone(), s.path.clone()))
+        .map(|s| (s.method.clone(), s.host, s.path.clone()))
         .collect();
     assert_eq!(
         route,
         vec![
-            ("POST".into(), "/oauth/token".into()),
-            ("GET".into(), "/web/v3/account/acme/engineUrl".into()),
-            ("POST".into(), "/system".into()),
-            ("POST".into(), "/system".into()),
-            ("POST".into(), "/engine".into()),
-            ("POST".into(), "/engine".into()),
+            ("POST".into(), Host::Api, "/oauth/token".into()),
+            (
+                "GET".into(),
+                Host::Api,
+                "/web/v3/account/acme/engineUrl".into()
+            ),
+            ("POST".into(), Host::System, "/".into()),
+            ("POST".into(), Host::System, "/".into()),
+            ("POST".into(), Host::Engine, "/".into()),
+            ("POST".into(), Host::Engine, "/".into()),
         ],
-        "one token and one engine resolution for both statements"
+        "one token and one engine resolution for both statements, each on its host"
     );
     let token_form = &seen[0].body;
     assert!(
@@ -116,6 +120,7 @@ async fn core_sends_the_database_parameter_and_no_credentials() {
 #[tokio::test]
 async fn an_expired_token_is_replaced_once_and_the_statement_sent_again() {
     let server = ProtocolServer::cloud().await;
+    server.execute("CREATE TABLE t (a INTEGER NULL)");
     let c = client(cloud_config(&server));
     c.execute(&select("a")).await.unwrap();
     server.expire_token();
@@ -123,7 +128,7 @@ async fn an_expired_token_is_replaced_once_and_the_statement_sent_again() {
     // Not idempotent: a 401 means it was not run, so it is sent again after re-auth.
     c.execute(&insert()).await.unwrap();
     let seen = server.seen();
-    let engine: Vec<_> = seen.iter().filter(|s| s.path == "/engine").collect();
+    let engine: Vec<_> = seen.iter().filter(|s| s.host == Host::Engine).collect();
     assert_eq!(engine.len(), 2);
     assert_eq!(
         engine[0].header("authorization").as_deref(),
@@ -158,7 +163,7 @@ async fn tokens_are_refreshed_before_they_expire() {
     let engine: Vec<_> = server
         .seen()
         .into_iter()
-        .filter(|s| s.path == "/engine")
+        .filter(|s| s.host == Host::Engine)
         .collect();
     assert_eq!(
         engine.len(),
@@ -189,6 +194,7 @@ async fn errors_with_http_200_are_sql_errors_with_the_server_description() {
 #[tokio::test]
 async fn rate_limits_honour_retry_after() {
     let server = ProtocolServer::core().await;
+    server.execute("CREATE TABLE t (a INTEGER NULL)");
     server.fault(Reply::status(429, "resources usage limit exceeded").header("Retry-After", "1"));
     let c = client(core_config(&server));
     let started = Instant::now();
@@ -217,6 +223,7 @@ async fn rate_limits_honour_retry_after() {
 #[tokio::test]
 async fn engine_not_running_503_is_retried_with_backoff_until_the_limit() {
     let server = ProtocolServer::core().await;
+    server.execute("CREATE TABLE t (a INTEGER NULL)");
     server.fault(Reply::status(503, "engine is starting"));
     server.fault(Reply::status(503, "engine is starting"));
     let c = client(core_config(&server));
@@ -256,15 +263,10 @@ async fn a_stopped_engine_is_reported_and_resolved_again_next_time() {
     server.script(|s| s.engine_stopped = false);
     server.clear();
     c.execute(&select("c")).await.unwrap();
-    let paths: Vec<String> = server.seen().iter().map(|s| s.path.clone()).collect();
+    let hosts: Vec<Host> = server.seen().iter().map(|s| s.host).collect();
     assert_eq!(
-        paths,
-        vec![
-            "/web/v3/account/acme/engineUrl",
-            "/system",
-            "/system",
-            "/engine"
-        ],
+        hosts,
+        vec![Host::Api, Host::System, Host::System, Host::Engine],
         "the engine is resolved again"
     );
 }
@@ -272,6 +274,7 @@ async fn a_stopped_engine_is_reported_and_resolved_again_next_time() {
 #[tokio::test]
 async fn slow_replies_time_out_and_only_idempotent_statements_are_sent_again() {
     let server = ProtocolServer::core().await;
+    server.execute("CREATE TABLE t (a INTEGER NULL)");
     let mut config = core_config(&server);
     config.request_timeout = Duration::from_millis(300);
     let c = client(config);

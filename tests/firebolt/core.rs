@@ -4,8 +4,9 @@
 //! it is skipped. COPY reads from S3, so the apply part also needs FIREBOLT_CORE_S3_BUCKET
 //! (a bucket both this machine and Core can read; files go under
 //! FIREBOLT_CORE_S3_PREFIX, default `cdc-worker-test/`), AWS credentials in the usual
-//! environment for the upload, and for Core's COPY either AWS_ACCESS_KEY_ID /
-//! AWS_SECRET_ACCESS_KEY or FIREBOLT_CORE_S3_ROLE_ARN. See docs/firebolt.md.
+//! environment (the default credential chain) for the upload and, passed on with their
+//! session token, for Core's COPY, or FIREBOLT_CORE_S3_ROLE_ARN for a role Core assumes.
+//! See docs/firebolt.md.
 
 use std::time::Duration;
 
@@ -52,16 +53,30 @@ async fn full_apply_path_on_firebolt_core() {
         );
         return;
     };
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    // Core's COPY gets this machine's AWS credentials as the default chain gives them:
+    // temporary keys (SSO, an assumed role) carry a session token (audit W3).
+    let role = env("FIREBOLT_CORE_S3_ROLE_ARN");
+    let keys = match (&role, aws.credentials_provider()) {
+        (None, Some(provider)) => {
+            use aws_sdk_s3::config::ProvideCredentials;
+            provider.provide_credentials().await.ok()
+        }
+        _ => None,
+    };
     let config = FireboltConfig {
         url: Some(url.clone()),
         database: env("FIREBOLT_CORE_DATABASE").unwrap_or_else(|| "firebolt".into()),
         request_timeout: Duration::from_secs(60),
-        s3_access_key_id: env("AWS_ACCESS_KEY_ID"),
-        s3_secret_access_key: env("AWS_SECRET_ACCESS_KEY").map(Secret::new),
-        s3_role_arn: env("FIREBOLT_CORE_S3_ROLE_ARN"),
+        s3_access_key_id: keys.as_ref().map(|k| k.access_key_id().to_string()),
+        s3_secret_access_key: keys.as_ref().map(|k| Secret::new(k.secret_access_key())),
+        s3_session_token: keys
+            .as_ref()
+            .and_then(|k| k.session_token())
+            .map(Secret::new),
+        s3_role_arn: role,
         ..FireboltConfig::default()
     };
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let store = ObjectStore::new(aws_sdk_s3::Client::new(&aws));
     let wh = Firebolt::open(&config, "Op", store.clone()).expect("config");
     wh.ping(Duration::from_secs(30))
@@ -167,7 +182,7 @@ async fn full_apply_path_on_firebolt_core() {
                 .map(|c| Column {
                     name: wh.column_name(&c.name),
                     ty: c.ty.clone(),
-                    nullable: true,
+                    nullable: c.name != "ID",
                 })
                 .collect(),
             primary_key: vec!["id".into()],

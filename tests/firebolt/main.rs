@@ -4,11 +4,14 @@
 //! the syntax is common. `core` runs the full path against a real Firebolt Core when
 //! FIREBOLT_CORE_URL is set, and is skipped with a printed reason otherwise.
 
+mod fbsql;
 mod s3;
 mod server;
 mod support;
 
 mod client;
 mod core;
+mod sdk;
 mod semantics;
+mod strict;
 mod warehouse;

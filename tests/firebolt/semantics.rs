@@ -101,13 +101,18 @@ fn stage(conn: &Connection, p: &ApplyPlan, rows: &[(&str, &str, i64, &str, &str)
 /// The statements the Firebolt apply sends after COPY, in order (check, tombstones, MERGE or
 /// append, tombstone record, ledger), on DuckDB. Returns the check row.
 fn apply(conn: &Connection, p: &ApplyPlan) -> Vec<i64> {
-    let rows = sql::staged_rows(STAGE, &p.files);
+    let rows = sql::staged_rows(STAGE, p, &p.files);
     let (check, layout) = sql::check_query(p, STAGE, &p.files);
     let width = 2
-        + [layout.distinct_keys, layout.ambiguous_keys, layout.deletes]
-            .iter()
-            .flatten()
-            .count()
+        + [
+            layout.null_keys,
+            layout.distinct_keys,
+            layout.ambiguous_keys,
+            layout.deletes,
+        ]
+        .iter()
+        .flatten()
+        .count()
         + layout.cast_failures.len();
     let counts: Vec<i64> = conn
         .query_row(&check, [], |r| {
@@ -201,8 +206,9 @@ fn the_latest_change_per_key_wins_by_file_order_without_an_ordering_column() {
         ],
     );
     let counts = apply(&conn, &p);
-    // staged rows, rows from unknown files, distinct keys, keys changed twice in one file.
-    assert_eq!(counts, vec![5, 0, 3, 0]);
+    // staged rows, rows from unknown files, NULL keys, distinct keys, keys changed twice
+    // in one file.
+    assert_eq!(counts, vec![5, 0, 0, 3, 0]);
     assert_eq!(
         target_rows(&conn),
         vec![
@@ -232,7 +238,7 @@ fn several_changes_of_a_key_in_one_file_are_detected() {
         counts[1], 1,
         "a row from a file outside the batch is flagged"
     );
-    assert_eq!(counts[3], 1, "key 1 changed twice in one file");
+    assert_eq!(counts[4], 1, "key 1 changed twice in one file");
 }
 
 #[test]
@@ -253,7 +259,7 @@ fn an_ordering_column_decides_inside_a_file_and_late_files_never_rewind() {
     let counts = apply(&conn, &p);
     assert_eq!(
         counts.len(),
-        3,
+        4,
         "no ambiguity count with an ordering column"
     );
     assert_eq!(target_rows(&conn), vec![(1, "newest".into(), "05".into())]);
@@ -406,11 +412,8 @@ fn the_rebuild_statements_widen_without_losing_rows() {
         })
         .unwrap();
     assert_eq!(counts, (2, 2));
-    conn.execute_batch(&sql::create_marker("\"m\"")).unwrap();
     conn.execute_batch(&sql::drop_table("\"t\"")).unwrap();
-    conn.execute_batch(&sql::create_table("\"t\"", &new, &[], false))
-        .unwrap();
-    conn.execute_batch(&sql::rebuild_restore("\"t\"", "\"c\"", &new))
+    conn.execute_batch(&sql::rename_table("\"c\"", "t"))
         .unwrap();
     conn.execute_batch("UPDATE \"t\" SET \"n\"\"\" = \"n\"\"\" + 1 WHERE id = 1")
         .unwrap();
@@ -418,4 +421,106 @@ fn the_rebuild_statements_widen_without_losing_rows() {
         .query_row("SELECT \"n\"\"\" FROM \"t\" WHERE id = 1", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 2_147_483_648, "the column holds values beyond int32 now");
+}
+
+/// Audit B1's fate on Firebolt's rendering: staged rows whose key is NULL are counted by
+/// the check and skipped by the MERGE (a DMS key is a primary key: such a row changes no
+/// row), the other rows are applied.
+#[test]
+fn rows_with_a_null_key_are_counted_and_skipped() {
+    let conn = setup();
+    let files = vec![file("t/1.parquet", "0001")];
+    let p = plan(keyed(), None, &files);
+    stage(&conn, &p, &[("t/1.parquet", "I", 1, "one", "s1")]);
+    for name in ["null a", "null b"] {
+        conn.execute(
+            &format!("INSERT INTO {STAGE} (\"ID\", \"na\"\"me; --\", \"seq\", \"Op\", \"__cdc_source_file\") VALUES (NULL, ?, 's1', 'I', 't/1.parquet')"),
+            duckdb::params![name],
+        )
+        .unwrap();
+    }
+    let counts = apply(&conn, &p);
+    // staged, unknown files, NULL keys, distinct (non-NULL) keys, ambiguous keys.
+    assert_eq!(counts, vec![3, 0, 2, 1, 0]);
+    assert_eq!(target_rows(&conn), vec![(1, "one".into(), "s1".into())]);
+}
+
+/// Audit W2: unsigned integers are staged as the signed type Parquet stores them in; a
+/// reader that ignores the unsigned annotation stages 4294967295 as -1, and the MERGE
+/// loads the unsigned value.
+#[test]
+fn unsigned_integers_get_their_sign_back() {
+    let conn = Connection::open_in_memory().unwrap();
+    let target = "\"main\".\"u\"";
+    let columns = vec![
+        Column::new("id", ColumnType::Int64),
+        Column::new("u32", ColumnType::UInt32),
+        Column::new("u64", ColumnType::UInt64),
+    ];
+    conn.execute_batch(&without_primary_index(&sql::create_table(
+        target,
+        &columns,
+        &["id".into()],
+        false,
+    )))
+    .unwrap();
+    let files = vec![file("t/1.parquet", "0001")];
+    let p = ApplyPlan {
+        batch_id: "b1".into(),
+        table: "u".into(),
+        ddl: vec![],
+        load: columns
+            .iter()
+            .map(|c| LoadColumn {
+                target: c.name.clone(),
+                expr: LoadExpr::Column(c.name.clone()),
+            })
+            .collect(),
+        mode: LoadMode::Merge {
+            key: vec![KeyColumn {
+                target: "id".into(),
+                source: "id".into(),
+            }],
+        },
+        op_column: Some("Op".into()),
+        ordering_column: None,
+        staged_columns: columns.clone(),
+        files: files.clone(),
+        fence: None,
+    };
+    let create = sql::create_staging(STAGE, &p);
+    assert!(
+        create.contains("\"u32\" INTEGER NULL, \"u64\" BIGINT NULL"),
+        "staged as the physical type: {create}"
+    );
+    conn.execute_batch(&create).unwrap();
+    conn.execute_batch(&format!(
+        "INSERT INTO {STAGE} VALUES (1, -1, -1, 'I', 't/1.parquet'), (2, 7, 9, 'I', 't/1.parquet')"
+    ))
+    .unwrap();
+    let rows = sql::staged_rows(STAGE, &p, &files);
+    conn.execute_batch(&merge::merge_statement(
+        Dialect::Firebolt,
+        target,
+        &p,
+        &rows,
+        None,
+    ))
+    .unwrap();
+    let got: Vec<(i64, i64, String)> = conn
+        .prepare(&format!(
+            "SELECT id, u32, CAST(u64 AS VARCHAR) FROM {target} ORDER BY id"
+        ))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, 4_294_967_295, "18446744073709551615".into()),
+            (2, 7, "9".into())
+        ]
+    );
 }

@@ -90,6 +90,34 @@ fn by_kind(server: &ProtocolServer, kind: &str) -> Vec<Seen> {
         .collect()
 }
 
+/// The first transaction id the protocol test server hands out.
+const TX1: &str = "0000000000000000000000000000000000000001";
+
+const ORDERS: &str = "CREATE TABLE \"public\".\"orders\" (\"id\" BIGINT NOT NULL, \"n\" INTEGER NULL, \"seq\" TEXT NULL) PRIMARY INDEX \"id\"";
+
+/// A warehouse whose bookkeeping tables (its own `prepare()`) and `orders` target exist
+/// on the server; the requests so far are forgotten.
+async fn ready(server: &ProtocolServer) -> cdc_worker::warehouse::firebolt::Firebolt {
+    ready_with(
+        server,
+        crate::support::core_config(server),
+        CopySource::Direct(None),
+    )
+    .await
+}
+
+async fn ready_with(
+    server: &ProtocolServer,
+    config: cdc_worker::warehouse::firebolt::client::ClientConfig,
+    source: CopySource,
+) -> cdc_worker::warehouse::firebolt::Firebolt {
+    let wh = warehouse_with(config, source);
+    wh.prepare().await.unwrap();
+    server.execute(ORDERS);
+    server.clear();
+    wh
+}
+
 /// Answers the batch check with `counts`, everything else as an empty engine would.
 fn check_answers(server: &ProtocolServer, counts: &'static [u64]) {
     server.respond(move |s| match s.kind() {
@@ -102,8 +130,8 @@ fn check_answers(server: &ProtocolServer, counts: &'static [u64]) {
 async fn a_keyed_batch_runs_the_documented_steps_in_one_transaction() {
     let server = ProtocolServer::core().await;
     // 5 rows staged, none from an unknown file, 4 keys, 1 key changed twice in one file.
-    check_answers(&server, &[5, 0, 4, 1]);
-    let wh = warehouse(&server);
+    check_answers(&server, &[5, 0, 0, 4, 1]);
+    let wh = ready(&server).await;
     let files = two_files();
     let stats = wh.apply(&plan(&files, keyed()), &files).await.unwrap();
 
@@ -148,7 +176,7 @@ async fn a_keyed_batch_runs_the_documented_steps_in_one_transaction() {
     assert_eq!(
         st[1].body,
         format!(
-            "COPY INTO {stage} (\"ID\", \"n\", \"seq\", \"Op\", \"__cdc_source_file\" $source_file_name) FROM 's3://dms/t/1.parquet', 's3://dms/t/2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+            "COPY INTO {stage} (\"ID\", \"n\", \"seq\", \"Op\", \"__cdc_source_file\" $source_file_name) FROM 's3://dms/t/1.parquet', 's3://dms/t/2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0 CASE_SENSITIVE_COLUMN_MAPPING = TRUE"
         ),
         "one COPY for the whole batch"
     );
@@ -170,7 +198,7 @@ async fn a_keyed_batch_runs_the_documented_steps_in_one_transaction() {
     // The transaction lives in the session: BEGIN's Firebolt-Update-Parameters are sent
     // with the statements inside it, and COMMIT's Remove-Parameters drop them.
     for s in &st[4..7] {
-        assert_eq!(s.param("transaction_id"), Some("tx-1"), "{:?}", s.kind());
+        assert_eq!(s.param("transaction_id"), Some(TX1), "{:?}", s.kind());
     }
     for s in [&st[0], &st[3], &st[7]] {
         assert_eq!(s.param("transaction_id"), None, "{:?}", s.kind());
@@ -183,16 +211,16 @@ async fn statements_after_commit_never_carry_the_finished_transaction() {
     let server = ProtocolServer::core().await;
     // A server whose COMMIT reply lacks Firebolt-Remove-Parameters.
     server.respond(|s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
+        Some("check") => Reply::counts(&[5, 0, 0, 4, 0]),
         Some("commit") => Reply::empty(),
         _ => default_reply(s),
     });
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
     let files = two_files();
     wh.apply(&plan(&files, keyed()), &files).await.unwrap();
     assert_eq!(
         by_kind(&server, "commit")[0].param("transaction_id"),
-        Some("tx-1")
+        Some(TX1)
     );
     assert_eq!(
         by_kind(&server, "drop-stage")[0].param("transaction_id"),
@@ -205,7 +233,7 @@ async fn an_append_batch_counts_deletes_and_ddl_runs_before_the_transaction() {
     let server = ProtocolServer::core().await;
     // 5 rows, none unknown, 2 deletes.
     check_answers(&server, &[5, 0, 2]);
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
     let files = two_files();
     let mut p = plan(&files, LoadMode::Append);
     p.ddl = vec![
@@ -252,11 +280,13 @@ async fn an_append_batch_counts_deletes_and_ddl_runs_before_the_transaction() {
 #[tokio::test]
 async fn copy_reads_through_a_location_one_file_per_statement_and_hides_keys() {
     let server = ProtocolServer::core().await;
-    check_answers(&server, &[5, 0, 4, 0]);
-    let wh = warehouse_with(
+    check_answers(&server, &[5, 0, 0, 4, 0]);
+    let wh = ready_with(
+        &server,
         crate::support::core_config(&server),
         CopySource::Location("dms_bucket".into()),
-    );
+    )
+    .await;
     let files = two_files();
     wh.apply(&plan(&files, keyed()), &files).await.unwrap();
     let copies = by_kind(&server, "copy");
@@ -282,9 +312,10 @@ async fn copy_credentials_never_reach_errors() {
         cdc_worker::warehouse::firebolt::sql::S3Credentials::Keys {
             access_key_id: "AKIAEXAMPLE".into(),
             secret_access_key: cdc_worker::config::Secret::new("s3-secret-do-not-print"),
+            session_token: None,
         },
     ));
-    let wh = warehouse_with(crate::support::core_config(&server), source);
+    let wh = ready_with(&server, crate::support::core_config(&server), source).await;
     let files = two_files();
     let err = wh.apply(&plan(&files, keyed()), &files).await.unwrap_err();
     assert!(
@@ -308,8 +339,8 @@ async fn copy_credentials_never_reach_errors() {
 #[tokio::test]
 async fn a_row_count_that_differs_from_the_footers_stops_before_the_target() {
     let server = ProtocolServer::core().await;
-    check_answers(&server, &[4, 0, 4, 0]);
-    let wh = warehouse(&server);
+    check_answers(&server, &[4, 0, 0, 4, 0]);
+    let wh = ready(&server).await;
     let files = two_files();
     let err = wh.apply(&plan(&files, keyed()), &files).await.unwrap_err();
     assert!(
@@ -324,7 +355,7 @@ async fn a_row_count_that_differs_from_the_footers_stops_before_the_target() {
     );
 
     server.clear();
-    check_answers(&server, &[5, 2, 4, 0]);
+    check_answers(&server, &[5, 2, 0, 4, 0]);
     let err = wh.apply(&plan(&files, keyed()), &files).await.unwrap_err();
     assert!(err.to_string().contains("$source_file_name"), "{err}");
 }
@@ -333,11 +364,11 @@ async fn a_row_count_that_differs_from_the_footers_stops_before_the_target() {
 async fn a_failure_inside_the_transaction_rolls_back_and_drops_the_stage() {
     let server = ProtocolServer::core().await;
     server.respond(|s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
+        Some("check") => Reply::counts(&[5, 0, 0, 4, 0]),
         Some("merge") => Reply::error(200, "MERGE failed: something"),
         _ => default_reply(s),
     });
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
     let files = two_files();
     let err = wh.apply(&plan(&files, keyed()), &files).await.unwrap_err();
     assert!(
@@ -359,7 +390,7 @@ async fn a_failure_inside_the_transaction_rolls_back_and_drops_the_stage() {
     let rollback = &by_kind(&server, "rollback")[0];
     assert_eq!(
         rollback.param("transaction_id"),
-        Some("tx-1"),
+        Some(TX1),
         "the rollback is for the open transaction"
     );
     assert_eq!(by_kind(&server, "ledger").len(), 0);
@@ -369,14 +400,14 @@ async fn a_failure_inside_the_transaction_rolls_back_and_drops_the_stage() {
 async fn a_newer_fence_refuses_the_commit() {
     let server = ProtocolServer::core().await;
     server.respond(|s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
+        Some("check") => Reply::counts(&[5, 0, 0, 4, 0]),
         Some("fence-read") => Reply::rows(
             &[("token", "long"), ("holder", "text")],
             vec![vec![json!(5), json!("w2")]],
         ),
         _ => default_reply(s),
     });
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
     let files = two_files();
     let mut p = plan(&files, keyed());
     p.fence = Some(Fence {
@@ -400,7 +431,7 @@ async fn a_newer_fence_refuses_the_commit() {
 
     // An older or missing fence is taken inside the transaction.
     server.clear();
-    check_answers(&server, &[5, 0, 4, 0]);
+    check_answers(&server, &[5, 0, 0, 4, 0]);
     wh.apply(&p, &files).await.unwrap();
     assert_eq!(
         server.kinds(),
@@ -427,8 +458,8 @@ async fn a_newer_fence_refuses_the_commit() {
 #[tokio::test]
 async fn tombstones_are_created_once_and_recorded_inside_the_transaction() {
     let server = ProtocolServer::core().await;
-    check_answers(&server, &[5, 0, 4]);
-    let wh = warehouse(&server);
+    check_answers(&server, &[5, 0, 0, 4]);
+    let wh = ready(&server).await;
     let files = two_files();
     let mut p = plan(&files, keyed());
     p.ordering_column = Some("seq".into());
@@ -450,7 +481,7 @@ async fn tombstones_are_created_once_and_recorded_inside_the_transaction() {
     );
     assert_eq!(
         by_kind(&server, "record-tombstones")[0].param("transaction_id"),
-        Some("tx-1")
+        Some(TX1)
     );
     server.clear();
     wh.apply(&p, &files).await.unwrap();
@@ -460,58 +491,15 @@ async fn tombstones_are_created_once_and_recorded_inside_the_transaction() {
     );
 }
 
-fn describe_rows(tables: &[(&str, &str, &str)], index: Option<&str>) -> Reply {
-    let mut data: Vec<Vec<serde_json::Value>> = tables
-        .iter()
-        .map(|(t, c, ty)| {
-            vec![
-                json!("column"),
-                json!(t),
-                json!(c),
-                json!(ty),
-                json!("YES"),
-                json!(if *c == "id" { "YES" } else { "NO" }),
-            ]
-        })
-        .collect();
-    if let Some(def) = index {
-        data.push(vec![
-            json!("index"),
-            json!("orders"),
-            json!(def),
-            json!("primary"),
-            json!(""),
-            json!(""),
-        ]);
-    }
-    let meta = [
-        ("kind", "text"),
-        ("table_name", "text"),
-        ("column_name", "text"),
-        ("data_type", "text"),
-        ("n", "text"),
-        ("p", "text"),
-    ];
-    Reply::rows(&meta, data)
-}
-
 #[tokio::test]
-async fn widening_rebuilds_the_table_through_a_marked_copy() {
+async fn widening_rebuilds_the_table_in_one_transaction_and_renames_the_copy() {
     let server = ProtocolServer::core().await;
     server.respond(|s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
-        Some("describe") => describe_rows(
-            &[
-                ("orders", "id", "bigint"),
-                ("orders", "n", "integer"),
-                ("orders", "seq", "text"),
-            ],
-            Some("id"),
-        ),
+        Some("check") => Reply::counts(&[5, 0, 0, 4, 0]),
         Some("rebuild-verify") => Reply::counts(&[10, 10]),
         _ => default_reply(s),
     });
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
     let files = two_files();
     let mut p = plan(&files, keyed());
     p.ddl = vec![Ddl::WidenColumn {
@@ -527,16 +515,14 @@ async fn widening_rebuilds_the_table_through_a_marked_copy() {
             "copy",
             "check",
             "describe",
+            "begin",
             "rebuild-drop-copy",
             "rebuild-create-copy",
             "rebuild-fill-copy",
             "rebuild-verify",
-            "rebuild-mark",
             "rebuild-drop",
-            "rebuild-create",
-            "rebuild-restore",
-            "rebuild-unmark",
-            "rebuild-drop-copy",
+            "rebuild-rename",
+            "commit",
             "begin",
             "merge",
             "ledger",
@@ -544,72 +530,75 @@ async fn widening_rebuilds_the_table_through_a_marked_copy() {
             "drop-stage"
         ]
     );
-    let created = &by_kind(&server, "rebuild-create-copy")[0].body;
     assert_eq!(
-        created,
-        "CREATE TABLE \"public\".\"_cdc_worker_rebuild__orders\" (\"id\" BIGINT NULL, \"n\" BIGINT NULL, \"seq\" TEXT NULL) PRIMARY INDEX \"id\""
+        by_kind(&server, "rebuild-create-copy")[0].body,
+        "CREATE TABLE \"public\".\"_cdc_worker_rebuild__orders\" (\"id\" BIGINT NOT NULL, \"n\" BIGINT NULL, \"seq\" TEXT NULL) PRIMARY INDEX \"id\""
     );
     assert!(
         by_kind(&server, "rebuild-fill-copy")[0]
             .body
             .contains("CAST(\"n\" AS BIGINT) AS \"n\"")
     );
-    assert_eq!(
-        by_kind(&server, "rebuild-mark")[0].body,
-        "CREATE TABLE IF NOT EXISTS \"public\".\"_cdc_worker_rebuilt__orders\" (rebuilt BOOLEAN NULL)"
+    for s in by_kind(&server, "rebuild-rename")
+        .iter()
+        .chain(&by_kind(&server, "rebuild-drop"))
+    {
+        assert!(s.param("transaction_id").is_some(), "{}", s.body);
+    }
+    // What Firebolt now holds: the table, widened, with its primary index; no copy.
+    let (columns, index) = server.table("public", "orders").unwrap();
+    assert_eq!(columns[1], ("n".into(), "BIGINT".into(), true));
+    assert_eq!(index, ["id"]);
+    assert!(
+        server
+            .table("public", "_cdc_worker_rebuild__orders")
+            .is_none()
     );
 
-    // A copy that does not hold every row stops the rebuild before the table is touched.
+    // Planned again against what it is now, nothing is rebuilt: the types are the same.
     server.clear();
+    wh.apply(&p, &files).await.unwrap();
+    assert!(by_kind(&server, "rebuild-create-copy").is_empty());
+
+    // A copy that does not hold every row stops the rebuild: rolled back, the table
+    // untouched, never missing.
+    server.clear();
+    p.ddl = vec![Ddl::WidenColumn {
+        column: "seq".into(),
+        from: ColumnType::String,
+        to: ColumnType::Int64,
+    }];
     server.respond(|s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
-        Some("describe") => describe_rows(
-            &[
-                ("orders", "id", "bigint"),
-                ("orders", "n", "integer"),
-                ("orders", "seq", "text"),
-            ],
-            None,
-        ),
+        Some("check") => Reply::counts(&[5, 0, 0, 4, 0]),
         Some("rebuild-verify") => Reply::counts(&[10, 9]),
         _ => default_reply(s),
     });
     let err = wh.apply(&p, &files).await.unwrap_err().to_string();
+    assert!(err.contains("10") && err.contains('9'), "{err}");
     let kinds = server.kinds();
     assert!(
-        kinds.iter().any(|k| k == "rebuild-verify"),
-        "it failed at the verification, not before: {kinds:?} ({err})"
-    );
-    assert!(err.contains("10") && err.contains('9'), "{err}");
-    assert!(
-        !kinds
-            .iter()
-            .any(|k| k == "rebuild-mark" || k == "rebuild-drop" || k == "merge"),
+        kinds.iter().any(|k| k == "rollback")
+            && !kinds.iter().any(|k| k == "rebuild-drop" || k == "merge"),
         "{kinds:?}"
     );
+    assert_eq!(server.table("public", "orders").unwrap().0[2].1, "TEXT");
+    assert!(
+        server
+            .table("public", "_cdc_worker_rebuild__orders")
+            .is_none()
+    );
+    assert_eq!(server.open_transactions(), 0);
 }
 
 #[tokio::test]
-async fn an_interrupted_rebuild_is_finished_from_its_complete_copy() {
+async fn an_interrupted_rebuild_of_an_older_worker_is_finished_from_its_complete_copy() {
     let server = ProtocolServer::core().await;
+    check_answers(&server, &[5, 0, 0, 4, 0]);
+    let wh = ready(&server).await;
     // A crash after the marker: the old table, the complete copy (n widened), the marker.
-    let leftovers = || {
-        describe_rows(
-            &[
-                ("orders", "id", "bigint"),
-                ("_cdc_worker_rebuild__orders", "id", "bigint"),
-                ("_cdc_worker_rebuild__orders", "n", "bigint"),
-                ("_cdc_worker_rebuilt__orders", "rebuilt", "boolean"),
-            ],
-            None,
-        )
-    };
-    server.respond(move |s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
-        Some("describe") => leftovers(),
-        _ => default_reply(s),
-    });
-    let wh = warehouse(&server);
+    server.execute("CREATE TABLE \"public\".\"_cdc_worker_rebuild__orders\" (\"id\" BIGINT NOT NULL, \"n\" BIGINT NULL, \"seq\" TEXT NULL) PRIMARY INDEX \"id\"");
+    server
+        .execute("CREATE TABLE \"public\".\"_cdc_worker_rebuilt__orders\" (rebuilt BOOLEAN NULL)");
     let described = wh.describe("orders").await.unwrap().unwrap();
     assert_eq!(
         described
@@ -617,7 +606,11 @@ async fn an_interrupted_rebuild_is_finished_from_its_complete_copy() {
             .iter()
             .map(|c| (c.name.as_str(), c.ty.clone()))
             .collect::<Vec<_>>(),
-        [("id", ColumnType::Int64), ("n", ColumnType::Int64)],
+        [
+            ("id", ColumnType::Int64),
+            ("n", ColumnType::Int64),
+            ("seq", ColumnType::String)
+        ],
         "the copy is what the table will be"
     );
     assert_eq!(described.name, "orders");
@@ -631,11 +624,11 @@ async fn an_interrupted_rebuild_is_finished_from_its_complete_copy() {
             "copy",
             "check",
             "describe",
+            "begin",
             "rebuild-drop",
-            "rebuild-create",
-            "rebuild-restore",
-            "rebuild-unmark",
-            "rebuild-drop-copy",
+            "rebuild-rename",
+            "rebuild-cleanup",
+            "commit",
             "begin",
             "merge",
             "ledger",
@@ -643,27 +636,18 @@ async fn an_interrupted_rebuild_is_finished_from_its_complete_copy() {
             "drop-stage"
         ]
     );
-    assert_eq!(
-        by_kind(&server, "rebuild-restore")[0].body,
-        "INSERT INTO \"public\".\"orders\" (\"id\", \"n\") SELECT \"id\", \"n\" FROM \"public\".\"_cdc_worker_rebuild__orders\""
+    assert_eq!(server.table("public", "orders").unwrap().0[1].1, "BIGINT");
+    assert!(
+        server
+            .table("public", "_cdc_worker_rebuilt__orders")
+            .is_none()
     );
 
-    // A copy without its marker is a phase-1 leftover: the table is intact, the copy goes.
-    server.clear();
-    server.respond(|s| match s.kind() {
-        Some("check") => Reply::counts(&[5, 0, 4, 0]),
-        Some("describe") => describe_rows(
-            &[
-                ("orders", "id", "bigint"),
-                ("_cdc_worker_rebuild__orders", "id", "bigint"),
-            ],
-            None,
-        ),
-        _ => default_reply(s),
-    });
+    // A copy without its marker was never authoritative: the table stays, the copy goes.
+    server.execute("CREATE TABLE \"public\".\"_cdc_worker_rebuild__orders\" (\"id\" BIGINT NOT NULL) PRIMARY INDEX \"id\"");
     assert_eq!(
         wh.describe("orders").await.unwrap().unwrap().columns.len(),
-        1
+        3
     );
     server.clear();
     wh.apply(&plan(&files, keyed()), &files).await.unwrap();
@@ -673,56 +657,77 @@ async fn an_interrupted_rebuild_is_finished_from_its_complete_copy() {
         cleanup[0].body,
         "DROP TABLE IF EXISTS \"public\".\"_cdc_worker_rebuild__orders\""
     );
+    assert!(
+        server
+            .table("public", "_cdc_worker_rebuild__orders")
+            .is_none()
+    );
 }
 
 #[tokio::test]
-async fn describe_reads_the_primary_index_and_copes_without_information_schema_indexes() {
+async fn describe_reads_the_schema_s_primary_index_in_order_and_copes_without_it() {
     let server = ProtocolServer::core().await;
-    server.respond(|s| match s.kind() {
-        Some("describe") => describe_rows(
-            &[("orders", "id", "bigint"), ("orders", "region", "text")],
-            Some("[region, id]"),
-        ),
-        _ => default_reply(s),
-    });
-    let wh = warehouse(&server);
-    let t = wh.describe("orders").await.unwrap().unwrap();
-    assert_eq!(t.primary_key, vec!["region", "id"]);
+    let wh = ready(&server).await;
+    server.execute("CREATE TABLE \"public\".\"regions\" (\"id\" BIGINT NOT NULL, \"name\" TEXT NULL, \"region\" TEXT NOT NULL) PRIMARY INDEX \"region\", \"id\"");
+    // The same name in another schema must not lend its columns or index.
+    server.execute("CREATE SCHEMA other");
+    server.execute("CREATE TABLE other.regions (x INTEGER NOT NULL) PRIMARY INDEX x");
+    let t = wh.describe("regions").await.unwrap().unwrap();
+    assert_eq!(t.primary_key, vec!["region", "id"], "the index's order");
+    assert_eq!(
+        t.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        ["id", "name", "region"],
+        "declared order"
+    );
+    assert!(!t.columns[0].nullable && t.columns[1].nullable);
     assert!(
         server.statements()[0]
             .body
-            .contains("information_schema.indexes")
+            .contains("information_schema.tables")
     );
     assert_eq!(wh.describe("missing").await.unwrap(), None);
 
     let server = ProtocolServer::core().await;
     server.respond(|s| {
-        if s.body.contains("information_schema.indexes") {
-            Reply::error(
-                200,
-                "relation \"information_schema.indexes\" does not exist",
-            )
-        } else if s.kind() == Some("describe") {
-            describe_rows(
-                &[("orders", "id", "bigint"), ("orders", "region", "text")],
-                None,
-            )
+        if s.body.contains("information_schema.tables") && s.kind() == Some("describe") {
+            Reply::error(400, "column \"primary_index\" does not exist")
         } else {
             default_reply(s)
         }
     });
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
+    server.execute("CREATE TABLE \"public\".\"regions\" (\"id\" BIGINT NOT NULL, \"region\" TEXT NULL) PRIMARY INDEX \"id\"");
     assert_eq!(
-        wh.describe("orders").await.unwrap().unwrap().primary_key,
+        wh.describe("regions").await.unwrap().unwrap().primary_key,
         vec!["id"],
         "is_in_primary_index"
     );
     server.clear();
-    wh.describe("orders").await.unwrap();
+    wh.describe("regions").await.unwrap();
     assert_eq!(
         server.statements().len(),
         1,
-        "the missing view is remembered"
+        "the missing column is remembered"
+    );
+
+    // A server without ordinal_position: the columns come in its own order.
+    let server = ProtocolServer::core().await;
+    server.respond(|s| {
+        if s.body.contains("ordinal_position") {
+            Reply::error(400, "column \"ordinal_position\" does not exist")
+        } else {
+            default_reply(s)
+        }
+    });
+    let wh = ready(&server).await;
+    server.execute("CREATE TABLE \"public\".\"regions\" (\"id\" BIGINT NOT NULL, \"region\" TEXT NULL) PRIMARY INDEX \"id\"");
+    let t = wh.describe("regions").await.unwrap().unwrap();
+    assert_eq!(
+        (t.columns.len(), t.primary_key.clone()),
+        (2, vec!["id".to_string()])
     );
 }
 
@@ -747,7 +752,7 @@ async fn ledger_lookups_parse_the_newest_entries() {
         ),
         _ => default_reply(s),
     });
-    let wh = warehouse(&server);
+    let wh = ready(&server).await;
     let keys: Vec<String> = (0..1001).map(|i| format!("t/{i}.parquet")).collect();
     let found = wh.applied("orders", &keys).await.unwrap();
     assert_eq!(found["t/1.parquet"].etag, "e1");
@@ -794,6 +799,7 @@ async fn prepare_creates_bookkeeping_and_drops_only_stale_staging_tables() {
     assert_eq!(
         server.kinds(),
         [
+            "version",
             "create-ledger",
             "create-fence",
             "list-stages",
@@ -824,7 +830,7 @@ async fn ping_names_the_step_that_failed() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, WarehouseError::Auth(ref m) if m.starts_with("step 1/3 (authentication)")),
+        matches!(err, WarehouseError::Auth(ref m) if m.starts_with("step 1/4 (authentication)")),
         "{err}"
     );
 
@@ -836,7 +842,7 @@ async fn ping_names_the_step_that_failed() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .starts_with("warehouse authentication failed: step 2/3 (engine resolution)"),
+            .starts_with("warehouse authentication failed: step 2/4 (engine resolution)"),
         "{err}"
     );
     assert!(
@@ -851,7 +857,7 @@ async fn ping_names_the_step_that_failed() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, WarehouseError::Unavailable(ref m) if m.starts_with("step 3/3 (SELECT 1)") && m.contains("is stopped")),
+        matches!(err, WarehouseError::Unavailable(ref m) if m.starts_with("step 3/4 (SELECT 1)") && m.contains("is stopped")),
         "{err}"
     );
 }

@@ -359,7 +359,11 @@ async fn notifications_that_cannot_be_ours_are_counted_and_alerted_once_per_caus
     let (other, outside) = (of(&typo), of("/cdc/"));
     assert_eq!(
         other["message"],
-        format!("Notifications of files in bucket `{typo}` reach this worker's queue, but source.bucket is `{bucket}`: they are acknowledged and ignored (first one: s3://{typo}/dms/public/t/20261124-100000000.parquet). Reported once per bucket.").as_str()
+        format!("notifications for bucket `{typo}` are ignored: source.bucket is `{bucket}` (reported once per bucket)").as_str()
+    );
+    assert_eq!(
+        other["file"],
+        format!("s3://{typo}/dms/public/t/20261124-100000000.parquet").as_str()
     );
     assert_eq!(
         other["next_steps"],
@@ -367,7 +371,7 @@ async fn notifications_that_cannot_be_ours_are_counted_and_alerted_once_per_caus
     );
     assert_eq!(
         outside["message"],
-        format!("Notifications of files under `cdc/` reach this worker's queue, but source.prefix is `dms`: they are acknowledged and ignored (first one: s3://{bucket}/cdc/public/t/20261124-100000000.parquet). Reported once per folder.").as_str()
+        "notifications for files under `cdc/` are ignored: source.prefix is `dms` (reported once per folder)"
     );
 
     // The typo in the config itself: the worker starts (the queue is fine), and says

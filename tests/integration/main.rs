@@ -4,6 +4,7 @@
 mod harness;
 mod model;
 
+mod alerts;
 mod crash;
 mod delivery;
 mod end_to_end;
@@ -13,5 +14,6 @@ mod hostile;
 mod lanes;
 mod leases;
 mod ops;
+mod outage;
 mod poison;
 mod schema_matrix;

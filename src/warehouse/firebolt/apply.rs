@@ -1,9 +1,10 @@
 //! The apply path: staging table, COPY, a check, DDL, then MERGE (or append), tombstones,
 //! fence and ledger in one transaction, and the staging table dropped.
 //!
-//! COPY is not documented as transactional and DDL inside a transaction is not confirmed,
+//! COPY is not documented as transactional (and COPY inside a transaction is unverified),
 //! so only the statements that change the target and the ledger run inside BEGIN/COMMIT;
-//! everything before is idempotent or private to this attempt. Each step below says how
+//! everything before is idempotent or private to this attempt (a widening rebuild is its
+//! own transaction, rebuild.rs). Each step below says how
 //! a crash there is recovered. The invariant: a file is in the ledger if and only if its
 //! changes are in the target, so a redelivered file is either skipped or applied again.
 
@@ -128,7 +129,12 @@ async fn steps(
     }
     match &plan.mode {
         LoadMode::Merge { .. } => {
-            stats.rows_merged = layout.distinct_keys.map(at).transpose()?.unwrap_or(0)
+            stats.rows_merged = layout.distinct_keys.map(at).transpose()?.unwrap_or(0);
+            stats.null_key_rows = layout.null_keys.map(at).transpose()?.unwrap_or(0);
+            if stats.null_key_rows > 0 {
+                tracing::warn!(table = %plan.table, batch_id = %plan.batch_id, rows = stats.null_key_rows,
+                    "staged rows with a NULL key are skipped: they change no row");
+            }
         }
         LoadMode::Append => {
             stats.deletes_ignored = layout.deletes.map(at).transpose()?.unwrap_or(0);
@@ -170,7 +176,7 @@ async fn steps(
 
     // 5. The tombstone table (deleted keys with their ordering value), when the plan keeps
     //    them: CREATE IF NOT EXISTS, sent once per process and table.
-    let rows = sql::staged_rows(stage, &batch);
+    let rows = sql::staged_rows(stage, plan, &batch);
     let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
     let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
     if let Some((create, _)) = &tombstone_sql

@@ -79,8 +79,8 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
         if f.columns.is_empty() {
             return None;
         }
-        // The index definition gives the key's order; keep it only if it names columns of
-        // the table, else fall back to is_in_primary_index (in column order).
+        // The primary index definition gives the key's order; keep it only if it names
+        // columns of the table, else fall back to is_in_primary_index (in column order).
         let from_definition: Vec<String> = f
             .index_definition
             .as_deref()
@@ -104,6 +104,7 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
             name: table.to_string(),
             columns: f.columns,
             primary_key,
+            dialect: Dialect::Firebolt,
         })
     };
     let target = take(table);
@@ -117,8 +118,9 @@ pub fn parse_inspection(table: &str, result: &QueryResult) -> Inspection {
 }
 
 /// Describes `table` and its rebuild leftovers. Falls back to the columns alone (and
-/// `is_in_primary_index`) where `information_schema.indexes` is missing, and remembers
-/// that in `no_indexes`.
+/// `is_in_primary_index`) where `information_schema.tables.primary_index` is missing, and
+/// remembers that in `no_indexes`; and to the server's column order where
+/// `ordinal_position` is missing.
 pub async fn inspect(
     run: &mut Runner<'_>,
     schema: &str,
@@ -130,26 +132,31 @@ pub async fn inspect(
         sql::rebuild_table(table),
         sql::rebuilt_marker(table),
     ];
-    if !no_indexes.load(Ordering::Relaxed) {
-        match run
-            .run("describe", sql::describe_query(schema, &names))
-            .await
-        {
+    let mut ordered = true;
+    loop {
+        let with_index = !no_indexes.load(Ordering::Relaxed);
+        let sql = if with_index {
+            sql::describe_query(schema, &names, ordered)
+        } else {
+            sql::describe_columns_query(schema, &names, ordered)
+        };
+        match run.run("describe", sql).await {
             Ok(result) => return Ok(parse_inspection(table, &result)),
-            Err(e)
-                if e.sql_description()
-                    .is_some_and(|d| d.to_ascii_lowercase().contains("index")) =>
-            {
-                tracing::info!(error = %e, "information_schema.indexes is not available; primary keys come from is_in_primary_index");
-                no_indexes.store(true, Ordering::Relaxed);
+            Err(e) => {
+                let description = e.sql_description().unwrap_or_default().to_ascii_lowercase();
+                if with_index && description.contains("primary_index") {
+                    tracing::info!(error = %e, "information_schema.tables has no primary_index; primary keys come from is_in_primary_index");
+                    no_indexes.store(true, Ordering::Relaxed);
+                } else if ordered && description.contains("ordinal_position") {
+                    // The columns then come in the server's order.
+                    tracing::info!(error = %e, "information_schema.columns has no ordinal_position");
+                    ordered = false;
+                } else {
+                    return Err(e);
+                }
             }
-            Err(e) => return Err(e),
         }
     }
-    let result = run
-        .run("describe", sql::describe_columns_query(schema, &names))
-        .await?;
-    Ok(parse_inspection(table, &result))
 }
 
 #[cfg(test)]
@@ -164,7 +171,7 @@ mod tests {
             json!(["column", "orders", "id", "bigint", "NO", "YES"]),
             json!(["column", "orders", "name", "text null", "YES", "NO"]),
             json!(["column", "orders", "region", "text", "YES", "YES"]),
-            json!(["index", "orders", "[region, id]", "primary", "", ""]),
+            json!(["index", "orders", "[region, id]", "", "", ""]),
             json!([
                 "column",
                 "_cdc_worker_rebuild__orders",

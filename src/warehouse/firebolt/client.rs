@@ -57,15 +57,57 @@ fn with_scheme(host: &str) -> String {
     }
 }
 
-/// The token host: the API host with `api.` replaced by `id.`.
+/// The token host: the API host with its first label replaced by `id` (the Python SDK's
+/// `get_auth_endpoint`: `api.app.firebolt.io` -> `id.app.firebolt.io`, whatever the first
+/// label is). An IP address or a single-label host is kept as it is (tests).
 pub fn auth_url_for(api_url: &str) -> String {
-    match api_url.split_once("://") {
-        Some((scheme, rest)) => match rest.strip_prefix("api.") {
-            Some(tail) => format!("{scheme}://id.{tail}"),
-            None => api_url.to_string(),
-        },
+    let Some((scheme, rest)) = api_url.split_once("://") else {
+        return api_url.to_string();
+    };
+    let host = rest.split([':', '/']).next().unwrap_or(rest);
+    if host.parse::<std::net::IpAddr>().is_ok() || !host.contains('.') {
+        return api_url.to_string();
+    }
+    match rest.split_once('.') {
+        Some((_, tail)) => format!("{scheme}://id.{tail}"),
         None => api_url.to_string(),
     }
+}
+
+/// What a path segment cannot hold (RFC 3986 `pchar` and the URL standard's path-segment
+/// set): the account name is sent as the SDKs send it (raw: `my-account`), encoded only
+/// where it must be.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// `GET /web/v3/account/{account}/engineUrl` of an API URL.
+pub fn engine_url_path(api_url: &str, account: &str) -> String {
+    format!(
+        "{}/web/v3/account/{}/engineUrl",
+        api_url.trim_end_matches('/'),
+        percent_encoding::utf8_percent_encode(account, PATH_SEGMENT)
+    )
+}
+
+/// The code a 500 wraps: Firebolt's gateway answers "Received error from remote server
+/// ... HTTP status code: 401 Unauthorized, body: ..." for an expired token upstream (the
+/// Python SDK's `get_internal_error_code`, which re-authenticates on it).
+fn internal_error_code(body: &str) -> Option<u16> {
+    let (_, after) = body.split_once("HTTP status code: ")?;
+    after.split(' ').next()?.trim_end_matches(',').parse().ok()
 }
 
 impl ClientConfig {
@@ -126,7 +168,16 @@ pub struct Statement {
     pub redacted: Option<String>,
     /// Credentials inside `sql`, masked in any error the server sends back.
     pub secrets: Vec<Secret>,
+    /// Sent with `cancel_query_on_connection_drop=ALL`, so that a statement the client gave
+    /// up on (timeout) stops on the server instead of running on while the batch is
+    /// retried: by default INSERT, COPY and MERGE go on after the connection is lost
+    /// (sync queries reference; the setting: system settings reference).
+    pub cancel_on_drop: bool,
 }
+
+/// The session setting of [`Statement::cancel_on_drop`], as a query parameter (settings
+/// travel as query parameters, as the SDKs send `SET`).
+pub const CANCEL_ON_DROP: (&str, &str) = ("cancel_query_on_connection_drop", "ALL");
 
 impl std::fmt::Debug for Statement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,7 +200,14 @@ impl Statement {
             sql,
             redacted: None,
             secrets: Vec::new(),
+            cancel_on_drop: false,
         }
+    }
+
+    /// The statement stops on the server if the connection drops.
+    pub fn cancelled_on_drop(mut self) -> Self {
+        self.cancel_on_drop = true;
+        self
     }
 
     /// The statement carries a secret: logs show `redacted` instead.
@@ -280,6 +338,7 @@ fn classify_status(
     let other = |error, retry| Failure::Other { error, retry };
     match status {
         401 => Failure::Unauthorized(message),
+        500 if internal_error_code(body) == Some(401) => Failure::Unauthorized(message),
         403 => other(FireboltError::Auth { step, message }, Retry::Never),
         404 if body.to_ascii_lowercase().contains("is stopped") => other(
             FireboltError::EngineStopped {
@@ -404,6 +463,14 @@ impl Client {
         self.auth.is_some()
     }
 
+    /// The engine's name (Cloud).
+    pub fn engine_name(&self) -> Option<&str> {
+        match &self.config.target {
+            Target::Cloud { engine, .. } => Some(engine),
+            Target::Core { .. } => None,
+        }
+    }
+
     fn auth_retry(&self) -> AuthRetry {
         AuthRetry {
             max_retries: self.config.max_retries,
@@ -493,11 +560,7 @@ impl Client {
     /// The account's system engine URL (`GET /web/v3/account/{account}/engineUrl`).
     async fn engine_url(&self, api_url: &str, account: &str) -> Result<String, FireboltError> {
         const STEP: &str = "engine discovery";
-        let url = format!(
-            "{}/web/v3/account/{}/engineUrl",
-            api_url.trim_end_matches('/'),
-            percent_encoding::utf8_percent_encode(account, percent_encoding::NON_ALPHANUMERIC)
-        );
+        let url = engine_url_path(api_url, account);
         let mut attempt = 0;
         let mut reauthenticated = false;
         loop {
@@ -691,7 +754,13 @@ impl Client {
     ) -> (Result<QueryResult, Failure>, SessionUpdates) {
         let step = statement.kind;
         let url = match session.statement_url(&statement.label) {
-            Ok(url) => url,
+            Ok(mut url) => {
+                if statement.cancel_on_drop {
+                    url.query_pairs_mut()
+                        .append_pair(CANCEL_ON_DROP.0, CANCEL_ON_DROP.1);
+                }
+                url
+            }
             Err(message) => {
                 return (
                     Err(Failure::Other {
@@ -830,6 +899,17 @@ mod tests {
         ));
         assert_eq!(retry(504, "").0, Retry::IfIdempotent);
         assert_eq!(retry(502, "").0, Retry::IfIdempotent);
+        // A 500 that wraps an upstream 401 is an expired token (the Python SDK's reading).
+        assert!(matches!(
+            classify_status(
+                "x",
+                500,
+                "Received error from remote server /core/v1/accounts/1/engines. HTTP status code: 401 Unauthorized, body: failed to verify JWT token",
+                None
+            ),
+            Failure::Unauthorized(_)
+        ));
+        assert_eq!(retry(500, "HTTP status code: 503 oops").0, Retry::Never);
         let (r, e) = retry(400, r#"{"errors":[{"description":"syntax error"}]}"#);
         assert_eq!(r, Retry::Never);
         assert_eq!(e.sql_description().as_deref(), Some("syntax error"));
@@ -855,6 +935,24 @@ mod tests {
             "https://id.app.firebolt.io"
         );
         assert_eq!(auth_url_for("http://127.0.0.1:9"), "http://127.0.0.1:9");
+        assert_eq!(
+            auth_url_for("https://api.staging.firebolt.io"),
+            "https://id.staging.firebolt.io"
+        );
+        assert_eq!(
+            auth_url_for("http://gateway.test:8080"),
+            "http://id.test:8080",
+            "the first label, whatever it is"
+        );
+        assert_eq!(
+            engine_url_path("https://api.app.firebolt.io/", "my-account_1.x"),
+            "https://api.app.firebolt.io/web/v3/account/my-account_1.x/engineUrl",
+            "sent raw, as the SDKs send it"
+        );
+        assert_eq!(
+            engine_url_path("https://a", "a b/c?"),
+            "https://a/web/v3/account/a%20b%2Fc%3F/engineUrl"
+        );
         let config = FireboltConfig {
             client_id: Some("id".into()),
             client_secret: Some(crate::config::Secret::new("hunter2")),

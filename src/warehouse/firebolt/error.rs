@@ -192,6 +192,30 @@ pub fn truncate(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
+/// Whether a COPY error says the file's values are at fault: with MAX_ERRORS_PER_FILE = 0
+/// a row that cannot be read or converted fails the COPY (COPY FROM reference), and
+/// loading the same file again cannot succeed. The wording is UNCONFIRMED: only these
+/// phrases count, anything else (access denied, a missing table) stays a SQL error.
+fn is_data_error(description: &str) -> bool {
+    [
+        "cannot convert",
+        "can not convert",
+        "cannot parse",
+        "could not parse",
+        "failed to parse",
+        "conversion",
+        "out of range",
+        "overflow",
+        "invalid input syntax",
+        "corrupt",
+        "not a parquet file",
+        "invalid parquet",
+        "does not fit",
+    ]
+    .iter()
+    .any(|p| description.contains(p))
+}
+
 impl From<FireboltError> for WarehouseError {
     fn from(e: FireboltError) -> Self {
         let text = e.to_string();
@@ -204,11 +228,25 @@ impl From<FireboltError> for WarehouseError {
             FireboltError::Http { status, .. } if *status >= 500 || *status == 408 => {
                 WarehouseError::Unavailable(text)
             }
-            FireboltError::Sql { .. } => {
-                // Firebolt reports concurrent writers as a conflict; the lane retries those.
+            FireboltError::Sql { step, errors, .. } => {
                 let lower = text.to_ascii_lowercase();
+                let description = errors
+                    .iter()
+                    .map(|e| e.description.to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 if lower.contains("conflict") || lower.contains("serializ") {
+                    // Firebolt reports concurrent writers as a conflict at COMMIT
+                    // ("detected 2 conflicts with 1 transactions on transaction commit"); the
+                    // lane retries those.
                     WarehouseError::Conflict(text)
+                } else if step.starts_with("create") && description.contains("already exists") {
+                    // Two workers creating one table at once under serializable DDL (data
+                    // management overview): the loser's CREATE .. IF NOT EXISTS is safe to
+                    // send again, and finds the table then.
+                    WarehouseError::Conflict(text)
+                } else if *step == "copy" && is_data_error(&description) {
+                    WarehouseError::Data(text)
                 } else {
                     WarehouseError::Sql(text)
                 }
@@ -265,6 +303,50 @@ mod tests {
                 message: "invalid_client".into()
             }),
             WarehouseError::Auth(_)
+        ));
+    }
+
+    #[test]
+    fn data_errors_of_copy_are_poison_and_create_races_are_conflicts() {
+        let sql = |step, description: &str| FireboltError::Sql {
+            step,
+            errors: vec![ServerError {
+                description: description.into(),
+                ..Default::default()
+            }],
+            query_id: None,
+        };
+        assert!(matches!(
+            WarehouseError::from(sql(
+                "copy",
+                "Cannot convert value 'abc' to INTEGER in column n"
+            )),
+            WarehouseError::Data(_)
+        ));
+        assert!(matches!(
+            WarehouseError::from(sql(
+                "copy",
+                "Access Denied (Service: Amazon S3; Status Code: 403)"
+            )),
+            WarehouseError::Sql(_)
+        ));
+        assert!(
+            matches!(
+                WarehouseError::from(sql("merge", "value out of range")),
+                WarehouseError::Sql(_)
+            ),
+            "only COPY reads the files' values"
+        );
+        assert!(matches!(
+            WarehouseError::from(sql("create-table", "relation \"orders\" already exists")),
+            WarehouseError::Conflict(_)
+        ));
+        assert!(matches!(
+            WarehouseError::from(sql(
+                "commit",
+                "Transaction failed: detected 2 conflicts with 1 transactions on transaction commit"
+            )),
+            WarehouseError::Conflict(_)
         ));
     }
 

@@ -18,6 +18,7 @@ pub mod run;
 pub mod sql;
 pub mod stage;
 pub mod transport;
+pub mod version;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -57,8 +58,10 @@ pub struct Firebolt {
     tombstones: Mutex<HashSet<String>>,
     /// Tables whose describe() saw rebuild leftovers: the next apply recovers them.
     pending_rebuilds: Mutex<HashSet<String>>,
-    /// `information_schema.indexes` is missing on this server.
+    /// `information_schema.tables.primary_index` is missing on this server.
     no_indexes: AtomicBool,
+    /// The engine's version, once read and found at or above the floor (`version.rs`).
+    floor_checked: tokio::sync::OnceCell<Option<version::EngineVersion>>,
 }
 
 impl Firebolt {
@@ -96,6 +99,7 @@ impl Firebolt {
             tombstones: Mutex::new(HashSet::new()),
             pending_rebuilds: Mutex::new(HashSet::new()),
             no_indexes: AtomicBool::new(false),
+            floor_checked: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -139,6 +143,52 @@ impl Firebolt {
             .remove(table)
     }
 
+    /// Refuses an engine older than the feature floor; reads the version once per process
+    /// (a refusal is not remembered: the next call reads again, after an upgrade).
+    pub async fn check_feature_floor(
+        &self,
+    ) -> Result<Option<version::EngineVersion>, WarehouseError> {
+        self.floor_checked
+            .get_or_try_init(|| async {
+                let Some((found, text)) = self.engine_version().await else {
+                    return Ok(None);
+                };
+                version::check(found, &text).map_err(WarehouseError::Other)?;
+                tracing::info!(version = %found, "Firebolt engine version is supported");
+                Ok(Some(found))
+            })
+            .await
+            .copied()
+    }
+
+    /// The engine's version as it reports it, when it can be read at all.
+    async fn engine_version(&self) -> Option<(version::EngineVersion, String)> {
+        let mut queries = vec![version::VERSION_QUERY.to_string()];
+        if let Some(engine) = self.client.engine_name() {
+            queries.push(version::engines_query(engine));
+        }
+        for sql in queries {
+            let statement = Statement::new("version", "cdc-worker:version", sql);
+            match self.client.execute(&statement).await {
+                Ok(answer) => {
+                    let text = answer.text_at(0, 0).unwrap_or_default();
+                    match version::parse(&text) {
+                        Some(found) => return Some((found, text)),
+                        None => {
+                            tracing::warn!(answer = %text, "no version number in the engine's answer")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the Firebolt engine version"),
+            }
+        }
+        tracing::warn!(
+            floor = %version::FLOOR,
+            "the Firebolt engine version is unknown: not checked against the feature floor"
+        );
+        None
+    }
+
     /// Drops staging tables left by workers that died mid-batch.
     async fn drop_stale_stages(&self, run: &mut Runner<'_>) -> Result<usize, FireboltError> {
         let now = std::time::SystemTime::now()
@@ -176,12 +226,22 @@ pub fn copy_source(config: &FireboltConfig) -> CopySource {
         return CopySource::Location(location.clone());
     }
     if let Some(arn) = config.s3_role_arn.as_ref().filter(|a| !a.is_empty()) {
-        return CopySource::Direct(Some(S3Credentials::Role(arn.clone())));
+        return CopySource::Direct(Some(S3Credentials::Role {
+            arn: arn.clone(),
+            external_id: config
+                .s3_role_external_id
+                .clone()
+                .filter(|id| !id.is_empty()),
+        }));
     }
     match (&config.s3_access_key_id, &config.s3_secret_access_key) {
         (Some(id), Some(secret)) => CopySource::Direct(Some(S3Credentials::Keys {
             access_key_id: id.clone(),
             secret_access_key: secret.clone(),
+            session_token: config
+                .s3_session_token
+                .clone()
+                .filter(|t| !t.expose().is_empty()),
         })),
         _ => CopySource::Direct(None),
     }
@@ -217,9 +277,11 @@ impl Warehouse for Firebolt {
     }
 
     async fn prepare(&self) -> Result<(), WarehouseError> {
+        self.check_feature_floor().await?;
         let mut run = self.runner("prepare").await?;
         if self.schema != "public" {
-            // UNCONFIRMED: CREATE SCHEMA is not in the reference; `public` always exists.
+            // CREATE SCHEMA is in the current docs only (below the feature floor);
+            // `public` always exists.
             run.run(
                 "create-schema",
                 format!(
@@ -378,13 +440,14 @@ impl Warehouse for Firebolt {
             .collect())
     }
 
-    /// Authentication, engine resolution, `SELECT 1`: each failure names its step.
+    /// Authentication, engine resolution, `SELECT 1`, the engine version against the
+    /// feature floor: each failure names its step.
     async fn ping(&self, timeout: Duration) -> Result<(), WarehouseError> {
         let steps = async {
             let step1 = if self.client.is_cloud() {
-                "step 1/3 (authentication)"
+                "step 1/4 (authentication)"
             } else {
-                "step 1/3 (authentication: none for Firebolt Core)"
+                "step 1/4 (authentication: none for Firebolt Core)"
             };
             self.client
                 .authenticate()
@@ -393,19 +456,25 @@ impl Warehouse for Firebolt {
             self.client
                 .session()
                 .await
-                .map_err(|e| in_step("step 2/3 (engine resolution)", e.into()))?;
+                .map_err(|e| in_step("step 2/4 (engine resolution)", e.into()))?;
             let select = Statement::new("ping", "cdc-worker:ping", "SELECT 1");
             let answer = self
                 .client
                 .execute(&select)
                 .await
-                .map_err(|e| in_step("step 3/3 (SELECT 1)", e.into()))?;
+                .map_err(|e| in_step("step 3/4 (SELECT 1)", e.into()))?;
             match answer.u64_at(0, 0) {
-                Ok(1) => Ok(()),
-                other => Err(WarehouseError::Other(format!(
-                    "step 3/3 (SELECT 1): unexpected answer {other:?}"
-                ))),
+                Ok(1) => {}
+                other => {
+                    return Err(WarehouseError::Other(format!(
+                        "step 3/4 (SELECT 1): unexpected answer {other:?}"
+                    )));
+                }
             }
+            self.check_feature_floor()
+                .await
+                .map(|_| ())
+                .map_err(|e| in_step("step 4/4 (engine version)", e))
         };
         match tokio::time::timeout(timeout, steps).await {
             Ok(result) => result,

@@ -20,8 +20,10 @@ pub const HEADER_RESET_SESSION: &str = "Firebolt-Reset-Session";
 pub const HEADER_UPDATE_ENDPOINT: &str = "Firebolt-Update-Endpoint";
 pub const OUTPUT_FORMAT: &str = "JSON_Compact";
 
-/// Parameters a `Firebolt-Reset-Session` keeps (output_format is added per request).
-const KEPT_ON_RESET: [&str; 3] = ["database", "engine", "account_id"];
+/// Parameters a `Firebolt-Reset-Session` keeps (output_format is added per request): the
+/// ones only `USE` sets, as both SDKs keep (Python `IMMUTABLE_PARAMETER_LIST`, Go
+/// `GetUseParametersList`).
+const KEPT_ON_RESET: [&str; 2] = ["database", "engine"];
 
 /// Where statements go and with which parameters: what a Firebolt "connection" is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,21 +63,21 @@ impl SessionState {
         Ok(())
     }
 
-    /// Applies the session headers of a response, in the order the protocol implies:
-    /// reset, new endpoint, removed parameters, updated parameters.
+    /// Applies the session headers of a response in the Python SDK's order
+    /// (`_parse_response_headers`): new endpoint, reset, updated parameters, removed ones.
     pub fn apply(&mut self, updates: &SessionUpdates) -> Result<(), String> {
+        if let Some(endpoint) = &updates.endpoint {
+            self.set_endpoint(endpoint)?;
+        }
         if updates.reset {
             self.params
                 .retain(|k, _| KEPT_ON_RESET.contains(&k.as_str()));
         }
-        if let Some(endpoint) = &updates.endpoint {
-            self.set_endpoint(endpoint)?;
+        for (k, v) in &updates.set {
+            self.params.insert(k.clone(), v.clone());
         }
         for k in &updates.remove {
             self.params.remove(k);
-        }
-        for (k, v) in &updates.set {
-            self.params.insert(k.clone(), v.clone());
         }
         Ok(())
     }
@@ -387,7 +389,24 @@ mod tests {
         h.insert(HEADER_RESET_SESSION, HeaderValue::from_static(""));
         s.apply(&SessionUpdates::from_headers(&h)).unwrap();
         assert!(!s.params.contains_key("some_setting"));
-        assert_eq!(s.params.len(), 3, "{:?}", s.params);
+        assert_eq!(
+            s.params.keys().collect::<Vec<_>>(),
+            ["database", "engine"],
+            "only what USE sets survives a reset, as in both SDKs"
+        );
+
+        // Several Update-Parameters instances are each applied (JDBC reads one k=v each).
+        let mut h = HeaderMap::new();
+        h.append(HEADER_UPDATE_PARAMETERS, HeaderValue::from_static("a=1"));
+        h.append(
+            HEADER_UPDATE_PARAMETERS,
+            HeaderValue::from_static("b=2, c=3"),
+        );
+        s.apply(&SessionUpdates::from_headers(&h)).unwrap();
+        assert_eq!(
+            (s.params.get("a"), s.params.get("b"), s.params.get("c")),
+            (Some(&"1".into()), Some(&"2".into()), Some(&"3".into()))
+        );
     }
 
     #[test]

@@ -1,25 +1,21 @@
 //! Widening a column (`Ddl::WidenColumn`) where Firebolt has no documented ALTER COLUMN
-//! TYPE: the table is rebuilt, crash-safe at every statement.
+//! TYPE: the table is rebuilt in one explicit transaction, so it is never missing and
+//! never half-copied for a reader, and a crash or failure anywhere leaves it untouched:
 //!
-//! Table RENAME is not in the reference, so the swap is drop-and-recreate, guarded by a
-//! marker table whose existence (a CREATE is atomic) says which copy is authoritative:
+//! BEGIN; DROP copy IF EXISTS; CREATE copy (new types); INSERT copy SELECT casts FROM t;
+//! compare row counts; DROP t; ALTER TABLE copy RENAME TO t; COMMIT.
 //!
-//! | phase | statements                                   | authoritative | recovery after a crash       |
-//! |-------|----------------------------------------------|---------------|------------------------------|
-//! | 1     | DROP copy IF EXISTS, CREATE copy, INSERT copy SELECT casts FROM t, compare counts | `t` | copy without marker: drop the copy |
-//! | 2     | CREATE marker                                 | the copy      | marker and copy: redo phase 3 |
-//! | 3     | DROP t IF EXISTS, CREATE t (new types), INSERT t SELECT FROM copy | the copy | marker and copy: redo phase 3 |
-//! | 4     | DROP marker, DROP copy                        | `t`           | copy without marker: drop it; marker without copy: drop it |
+//! DDL is allowed inside BEGIN..COMMIT and ALTER TABLE .. RENAME TO exists from 4.10 (both
+//! below the feature floor, `version.rs`). RENAME fails on a table that views depend on
+//! (ALTER TABLE reference): such a table cannot be widened by the worker.
 //!
-//! Recovery runs inside `apply` (under the table's lease, where leases are on), before any
-//! DDL of the batch. `describe()` reports the copy's shape while the marker exists, so the
-//! plan is made against the table as it will be once recovery has run.
-//! Cost: the table is written twice. Widening is rare (a source type change accepted by
-//! the schema policy); a planner that prefers a variant column avoids it entirely.
+//! Workers before this one rebuilt by drop-and-refill with a marker table; `recover`
+//! finishes or cleans what a crash of such a worker left (the copy and marker names are
+//! the same), inside a transaction too.
 
 use std::sync::atomic::AtomicBool;
 
-use crate::schema::types::{Column, ColumnType};
+use crate::schema::types::ColumnType;
 use crate::warehouse::WarehouseError;
 
 use super::catalog::{Inspection, inspect};
@@ -37,13 +33,20 @@ pub async fn recover(
     let copy = qualified(schema, &sql::rebuild_table(table));
     let marker = qualified(schema, &sql::rebuilt_marker(table));
     match (state.marker, &state.copy) {
-        (true, Some(complete)) => {
+        (true, Some(_)) => {
+            // An older worker's drop-and-refill: the copy was complete and authoritative.
             tracing::warn!(
                 table,
                 "finishing an interrupted widening rebuild from its complete copy"
             );
-            let primary_key = complete.primary_key.clone();
-            restore(run, schema, table, &complete.columns, &primary_key).await
+            let target = qualified(schema, table);
+            run.begin().await?;
+            run.run("rebuild-drop", sql::drop_table(&target)).await?;
+            run.run("rebuild-rename", sql::rename_table(&copy, table))
+                .await?;
+            run.run("rebuild-cleanup", sql::drop_table(&marker)).await?;
+            run.commit().await?;
+            Ok(())
         }
         (true, None) => {
             // The copy is dropped only after t was restored: t is complete.
@@ -51,7 +54,7 @@ pub async fn recover(
             Ok(())
         }
         (false, Some(_)) => {
-            // Phase 1 was interrupted (t untouched) or phase 4 was: t is authoritative.
+            // A copy without its marker was never authoritative: t is.
             run.run("rebuild-cleanup", sql::drop_table(&copy)).await?;
             Ok(())
         }
@@ -59,7 +62,8 @@ pub async fn recover(
     }
 }
 
-/// Rebuilds `table` with the columns of `widen` changed to their new types.
+/// Rebuilds `table` with the columns of `widen` changed to their new types, in one
+/// transaction (the caller rolls it back when this fails).
 pub async fn widen(
     run: &mut Runner<'_>,
     schema: &str,
@@ -67,7 +71,7 @@ pub async fn widen(
     widen: &[(String, ColumnType)],
     no_indexes: &AtomicBool,
 ) -> Result<(), WarehouseError> {
-    // Table names leave room for the rebuild tables' (`MAX_TABLE_NAME_LEN`).
+    // Table names leave room for the rebuild table's (`MAX_TABLE_NAME_LEN`).
     let mut state = inspect(run, schema, table, no_indexes).await?;
     if state.has_leftovers() {
         recover(run, schema, table, &state).await?;
@@ -78,6 +82,7 @@ pub async fn widen(
             "cannot widen columns of `{table}`: the table does not exist"
         )));
     };
+    let dialect = target.dialect;
     let mut columns = target.columns.clone();
     let mut changed = Vec::new();
     for (name, to) in widen {
@@ -86,7 +91,9 @@ pub async fn widen(
                 "cannot widen `{table}`.`{name}`: no such column"
             )));
         };
-        if &c.ty != to {
+        // Compared as Firebolt names them: NUMERIC(38, 2) is already what a decimal(40,2)
+        // becomes, and rebuilding for it would rebuild on every batch.
+        if dialect.type_name(&c.ty) != dialect.type_name(to) {
             c.ty = to.clone();
             changed.push(name.clone());
         }
@@ -98,9 +105,8 @@ pub async fn widen(
     tracing::info!(table, columns = ?changed, "widening by table rebuild");
     let target_q = qualified(schema, table);
     let copy = qualified(schema, &sql::rebuild_table(table));
-    let marker = qualified(schema, &sql::rebuilt_marker(table));
 
-    // Phase 1: the copy, with the new types. `t` stays authoritative until the marker.
+    run.begin().await?;
     run.run("rebuild-drop-copy", sql::drop_table(&copy)).await?;
     run.run(
         "rebuild-create-copy",
@@ -124,35 +130,9 @@ pub async fn widen(
             "rebuild of `{table}`: the copy has {copied} rows, the table {original}; the table is untouched"
         )));
     }
-    // Phase 2: from here the copy is authoritative.
-    run.run("rebuild-mark", sql::create_marker(&marker)).await?;
-    // Phases 3 and 4.
-    restore(run, schema, table, &columns, &target.primary_key).await
-}
-
-/// Phases 3 and 4: recreate `table` from the complete copy, then drop marker and copy.
-async fn restore(
-    run: &mut Runner<'_>,
-    schema: &str,
-    table: &str,
-    columns: &[Column],
-    primary_key: &[String],
-) -> Result<(), WarehouseError> {
-    let target_q = qualified(schema, table);
-    let copy = qualified(schema, &sql::rebuild_table(table));
-    let marker = qualified(schema, &sql::rebuilt_marker(table));
     run.run("rebuild-drop", sql::drop_table(&target_q)).await?;
-    run.run(
-        "rebuild-create",
-        sql::create_table(&target_q, columns, primary_key, false),
-    )
-    .await?;
-    run.run(
-        "rebuild-restore",
-        sql::rebuild_restore(&target_q, &copy, columns),
-    )
-    .await?;
-    run.run("rebuild-unmark", sql::drop_table(&marker)).await?;
-    run.run("rebuild-drop-copy", sql::drop_table(&copy)).await?;
+    run.run("rebuild-rename", sql::rename_table(&copy, table))
+        .await?;
+    run.commit().await?;
     Ok(())
 }

@@ -39,6 +39,8 @@ impl<'a> Runner<'a> {
         })
     }
 
+    /// Every statement of an operation stops on the server if the client gives up on it
+    /// (`Statement::cancel_on_drop`): a retried batch never races its own first attempt.
     fn statement(&mut self, kind: &'static str, sql: String) -> Statement {
         self.seq += 1;
         Statement::new(
@@ -46,6 +48,7 @@ impl<'a> Runner<'a> {
             format!("{}:{:02}:{kind}", self.label_prefix, self.seq),
             sql,
         )
+        .cancelled_on_drop()
     }
 
     pub async fn run(
@@ -83,12 +86,18 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
+    /// A failed (or unanswered) COMMIT is followed by a ROLLBACK, as the Go SDK does: it
+    /// frees the server's transaction sooner, and if the COMMIT did land the ROLLBACK only
+    /// errors (no transaction in progress). The outcome stays unknown to the caller: the
+    /// ledger tells on the next delivery.
     pub async fn commit(&mut self) -> Result<(), FireboltError> {
-        // Whatever the outcome, the transaction is over: a failed COMMIT is not rolled back
-        // (its outcome is unknown; the ledger tells on the next delivery).
-        self.in_transaction = false;
         let result = self.run("commit", "COMMIT".into()).await.map(|_| ());
-        self.end_transaction();
+        if result.is_ok() {
+            self.in_transaction = false;
+            self.end_transaction();
+        } else {
+            self.rollback().await;
+        }
         result
     }
 

@@ -57,16 +57,20 @@ pub fn rebuilt_marker(table: &str) -> String {
     format!("{REBUILT_MARKER_PREFIX}{table}")
 }
 
-fn column_defs(columns: &[Column]) -> String {
+fn column_defs(columns: &[Column], primary_index: &[String]) -> String {
     columns
         .iter()
         .map(|c| {
-            // Default nullability differs between Firebolt versions: always say it.
+            // Default nullability differs between Firebolt versions: always say it. A
+            // primary index column is NOT NULL whatever the column says: "Nullable columns
+            // cannot be used in Firebolt primary or aggregating indexes" (CREATE TABLE
+            // reference, 2024 and 2025 docs).
+            let nullable = c.nullable && !primary_index.contains(&c.name);
             format!(
                 "{} {} {}",
                 ident(&c.name),
                 D.type_name(&c.ty),
-                if c.nullable { "NULL" } else { "NOT NULL" }
+                if nullable { "NULL" } else { "NOT NULL" }
             )
         })
         .collect::<Vec<_>>()
@@ -83,7 +87,7 @@ pub fn create_table(
     let mut sql = format!(
         "CREATE TABLE {}{target} ({})",
         if if_not_exists { "IF NOT EXISTS " } else { "" },
-        column_defs(columns)
+        column_defs(columns, primary_index)
     );
     if !primary_index.is_empty() {
         sql.push_str(&format!(
@@ -103,6 +107,43 @@ pub fn add_column(target: &str, column: &Column) -> String {
     )
 }
 
+/// The type a source column is staged as. Firebolt documents no Parquet conversion for
+/// the unsigned integer annotations, so a uint32 is staged as the INTEGER and a uint64 as
+/// the BIGINT Parquet physically stores them in, and [`unsigned_conversions`] corrects the
+/// sign on the way to the target: right whether the reader honours the annotation or not,
+/// and a reader that honours it but cannot fit a value fails the COPY loudly, never
+/// silently. (uint8 and uint16 fit INTEGER either way.)
+pub fn staging_type(ty: &ColumnType) -> ColumnType {
+    match ty {
+        ColumnType::UInt32 => ColumnType::Int32,
+        ColumnType::UInt64 => ColumnType::Int64,
+        other => other.clone(),
+    }
+}
+
+/// The sign corrections of [`staging_type`], as (column, expression over the staging
+/// table): a negative staged value is the unsigned value minus 2^32 (2^64).
+pub fn unsigned_conversions(plan: &ApplyPlan) -> Vec<(String, String)> {
+    plan.staged_columns
+        .iter()
+        .filter_map(|c| {
+            let col = ident(&c.name);
+            let (wide, modulus) = match c.ty {
+                ColumnType::UInt32 => (D.type_name(&ColumnType::UInt32), "4294967296"),
+                ColumnType::UInt64 => (D.type_name(&ColumnType::UInt64), "18446744073709551616"),
+                _ => return None,
+            };
+            Some((
+                c.name.clone(),
+                format!(
+                    "CASE WHEN {col} < 0 THEN CAST(CAST({col} AS {wide}) + CAST({} AS {wide}) AS {wide}) ELSE CAST({col} AS {wide}) END",
+                    literal(modulus)
+                ),
+            ))
+        })
+        .collect()
+}
+
 /// Columns of the staging table: the segment's source columns, the operation column, and
 /// the source file. All nullable: a full-load file may lack the operation column.
 pub fn staging_columns(plan: &ApplyPlan) -> Vec<Column> {
@@ -111,7 +152,7 @@ pub fn staging_columns(plan: &ApplyPlan) -> Vec<Column> {
         .iter()
         .map(|c| Column {
             name: c.name.clone(),
-            ty: c.ty.clone(),
+            ty: staging_type(&c.ty),
             nullable: true,
         })
         .collect();
@@ -130,10 +171,15 @@ pub fn create_staging(stage: &str, plan: &ApplyPlan) -> String {
 /// S3 credentials Firebolt uses to read the DMS bucket.
 #[derive(Debug, Clone)]
 pub enum S3Credentials {
-    Role(String),
+    Role {
+        arn: String,
+        external_id: Option<String>,
+    },
     Keys {
         access_key_id: String,
         secret_access_key: Secret,
+        /// Temporary (STS) keys, as the default credential chain gives them.
+        session_token: Option<Secret>,
     },
 }
 
@@ -153,37 +199,51 @@ impl CopySource {
     pub fn secrets(&self) -> Vec<Secret> {
         match self {
             CopySource::Direct(Some(S3Credentials::Keys {
-                secret_access_key, ..
-            })) => vec![secret_access_key.clone()],
+                secret_access_key,
+                session_token,
+                ..
+            })) => std::iter::once(secret_access_key.clone())
+                .chain(session_token.clone())
+                .collect(),
             _ => Vec::new(),
         }
     }
 }
 
-/// The `CREDENTIALS = (...)` clause, and the same with secrets masked for logs.
-/// UNCONFIRMED: the key names. The reference gives AWS_ACCESS_KEY_ID /
-/// AWS_SECRET_ACCESS_KEY and AWS_ROLE_ARN; older Firebolt docs spell the keys
-/// AWS_KEY_ID / AWS_SECRET_KEY. Change them here only.
+/// The `CREDENTIALS = (...)` clause, and the same with secrets masked for logs:
+/// `{ AWS_ACCESS_KEY_ID = '..' AWS_SECRET_ACCESS_KEY = '..' [ AWS_SESSION_TOKEN = '..' ] |
+/// AWS_ROLE_ARN = '..' [ AWS_ROLE_EXTERNAL_ID = '..' ] }` (COPY FROM reference, 2025 docs;
+/// the 2024 docs spelled the keys AWS_KEY_ID / AWS_SECRET_KEY).
 fn credentials_clause(credentials: &S3Credentials) -> (String, String) {
     match credentials {
-        S3Credentials::Role(arn) => {
-            let c = format!("CREDENTIALS = (AWS_ROLE_ARN = {})", literal(arn));
+        S3Credentials::Role { arn, external_id } => {
+            let mut c = format!("CREDENTIALS = (AWS_ROLE_ARN = {}", literal(arn));
+            if let Some(id) = external_id {
+                c.push_str(&format!(" AWS_ROLE_EXTERNAL_ID = {}", literal(id)));
+            }
+            c.push(')');
             (c.clone(), c)
         }
         S3Credentials::Keys {
             access_key_id,
             secret_access_key,
-        } => (
-            format!(
-                "CREDENTIALS = (AWS_ACCESS_KEY_ID = {} AWS_SECRET_ACCESS_KEY = {})",
-                literal(access_key_id),
+            session_token,
+        } => {
+            let key = literal(access_key_id);
+            let mut sql = format!(
+                "CREDENTIALS = (AWS_ACCESS_KEY_ID = {key} AWS_SECRET_ACCESS_KEY = {}",
                 literal(secret_access_key.expose())
-            ),
-            format!(
-                "CREDENTIALS = (AWS_ACCESS_KEY_ID = {} AWS_SECRET_ACCESS_KEY = '****')",
-                literal(access_key_id)
-            ),
-        ),
+            );
+            let mut logged =
+                format!("CREDENTIALS = (AWS_ACCESS_KEY_ID = {key} AWS_SECRET_ACCESS_KEY = '****'");
+            if let Some(token) = session_token {
+                sql.push_str(&format!(" AWS_SESSION_TOKEN = {}", literal(token.expose())));
+                logged.push_str(" AWS_SESSION_TOKEN = '****'");
+            }
+            sql.push(')');
+            logged.push(')');
+            (sql, logged)
+        }
     }
 }
 
@@ -205,10 +265,13 @@ fn copy_columns(plan: &ApplyPlan) -> String {
 }
 
 /// Options shared by every COPY. AUTO_CREATE = FALSE: the staging table exists, and a
-/// typo must not create another. MAX_ERRORS_PER_FILE = 0: a row that does not load fails
-/// the batch instead of vanishing. ALLOW_COLUMN_MISMATCH keeps its documented default
-/// (TRUE), so a full-load file without the operation column loads it as NULL.
-const COPY_OPTIONS: &str = "TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0";
+/// typo must not create another. MAX_ERRORS_PER_FILE = 0 (the documented default, said so
+/// that nothing depends on it): a row that does not load fails the batch instead of
+/// vanishing. CASE_SENSITIVE_COLUMN_MAPPING = TRUE: the staging columns carry the Parquet
+/// names exactly, and the default (FALSE since 2024) would let two columns that differ
+/// only in case land in one. ALLOW_COLUMN_MISMATCH keeps its documented default (TRUE), so
+/// a full-load file without the operation column loads it as NULL.
+const COPY_OPTIONS: &str = "TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0 CASE_SENSITIVE_COLUMN_MAPPING = TRUE";
 
 /// The COPY statements of a batch, as (sql, sql for logs). Direct: one statement for all
 /// files. Location: one per file (a PATTERN names one object).
@@ -270,11 +333,12 @@ pub fn file_ordinal(files: &[BatchFile]) -> String {
 }
 
 /// The staged rows as the shared MERGE/append statements read them.
-pub fn staged_rows(stage: &str, files: &[BatchFile]) -> StagedRows {
+pub fn staged_rows(stage: &str, plan: &ApplyPlan, files: &[BatchFile]) -> StagedRows {
     StagedRows {
         relation: stage.to_string(),
         file_ordinal: file_ordinal(files),
         row_ordinal: None,
+        converted: unsigned_conversions(plan),
     }
 }
 
@@ -282,6 +346,9 @@ pub fn staged_rows(stage: &str, files: &[BatchFile]) -> StagedRows {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckLayout {
     /// Column 0: rows staged. Column 1: rows whose source file is not in the batch.
+    /// Rows whose key has a NULL (skipped by the MERGE).
+    pub null_keys: Option<usize>,
+    /// Distinct non-NULL keys.
     pub distinct_keys: Option<usize>,
     pub ambiguous_keys: Option<usize>,
     pub deletes: Option<usize>,
@@ -304,6 +371,7 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
         count_if(&format!("{} IS NULL", file_ordinal(files))),
     ];
     let mut layout = CheckLayout {
+        null_keys: None,
         distinct_keys: None,
         ambiguous_keys: None,
         deletes: None,
@@ -312,14 +380,21 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
     match &plan.mode {
         LoadMode::Merge { key } => {
             let keys = ident_list(key.iter().map(|k| k.source.as_str()));
+            let null_key = key
+                .iter()
+                .map(|k| format!("{} IS NULL", ident(&k.source)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            layout.null_keys = Some(exprs.len());
+            exprs.push(count_if(&null_key));
             layout.distinct_keys = Some(exprs.len());
             exprs.push(format!(
-                "(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} GROUP BY {keys}) AS k)"
+                "(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} WHERE NOT ({null_key}) GROUP BY {keys}) AS k)"
             ));
             if plan.ordering_column.is_none() {
                 layout.ambiguous_keys = Some(exprs.len());
                 exprs.push(format!(
-                    "(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} GROUP BY {keys}, {} HAVING count(*) > 1) AS a)",
+                    "(SELECT count(*) FROM (SELECT 1 AS one FROM {stage} WHERE NOT ({null_key}) GROUP BY {keys}, {} HAVING count(*) > 1) AS a)",
                     ident(SOURCE_FILE_COLUMN)
                 ));
             }
@@ -331,12 +406,18 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
             }
         }
     }
+    let conversions = unsigned_conversions(plan);
     for l in &plan.load {
         if let LoadExpr::TryCast { column, to } = &l.expr {
             layout.cast_failures.push((l.target.clone(), exprs.len()));
+            // The value as the MERGE reads it (sign-corrected where staged signed).
+            let value = conversions
+                .iter()
+                .find(|(c, _)| c == column)
+                .map(|(_, e)| format!("({e})"))
+                .unwrap_or_else(|| format!("s.{}", ident(column)));
             exprs.push(count_if(&format!(
-                "s.{c} IS NOT NULL AND TRY_CAST(s.{c} AS {t}) IS NULL",
-                c = ident(column),
+                "{value} IS NOT NULL AND TRY_CAST({value} AS {t}) IS NULL",
                 t = D.type_name(to)
             )));
         }
@@ -464,31 +545,48 @@ pub fn fence_update(fence: &str, table: &str, token: u64, holder: &str) -> Strin
 }
 
 /// Columns and primary index of `tables` (a target and its rebuild leftovers) in one
-/// round trip.
-pub fn describe_query(schema: &str, tables: &[String]) -> String {
-    let names = tables
-        .iter()
-        .map(|t| literal(t))
-        .collect::<Vec<_>>()
-        .join(", ");
+/// round trip, both filtered by schema: the columns in declared order (`ordinal_position`),
+/// the primary index from `information_schema.tables.primary_index`, "an ordered array of
+/// the column names comprising the primary index definition" (information schema
+/// reference, tables), whose `table_schema` is the schema.
+/// `ordered = false` leaves `ordinal_position` out, for a server that lacks it (it is on no
+/// Firebolt columns page; a real DMS loader orders by it).
+pub fn describe_query(schema: &str, tables: &[String], ordered: bool) -> String {
     format!(
-        "{} UNION ALL SELECT 'index', table_name, index_definition, index_type, '', '' FROM information_schema.indexes \
-         WHERE table_name IN ({names}) AND index_type = 'primary'",
-        describe_columns_query(schema, tables)
+        "SELECT kind, table_name, name, data_type, is_nullable, is_in_primary_index FROM ({} UNION ALL \
+         SELECT 'index' AS kind, table_name, CAST(primary_index AS TEXT) AS name, '' AS data_type, '' AS is_nullable, '' AS is_in_primary_index, 0 AS position \
+         FROM information_schema.tables WHERE table_schema = {} AND table_name IN ({})) AS described ORDER BY table_name, position",
+        columns_part(schema, tables, ordered),
+        literal(schema),
+        name_list(tables)
     )
 }
 
-/// The columns part alone, for servers without `information_schema.indexes`.
-pub fn describe_columns_query(schema: &str, tables: &[String]) -> String {
-    let names = tables
+/// The columns alone (`is_in_primary_index` gives the key), for a server whose
+/// `information_schema.tables` has no `primary_index`.
+pub fn describe_columns_query(schema: &str, tables: &[String], ordered: bool) -> String {
+    format!(
+        "SELECT kind, table_name, name, data_type, is_nullable, is_in_primary_index FROM ({}) AS described ORDER BY table_name, position",
+        columns_part(schema, tables, ordered)
+    )
+}
+
+fn name_list(tables: &[String]) -> String {
+    tables
         .iter()
         .map(|t| literal(t))
         .collect::<Vec<_>>()
-        .join(", ");
+        .join(", ")
+}
+
+fn columns_part(schema: &str, tables: &[String], ordered: bool) -> String {
     format!(
-        "SELECT 'column' AS kind, table_name, column_name, data_type, CAST(is_nullable AS TEXT), CAST(is_in_primary_index AS TEXT) \
-         FROM information_schema.columns WHERE table_schema = {} AND table_name IN ({names})",
-        literal(schema)
+        "SELECT 'column' AS kind, table_name, column_name AS name, data_type, CAST(is_nullable AS TEXT) AS is_nullable, \
+         CAST(is_in_primary_index AS TEXT) AS is_in_primary_index, {} AS position \
+         FROM information_schema.columns WHERE table_schema = {} AND table_name IN ({})",
+        if ordered { "ordinal_position" } else { "1" },
+        literal(schema),
+        name_list(tables)
     )
 }
 
@@ -529,27 +627,24 @@ pub fn rebuild_copy(copy: &str, target: &str, columns: &[Column], widened: &[Str
     format!("INSERT INTO {copy} ({names}) SELECT {values} FROM {target}")
 }
 
-/// Filling the recreated table back from the complete copy.
-pub fn rebuild_restore(target: &str, copy: &str, columns: &[Column]) -> String {
-    let names = ident_list(columns.iter().map(|c| c.name.as_str()));
-    format!("INSERT INTO {target} ({names}) SELECT {names} FROM {copy}")
-}
-
 pub fn row_counts(a: &str, b: &str) -> String {
     format!("SELECT (SELECT count(*) FROM {a}), (SELECT count(*) FROM {b})")
 }
 
-pub fn create_marker(marker: &str) -> String {
-    format!("CREATE TABLE IF NOT EXISTS {marker} (rebuilt BOOLEAN NULL)")
+/// `ALTER TABLE t RENAME TO new`: the new name is unqualified, the table stays in its
+/// schema (ALTER TABLE reference, 2025 docs: RENAME TO, 4.10 and later).
+pub fn rename_table(table: &str, new_name: &str) -> String {
+    format!("ALTER TABLE {table} RENAME TO {}", ident(new_name))
 }
 
-/// Parses `information_schema.indexes.index_definition` of a primary index into column
-/// names. UNCONFIRMED format: accepts `[a, b]`, `(a, b)`, `a, b`, with or without quotes.
+/// Parses `information_schema.tables.primary_index` into column names.
+/// UNCONFIRMED format (an "ordered array" as text): accepts `{a,b}`, `[a, b]`, `(a, b)`,
+/// `a, b`, with or without double quotes.
 pub fn parse_index_definition(definition: &str) -> Vec<String> {
     let inner = definition
         .trim()
-        .trim_start_matches(['[', '('])
-        .trim_end_matches([']', ')']);
+        .trim_start_matches(['[', '(', '{'])
+        .trim_end_matches([']', ')', '}']);
     let mut names = Vec::new();
     let mut current = String::new();
     let mut chars = inner.chars().peekable();
@@ -649,10 +744,10 @@ mod tests {
             direct,
             vec![(
                 format!(
-                    "COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+                    "COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0 CASE_SENSITIVE_COLUMN_MAPPING = TRUE"
                 ),
                 format!(
-                    "COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+                    "COPY INTO \"s\".\"st\" {cols} FROM 's3://dms-bucket/dms/t/1.parquet', 's3://dms-bucket/dms/t/it''s 2.parquet' WITH TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0 CASE_SENSITIVE_COLUMN_MAPPING = TRUE"
                 ),
             )]
         );
@@ -660,12 +755,15 @@ mod tests {
             "\"st\"",
             &p,
             &files,
-            &CopySource::Direct(Some(S3Credentials::Role("arn:aws:iam::1:role/r'".into()))),
+            &CopySource::Direct(Some(S3Credentials::Role {
+                arn: "arn:aws:iam::1:role/r'".into(),
+                external_id: Some("ext-1".into()),
+            })),
         );
         assert!(
-            role[0]
-                .0
-                .ends_with("CREDENTIALS = (AWS_ROLE_ARN = 'arn:aws:iam::1:role/r''')"),
+            role[0].0.ends_with(
+                "CREDENTIALS = (AWS_ROLE_ARN = 'arn:aws:iam::1:role/r''' AWS_ROLE_EXTERNAL_ID = 'ext-1')"
+            ),
             "{}",
             role[0].0
         );
@@ -676,6 +774,7 @@ mod tests {
             &CopySource::Direct(Some(S3Credentials::Keys {
                 access_key_id: "AKIA".into(),
                 secret_access_key: Secret::new("hunter2"),
+                session_token: None,
             })),
         );
         assert!(keys[0].0.ends_with(
@@ -685,6 +784,17 @@ mod tests {
             !keys[0].1.contains("hunter2"),
             "the logged form hides the secret"
         );
+        let temporary = CopySource::Direct(Some(S3Credentials::Keys {
+            access_key_id: "ASIA".into(),
+            secret_access_key: Secret::new("hunter2"),
+            session_token: Some(Secret::new("tok'en")),
+        }));
+        let keys = copy_statements("\"st\"", &p, &files, &temporary);
+        assert!(keys[0].0.ends_with(
+            "CREDENTIALS = (AWS_ACCESS_KEY_ID = 'ASIA' AWS_SECRET_ACCESS_KEY = 'hunter2' AWS_SESSION_TOKEN = 'tok''en')"
+        ));
+        assert!(keys[0].1.ends_with("AWS_SESSION_TOKEN = '****')"));
+        assert_eq!(temporary.secrets().len(), 2, "both are masked in errors");
         let location = copy_statements(
             "\"st\"",
             &p,
@@ -695,7 +805,7 @@ mod tests {
         assert_eq!(
             location[1].0,
             format!(
-                "COPY INTO \"st\" {cols} FROM \"dms \"\"loc\"\"\" WITH PATTERN = 'dms/t/it''s 2.parquet' TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0"
+                "COPY INTO \"st\" {cols} FROM \"dms \"\"loc\"\"\" WITH PATTERN = 'dms/t/it''s 2.parquet' TYPE = PARQUET AUTO_CREATE = FALSE MAX_ERRORS_PER_FILE = 0 CASE_SENSITIVE_COLUMN_MAPPING = TRUE"
             )
         );
     }
@@ -707,13 +817,15 @@ mod tests {
         assert_eq!(
             sql,
             "SELECT count(*), SUM(CASE WHEN CASE \"__cdc_source_file\" WHEN 'dms/t/1.parquet' THEN 0 WHEN 'dms/t/it''s 2.parquet' THEN 1 END IS NULL THEN 1 ELSE 0 END), \
-             (SELECT count(*) FROM (SELECT 1 AS one FROM \"st\" GROUP BY \"ID\") AS k), \
-             (SELECT count(*) FROM (SELECT 1 AS one FROM \"st\" GROUP BY \"ID\", \"__cdc_source_file\" HAVING count(*) > 1) AS a), \
+             SUM(CASE WHEN \"ID\" IS NULL THEN 1 ELSE 0 END), \
+             (SELECT count(*) FROM (SELECT 1 AS one FROM \"st\" WHERE NOT (\"ID\" IS NULL) GROUP BY \"ID\") AS k), \
+             (SELECT count(*) FROM (SELECT 1 AS one FROM \"st\" WHERE NOT (\"ID\" IS NULL) GROUP BY \"ID\", \"__cdc_source_file\" HAVING count(*) > 1) AS a), \
              SUM(CASE WHEN s.\"x\"\"; DROP TABLE x; --\" IS NOT NULL AND TRY_CAST(s.\"x\"\"; DROP TABLE x; --\" AS BIGINT) IS NULL THEN 1 ELSE 0 END) FROM \"st\" AS s"
         );
-        assert_eq!(layout.distinct_keys, Some(2));
-        assert_eq!(layout.ambiguous_keys, Some(3));
-        assert_eq!(layout.cast_failures, vec![("amount".to_string(), 4)]);
+        assert_eq!(layout.null_keys, Some(2));
+        assert_eq!(layout.distinct_keys, Some(3));
+        assert_eq!(layout.ambiguous_keys, Some(4));
+        assert_eq!(layout.cast_failures, vec![("amount".to_string(), 5)]);
         let (sql, layout) = check_query(&plan(keyed(), Some("seq")), "\"st\"", &p.files);
         assert_eq!(
             layout.ambiguous_keys, None,
@@ -758,7 +870,7 @@ mod tests {
                 &["id".to_string()],
                 true
             ),
-            "CREATE TABLE IF NOT EXISTS \"s\".\"Ordérs\"\"x\" (\"id\" BIGINT NULL, \"x\"\"; DROP TABLE x; --\" NUMERIC(38, 2) NOT NULL) PRIMARY INDEX \"id\""
+            "CREATE TABLE IF NOT EXISTS \"s\".\"Ordérs\"\"x\" (\"id\" BIGINT NOT NULL, \"x\"\"; DROP TABLE x; --\" NUMERIC(38, 2) NOT NULL) PRIMARY INDEX \"id\""
         );
         assert_eq!(
             add_column(
@@ -785,8 +897,8 @@ mod tests {
             "INSERT INTO \"c\" (\"id\", \"n\"\"\") SELECT \"id\", CAST(\"n\"\"\" AS BIGINT) AS \"n\"\"\" FROM \"t\""
         );
         assert_eq!(
-            rebuild_restore("\"t\"", "\"c\"", &columns),
-            "INSERT INTO \"t\" (\"id\", \"n\"\"\") SELECT \"id\", \"n\"\"\" FROM \"c\""
+            rename_table("\"s\".\"c\"", "t\""),
+            "ALTER TABLE \"s\".\"c\" RENAME TO \"t\"\"\""
         );
     }
 
@@ -807,6 +919,7 @@ mod tests {
             vec!["a,\"b", "c"]
         );
         assert_eq!(parse_index_definition("id"), vec!["id"]);
+        assert_eq!(parse_index_definition("{a,\"B c\"}"), vec!["a", "B c"]);
         assert!(parse_index_definition("").is_empty());
     }
 }

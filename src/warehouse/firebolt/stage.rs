@@ -6,6 +6,7 @@ use futures::StreamExt;
 
 use crate::batch::{BatchFile, StageError, StagedFile};
 use crate::schema::parquet::{ParquetError, Tail, decode_tail};
+use crate::schema::types::{ColumnType, FileSchema};
 use crate::storage::{ObjectStore, StorageError};
 
 /// The first range read: most DMS footers fit, so one request per file.
@@ -14,6 +15,21 @@ pub const FOOTER_PROBE: u64 = 64 * 1024;
 const FOOTER_CONCURRENCY: usize = 16;
 /// A footer that asks for more bytes again after this many reads is corrupt.
 const MAX_READS: usize = 3;
+
+/// Why a Parquet TIME column is not loaded into Firebolt: the planner reports it as an
+/// ignored column (the schema alert says so) and it never reaches a COPY.
+pub const TIME_UNSUPPORTED: &str = "time (Firebolt has no TIME type and documents no Parquet TIME conversion; to load it, change its type to a string with a DMS transformation rule)";
+
+/// Firebolt has no TIME type, and its docs give no Parquet mapping for TIME (only for
+/// TIMESTAMP, TIMESTAMPTZ and BYTEA): a TIME column would load as whatever its physical
+/// integer converts to (microseconds since midnight as text, at best). It is not loaded.
+fn without_time(schema: &mut FileSchema) {
+    for column in &mut schema.table.columns {
+        if column.ty == ColumnType::Time {
+            column.ty = ColumnType::Unsupported(TIME_UNSUPPORTED.into());
+        }
+    }
+}
 
 /// Reads the footers of a batch's files, in batch order.
 pub async fn read_footers(
@@ -52,7 +68,8 @@ pub async fn read_footer(
             file.size.max(tail.len() as u64)
         };
         match decode_tail(&tail, object_size, op_column) {
-            Ok(Tail::Decoded(schema)) => {
+            Ok(Tail::Decoded(mut schema)) => {
+                without_time(&mut schema);
                 return Ok(StagedFile {
                     file,
                     schema,
@@ -71,4 +88,29 @@ pub async fn read_footer(
     Err(StageError::Transient(format!(
         "footer still incomplete after {MAX_READS} reads"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::types::{Column, TableSchema};
+
+    /// Audit W2: a TIME column never reaches Firebolt; the planner reports it as ignored.
+    #[test]
+    fn time_columns_are_not_loaded_into_firebolt() {
+        let mut schema = FileSchema {
+            table: TableSchema::new(vec![
+                Column::new("id", ColumnType::Int64),
+                Column::new("at", ColumnType::Time),
+            ]),
+            has_op: true,
+            rows: 1,
+        };
+        without_time(&mut schema);
+        assert_eq!(schema.table.columns[0].ty, ColumnType::Int64);
+        assert!(matches!(
+            &schema.table.columns[1].ty,
+            ColumnType::Unsupported(why) if why.contains("no TIME type")
+        ));
+    }
 }

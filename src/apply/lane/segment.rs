@@ -1,0 +1,413 @@
+//! Applying one segment (staged files that share a schema): the schema policy's decision,
+//! a new schema version when the segment brings one, the table's lease, and the commit of
+//! the plan with its ledger entries.
+
+use std::time::{Duration, Instant};
+
+use super::Lane;
+use crate::alerts::{AlertKind, Severity};
+use crate::apply::context::{EngineEvent, PendingFile};
+use crate::apply::failure::ApplyError;
+use crate::apply::plan::{self, Decision, PlanInput};
+use crate::batch::{ApplyPlan, ApplyStats, Ddl, Fence, LoadColumn, LoadMode, StagedFile};
+use crate::dms::SourceTable;
+use crate::queue::FileOutcome;
+use crate::schema::diff::{SchemaChange, diff, folding_collision};
+use crate::schema::policy::SchemaPolicy;
+use crate::schema::types::{FileSchema, TableSchema};
+use crate::telemetry::BatchApplied;
+use crate::warehouse::WarehouseError;
+
+/// What a batch committed, for [`EngineEvent::BatchFinished`].
+#[derive(Default)]
+pub(super) struct Tally {
+    pub keys: Vec<String>,
+    pub statements: u32,
+    pub rows: u64,
+}
+
+/// Conflicts retried in place before a segment counts as failed.
+const CONFLICT_RETRIES: u32 = 3;
+
+pub(super) enum SegmentOutcome {
+    Done,
+    /// Not applied now (held, or the table is leased elsewhere): the files wait in the lane.
+    Waiting(Vec<PendingFile>),
+    Failed(ApplyError, Vec<PendingFile>),
+}
+
+/// What the schema policy decided for a segment, with what it compared.
+pub(super) struct Decided {
+    pub decision: Decision,
+    pub changes: Vec<SchemaChange>,
+    pub policy: SchemaPolicy,
+}
+
+/// The plan's parts a segment is applied with.
+struct Applying {
+    ddl: Vec<Ddl>,
+    load: Vec<LoadColumn>,
+    mode: LoadMode,
+}
+
+impl Lane {
+    /// Plans one segment, records a new schema version when it brings one, and commits it.
+    pub(super) async fn apply_segment(
+        &mut self,
+        batch_id: &str,
+        segment: Vec<(PendingFile, StagedFile)>,
+        tally: &mut Tally,
+    ) -> SegmentOutcome {
+        let started = Instant::now();
+        let schema: FileSchema = segment[0].1.schema.clone();
+        let source = segment[0].0.source.clone();
+        let (files, staged): (Vec<PendingFile>, Vec<StagedFile>) = segment.into_iter().unzip();
+
+        if let Some(reason) = self.unusable_names(&schema) {
+            self.hold(&files, &reason).await;
+            return SegmentOutcome::Waiting(files);
+        }
+        let decided = match self.decide(&schema, &source).await {
+            Ok(d) => d,
+            Err(e) => return SegmentOutcome::Failed(e, files),
+        };
+        if (!decided.changes.is_empty() || self.cache.stored.is_none())
+            && let Err(e) = self
+                .record_version(&source, &schema, &decided, &files[0])
+                .await
+        {
+            return SegmentOutcome::Failed(e, files);
+        }
+        let applying = match decided.decision {
+            Decision::Ignore => {
+                self.cache.ignored = true;
+                self.skip_ignored(&files);
+                return SegmentOutcome::Done;
+            }
+            Decision::Hold { reason, .. } => {
+                self.policy_hold(&reason, files.len());
+                return SegmentOutcome::Waiting(files);
+            }
+            Decision::Apply {
+                ddl, load, mode, ..
+            } => Applying { ddl, load, mode },
+        };
+        let fence = match self.lease_for(&files).await {
+            Ok(Some(fence)) => fence,
+            Ok(None) => return SegmentOutcome::Waiting(files),
+            Err(e) => return SegmentOutcome::Failed(e, files),
+        };
+        let plan = self.plan(batch_id, &schema, &staged, applying, fence);
+        self.commit(&plan, &staged, files, started, tally).await
+    }
+
+    fn plan(
+        &self,
+        batch_id: &str,
+        schema: &FileSchema,
+        staged: &[StagedFile],
+        applying: Applying,
+        fence: Option<Fence>,
+    ) -> ApplyPlan {
+        let op = &self.ctx.config.dms.op_column;
+        let ordering = self.ctx.config.ordering_column(&self.table).and_then(|o| {
+            schema
+                .table
+                .columns
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(&o))
+                .map(|c| c.name.clone())
+        });
+        ApplyPlan {
+            batch_id: batch_id.to_string(),
+            table: self.table.clone(),
+            ddl: applying.ddl,
+            load: applying.load,
+            mode: applying.mode,
+            op_column: staged.iter().any(|s| s.schema.has_op).then(|| op.clone()),
+            ordering_column: ordering,
+            staged_columns: schema.table.columns.clone(),
+            files: staged.iter().map(|s| s.file.clone()).collect(),
+            fence,
+        }
+    }
+
+    /// The schema policy held the table: its files wait until `schema accept`.
+    fn policy_hold(&mut self, reason: &str, files: usize) {
+        self.state.hold(reason, Vec::new(), Instant::now());
+        let _ = self.ctx.events.send(EngineEvent::TableHeld {
+            table: self.table.clone(),
+            reason: reason.to_string(),
+        });
+        tracing::warn!(table = %self.table, reason, files, "table held by schema policy");
+    }
+
+    /// A reason to hold the table when the segment's column names cannot be created.
+    fn unusable_names(&self, schema: &FileSchema) -> Option<String> {
+        if let Some((a, b)) = folding_collision(&schema.table) {
+            return Some(format!(
+                "columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule"
+            ));
+        }
+        let max = self.ctx.warehouse.max_identifier_len();
+        schema
+            .table
+            .columns
+            .iter()
+            .find_map(|c| crate::warehouse::sql::check_name(&c.name, max).err())
+            .map(|bad| format!("a column name cannot be used: {bad}"))
+    }
+
+    /// Compares the segment with the last accepted schema and plans it against the target.
+    async fn decide(
+        &mut self,
+        schema: &FileSchema,
+        source: &SourceTable,
+    ) -> Result<Decided, ApplyError> {
+        let target = self
+            .target()
+            .await
+            .map_err(ApplyError::warehouse("describing the target table"))?;
+        let key = self
+            .ctx
+            .keys
+            .resolve(&self.table, source, target.as_ref())
+            .await?;
+        let table_config = self.ctx.config.table(&self.table);
+        let policy = self.ctx.config.schema.resolve(table_config.schema.as_ref());
+        // Against the last accepted schema, else what the target has.
+        let baseline = self
+            .cache
+            .stored
+            .as_ref()
+            .map(|s| s.current.schema())
+            .or_else(|| target.as_ref().map(|t| TableSchema::new(t.columns.clone())));
+        // A column becoming nullable is reported (once: the recorded schema keeps it
+        // nullable); a file that happens to mark a column REQUIRED is not a change.
+        let changes: Vec<SchemaChange> = diff(baseline.as_ref(), &schema.table)
+            .into_iter()
+            .filter(|c| {
+                !matches!(
+                    c,
+                    SchemaChange::Nullability {
+                        nullable: false,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let resolutions = self
+            .cache
+            .stored
+            .as_ref()
+            .map(|s| s.current.resolutions.clone())
+            .unwrap_or_default();
+        let warehouse = self.ctx.warehouse.clone();
+        let column_name = move |s: &str| warehouse.column_name(s);
+        let decision = plan::plan(&PlanInput {
+            target: target.as_ref(),
+            file: schema,
+            policy,
+            source_changes: &changes,
+            resolutions: &resolutions,
+            key: &key.columns,
+            column_name: &column_name,
+        });
+        Ok(Decided {
+            decision,
+            changes,
+            policy,
+        })
+    }
+
+    /// The table's lease, when leases are on: `Ok(Some(fence))` to go on (no fence with
+    /// leases off), `Ok(None)` when another worker holds the table or committed to it
+    /// meanwhile (the files wait and the lane tries again shortly).
+    async fn lease_for(
+        &mut self,
+        files: &[PendingFile],
+    ) -> Result<Option<Option<Fence>>, ApplyError> {
+        let Some(leases) = &self.ctx.leases else {
+            return Ok(Some(None));
+        };
+        let Some(fence) = leases.acquire(&self.table).await? else {
+            // Keep the files here (their visibility kept alive): releasing them to the
+            // queue would count a receive each time and, with several tasks, could push
+            // healthy files into the dead-letter queue. Whoever applies next includes every
+            // earlier file from the S3 listing.
+            let wait = Duration::from_millis(500 + fastrand::u64(..1500));
+            self.state.retry_at(Vec::new(), Instant::now() + wait);
+            metrics::counter!("cdc_worker_lease_busy_total", "table" => self.table.clone())
+                .increment(1);
+            tracing::debug!(table = %self.table, wait_ms = wait.as_millis() as u64, "table leased by another worker; retrying shortly");
+            return Ok(None);
+        };
+        match self.moved_while_unleased(files).await {
+            Ok(false) => Ok(Some(Some(fence))),
+            Ok(true) => {
+                // Start again from fresh state: the ledger check, the order check and the
+                // gap listing all see what the other task committed.
+                self.release_lease().await;
+                tracing::info!(table = %self.table, "another task applied this table meanwhile; re-reading its state");
+                self.cache.loaded = false;
+                self.cache.listing = None;
+                Ok(None)
+            }
+            Err(e) => {
+                self.release_lease().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// With several tasks, another one may have applied this table between this lane's
+    /// ledger check and its taking the lease: it read state without the lease, so it
+    /// compares that state with the warehouse again now that it holds it.
+    async fn moved_while_unleased(&self, files: &[PendingFile]) -> Result<bool, ApplyError> {
+        let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
+        let warehouse = &self.ctx.warehouse;
+        let recorded = warehouse
+            .applied(&self.table, &keys)
+            .await
+            .map_err(ApplyError::warehouse("reading the ledger"))?;
+        // A rejected file's fixed re-upload (new ETag) is still ours to apply.
+        let taken = files.iter().any(|f| {
+            recorded
+                .get(&f.file.key)
+                .is_some_and(|r| !r.rejected || r.etag == f.file.etag)
+        });
+        let last = warehouse
+            .last_applied(&self.table)
+            .await
+            .map_err(ApplyError::warehouse("reading the last applied file"))?;
+        Ok(taken || last.as_ref() != self.state.last_applied())
+    }
+
+    async fn release_lease(&self) {
+        if let Some(leases) = &self.ctx.leases {
+            leases.release(&self.table).await;
+        }
+    }
+
+    /// Runs the plan (conflicts retried in place, the lease renewed meanwhile) and gives
+    /// every file its outcome.
+    async fn commit(
+        &mut self,
+        plan: &ApplyPlan,
+        staged: &[StagedFile],
+        files: Vec<PendingFile>,
+        started: Instant,
+        tally: &mut Tally,
+    ) -> SegmentOutcome {
+        let result = self.run_plan(plan, staged).await;
+        self.release_lease().await;
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                self.cache.target = None;
+                return SegmentOutcome::Failed(
+                    ApplyError::warehouse("applying the batch")(e),
+                    files,
+                );
+            }
+        };
+        let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
+        BatchApplied {
+            table: &self.table,
+            batch_id: &plan.batch_id,
+            files: keys.len(),
+            stats: &stats,
+            elapsed: started.elapsed(),
+        }
+        .emit();
+        if !plan.ddl.is_empty() {
+            self.cache.target = None;
+        }
+        self.cache.mode = Some(plan.mode.clone());
+        if let Some(recovered) = self.state.committed(&files, Instant::now()) {
+            self.alert_recovered(&recovered, &files[0]).await;
+        }
+        for f in &files {
+            f.resolve(FileOutcome::Committed);
+        }
+        self.report_stats(&stats, &files[0]).await;
+        tally.keys.extend(keys);
+        tally.statements += stats.statements;
+        tally.rows += stats.rows_staged;
+        SegmentOutcome::Done
+    }
+
+    async fn run_plan(
+        &self,
+        plan: &ApplyPlan,
+        staged: &[StagedFile],
+    ) -> Result<ApplyStats, WarehouseError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let renewing = self.ctx.leases.as_ref().map(|l| l.keep_alive(&self.table));
+            let result = self.ctx.warehouse.apply(plan, staged).await;
+            if let Some(renewing) = renewing {
+                renewing.stop().await;
+            }
+            match result {
+                Err(WarehouseError::Conflict(e)) if attempt < CONFLICT_RETRIES => {
+                    tracing::debug!(error = %e, "transaction conflict; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// What the statistics of a commit tell people: rows skipped for a NULL key, and keys
+    /// whose last change no ordering column decides.
+    async fn report_stats(&mut self, stats: &ApplyStats, first: &PendingFile) {
+        if stats.null_key_rows > 0 {
+            self.report_null_keys(stats.null_key_rows, first).await;
+        }
+        if stats.ambiguous_keys == 0 {
+            return;
+        }
+        let reason = format!(
+            "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
+            stats.ambiguous_keys
+        );
+        tracing::warn!(table = %self.table, ambiguous_keys = stats.ambiguous_keys, "{reason}");
+        // A table without an ordering column stays that way: one alert per lane.
+        if self
+            .state
+            .first_time(AlertKind::AmbiguousOrder.as_str().to_string())
+        {
+            let steps = "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.";
+            self.alert_file(
+                AlertKind::AmbiguousOrder,
+                Severity::Warning,
+                first,
+                &reason,
+                Some(steps),
+            )
+            .await;
+        }
+    }
+
+    /// Rows whose key has a NULL were skipped (a DMS key is a primary key, so such a row
+    /// changes no row): counted, logged, and alerted once per file.
+    async fn report_null_keys(&mut self, rows: u64, first: &PendingFile) {
+        metrics::counter!("cdc_worker_null_key_rows_total", "table" => self.table.clone())
+            .increment(rows);
+        let reason = format!(
+            "{rows} rows with a NULL in the key column(s) were skipped (a key identifies a row; a NULL key changes none)"
+        );
+        tracing::warn!(table = %self.table, null_key_rows = rows, "{reason}");
+        let steps = "Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the source key is right, the rows were not changes of any row.";
+        self.alert_file(
+            AlertKind::RowsSkipped,
+            Severity::Warning,
+            first,
+            &reason,
+            Some(steps),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,118 @@
+//! What the lane concludes about the files of a batch from what it has read, as plain
+//! functions: the ledger's verdict on each file, and which earlier files from the table's S3
+//! listing join the batch. No IO: `batch.rs` reads the ledger and the listing and acts on
+//! these verdicts.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::state::LanePolicy;
+use crate::apply::context::PendingFile;
+use crate::batch::{BatchFile, LedgerRecord};
+use crate::dms::DmsOrder;
+
+/// The ledger's verdict on a file of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerVerdict {
+    /// Not in the ledger, or a rejected file replaced by new content: apply it.
+    Fresh,
+    /// Applied before with the same content (a redelivery, an identical re-upload).
+    AlreadyApplied,
+    /// Rejected before and still the same bytes: back to the dead-letter queue, quietly.
+    StillRejected,
+    /// Applied before, and the object now has other content.
+    Replaced { ledger_etag: String },
+}
+
+pub fn ledger_verdict(file: &BatchFile, record: Option<&LedgerRecord>) -> LedgerVerdict {
+    let Some(record) = record else {
+        return LedgerVerdict::Fresh;
+    };
+    // An unknown ETag on either side cannot tell the contents apart: same file.
+    let same = record.etag.is_empty() || file.etag.is_empty() || record.etag == file.etag;
+    match (record.rejected, same) {
+        (true, true) => LedgerVerdict::StillRejected,
+        (true, false) => LedgerVerdict::Fresh,
+        (false, true) => LedgerVerdict::AlreadyApplied,
+        (false, false) => LedgerVerdict::Replaced {
+            ledger_etag: record.etag.clone(),
+        },
+    }
+}
+
+/// What the last S3 listing of the table showed: every file up to `through`, and those not
+/// applied when it was taken. DMS writes a table's files one after the other, so no file
+/// appears later before one already listed: a batch that ends within the listing needs no
+/// new one.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub through: Option<DmsOrder>,
+    pub unapplied: BTreeMap<DmsOrder, PendingFile>,
+}
+
+impl Listing {
+    /// Whether the listing shows every file up to `last`.
+    pub fn covers(&self, last: &DmsOrder) -> bool {
+        self.through.as_ref().is_some_and(|t| t >= last)
+    }
+
+    /// Unapplied listed files ordered before `last` that are not in the batch already.
+    pub fn gaps_before(&mut self, last: &DmsOrder, in_batch: &HashSet<String>) -> Vec<PendingFile> {
+        // The batch's own files are accounted for from here on.
+        self.unapplied
+            .retain(|_, g| !in_batch.contains(&g.file.key));
+        self.unapplied
+            .range(..last.clone())
+            .map(|(_, g)| g.clone())
+            .collect()
+    }
+
+    /// Files that are applied now (by this lane or another worker) leave the listing.
+    pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
+        let keys: HashSet<&str> = keys.into_iter().collect();
+        self.unapplied
+            .retain(|_, g| !keys.contains(g.file.key.as_str()));
+    }
+}
+
+/// A batch with the earlier files found in the listing joined to it.
+#[derive(Debug, Default)]
+pub struct Joined {
+    /// The batch to apply, in DMS order, within the batch limits.
+    pub batch: Vec<PendingFile>,
+    /// The batch's own files that no longer fit: they wait in the lane.
+    pub deferred: Vec<PendingFile>,
+    /// Listed files that joined.
+    pub joined: usize,
+    /// Listed files that did not fit (they stay in the listing and come later, in order).
+    pub left: usize,
+}
+
+/// Joins unannounced earlier files to a batch, in DMS order and within the batch limits:
+/// after an outage the listing can hold most of a backlog.
+pub fn join_gaps(batch: Vec<PendingFile>, gaps: Vec<PendingFile>, policy: &LanePolicy) -> Joined {
+    let own: HashSet<String> = batch.iter().map(|f| f.file.key.clone()).collect();
+    let mut files: Vec<PendingFile> = batch.into_iter().chain(gaps).collect();
+    files.sort_by_key(|f| f.dms.order());
+    let later = files.split_off(batch_cut(&files, policy));
+    let joined = files.iter().filter(|f| !own.contains(&f.file.key)).count();
+    let (deferred, left): (Vec<_>, Vec<_>) =
+        later.into_iter().partition(|f| own.contains(&f.file.key));
+    Joined {
+        batch: files,
+        deferred,
+        joined,
+        left: left.len(),
+    }
+}
+
+/// How many of `files` (in DMS order) one batch takes: up to the limits, and always the first.
+fn batch_cut(files: &[PendingFile], policy: &LanePolicy) -> usize {
+    let mut bytes = 0u64;
+    for (i, f) in files.iter().enumerate() {
+        if i > 0 && (i >= policy.max_files || bytes + f.file.size > policy.max_bytes) {
+            return i;
+        }
+        bytes += f.file.size;
+    }
+    files.len()
+}
