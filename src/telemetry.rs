@@ -113,6 +113,13 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
     ),
     // queue::tracker
     (
+        "cdc_worker_messages_handed_over_total",
+        MetricKind::Counter,
+        "",
+        "Messages in work for nearly 12 hours (SQS's in-flight limit) replaced by a fresh copy.",
+    ),
+    // queue::tracker
+    (
         "cdc_worker_visibility_extensions_total",
         MetricKind::Counter,
         "",
@@ -169,6 +176,12 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         "Batches by outcome (committed, failed).",
     ),
     (
+        "cdc_worker_batch_failures_total",
+        MetricKind::Counter,
+        "table, disposition",
+        "Failed batches by disposition (transient: retried; poison: the data is refused).",
+    ),
+    (
         "cdc_worker_batch_duration_seconds",
         MetricKind::Histogram,
         "",
@@ -179,6 +192,13 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         MetricKind::Counter,
         "",
         "Statements sent to the warehouse by committed batches.",
+    ),
+    // apply::lane (segment)
+    (
+        "cdc_worker_null_key_rows_total",
+        MetricKind::Counter,
+        "table",
+        "Rows skipped because their key has a NULL (they change no row).",
     ),
     (
         "cdc_worker_deletes_ignored_total",
@@ -246,6 +266,20 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         MetricKind::Counter,
         "",
         "Alerts that could not be published to SNS (they are still logged).",
+    ),
+    // alerts::publisher
+    (
+        "cdc_worker_alerts_dropped_total",
+        MetricKind::Counter,
+        "reason",
+        "Alerts not published to SNS, only logged (reason: queue_full, shutdown).",
+    ),
+    // alerts::publisher
+    (
+        "cdc_worker_alerts_queued",
+        MetricKind::Gauge,
+        "",
+        "Alerts waiting to be published to SNS.",
     ),
 ];
 
@@ -558,6 +592,47 @@ pub fn record_lag(table: &str, lag: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every metric the code emits is described (so `/metrics` has its `# HELP`).
+    #[test]
+    fn every_emitted_metric_is_described() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+        let mut texts = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut texts,
+        );
+        let mut emitted = std::collections::BTreeSet::new();
+        for text in &texts {
+            for macro_name in ["counter!(\"", "gauge!(\"", "histogram!(\""] {
+                for part in text.split(macro_name).skip(1) {
+                    if let Some(name) = part
+                        .split('"')
+                        .next()
+                        .filter(|n| n.starts_with("cdc_worker_"))
+                    {
+                        emitted.insert(name.to_string());
+                    }
+                }
+            }
+        }
+        assert!(emitted.len() > 20, "{emitted:?}");
+        for name in emitted {
+            assert!(
+                METRICS.iter().any(|(n, ..)| *n == name),
+                "{name} is emitted but not in telemetry::METRICS"
+            );
+        }
+    }
 
     /// The README lists every metric with its type, labels and help text.
     #[test]
