@@ -94,6 +94,12 @@ alert_kinds! {
     AmbiguousOrder => "ambiguous_order",
     /// Rows of an applied file were skipped: their key has a NULL, so they change no row.
     RowsSkipped => "rows_skipped",
+    /// Notifications reach the queue for another bucket or outside `source.prefix`: a
+    /// setup mistake until proven otherwise. Once per cause.
+    NotificationIgnored => "notification_ignored",
+    /// A startup check found something that keeps files from arriving or failing files
+    /// from reaching a dead-letter queue (bucket, notification, redrive policy).
+    SetupProblem => "setup_problem",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from
@@ -172,6 +178,9 @@ impl Alert {
             other => other.as_str().replace('_', " "),
         };
         let held = if self.held { " (HELD)" } else { "" };
+        if self.table.is_empty() {
+            return subject_text(&format!("[cdc-worker] {what}{held}"));
+        }
         subject_text(&format!("[cdc-worker] {}: {what}{held}", self.table))
     }
 }

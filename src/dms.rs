@@ -111,6 +111,30 @@ impl DmsOrder {
     }
 }
 
+impl DmsOrder {
+    /// Whether this file comes after `other` by counter or file name alone, whatever
+    /// folders either is in: for a file given by its name only (`replay --since`).
+    pub fn after_by_name(&self, other: &DmsOrder) -> bool {
+        match (&self.kind, &other.kind) {
+            (
+                FileKind::Load { segment, counter },
+                FileKind::Load {
+                    segment: s2,
+                    counter: c2,
+                },
+            ) => (counter, segment) > (c2, s2),
+            (FileKind::Load { .. }, FileKind::Cdc) => false,
+            (FileKind::Cdc, FileKind::Load { .. }) => true,
+            (FileKind::Cdc, FileKind::Cdc) => self.file_name > other.file_name,
+        }
+    }
+
+    /// The file name, for messages.
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+}
+
 impl Ord for DmsOrder {
     fn cmp(&self, other: &Self) -> Ordering {
         match (&self.kind, &other.kind) {
@@ -151,6 +175,26 @@ pub enum LayoutError {
     UnexpectedFolder { key: String, folder: String },
     #[error("key `{0}` contains a NUL or control character")]
     ControlCharacter(String),
+    /// In a table's folder, but named neither as DMS names full-load files nor as it names
+    /// CDC files: applying it would put it in an order DMS never wrote (a stray upload).
+    #[error(
+        "`{file_name}` is not a DMS file name (full load: LOAD00000001.parquet, optionally SEGMENTn_; CDC: 20261124-101500123.parquet); files of other names are never applied"
+    )]
+    NotDmsName {
+        key: String,
+        file_name: String,
+        table: SourceTable,
+    },
+}
+
+impl LayoutError {
+    /// The source table whose folder holds the key, when the key got that far.
+    pub fn source(&self) -> Option<&SourceTable> {
+        match self {
+            LayoutError::NotDmsName { table, .. } => Some(table),
+            _ => None,
+        }
+    }
 }
 
 /// Where a key stands relative to the DMS layout.
@@ -158,7 +202,14 @@ pub enum LayoutError {
 pub enum KeyClass {
     Dms(DmsKey),
     /// Outside the prefix, or not a `.parquet` file: none of the worker's business.
-    Ignored(&'static str),
+    Ignored(KeyIgnored),
+}
+
+/// Why a key is none of the worker's business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyIgnored {
+    OutsidePrefix,
+    NotParquet,
 }
 
 /// Parses a decoded object key.
@@ -169,11 +220,11 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
     } else {
         match key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
             Some(rest) => rest,
-            None => return Ok(KeyClass::Ignored("outside the configured prefix")),
+            None => return Ok(KeyClass::Ignored(KeyIgnored::OutsidePrefix)),
         }
     };
     if !key.ends_with(".parquet") {
-        return Ok(KeyClass::Ignored("not a .parquet file"));
+        return Ok(KeyClass::Ignored(KeyIgnored::NotParquet));
     }
     if key.chars().any(char::is_control) {
         return Err(LayoutError::ControlCharacter(
@@ -192,7 +243,21 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
     }
     let file_name = segments[segments.len() - 1].to_string();
     let middle = &segments[2..segments.len() - 1];
-    let kind = load_kind(&file_name).unwrap_or(FileKind::Cdc);
+    let source = SourceTable {
+        schema: segments[0].to_string(),
+        table: segments[1].to_string(),
+    };
+    let kind = match load_kind(&file_name) {
+        Some(load) => load,
+        None if is_cdc_name(&file_name) => FileKind::Cdc,
+        None => {
+            return Err(LayoutError::NotDmsName {
+                key: key.to_string(),
+                file_name,
+                table: source,
+            });
+        }
+    };
     if kind == FileKind::Cdc
         && let Some(folder) = middle.iter().find(|f| !is_date_folder(f))
     {
@@ -212,10 +277,7 @@ pub fn classify_key(prefix: &str, key: &str) -> Result<KeyClass, LayoutError> {
         segments[1]
     );
     Ok(KeyClass::Dms(DmsKey {
-        source: SourceTable {
-            schema: segments[0].to_string(),
-            table: segments[1].to_string(),
-        },
+        source,
         kind,
         folders: middle.join("/"),
         file_name,
@@ -238,6 +300,20 @@ fn load_kind(file_name: &str) -> Option<FileKind> {
         segment,
         counter: u32::from_str_radix(hex, 16).ok()?,
     })
+}
+
+/// `20261124-101500123.parquet`: the date, a dash, the time of day with its fraction.
+/// DMS's documentation shows ten digits after the dash (`20141029-1134010000`), the files
+/// it writes with Parquet nine; six to twelve are accepted.
+fn is_cdc_name(file_name: &str) -> bool {
+    let Some((date, time)) = file_name
+        .strip_suffix(".parquet")
+        .and_then(|stem| stem.split_once('-'))
+    else {
+        return false;
+    };
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    date.len() == 8 && digits(date) && (6..=12).contains(&time.len()) && digits(time)
 }
 
 /// `2021`, `11`, `20211123`, `2021-11-23`, `2021_11_23`, `2021112310`.
@@ -436,6 +512,50 @@ mod tests {
             classify_key("", "s/t\n/x.parquet"),
             Err(LayoutError::ControlCharacter(_))
         ));
+    }
+
+    #[test]
+    fn only_dms_file_names_belong_to_a_table() {
+        let err = classify_key("dms", "dms/public/customers/part-0001.parquet").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`part-0001.parquet` is not a DMS file name (full load: LOAD00000001.parquet, optionally SEGMENTn_; CDC: 20261124-101500123.parquet); files of other names are never applied"
+        );
+        assert_eq!(
+            err.source().map(|s| s.to_string()).as_deref(),
+            Some("public.customers")
+        );
+        for stray in [
+            "dms/public/t/LOAD.parquet",
+            "dms/public/t/LOAD000000001.parquet",
+            "dms/public/t/load00000001.parquet",
+            "dms/public/t/20261124.parquet",
+            "dms/public/t/20261124-10150.parquet",
+            "dms/public/t/2026-11-24-101500123.parquet",
+            "dms/public/t/20261124-101500123 (1).parquet",
+            "dms/public/t/2026/11/24/export.parquet",
+        ] {
+            assert!(
+                matches!(
+                    classify_key("dms", stray),
+                    Err(LayoutError::NotDmsName { .. })
+                ),
+                "{stray}"
+            );
+        }
+        for name in [
+            "20141029-1134010000.parquet",
+            "20261124-101500123.parquet",
+            "SEGMENT3_LOAD0000000F.parquet",
+        ] {
+            assert!(
+                matches!(
+                    classify_key("", &format!("s/t/{name}")),
+                    Ok(KeyClass::Dms(_))
+                ),
+                "{name}"
+            );
+        }
     }
 
     #[test]

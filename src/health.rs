@@ -1,9 +1,11 @@
-//! `/healthz` (the process is alive), `/readyz` (queue and warehouse answer),
-//! `/metrics` (Prometheus text) and `/status` (the lanes, as JSON, for `cdc-worker status`).
+//! `/healthz` (the worker can do its job: alive, and receiving from the queue), `/readyz`
+//! (queue and warehouse answer), `/metrics` (Prometheus text) and `/status` (each table:
+//! its lane, last applied file, key and mode, as JSON, for `cdc-worker status`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,15 +14,61 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Engine;
+use crate::batch::LoadMode;
 use crate::queue::Queue;
 use crate::telemetry;
 use crate::warehouse::Warehouse;
+
+/// Whether the receivers can reach the queue. A worker that has been unable to receive
+/// for longer than `bound` (`worker.unhealthy_after`) is unhealthy: restarting it (what a
+/// container health check does) is the only thing that can help, and it makes the
+/// problem visible.
+#[derive(Debug)]
+pub struct ReceiveHealth {
+    bound: Duration,
+    /// Since when every receive failed, and the last error.
+    failing: Mutex<Option<(Instant, String)>>,
+}
+
+impl ReceiveHealth {
+    pub fn new(bound: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            bound,
+            failing: Mutex::new(None),
+        })
+    }
+
+    pub fn succeeded(&self) {
+        *self.failing.lock().expect("receive health") = None;
+    }
+
+    /// Records a failed receive; returns how long receiving has failed.
+    pub fn failed(&self, error: &str) -> Duration {
+        let mut failing = self.failing.lock().expect("receive health");
+        let since = failing.as_ref().map_or_else(Instant::now, |(s, _)| *s);
+        *failing = Some((since, error.to_string()));
+        since.elapsed()
+    }
+
+    /// `Err` with the reason once receiving has failed for longer than the bound.
+    pub fn check(&self) -> Result<(), String> {
+        match &*self.failing.lock().expect("receive health") {
+            Some((since, error)) if since.elapsed() > self.bound => Err(format!(
+                "no receive from the queue has succeeded for {}s (worker.unhealthy_after = {}): {error}",
+                since.elapsed().as_secs(),
+                humantime::format_duration(self.bound)
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Probes {
     queue: Arc<dyn Queue>,
     warehouse: Arc<dyn Warehouse>,
     engine: Arc<Engine>,
+    receiving: Arc<ReceiveHealth>,
 }
 
 /// Binds `addr` and serves until `stop` is cancelled. The returned task ends only after
@@ -31,12 +79,17 @@ pub async fn serve(
     queue: Arc<dyn Queue>,
     warehouse: Arc<dyn Warehouse>,
     engine: Arc<Engine>,
+    receiving: Arc<ReceiveHealth>,
     stop: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} (telemetry.listen): {e}; choose a free port, or another address"
+        )
+    })?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /status and /metrics");
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
@@ -44,6 +97,7 @@ pub async fn serve(
             queue,
             warehouse,
             engine,
+            receiving,
         });
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -53,6 +107,16 @@ pub async fn serve(
             tracing::error!(error = %e, "health endpoint stopped");
         }
     }))
+}
+
+async fn healthz(State(p): State<Probes>) -> (StatusCode, String) {
+    match p.receiving.check() {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        ),
+    }
 }
 
 async fn ready(State(p): State<Probes>) -> (StatusCode, String) {
@@ -78,33 +142,95 @@ async fn ready(State(p): State<Probes>) -> (StatusCode, String) {
     }
 }
 
-/// One lane as `/status` shows it.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
-pub struct LaneStatus {
+/// One table as `/status` shows it: its lane (when one runs), and from the ledger and the
+/// lane the last applied file, key and mode.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct TableReport {
     pub table: String,
+    /// Whether a lane runs for the table (lanes idle for `worker.lane_idle_timeout` stop).
+    pub lane: bool,
     pub pending_files: usize,
     pub held: Option<String>,
     pub consecutive_failures: u32,
     /// Seconds the oldest waiting file has waited.
     pub oldest_pending_s: Option<f64>,
+    /// The last applied file by DMS order (S3 key).
+    pub last_applied_file: Option<String>,
+    /// When the newest ledger entry of the table was committed.
+    pub last_applied_at: Option<String>,
+    /// The key columns of the last commit (empty: no key).
+    pub key: Option<Vec<String>>,
+    /// "merge" (keyed) or "append" (no key), as of the last commit of this worker.
+    pub mode: Option<String>,
+}
+
+impl TableReport {
+    fn set_mode(&mut self, mode: &LoadMode) {
+        match mode {
+            LoadMode::Merge { key } => {
+                self.mode = Some("merge".into());
+                self.key = Some(key.iter().map(|k| k.target.clone()).collect());
+            }
+            LoadMode::Append => {
+                self.mode = Some("append".into());
+                self.key = Some(vec![]);
+            }
+        }
+    }
+}
+
+/// Every table the worker knows: its lanes, and the tables in the ledger.
+async fn tables(p: &Probes) -> Vec<TableReport> {
+    let mut tables: BTreeMap<String, TableReport> = BTreeMap::new();
+    match p.warehouse.ledger_summary().await {
+        Ok(entries) => {
+            for e in entries {
+                tables.insert(
+                    e.table.clone(),
+                    TableReport {
+                        table: e.table,
+                        last_applied_at: Some(e.applied_at),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "/status: cannot read the ledger"),
+    }
+    for (table, lane) in p.engine.lanes() {
+        let report = tables.entry(table.clone()).or_insert_with(|| TableReport {
+            table,
+            ..Default::default()
+        });
+        report.lane = true;
+        report.pending_files = lane.pending_files;
+        report.held = lane.held;
+        report.consecutive_failures = lane.consecutive_failures;
+        report.oldest_pending_s = lane.oldest_pending.map(|t| t.elapsed().as_secs_f64());
+        if lane.last_applied.is_some() {
+            report.last_applied_file = lane.last_applied;
+        }
+        if let Some(mode) = &lane.mode {
+            report.set_mode(mode);
+        }
+    }
+    // The ledger's newest entry is by commit time; the last file by DMS order is the
+    // lane's (or, without a lane, the warehouse's own answer).
+    for report in tables
+        .values_mut()
+        .filter(|r| r.last_applied_file.is_none())
+    {
+        if let Ok(Some((_, key))) = p.warehouse.last_applied(&report.table).await {
+            report.last_applied_file = Some(key);
+        }
+    }
+    tables.into_values().collect()
 }
 
 async fn status(State(p): State<Probes>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    let lanes: Vec<LaneStatus> = p
-        .engine
-        .lanes()
-        .into_iter()
-        .map(|(table, l)| LaneStatus {
-            table,
-            pending_files: l.pending_files,
-            held: l.held,
-            consecutive_failures: l.consecutive_failures,
-            oldest_pending_s: l.oldest_pending.map(|t| t.elapsed().as_secs_f64()),
-        })
-        .collect();
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string(&lanes).unwrap_or_default(),
+        serde_json::to_string(&tables(&p).await).unwrap_or_default(),
     )
 }
 
@@ -117,4 +243,26 @@ async fn metrics(State(p): State<Probes>) -> String {
         .count();
     metrics::gauge!("cdc_worker_tables_held").set(held as f64);
     telemetry::metrics_handle().render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiving_fails_health_only_after_the_bound() {
+        let health = ReceiveHealth::new(Duration::from_millis(50));
+        assert!(health.check().is_ok());
+        health.failed("receiving from q: does not exist");
+        assert!(health.check().is_ok(), "within the bound");
+        std::thread::sleep(Duration::from_millis(80));
+        health.failed("receiving from q: does not exist");
+        let why = health.check().unwrap_err();
+        assert!(
+            why.starts_with("no receive from the queue has succeeded for 0s (worker.unhealthy_after = 50ms): receiving from q: does not exist"),
+            "{why}"
+        );
+        health.succeeded();
+        assert!(health.check().is_ok());
+    }
 }

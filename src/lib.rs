@@ -18,6 +18,7 @@ pub mod event;
 pub mod health;
 pub mod keys;
 pub mod lease;
+pub mod preflight;
 pub mod queue;
 pub mod schema;
 pub mod storage;

@@ -33,16 +33,19 @@ enum Command {
     Run(ConfigArg),
     /// Validate the configuration and print it with defaults filled in (secrets masked).
     CheckConfig(ConfigArg),
-    /// Contact the queue, the buckets, the topic and the warehouse, and report what works.
+    /// Check region and credentials, the queue and its redrive policy, the buckets, the
+    /// bucket's notification to the queue, the topic and the warehouse (creates nothing).
     CheckConnection(ConfigArg),
-    /// Exit 0 if the running worker's /healthz answers (for container health checks).
+    /// Exit 0 if the running worker's /healthz answers ok: it runs and can receive from its
+    /// queue (for container health checks).
     Health(ConfigArg),
     /// Schema history and held tables.
     Schema {
         #[command(subcommand)]
         action: SchemaCommand,
     },
-    /// Lanes, held tables, and the last applied file and schema version of each table.
+    /// Each table: schema version, held or not, waiting files, key and mode, last applied
+    /// file (from the running worker's /status, else from the warehouse).
     Status(ConfigArg),
     /// Re-drive a table's files from an S3 listing through the queue (safe: the ledger
     /// skips what is applied).
@@ -52,7 +55,8 @@ enum Command {
         /// Target table.
         #[arg(long)]
         table: String,
-        /// Only keys after this one (S3 key order).
+        /// Only files after this one in DMS order: a file name
+        /// (20261124-101500123.parquet, LOAD00000002.parquet) or its S3 key.
         #[arg(long)]
         since: Option<String>,
         /// List what would be sent, send nothing.

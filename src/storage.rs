@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -48,12 +48,12 @@ impl StorageError {
             (Some("AccessDenied" | "Forbidden"), _) | (_, Some(403)) => Self::AccessDenied {
                 bucket,
                 key,
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             },
             _ => Self::Other {
                 bucket,
                 key,
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             },
         }
     }

@@ -1,6 +1,9 @@
 //! Logs and metrics. Every notable thing the worker does is one internal event below: a
 //! struct whose `emit` writes one log line and updates the matching metrics, so logs and
-//! `/metrics` never disagree.
+//! `/metrics` never disagree. [`METRICS`] describes every metric the worker exports (the
+//! `# HELP` lines of `/metrics`, and the README's list).
+
+mod json;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
@@ -12,25 +15,37 @@ use tracing_subscriber::EnvFilter;
 use crate::batch::ApplyStats;
 use crate::config::{LogFormat, TelemetryConfig};
 
+/// The log filter: the configured level, with the AWS SDK's credential and region chain
+/// quiet below ERROR. It logs a WARN with a struct dump for every provider it tries and
+/// fails (instance metadata on a laptop, say); the call that needed them fails anyway,
+/// and that error is explained where it is reported.
+pub fn log_filter(level: &str) -> EnvFilter {
+    if let Ok(from_env) = EnvFilter::try_from_default_env() {
+        return from_env;
+    }
+    if level.contains("aws_config") {
+        EnvFilter::new(level)
+    } else {
+        EnvFilter::new(format!("{level},aws_config=error"))
+    }
+}
+
 /// Installs the log subscriber once; later calls are no-ops (tests start many workers).
 pub fn init_logging(config: &TelemetryConfig) {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
-        let filter =
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
         let json = match config.log_format {
             LogFormat::Json => true,
             LogFormat::Pretty => false,
             LogFormat::Auto => !std::io::stdout().is_terminal(),
         };
         let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
+            .with_env_filter(log_filter(&config.log_level))
             .with_writer(std::io::stderr);
         let _ = if json {
             builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(json::JsonLines)
                 .try_init()
         } else {
             builder.compact().try_init()
@@ -53,8 +68,230 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::debug!("a metrics recorder was already installed");
         }
+        describe_metrics();
         handle
     })
+}
+
+/// What a metric is, for its `# HELP` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric the worker exports: name, kind, labels and help text. Most are updated by
+/// the events of this module; the others by the module named in the comment beside them.
+/// A test keeps the README's list in step with this one.
+pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
+    (
+        "cdc_worker_messages_received_total",
+        MetricKind::Counter,
+        "",
+        "SQS messages received.",
+    ),
+    // queue::tracker
+    (
+        "cdc_worker_messages_deleted_total",
+        MetricKind::Counter,
+        "",
+        "SQS messages deleted after all their files were committed or skipped.",
+    ),
+    // queue::tracker
+    (
+        "cdc_worker_messages_released_total",
+        MetricKind::Counter,
+        "",
+        "SQS messages released for redelivery (a file failed, or shutdown).",
+    ),
+    (
+        "cdc_worker_messages_failed_total",
+        MetricKind::Counter,
+        "reason",
+        "SQS messages left for the redrive policy (reason: unparseable).",
+    ),
+    // queue::tracker
+    (
+        "cdc_worker_messages_handed_over_total",
+        MetricKind::Counter,
+        "",
+        "Messages in work for nearly 12 hours (SQS's in-flight limit) replaced by a fresh copy.",
+    ),
+    // queue::tracker
+    (
+        "cdc_worker_visibility_extensions_total",
+        MetricKind::Counter,
+        "",
+        "Visibility extensions of in-flight messages (the keep-alive).",
+    ),
+    (
+        "cdc_worker_notifications_ignored_total",
+        MetricKind::Counter,
+        "reason",
+        "Notifications acknowledged without a file to apply (reason: other_bucket, outside_prefix, not_parquet, test_event, other_event).",
+    ),
+    (
+        "cdc_worker_receive_failures_total",
+        MetricKind::Counter,
+        "",
+        "ReceiveMessage calls that failed (the queue is unreachable or missing).",
+    ),
+    (
+        "cdc_worker_files_applied_total",
+        MetricKind::Counter,
+        "table",
+        "Files committed to the table.",
+    ),
+    (
+        "cdc_worker_rows_applied_total",
+        MetricKind::Counter,
+        "table",
+        "Rows staged from committed files of the table.",
+    ),
+    (
+        "cdc_worker_files_skipped_total",
+        MetricKind::Counter,
+        "reason",
+        "Files acknowledged without applying them (reason: already_applied, replaced, missing, table_ignored, unroutable, not_dms_name, unusable_name).",
+    ),
+    // apply::lane
+    (
+        "cdc_worker_files_rejected_total",
+        MetricKind::Counter,
+        "table",
+        "Files that cannot be read as Parquet (left for the dead-letter queue).",
+    ),
+    // apply::lane
+    (
+        "cdc_worker_gap_files_total",
+        MetricKind::Counter,
+        "table",
+        "Files found in the S3 listing before their notification arrived, applied in order.",
+    ),
+    (
+        "cdc_worker_batches_total",
+        MetricKind::Counter,
+        "table, outcome",
+        "Batches by outcome (committed, failed).",
+    ),
+    (
+        "cdc_worker_batch_failures_total",
+        MetricKind::Counter,
+        "table, disposition",
+        "Failed batches by disposition (transient: retried; poison: the data is refused).",
+    ),
+    (
+        "cdc_worker_batch_duration_seconds",
+        MetricKind::Histogram,
+        "",
+        "Time to apply one batch, from staging to commit.",
+    ),
+    (
+        "cdc_worker_warehouse_statements_total",
+        MetricKind::Counter,
+        "",
+        "Statements sent to the warehouse by committed batches.",
+    ),
+    // apply::lane (segment)
+    (
+        "cdc_worker_null_key_rows_total",
+        MetricKind::Counter,
+        "table",
+        "Rows skipped because their key has a NULL (they change no row).",
+    ),
+    (
+        "cdc_worker_deletes_ignored_total",
+        MetricKind::Counter,
+        "table",
+        "Deletes not applied because the table has no key.",
+    ),
+    (
+        "cdc_worker_cast_failures_total",
+        MetricKind::Counter,
+        "table",
+        "Values that did not cast to the column's type.",
+    ),
+    (
+        "cdc_worker_table_lag_seconds",
+        MetricKind::Gauge,
+        "table",
+        "Age of the table's oldest waiting file (0 when none waits).",
+    ),
+    // apply::lane
+    (
+        "cdc_worker_table_held",
+        MetricKind::Gauge,
+        "table",
+        "1 while a schema policy holds the table, else 0.",
+    ),
+    // health
+    (
+        "cdc_worker_tables_held",
+        MetricKind::Gauge,
+        "",
+        "Tables held by a schema policy.",
+    ),
+    // apply::lane (outcome)
+    (
+        "cdc_worker_schema_changes_total",
+        MetricKind::Counter,
+        "table",
+        "Schema versions recorded for the table.",
+    ),
+    // lease
+    (
+        "cdc_worker_lease_events_total",
+        MetricKind::Counter,
+        "event",
+        "Lease events (acquired, taken_over, renewed, released, busy, lost, lost_race).",
+    ),
+    // apply::lane
+    (
+        "cdc_worker_lease_busy_total",
+        MetricKind::Counter,
+        "table",
+        "Batches that waited because another worker held the table's lease.",
+    ),
+    // alerts
+    (
+        "cdc_worker_alerts_total",
+        MetricKind::Counter,
+        "alert, severity",
+        "Alerts raised, by kind and severity.",
+    ),
+    // alerts
+    (
+        "cdc_worker_alert_publish_failures_total",
+        MetricKind::Counter,
+        "",
+        "Alerts that could not be published to SNS (they are still logged).",
+    ),
+    // alerts::publisher
+    (
+        "cdc_worker_alerts_dropped_total",
+        MetricKind::Counter,
+        "reason",
+        "Alerts not published to SNS, only logged (reason: queue_full, shutdown).",
+    ),
+    // alerts::publisher
+    (
+        "cdc_worker_alerts_queued",
+        MetricKind::Gauge,
+        "",
+        "Alerts waiting to be published to SNS.",
+    ),
+];
+
+/// Hands every description to the recorder, so `/metrics` prints `# HELP` for each.
+fn describe_metrics() {
+    for (name, kind, _, help) in METRICS {
+        match kind {
+            MetricKind::Counter => metrics::describe_counter!(*name, *help),
+            MetricKind::Gauge => metrics::describe_gauge!(*name, *help),
+            MetricKind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
 }
 
 /// `hostname/pid`, naming this worker in alerts, leases and logs.
@@ -94,22 +331,74 @@ impl MessageUnparseable<'_> {
     }
 }
 
-/// A notification the worker has no business with.
+/// Why a notification brings no file to apply: the metric's `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IgnoredReason {
+    /// `s3:TestEvent`, sent when a notification is configured.
+    TestEvent,
+    /// Not an object creation (deletes, restores, SNS subscription messages).
+    OtherEvent,
+    /// About a bucket other than `source.bucket`: a typo, or a shared queue.
+    OtherBucket,
+    /// A key outside `source.prefix`.
+    OutsidePrefix,
+    /// Not a `.parquet` file.
+    NotParquet,
+}
+
+impl IgnoredReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            IgnoredReason::TestEvent => "test_event",
+            IgnoredReason::OtherEvent => "other_event",
+            IgnoredReason::OtherBucket => "other_bucket",
+            IgnoredReason::OutsidePrefix => "outside_prefix",
+            IgnoredReason::NotParquet => "not_parquet",
+        }
+    }
+
+    /// Whether it can mean a setup mistake (files that should be applied and are not).
+    pub fn may_be_a_mistake(self) -> bool {
+        matches!(
+            self,
+            IgnoredReason::OtherBucket | IgnoredReason::OutsidePrefix
+        )
+    }
+}
+
+/// A notification the worker has no business with. A possible setup mistake is a WARN
+/// the first time per cause (`first_of_cause`), DEBUG after that; the metric counts all.
 pub struct NotificationIgnored<'a> {
     pub message_id: &'a str,
-    pub key: Option<&'a str>,
-    pub reason: &'a str,
+    /// `s3://bucket/key`, when the notification is about an object.
+    pub object: Option<&'a str>,
+    pub reason: IgnoredReason,
+    /// One sentence: why, and what would change it.
+    pub detail: &'a str,
+    pub first_of_cause: bool,
 }
 
 impl NotificationIgnored<'_> {
     pub fn emit(&self) {
-        tracing::debug!(
-            message_id = self.message_id,
-            key = self.key,
-            reason = self.reason,
-            "notification ignored"
-        );
-        metrics::counter!("cdc_worker_notifications_ignored_total").increment(1);
+        if self.reason.may_be_a_mistake() && self.first_of_cause {
+            tracing::warn!(
+                message_id = self.message_id,
+                object = self.object,
+                reason = self.reason.label(),
+                detail = self.detail,
+                "notification ignored (logged once per cause; cdc_worker_notifications_ignored_total counts every one)"
+            );
+        } else {
+            tracing::debug!(
+                message_id = self.message_id,
+                object = self.object,
+                reason = self.reason.label(),
+                detail = self.detail,
+                "notification ignored"
+            );
+        }
+        metrics::counter!("cdc_worker_notifications_ignored_total", "reason" => self.reason.label())
+            .increment(1);
     }
 }
 
@@ -216,6 +505,8 @@ pub enum SkipKind {
     TableIgnored,
     /// The key is not a DMS file of a table.
     Unroutable,
+    /// In a table's folder, but not named as DMS names its files (a stray upload).
+    NotDmsName,
     /// The target table's name cannot be used.
     UnusableName,
 }
@@ -228,6 +519,7 @@ impl SkipKind {
             SkipKind::Missing => "missing",
             SkipKind::TableIgnored => "table_ignored",
             SkipKind::Unroutable => "unroutable",
+            SkipKind::NotDmsName => "not_dms_name",
             SkipKind::UnusableName => "unusable_name",
         }
     }
@@ -264,6 +556,28 @@ impl FileSkipped<'_> {
     }
 }
 
+/// A ReceiveMessage call that failed; the receiver retries with backoff, and `/healthz`
+/// fails once no receive has succeeded for `worker.unhealthy_after`.
+pub struct ReceiveFailed<'a> {
+    pub receiver: usize,
+    pub error: &'a str,
+    pub retry_in: Duration,
+    pub failing_for: Duration,
+}
+
+impl ReceiveFailed<'_> {
+    pub fn emit(&self) {
+        tracing::warn!(
+            receiver = self.receiver,
+            error = self.error,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            failing_for_s = self.failing_for.as_secs(),
+            "cannot receive from the queue"
+        );
+        metrics::counter!("cdc_worker_receive_failures_total").increment(1);
+    }
+}
+
 /// A message received (one per message).
 pub fn message_received() {
     metrics::counter!("cdc_worker_messages_received_total").increment(1);
@@ -273,4 +587,67 @@ pub fn message_received() {
 pub fn record_lag(table: &str, lag: Duration) {
     metrics::gauge!("cdc_worker_table_lag_seconds", "table" => table.to_string())
         .set(lag.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric the code emits is described (so `/metrics` has its `# HELP`).
+    #[test]
+    fn every_emitted_metric_is_described() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+        let mut texts = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut texts,
+        );
+        let mut emitted = std::collections::BTreeSet::new();
+        for text in &texts {
+            for macro_name in ["counter!(\"", "gauge!(\"", "histogram!(\""] {
+                for part in text.split(macro_name).skip(1) {
+                    if let Some(name) = part
+                        .split('"')
+                        .next()
+                        .filter(|n| n.starts_with("cdc_worker_"))
+                    {
+                        emitted.insert(name.to_string());
+                    }
+                }
+            }
+        }
+        assert!(emitted.len() > 20, "{emitted:?}");
+        for name in emitted {
+            assert!(
+                METRICS.iter().any(|(n, ..)| *n == name),
+                "{name} is emitted but not in telemetry::METRICS"
+            );
+        }
+    }
+
+    /// The README lists every metric with its type, labels and help text.
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../README.md");
+        for (name, kind, labels, help) in METRICS {
+            let kind = format!("{kind:?}").to_lowercase();
+            let labels: Vec<String> = labels
+                .split(',')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| format!("`{l}`"))
+                .collect();
+            let row = format!("| `{name}` | {kind} | {} | {help} |", labels.join(", "));
+            assert!(readme.contains(&row), "README.md lacks the row:\n{row}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The daemon: a pool of receivers long-polling SQS, turning notifications into files for
 //! the apply engine, and the orderly shutdown that releases what cannot finish.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,14 +15,21 @@ use crate::apply::{ApplyContext, Engine, PendingFile};
 use crate::aws::AwsClients;
 use crate::batch::BatchFile;
 use crate::config::{Config, WarehouseKind};
-use crate::dms::{KeyClass, TableRouter, classify_key};
-use crate::event::{Notification, parse_body};
+use crate::dms::{
+    DmsKey, KeyClass, KeyIgnored, LayoutError, RoutingCollision, TableRouter, classify_key,
+};
+use crate::event::{Notification, ObjectCreated, parse_body};
+use crate::health::ReceiveHealth;
 use crate::keys::KeyResolver;
 use crate::lease::LeaseManager;
+use crate::preflight;
 use crate::queue::{FileOutcome, Queue, RawMessage, SqsQueue, Tracker};
 use crate::schema::store::SchemaStore;
 use crate::storage::ObjectStore;
-use crate::telemetry::{self, FileSkipped, MessageUnparseable, NotificationIgnored, SkipKind};
+use crate::telemetry::{
+    self, FileSkipped, IgnoredReason, MessageUnparseable, NotificationIgnored, ReceiveFailed,
+    SkipKind,
+};
 use crate::warehouse::{self, Warehouse};
 
 /// Builds the configured warehouse and creates its bookkeeping tables.
@@ -66,6 +74,19 @@ struct Ingest {
     tracker: Tracker,
     engine: Arc<Engine>,
     alerts: Alerts,
+    /// Causes already alerted (ignored notifications, routing collisions): one alert each
+    /// per process, not one per notification or redelivery.
+    alerted: Mutex<HashSet<String>>,
+}
+
+/// What one notification of a message comes to.
+enum Routed {
+    File(Box<PendingFile>),
+    /// Nothing to apply: acknowledged.
+    Done,
+    /// Cannot be applied now: the message comes back (and, if it keeps coming back,
+    /// reaches the dead-letter queue).
+    Retry,
 }
 
 impl Ingest {
@@ -86,129 +107,11 @@ impl Ingest {
         let mut files = Vec::new();
         let mut retries = 0usize;
         for n in notifications {
-            let object = match n {
-                Notification::Test => {
-                    NotificationIgnored {
-                        message_id: &raw.message_id,
-                        key: None,
-                        reason: "s3:TestEvent",
-                    }
-                    .emit();
-                    continue;
-                }
-                Notification::Other(name) => {
-                    NotificationIgnored {
-                        message_id: &raw.message_id,
-                        key: None,
-                        reason: &format!("event {name}"),
-                    }
-                    .emit();
-                    continue;
-                }
-                Notification::Created(o) => o,
-            };
-            if object.bucket != self.config.source.bucket {
-                NotificationIgnored {
-                    message_id: &raw.message_id,
-                    key: Some(&object.key),
-                    reason: "other bucket",
-                }
-                .emit();
-                continue;
+            match self.route(&raw, n).await {
+                Routed::File(f) => files.push(*f),
+                Routed::Done => {}
+                Routed::Retry => retries += 1,
             }
-            let dms = match classify_key(&self.config.source.prefix, &object.key) {
-                Ok(KeyClass::Ignored(reason)) => {
-                    NotificationIgnored {
-                        message_id: &raw.message_id,
-                        key: Some(&object.key),
-                        reason,
-                    }
-                    .emit();
-                    continue;
-                }
-                Ok(KeyClass::Dms(dms)) => dms,
-                Err(e) => {
-                    let reason = e.to_string();
-                    FileSkipped {
-                        table: "",
-                        key: &object.key,
-                        kind: SkipKind::Unroutable,
-                        reason: &reason,
-                    }
-                    .emit();
-                    let mut alert = Alert::new(
-                        AlertKind::FileSkipped,
-                        Severity::Warning,
-                        "",
-                        format!(
-                            "s3://{}/{}: {reason}",
-                            object.bucket,
-                            object.key.escape_debug()
-                        ),
-                    );
-                    alert.file = Some(format!(
-                        "s3://{}/{}",
-                        object.bucket,
-                        object.key.escape_debug()
-                    ));
-                    self.alerts.publish(&alert).await;
-                    continue;
-                }
-            };
-            let table = match self.router.route(&dms.source) {
-                Ok(t) => t,
-                Err(collision) => {
-                    let mut alert = Alert::new(
-                        AlertKind::RoutingCollision,
-                        Severity::Error,
-                        &collision.target,
-                        collision.to_string(),
-                    );
-                    alert.source = Some(collision.second.to_string());
-                    alert.next_steps = Some("Change routing.table_name so each source table has its own target; these files go to the dead-letter queue meanwhile.".into());
-                    self.alerts.publish(&alert).await;
-                    retries += 1;
-                    continue;
-                }
-            };
-            let unusable = if warehouse::is_reserved_table(&table) {
-                Some("reserved for cdc-worker's own tables".to_string())
-            } else {
-                warehouse::sql::check_name(&table, warehouse::MAX_TABLE_NAME_LEN)
-                    .err()
-                    .map(|e| e.to_string())
-            };
-            if let Some(why) = unusable {
-                let reason = format!(
-                    "target table name `{}` is unusable: {why}",
-                    table.escape_debug()
-                );
-                FileSkipped {
-                    table: &table,
-                    key: &object.key,
-                    kind: SkipKind::UnusableName,
-                    reason: &reason,
-                }
-                .emit();
-                let alert = Alert::new(AlertKind::FileSkipped, Severity::Warning, &table, reason);
-                self.alerts.publish(&alert).await;
-                continue;
-            }
-            files.push(PendingFile {
-                table,
-                source: dms.source.clone(),
-                file: BatchFile {
-                    bucket: object.bucket,
-                    key: object.key,
-                    size: object.size,
-                    etag: object.etag.unwrap_or_default(),
-                    order_key: dms.order().sort_key(),
-                },
-                dms,
-                messages: Vec::new(),
-                arrived: Instant::now(),
-                waiting: None,
-            });
         }
         if files.is_empty() && retries == 0 {
             // Nothing to apply: acknowledge.
@@ -227,6 +130,314 @@ impl Ingest {
             self.engine.submit(f);
         }
     }
+
+    /// True the first time a cause is seen.
+    fn first_time(&self, cause: String) -> bool {
+        self.alerted.lock().expect("alerted causes").insert(cause)
+    }
+
+    async fn route(&self, raw: &RawMessage, n: Notification) -> Routed {
+        let object = match n {
+            Notification::Test => {
+                self.ignore(
+                    raw,
+                    None,
+                    IgnoredReason::TestEvent,
+                    "s3:TestEvent (S3 sends one when a notification is configured)".into(),
+                    false,
+                );
+                return Routed::Done;
+            }
+            Notification::Other(name) => {
+                self.ignore(
+                    raw,
+                    None,
+                    IgnoredReason::OtherEvent,
+                    format!("event {name}, not an object creation"),
+                    false,
+                );
+                return Routed::Done;
+            }
+            Notification::Created(o) => o,
+        };
+        if object.bucket != self.config.source.bucket {
+            self.other_bucket(raw, &object).await;
+            return Routed::Done;
+        }
+        let dms = match classify_key(&self.config.source.prefix, &object.key) {
+            Ok(KeyClass::Dms(dms)) => dms,
+            Ok(KeyClass::Ignored(KeyIgnored::OutsidePrefix)) => {
+                self.outside_prefix(raw, &object).await;
+                return Routed::Done;
+            }
+            Ok(KeyClass::Ignored(KeyIgnored::NotParquet)) => {
+                let location = location(&object);
+                self.ignore(
+                    raw,
+                    Some(&location),
+                    IgnoredReason::NotParquet,
+                    "not a .parquet file".into(),
+                    false,
+                );
+                return Routed::Done;
+            }
+            Err(e) => {
+                self.not_a_dms_file(&object, &e).await;
+                return Routed::Done;
+            }
+        };
+        let table = match self.router.route(&dms.source) {
+            Ok(t) => t,
+            Err(collision) => {
+                self.routing_collision(&collision).await;
+                return Routed::Retry;
+            }
+        };
+        if let Some(reason) = unusable_table_name(&table) {
+            FileSkipped {
+                table: &table,
+                key: &object.key,
+                kind: SkipKind::UnusableName,
+                reason: &reason,
+            }
+            .emit();
+            let alert = Alert::new(AlertKind::FileSkipped, Severity::Warning, &table, reason);
+            self.alerts.publish(&alert).await;
+            return Routed::Done;
+        }
+        Routed::File(Box::new(pending_file(table, dms, object)))
+    }
+
+    fn ignore(
+        &self,
+        raw: &RawMessage,
+        object: Option<&str>,
+        reason: IgnoredReason,
+        detail: String,
+        first_of_cause: bool,
+    ) {
+        NotificationIgnored {
+            message_id: &raw.message_id,
+            object,
+            reason,
+            detail: &detail,
+            first_of_cause,
+        }
+        .emit();
+    }
+
+    /// A notification about another bucket: a typo in `source.bucket`, or a queue shared
+    /// with another bucket. Alerted once per bucket.
+    async fn other_bucket(&self, raw: &RawMessage, object: &ObjectCreated) {
+        let configured = &self.config.source.bucket;
+        let location = location(object);
+        let detail = format!(
+            "the notification is about bucket `{}`, but source.bucket is `{configured}`",
+            object.bucket
+        );
+        let first = self.first_time(format!("other_bucket/{}", object.bucket));
+        self.ignore(
+            raw,
+            Some(&location),
+            IgnoredReason::OtherBucket,
+            detail.clone(),
+            first,
+        );
+        if first {
+            let mut alert = Alert::new(
+                AlertKind::NotificationIgnored,
+                Severity::Warning,
+                "",
+                format!(
+                    "notifications for bucket `{}` are ignored: source.bucket is `{configured}` (reported once per bucket)",
+                    object.bucket
+                ),
+            );
+            alert.file = Some(location);
+            alert.next_steps = Some(format!(
+                "If DMS writes to `{}`, set source.bucket = \"{}\" and restart; otherwise remove this queue from that bucket's event notifications.",
+                object.bucket, object.bucket
+            ));
+            self.alerts.publish(&alert).await;
+        }
+    }
+
+    /// A key outside `source.prefix`: DMS writing under another BucketFolder, or a bucket
+    /// notification without a prefix filter. Alerted once per folder.
+    async fn outside_prefix(&self, raw: &RawMessage, object: &ObjectCreated) {
+        let prefix = self.config.source.prefix.trim_end_matches('/');
+        let folder = folder_beside(prefix, &object.key);
+        let location = location(object);
+        let detail = format!("the key is under `{folder}`, outside source.prefix `{prefix}/`");
+        let first = self.first_time(format!("outside_prefix/{}/{folder}", object.bucket));
+        self.ignore(
+            raw,
+            Some(&location),
+            IgnoredReason::OutsidePrefix,
+            detail,
+            first,
+        );
+        if first {
+            let mut alert = Alert::new(
+                AlertKind::NotificationIgnored,
+                Severity::Warning,
+                "",
+                format!(
+                    "notifications for files under `{folder}` are ignored: source.prefix is `{prefix}` (reported once per folder)"
+                ),
+            );
+            alert.file = Some(location);
+            alert.next_steps = Some(format!(
+                "If DMS writes under `{folder}` (its BucketFolder), set source.prefix = \"{}\" and restart; otherwise give the bucket notification the prefix filter `{prefix}/`.",
+                folder.trim_end_matches('/')
+            ));
+            self.alerts.publish(&alert).await;
+        }
+    }
+
+    /// A key inside the prefix that is not a DMS file of a table: never applied, never
+    /// ordered with the table's files; acknowledged with an alert naming it.
+    async fn not_a_dms_file(&self, object: &ObjectCreated, e: &LayoutError) {
+        let reason = e.to_string();
+        let table = e
+            .source()
+            .map(|s| self.router.render(s))
+            .unwrap_or_default();
+        let kind = match e {
+            LayoutError::NotDmsName { .. } => SkipKind::NotDmsName,
+            _ => SkipKind::Unroutable,
+        };
+        FileSkipped {
+            table: &table,
+            key: &object.key,
+            kind,
+            reason: &reason,
+        }
+        .emit();
+        let location = location(object);
+        let mut alert = Alert::new(
+            AlertKind::FileSkipped,
+            Severity::Warning,
+            &table,
+            format!("{location}: {reason}"),
+        );
+        alert.file = Some(location);
+        if kind == SkipKind::NotDmsName {
+            alert.next_steps = Some(format!(
+                "Nothing was loaded from it and `{table}` goes on. If it holds data for the table, upload it under a DMS name that sorts after the table's last applied file (`cdc-worker status` shows it); otherwise delete it."
+            ));
+        }
+        self.alerts.publish(&alert).await;
+    }
+
+    /// Two sources for one target: the message comes back until it reaches the DLQ; the
+    /// alert is sent once per pair, not once per delivery.
+    async fn routing_collision(&self, collision: &RoutingCollision) {
+        let cause = format!("routing/{}/{}", collision.target, collision.second);
+        if !self.first_time(cause) {
+            tracing::debug!(table = %collision.target, source = %collision.second, "routing collision (alerted before)");
+            return;
+        }
+        let mut alert = Alert::new(
+            AlertKind::RoutingCollision,
+            Severity::Error,
+            &collision.target,
+            collision.to_string(),
+        );
+        alert.source = Some(collision.second.to_string());
+        alert.next_steps = Some("Change routing.table_name so each source table has its own target; these files go to the dead-letter queue meanwhile.".into());
+        self.alerts.publish(&alert).await;
+    }
+}
+
+fn pending_file(table: String, dms: DmsKey, object: ObjectCreated) -> PendingFile {
+    PendingFile {
+        table,
+        source: dms.source.clone(),
+        file: BatchFile {
+            bucket: object.bucket,
+            key: object.key,
+            size: object.size,
+            etag: object.etag.unwrap_or_default(),
+            order_key: dms.order().sort_key(),
+        },
+        dms,
+        messages: Vec::new(),
+        arrived: Instant::now(),
+        waiting: None,
+    }
+}
+
+/// `s3://bucket/key`, control characters escaped (keys can be hostile).
+fn location(object: &ObjectCreated) -> String {
+    format!("s3://{}/{}", object.bucket, object.key.escape_debug())
+}
+
+/// The folder of `key` at the depth of `prefix`: what a user would put in
+/// `source.prefix` instead (`cdc/` for `cdc/public/t/x.parquet` beside prefix `dms`).
+fn folder_beside(prefix: &str, key: &str) -> String {
+    let depth = if prefix.is_empty() {
+        1
+    } else {
+        prefix.split('/').count()
+    };
+    let parts: Vec<&str> = key.split('/').collect();
+    if parts.len() <= depth {
+        return "/ (the bucket's root)".into();
+    }
+    format!("{}/", parts[..depth].join("/").escape_debug())
+}
+
+/// Why a target table name cannot be used, if it cannot.
+fn unusable_table_name(table: &str) -> Option<String> {
+    let why = if warehouse::is_reserved_table(table) {
+        Some("reserved for cdc-worker's own tables".to_string())
+    } else {
+        warehouse::sql::check_name(table, warehouse::MAX_TABLE_NAME_LEN)
+            .err()
+            .map(|e| e.to_string())
+    };
+    why.map(|why| {
+        format!(
+            "target table name `{}` is unusable: {why}",
+            table.escape_debug()
+        )
+    })
+}
+
+/// The startup checks: an error when the worker cannot work at all, else each problem
+/// logged and alerted.
+async fn check_setup(config: &Config, aws: &AwsClients, alerts: &Alerts) -> anyhow::Result<()> {
+    let report = preflight::run(config, aws).await;
+    if let Some(fatal) = report.fatal() {
+        anyhow::bail!(fatal);
+    }
+    report.announce(alerts).await;
+    Ok(())
+}
+
+fn new_engine(
+    config: &Arc<Config>,
+    warehouse: &Arc<dyn Warehouse>,
+    store: &ObjectStore,
+    alerts: &Alerts,
+) -> Arc<Engine> {
+    let leases = config
+        .lease
+        .enabled
+        .then(|| LeaseManager::from_config(config, store.clone()));
+    let (events, _) = broadcast::channel(4096);
+    Engine::new(ApplyContext {
+        config: config.clone(),
+        warehouse: warehouse.clone(),
+        store: store.clone(),
+        schemas: SchemaStore::from_config(config, store.clone()),
+        keys: KeyResolver::new(config, store.clone()),
+        alerts: alerts.clone(),
+        leases,
+        permits: Arc::new(Semaphore::new(config.parallel_batches())),
+        events,
+    })
 }
 
 /// A running worker.
@@ -243,39 +454,39 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Connects to AWS and the warehouse and starts receiving.
+    /// Checks the setup ([`crate::preflight`]), connects to the warehouse and starts
+    /// receiving. A queue that cannot be used is an error (nothing would ever arrive, and
+    /// nothing is created, not even the DuckDB file); other setup problems are a WARN and
+    /// an alert each.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let aws = AwsClients::new(&config.aws).await;
+        let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
+        check_setup(&config, &aws, &alerts).await?;
         let warehouse = open_warehouse(&config, ObjectStore::new(aws.s3.clone())).await?;
-        Self::start_with_warehouse(config, warehouse).await
+        Self::launch(Arc::new(config), aws, alerts, warehouse).await
     }
 
-    /// Starts receiving into a warehouse opened (and prepared) by the caller.
+    /// Starts receiving into a warehouse opened (and prepared) by the caller, after the
+    /// same setup checks.
     pub async fn start_with_warehouse(
         config: Config,
         warehouse: Arc<dyn Warehouse>,
     ) -> anyhow::Result<Self> {
-        let config = Arc::new(config);
         let aws = AwsClients::new(&config.aws).await;
+        let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
+        check_setup(&config, &aws, &alerts).await?;
+        Self::launch(Arc::new(config), aws, alerts, warehouse).await
+    }
+
+    async fn launch(
+        config: Arc<Config>,
+        aws: AwsClients,
+        alerts: Alerts,
+        warehouse: Arc<dyn Warehouse>,
+    ) -> anyhow::Result<Self> {
         let store = ObjectStore::new(aws.s3.clone());
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(aws.sqs.clone(), &config.queue.url));
-        let alerts = Alerts::new(aws.sns.clone(), config.alerts.sns_topic_arn.clone());
-        let leases = config
-            .lease
-            .enabled
-            .then(|| LeaseManager::from_config(&config, store.clone()));
-        let (events, _) = broadcast::channel(4096);
-        let engine = Engine::new(ApplyContext {
-            config: config.clone(),
-            warehouse: warehouse.clone(),
-            store: store.clone(),
-            schemas: SchemaStore::from_config(&config, store.clone()),
-            keys: KeyResolver::new(&config, store.clone()),
-            alerts: alerts.clone(),
-            leases,
-            permits: Arc::new(Semaphore::new(config.parallel_batches())),
-            events,
-        });
+        let engine = new_engine(&config, &warehouse, &store, &alerts);
         let (tracker, acker) = Tracker::new(queue.clone(), &config.queue);
         let acker = tokio::spawn(acker);
         let ingest = Arc::new(Ingest {
@@ -284,19 +495,9 @@ impl Worker {
             tracker,
             engine: engine.clone(),
             alerts,
+            alerted: Mutex::new(HashSet::new()),
         });
-        let stop_receiving = CancellationToken::new();
-        let receivers = TaskTracker::new();
-        for n in 0..config.worker.concurrency {
-            receivers.spawn(receive_loop(
-                n,
-                queue.clone(),
-                ingest.clone(),
-                config.clone(),
-                stop_receiving.clone(),
-            ));
-        }
-        receivers.close();
+        let receiving = ReceiveHealth::new(config.worker.unhealthy_after);
         let http = match config.telemetry.listen {
             Some(addr) => {
                 let stop_serving = CancellationToken::new();
@@ -305,14 +506,26 @@ impl Worker {
                     queue.clone(),
                     warehouse.clone(),
                     engine.clone(),
+                    receiving.clone(),
                     stop_serving.clone(),
                 )
-                .await
-                .context("starting the health and metrics endpoint")?;
+                .await?;
                 Some((stop_serving, task))
             }
             None => None,
         };
+        let stop_receiving = CancellationToken::new();
+        let receivers = TaskTracker::new();
+        for n in 0..config.worker.concurrency {
+            receivers.spawn(receive_loop(
+                n,
+                queue.clone(),
+                ingest.clone(),
+                receiving.clone(),
+                stop_receiving.clone(),
+            ));
+        }
+        receivers.close();
         tracing::info!(
             queue = %config.queue.url,
             warehouse = warehouse.name(),
@@ -396,9 +609,10 @@ async fn receive_loop(
     n: usize,
     queue: Arc<dyn Queue>,
     ingest: Arc<Ingest>,
-    config: Arc<Config>,
+    receiving: Arc<ReceiveHealth>,
     stop: CancellationToken,
 ) {
+    let config = ingest.config.clone();
     let q = &config.queue;
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
@@ -427,13 +641,21 @@ async fn receive_loop(
                 }
             }
             Ok(messages) => {
+                receiving.succeeded();
                 backoff = Duration::from_millis(500);
                 for m in messages {
                     ingest.handle(m).await;
                 }
             }
             Err(e) => {
-                tracing::warn!(receiver = n, error = %e, retry_in_ms = backoff.as_millis() as u64, "receive failed");
+                let error = e.to_string();
+                ReceiveFailed {
+                    receiver: n,
+                    error: &error,
+                    retry_in: backoff,
+                    failing_for: receiving.failed(&error),
+                }
+                .emit();
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

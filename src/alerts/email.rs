@@ -118,6 +118,20 @@ fn guide(alert: &Alert) -> Guide {
             commands: &["cdc-worker check-config"],
             docs: &["docs/firebolt.md"],
         },
+        AlertKind::NotificationIgnored => Guide {
+            state: "these files are not applied; the tables of source.bucket under source.prefix go on",
+            did: "acknowledged and ignored the notifications of this cause (this alert comes once per bucket or folder); cdc_worker_notifications_ignored_total counts them",
+            todo: "If DMS writes there, correct source.bucket or source.prefix and restart; otherwise narrow the bucket notification so they no longer reach the queue.",
+            commands: &["cdc-worker check-config", "cdc-worker check-connection"],
+            docs: &["docs/deployment.md"],
+        },
+        AlertKind::SetupProblem => Guide {
+            state: "the worker runs, but files may not arrive or may never reach a dead-letter queue",
+            did: "started anyway: only a queue it cannot use stops it",
+            todo: "Fix the setup named above and restart the worker; check-connection runs the same checks.",
+            commands: &["cdc-worker check-connection"],
+            docs: &["docs/deployment.md"],
+        },
     }
 }
 
@@ -411,6 +425,28 @@ mod tests {
                 a.source = Some("public.orders".into());
                 a.file = Some(FILE.into());
                 a.next_steps = Some("Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.".into());
+                a
+            }
+            AlertKind::NotificationIgnored => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "",
+                    "notifications for bucket `dms-bucket-old` are ignored: source.bucket is `dms-bucket` (reported once per bucket)",
+                );
+                a.file =
+                    Some("s3://dms-bucket-old/dms/public/orders/20261124-100400000.parquet".into());
+                a.next_steps = Some("If DMS writes to `dms-bucket-old`, set source.bucket = \"dms-bucket-old\" and restart; otherwise remove this queue from that bucket's event notifications.".into());
+                a
+            }
+            AlertKind::SetupProblem => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "",
+                    "dead-letter queue: the queue has no redrive policy: a file that can never be applied (corrupt, or late) comes back forever instead of resting in a dead-letter queue",
+                );
+                a.next_steps = Some("Give the queue a RedrivePolicy (deadLetterTargetArn, maxReceiveCount 5). Then restart the worker; `cdc-worker check-connection` runs the same checks.".into());
                 a
             }
         }

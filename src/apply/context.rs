@@ -121,6 +121,10 @@ pub struct LaneInfo {
     pub oldest_pending: Option<Instant>,
     /// The file every later file of the table waits behind, when one failed.
     pub blocked_by: Option<String>,
+    /// The last applied file of the table by DMS order (S3 key), once the lane knows it.
+    pub last_applied: Option<String>,
+    /// How the lane's last commit loaded the table (merge on its key columns, or append).
+    pub mode: Option<crate::batch::LoadMode>,
 }
 
 static BATCH_COUNTER: AtomicU64 = AtomicU64::new(0);

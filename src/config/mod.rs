@@ -5,6 +5,7 @@
 //! step with the `Default` impls below). Environment variables override with
 //! `CDC_WORKER__SECTION__KEY` (double underscores separate levels, so keys keep theirs).
 
+mod errors;
 mod size;
 mod validate;
 
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use errors::ConfigError;
 pub use size::ByteSize;
-pub use validate::ConfigError;
 
 pub use crate::schema::policy::{SchemaConfig, TableSchemaConfig};
 
@@ -166,6 +167,10 @@ pub struct WorkerConfig {
     /// Receivers pause while this many files wait in lanes: bounds memory and the
     /// visibility keep-alive calls a large backlog would cost.
     pub max_waiting_files: usize,
+    /// `/healthz` (and `cdc-worker health`) fail once no receive from the queue has
+    /// succeeded for this long.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_after: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -176,6 +181,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             lane_idle_timeout: Duration::from_secs(300),
             max_waiting_files: 2000,
+            unhealthy_after: Duration::from_secs(300),
         }
     }
 }
@@ -400,7 +406,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `tracing` filter, e.g. "info" or "info,cdc_worker::apply=debug". `RUST_LOG` wins.
     pub log_level: String,
-    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints; empty disables them.
+    /// Address of the `/healthz`, `/readyz`, `/status` and `/metrics` endpoints; empty
+    /// disables them.
     pub listen: Option<SocketAddr>,
 }
 
@@ -509,6 +516,11 @@ impl Config {
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
         use ::config::{Environment, File, FileFormat};
+        let names: Vec<String> = match &env {
+            Some(map) => map.keys().cloned().collect(),
+            None => std::env::vars().map(|(k, _)| k).collect(),
+        };
+        let env_keys = errors::EnvKeys::new(&names);
         let mut builder =
             ::config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(path) = file {
@@ -526,11 +538,14 @@ impl Config {
         );
         let layered = builder
             .build()
-            .map_err(|e| ConfigError::from_config_crate(file, e))?;
+            .map_err(|e| ConfigError::from_config_crate(file, &env_keys, None, e))?;
         let config: Config = layered
+            .clone()
             .try_deserialize()
-            .map_err(|e| ConfigError::from_config_crate(file, e))?;
-        config.validate()?;
+            .map_err(|e| ConfigError::from_config_crate(file, &env_keys, Some(&layered), e))?;
+        config
+            .validate()
+            .map_err(|e| e.with_origin(file, &env_keys))?;
         Ok(config)
     }
 
@@ -538,12 +553,16 @@ impl Config {
     /// embedded use).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         use ::config::{File, FileFormat};
-        let config: Config = ::config::Config::builder()
+        let none = errors::EnvKeys::default();
+        let layered = ::config::Config::builder()
             .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
             .add_source(File::from_str(text, FileFormat::Toml))
             .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::from_config_crate(None, e))?;
+            .map_err(|e| ConfigError::from_config_crate(None, &none, None, e))?;
+        let config: Config = layered
+            .clone()
+            .try_deserialize()
+            .map_err(|e| ConfigError::from_config_crate(None, &none, Some(&layered), e))?;
         config.validate()?;
         Ok(config)
     }
@@ -612,7 +631,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[worker]\nconcurrency = 2\n",
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"my-dms-bucket\"\n[worker]\nconcurrency = 2\n",
         )
         .unwrap();
         let env = [("CDC_WORKER__WORKER__CONCURRENCY", "7")]
@@ -627,7 +646,7 @@ mod tests {
     #[test]
     fn secrets_are_masked_everywhere() {
         let config = Config::from_toml(
-            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[aws]\naccess_key_id = \"AKIA\"\nsecret_access_key = \"hunter2\"\n",
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"my-dms-bucket\"\n[aws]\naccess_key_id = \"AKIA\"\nsecret_access_key = \"hunter2\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -641,7 +660,7 @@ mod tests {
     #[test]
     fn table_keys_accept_one_or_many() {
         let config = Config::from_toml(
-            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n[tables.orders]\nkey = \"id\"\n[tables.items]\nkey = [\"order_id\", \"line_no\"]\n[tables.events]\nkey = []\n",
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"my-dms-bucket\"\n[tables.orders]\nkey = \"id\"\n[tables.items]\nkey = [\"order_id\", \"line_no\"]\n[tables.events]\nkey = []\n",
         )
         .unwrap();
         assert_eq!(config.table("orders").key.unwrap().columns(), vec!["id"]);

@@ -1,76 +1,9 @@
 //! Validation of a loaded [`Config`]: every error names the key it is about.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::path::Path;
 use std::time::Duration;
 
-use super::{Config, WarehouseKind};
-
-/// A configuration that cannot be used. `key` is the dotted path of the offending value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.key {
-            Some(key) => write!(f, "invalid configuration: `{key}`: {}", self.message),
-            None => write!(f, "invalid configuration: {}", self.message),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-impl ConfigError {
-    pub fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: Some(key.into()),
-            message: message.into(),
-        }
-    }
-
-    pub(super) fn file(path: &Path, message: &str) -> Self {
-        Self {
-            key: None,
-            message: format!("{}: {message}", path.display()),
-        }
-    }
-
-    pub(super) fn from_config_crate(file: Option<&Path>, e: ::config::ConfigError) -> Self {
-        let key = match &e {
-            ::config::ConfigError::Type { key, .. } | ::config::ConfigError::At { key, .. } => {
-                key.clone()
-            }
-            _ => None,
-        };
-        use ::config::ConfigError as E;
-        // Errors with an origin name it themselves (the file, or "the environment"); the
-        // others (an unknown key, say) could come from either.
-        let names_origin = matches!(
-            &e,
-            E::Type {
-                origin: Some(_),
-                ..
-            } | E::At {
-                origin: Some(_),
-                ..
-            } | E::FileParse { uri: Some(_), .. }
-        );
-        let origin = file
-            .filter(|_| !names_origin)
-            .map(|p| format!(" (in {} or the environment)", p.display()))
-            .unwrap_or_default();
-        let text = e.to_string();
-        Self {
-            key,
-            message: format!("{text}{origin}"),
-        }
-    }
-}
+use super::{Config, ConfigError, WarehouseKind};
 
 impl Config {
     /// Checks values the type system cannot: required keys, ranges, combinations.
@@ -83,7 +16,13 @@ impl Config {
             ));
         }
         if !(q.url.starts_with("https://") || q.url.starts_with("http://")) {
-            return Err(ConfigError::at("queue.url", "must be an http(s) URL"));
+            return Err(ConfigError::at(
+                "queue.url",
+                format!(
+                    "`{}` is not a queue URL; write the URL SQS shows for the queue, not its ARN or name (example: url = \"https://sqs.eu-west-1.amazonaws.com/123456789012/dms-files\")",
+                    q.url
+                ),
+            ));
         }
         if q.wait_time > Duration::from_secs(20) {
             return Err(ConfigError::at(
@@ -115,6 +54,10 @@ impl Config {
                 "source.bucket",
                 "must be set to the bucket DMS writes to",
             ));
+        }
+        check_bucket_name("source.bucket", &self.source.bucket)?;
+        if let Some(bucket) = self.metadata.bucket.as_deref().filter(|b| !b.is_empty()) {
+            check_bucket_name("metadata.bucket", bucket)?;
         }
         if self.source.prefix.starts_with('/') {
             return Err(ConfigError::at(
@@ -154,6 +97,12 @@ impl Config {
             return Err(ConfigError::at(
                 "worker.max_waiting_files",
                 "must be at least batch.max_files, or batches could never fill",
+            ));
+        }
+        if self.worker.unhealthy_after < Duration::from_secs(1) {
+            return Err(ConfigError::at(
+                "worker.unhealthy_after",
+                "must be at least 1s (example: unhealthy_after = \"5m\")",
             ));
         }
         if self.batch.max_files == 0 {
@@ -325,17 +274,69 @@ impl Config {
     }
 }
 
+/// A bucket's name, not a URL or an ARN: the most common paste is `s3://bucket/folder`.
+fn check_bucket_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let bare = name
+        .strip_prefix("s3://")
+        .or_else(|| name.strip_prefix("arn:aws:s3:::"))
+        .or_else(|| name.strip_prefix("https://"));
+    if let Some(rest) = bare {
+        let (bucket, folder) = rest.split_once('/').unwrap_or((rest, ""));
+        let folder = folder.trim_matches('/');
+        let prefix_hint = if folder.is_empty() || key != "source.bucket" {
+            String::new()
+        } else {
+            format!(" and the folder in source.prefix: prefix = \"{folder}\"")
+        };
+        return Err(ConfigError::at(
+            key,
+            format!(
+                "`{name}` is a location, not a bucket name; write the name alone: bucket = \"{bucket}\"{prefix_hint}"
+            ),
+        ));
+    }
+    if let Some((bucket, folder)) = name.split_once('/') {
+        let hint = if key == "source.bucket" {
+            format!(
+                "; write bucket = \"{bucket}\" and prefix = \"{}\"",
+                folder.trim_matches('/')
+            )
+        } else {
+            format!("; write bucket = \"{bucket}\" (the worker's own folder is metadata.prefix)")
+        };
+        return Err(ConfigError::at(
+            key,
+            format!("`{name}` is not a bucket name (it contains `/`){hint}"),
+        ));
+    }
+    // S3's rules for bucket names (docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html).
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let ends_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !(3..=63).contains(&name.len()) || !valid_chars || !ends_ok {
+        return Err(ConfigError::at(
+            key,
+            format!(
+                "`{name}` is not a valid S3 bucket name: 3 to 63 lower-case letters, digits, dots and hyphens, starting and ending with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn base() -> String {
-        "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"b\"\n".to_string()
+        "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"my-dms-bucket\"\n".to_string()
     }
 
     #[test]
     fn missing_queue_url_names_the_key() {
-        let err = Config::from_toml("[source]\nbucket = \"b\"\n").unwrap_err();
+        let err = Config::from_toml("[source]\nbucket = \"my-dms-bucket\"\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("queue.url"));
         assert!(err.to_string().contains("queue.url"));
     }
@@ -356,7 +357,7 @@ mod tests {
     #[test]
     fn out_of_range_values_are_rejected() {
         let err = Config::from_toml(
-            "[queue]\nurl = \"http://q\"\nmax_messages = 11\n[source]\nbucket = \"b\"\n",
+            "[queue]\nurl = \"http://q\"\nmax_messages = 11\n[source]\nbucket = \"my-dms-bucket\"\n",
         )
         .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("queue.max_messages"));
@@ -381,5 +382,101 @@ mod tests {
             base()
         ));
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// Golden texts: what a user reads for the mistakes people make first.
+    #[test]
+    fn errors_speak_the_users_language() {
+        let err = |extra: &str| {
+            Config::from_toml(&format!("{}{extra}", base()))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("[warehouse]\nkind = \"snowflake\"\n"),
+            "invalid configuration: `warehouse.kind`: `snowflake` is not a valid value; valid values: duckdb, firebolt (example: kind = \"duckdb\")"
+        );
+        assert_eq!(
+            err("[tables.orders]\nkey = 5\n"),
+            "invalid configuration: `tables.orders.key`: must be a column name or a list of column names, for example key = \"id\" or key = [\"order_id\", \"line_no\"] (key = [] means no key: rows are appended)"
+        );
+        assert_eq!(
+            err("[batch]\nlinger = \"2\"\n"),
+            "invalid configuration: `batch.linger`: `2` is not a duration; write a number with a unit: ms, s, m or h (example: linger = \"2s\")"
+        );
+        assert_eq!(
+            err("[worker]\nconcurrency = \"many\"\n"),
+            "invalid configuration: `worker.concurrency`: expected a whole number, found the text \"many\" (example: concurrency = 4)"
+        );
+        assert_eq!(
+            err("[schema]\nincompatible = \"yolo\"\n"),
+            "invalid configuration: `schema.incompatible`: `yolo` is not a valid value; valid values: fail, variant, cast, ignore (example: incompatible = \"fail\")"
+        );
+        assert_eq!(
+            err("[telemetry]\nlisten = \"localhost:9090\"\n"),
+            "invalid configuration: `telemetry.listen`: `localhost:9090` is not an IP address with a port (example: listen = \"0.0.0.0:9090\", or \"127.0.0.1:9090\" for this host only)"
+        );
+        assert_eq!(
+            err("[worker]\nconcurency = 3\n"),
+            "invalid configuration: `worker.concurency`: unknown key (did you mean `concurrency`?); the keys of [worker] are: concurrency, max_parallel_batches, shutdown_timeout, lane_idle_timeout, max_waiting_files, unhealthy_after"
+        );
+    }
+
+    #[test]
+    fn bucket_locations_are_refused_with_the_name_to_write() {
+        let err = |bucket: &str| {
+            Config::from_toml(&format!(
+                "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"{bucket}\"\n"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            err("s3://my-bucket"),
+            "invalid configuration: `source.bucket`: `s3://my-bucket` is a location, not a bucket name; write the name alone: bucket = \"my-bucket\""
+        );
+        assert_eq!(
+            err("s3://my-bucket/dms/"),
+            "invalid configuration: `source.bucket`: `s3://my-bucket/dms/` is a location, not a bucket name; write the name alone: bucket = \"my-bucket\" and the folder in source.prefix: prefix = \"dms\""
+        );
+        assert_eq!(
+            err("my-bucket/dms"),
+            "invalid configuration: `source.bucket`: `my-bucket/dms` is not a bucket name (it contains `/`); write bucket = \"my-bucket\" and prefix = \"dms\""
+        );
+        assert!(err("My_Bucket").contains("is not a valid S3 bucket name"));
+        let arn = Config::from_toml("[queue]\nurl = \"arn:aws:sqs:eu-west-1:123456789012:q\"\n[source]\nbucket = \"my-bucket\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(arn.contains("not its ARN or name"), "{arn}");
+    }
+
+    #[test]
+    fn the_environment_variable_that_caused_an_error_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my.toml");
+        std::fs::write(&path, base()).unwrap();
+        let load = |var: &str, value: &str| {
+            let env = [(var.to_string(), value.to_string())].into_iter().collect();
+            Config::load_with_env(Some(&path), Some(env))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            load("CDC_WORKER__WORKER__CONCURENCY", "8"),
+            "invalid configuration: `worker.concurency` (set by the environment variable CDC_WORKER__WORKER__CONCURENCY): unknown key (did you mean `concurrency`?); the keys of [worker] are: concurrency, max_parallel_batches, shutdown_timeout, lane_idle_timeout, max_waiting_files, unhealthy_after"
+        );
+        assert_eq!(
+            load("CDC_WORKER__QUEUE__MAX_MESSAGES", "11"),
+            "invalid configuration: `queue.max_messages` (set by the environment variable CDC_WORKER__QUEUE__MAX_MESSAGES): must be between 1 and 10"
+        );
+        let in_file = Config::load_with_env(Some(&path), Some(Default::default())).map(|_| ());
+        assert!(in_file.is_ok(), "{in_file:?}");
+        std::fs::write(
+            &path,
+            format!("{}[warehouse]\nkind = \"snowflake\"\n", base()),
+        )
+        .unwrap();
+        let err = Config::load_with_env(Some(&path), Some(Default::default())).unwrap_err();
+        assert_eq!(err.origin, Some(format!("in {}", path.display())));
     }
 }

@@ -65,9 +65,33 @@ async fn create_queue(
     let out = request
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+        .map_err(|e| anyhow::anyhow!("SQS: {}", crate::aws::explain(&e)))
         .with_context(|| format!("creating queue {name}"))?;
     out.queue_url().map(str::to_string).context("no queue URL")
+}
+
+/// The key filter of the bucket notification: the prefix as a folder (`dms/`, so that
+/// `dms-old/` is not announced) and DMS's `.parquet` suffix, so the worker's own objects
+/// and other uploads never reach the queue.
+pub fn notification_filter(prefix: &str) -> NotificationConfigurationFilter {
+    let mut rules = S3KeyFilter::builder().filter_rules(
+        FilterRule::builder()
+            .name(FilterRuleName::Suffix)
+            .value(".parquet")
+            .build(),
+    );
+    let folder = prefix.trim_end_matches('/');
+    if !folder.is_empty() {
+        rules = rules.filter_rules(
+            FilterRule::builder()
+                .name(FilterRuleName::Prefix)
+                .value(format!("{folder}/"))
+                .build(),
+        );
+    }
+    NotificationConfigurationFilter::builder()
+        .key(rules.build())
+        .build()
 }
 
 /// Creates (or finds) every resource of `spec`.
@@ -75,9 +99,11 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
     match aws.s3.create_bucket().bucket(&spec.bucket).send().await {
         Ok(_) => {}
         Err(e) => {
-            let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
-            if !text.contains("BucketAlreadyOwnedByYou") && !text.contains("BucketAlreadyExists") {
-                anyhow::bail!("creating bucket {}: {text}", spec.bucket);
+            let why = crate::aws::explain(&e);
+            if !why.detail.contains("BucketAlreadyOwnedByYou")
+                && !why.detail.contains("BucketAlreadyExists")
+            {
+                anyhow::bail!("creating bucket {}: {why}", spec.bucket);
             }
         }
     }
@@ -120,25 +146,10 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
         .await
         .context("setting the queue policy")?;
 
-    let mut queue_config = QueueConfiguration::builder()
+    let queue_config = QueueConfiguration::builder()
         .queue_arn(&queue_arn)
-        .events(Event::S3ObjectCreated);
-    if !spec.prefix.is_empty() {
-        queue_config = queue_config.filter(
-            NotificationConfigurationFilter::builder()
-                .key(
-                    S3KeyFilter::builder()
-                        .filter_rules(
-                            FilterRule::builder()
-                                .name(FilterRuleName::Prefix)
-                                .value(&spec.prefix)
-                                .build(),
-                        )
-                        .build(),
-                )
-                .build(),
-        );
-    }
+        .events(Event::S3ObjectCreated)
+        .filter(notification_filter(&spec.prefix));
     aws.s3
         .put_bucket_notification_configuration()
         .bucket(&spec.bucket)
@@ -149,7 +160,7 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
         )
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)))
+        .map_err(|e| anyhow::anyhow!("S3 bucket {}: {}", spec.bucket, crate::aws::explain(&e)))
         .context("configuring the bucket notification")?;
 
     let topic_arn = aws
@@ -189,6 +200,20 @@ pub struct ReceivedAlert {
     pub subject: String,
     pub attributes: serde_json::Value,
     pub body: serde_json::Value,
+}
+
+/// The inbox queue [`ensure_resources`] subscribed to the alerts topic `topic` (a name).
+pub async fn alerts_inbox_url(aws: &AwsClients, topic: &str) -> anyhow::Result<String> {
+    let name = format!("{topic}-inbox");
+    let out = aws
+        .sqs
+        .get_queue_url()
+        .queue_name(&name)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("SQS queue {name}: {}", crate::aws::explain(&e)))
+        .context("finding the alerts inbox (created by `cdc-worker-dev dev-setup`)")?;
+    out.queue_url().map(str::to_string).context("no queue URL")
 }
 
 /// Drains the alerts inbox queue (SNS envelopes, raw delivery off).

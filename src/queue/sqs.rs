@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
 };
@@ -53,7 +52,7 @@ impl Queue for SqsQueue {
             .await
             .map_err(|e| QueueError::Receive {
                 queue: self.url.clone(),
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             })?;
         Ok(out
             .messages
@@ -99,7 +98,7 @@ impl Queue for SqsQueue {
             .await
             .map_err(|e| QueueError::Delete {
                 queue: self.url.clone(),
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             })?;
         Ok(out
             .failed()
@@ -124,7 +123,7 @@ impl Queue for SqsQueue {
             .map(|_| ())
             .map_err(|e| QueueError::Visibility {
                 queue: self.url.clone(),
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             })
     }
 
@@ -138,7 +137,7 @@ impl Queue for SqsQueue {
             .map(|_| ())
             .map_err(|e| QueueError::Send {
                 queue: self.url.clone(),
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             })
     }
 
@@ -152,7 +151,7 @@ impl Queue for SqsQueue {
             .map(|_| ())
             .map_err(|e| QueueError::Receive {
                 queue: self.url.clone(),
-                message: DisplayErrorContext(&e).to_string(),
+                message: crate::aws::explain(&e).to_string(),
             })
     }
 }

@@ -106,7 +106,10 @@ impl SchemaChange {
     /// A one-line human description, used in logs and alert subjects.
     pub fn describe(&self) -> String {
         match self {
-            SchemaChange::NewTable { columns } => format!("new table ({} columns)", columns.len()),
+            SchemaChange::NewTable { columns } => match columns.len() {
+                1 => "new table (1 column)".to_string(),
+                n => format!("new table ({n} columns)"),
+            },
             SchemaChange::NewColumn { column, ty } => format!("new column {column} {ty}"),
             SchemaChange::RemovedColumn { column, ty } => {
                 format!("removed column {column} {ty}")

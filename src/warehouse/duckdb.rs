@@ -73,12 +73,28 @@ impl DuckdbWarehouse {
         op_column: &str,
         store: ObjectStore,
     ) -> Result<Self, WarehouseError> {
-        if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Self::open_with(config, op_column, store, duckdb::AccessMode::ReadWrite)
+    }
+
+    fn open_with(
+        config: &DuckdbConfig,
+        op_column: &str,
+        store: ObjectStore,
+        access: duckdb::AccessMode,
+    ) -> Result<Self, WarehouseError> {
+        let read_only = matches!(access, duckdb::AccessMode::ReadOnly);
+        if let Some(parent) = config
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && !read_only)
+        {
             std::fs::create_dir_all(parent).map_err(|e| {
                 WarehouseError::Other(format!("creating {}: {e}", parent.display()))
             })?;
         }
-        let mut db_config = duckdb::Config::default();
+        let mut db_config = duckdb::Config::default()
+            .access_mode(access)
+            .map_err(sql_err)?;
         if config.threads > 0 {
             db_config = db_config.threads(config.threads as i64).map_err(sql_err)?;
         }
@@ -146,6 +162,21 @@ impl Duckdb {
     ) -> Result<Self, WarehouseError> {
         Ok(Self(Arc::new(DuckdbWarehouse::open(
             config, op_column, store,
+        )?)))
+    }
+
+    /// Opens an existing database file read-only, creating nothing (for `status` and
+    /// `check-connection` while no worker holds the file).
+    pub fn open_read_only(
+        config: &DuckdbConfig,
+        op_column: &str,
+        store: ObjectStore,
+    ) -> Result<Self, WarehouseError> {
+        Ok(Self(Arc::new(DuckdbWarehouse::open_with(
+            config,
+            op_column,
+            store,
+            duckdb::AccessMode::ReadOnly,
         )?)))
     }
 }

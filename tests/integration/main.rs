@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod end_to_end;
 mod faults;
+mod first_hour;
 mod hostile;
 mod lanes;
 mod leases;

@@ -41,6 +41,8 @@ struct TableCache {
     target: Option<Option<TargetTable>>,
     ignored: bool,
     listing: Option<Listing>,
+    /// How the last commit loaded the table, for `/status`.
+    mode: Option<crate::batch::LoadMode>,
 }
 
 pub(super) struct Lane {
@@ -196,6 +198,8 @@ impl Lane {
         info.consecutive_failures = snapshot.consecutive_failures;
         info.oldest_pending = snapshot.oldest_pending;
         info.blocked_by = snapshot.blocked_by;
+        info.last_applied = self.state.last_applied().map(|(_, key)| key.clone());
+        info.mode = self.cache.mode.clone();
     }
 
     /// Re-reads a held table's status; a released table applies its waiting files.

@@ -323,6 +323,7 @@ impl Lane {
         if !plan.ddl.is_empty() {
             self.cache.target = None;
         }
+        self.cache.mode = Some(plan.mode.clone());
         if let Some(recovered) = self.state.committed(&files, Instant::now()) {
             self.alert_recovered(&recovered, &files[0]).await;
         }

@@ -179,7 +179,15 @@ fn parse_log_line(line: &str) -> Option<LogEvent> {
     match v["message"].as_str()? {
         "cdc-worker started" => Some(LogEvent::Started(at)),
         "batch applied" => Some(LogEvent::Commit {
-            keys: serde_json::from_str(v["file_keys"].as_str()?).ok()?,
+            // A JSON array (older workers wrote the list as a string).
+            keys: match &v["file_keys"] {
+                serde_json::Value::Array(keys) => keys
+                    .iter()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect(),
+                serde_json::Value::String(text) => serde_json::from_str(text).ok()?,
+                _ => return None,
+            },
             at,
             statements: v["statements"].as_u64().unwrap_or(0),
             rows: v["rows_staged"].as_u64().unwrap_or(0),

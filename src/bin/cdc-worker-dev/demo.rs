@@ -32,6 +32,24 @@ pub async fn dev_setup(config: &Config) -> anyhow::Result<Resources> {
     Ok(resources)
 }
 
+/// Drains the alerts inbox and prints each alert: subject, then the body as JSON.
+pub async fn print_alerts(config: &Config) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let topic = resource_spec(config).topic;
+    let inbox = resources::alerts_inbox_url(&aws, &topic).await?;
+    let alerts = resources::drain_alerts(&aws, &inbox).await?;
+    for a in &alerts {
+        println!("{}", a.subject);
+        println!("  {}", a.body);
+    }
+    let n = alerts.len();
+    eprintln!(
+        "{n} {} from {inbox}",
+        if n == 1 { "alert" } else { "alerts" }
+    );
+    Ok(())
+}
+
 pub async fn simulate(
     config: &Config,
     seed: u64,
@@ -166,11 +184,9 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
             .ok()
             .flatten()
             .map(|s| {
-                format!(
-                    "v{} ({} columns)",
-                    s.current.version,
-                    s.current.columns.len()
-                )
+                let n = s.current.columns.len();
+                let noun = if n == 1 { "column" } else { "columns" };
+                format!("v{} ({n} {noun})", s.current.version)
             })
             .unwrap_or_default();
         let ok = actual == *expected as u64;

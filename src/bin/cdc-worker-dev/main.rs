@@ -37,6 +37,9 @@ enum Command {
     /// Create the bucket, queue (with DLQ), notification and alerts topic the config names
     /// (for LocalStack and test accounts; production uses deploy/cloudformation).
     DevSetup(ConfigArg),
+    /// Print (and remove) the alerts waiting in the inbox queue dev-setup subscribed to the
+    /// alerts topic: the subject, then the JSON body, one alert per line pair.
+    Alerts(ConfigArg),
     /// Write realistic DMS output (full load, then CDC) into the source bucket.
     Simulate {
         #[command(flatten)]
@@ -66,16 +69,17 @@ fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match &cli.command {
-        Command::DevSetup(c) | Command::Demo(c) | Command::Simulate { config: c, .. } => {
-            match load(c) {
-                Ok(config) => {
-                    telemetry::init_logging(&config.telemetry);
-                    telemetry::metrics_handle();
-                    Some(config)
-                }
-                Err(code) => return code,
+        Command::DevSetup(c)
+        | Command::Demo(c)
+        | Command::Alerts(c)
+        | Command::Simulate { config: c, .. } => match load(c) {
+            Ok(config) => {
+                telemetry::init_logging(&config.telemetry);
+                telemetry::metrics_handle();
+                Some(config)
             }
-        }
+            Err(code) => return code,
+        },
         Command::Bench(_) => None,
     };
     let result = match cli.command {
@@ -86,6 +90,7 @@ async fn main() -> ExitCode {
                 .map(|_| ())
         }
         Command::Demo(_) => demo::demo(config.expect("loaded")).await,
+        Command::Alerts(_) => demo::print_alerts(&config.expect("loaded")).await,
         Command::Bench(args) => bench::run(args).await,
     };
     match result {
