@@ -94,6 +94,8 @@ alert_kinds! {
     AmbiguousOrder => "ambiguous_order",
     /// Rows of an applied file were skipped: their key has a NULL, so they change no row.
     RowsSkipped => "rows_skipped",
+    /// A table's key appeared, changed or went away; held when the table repeats a key.
+    KeyChanged => "key_changed",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from

@@ -10,6 +10,7 @@ mod delivery;
 mod end_to_end;
 mod faults;
 mod hostile;
+mod keys;
 mod lanes;
 mod leases;
 mod ops;

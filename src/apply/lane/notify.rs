@@ -17,6 +17,7 @@ use crate::schema::types::{Column, FileSchema};
 use crate::telemetry::BatchFailed;
 
 use super::segment::Decided;
+use super::verdicts::KeyTransition;
 
 impl Lane {
     /// Records the segment's schema as the table's next version, and announces it.
@@ -85,6 +86,7 @@ impl Lane {
             file: Some(first.file.uri()),
             detected_at: now,
             status,
+            key: Some(decided.key.clone()),
         }
     }
 
@@ -97,8 +99,14 @@ impl Lane {
     ) {
         let held = matches!(decided.decision, Decision::Hold { .. });
         let changes = &decided.changes;
+        // A new table without a key is appended and its deletes are ignored: worth a look.
+        let keyless = actions_of(&decided.decision)
+            .iter()
+            .any(|a| matches!(a, plan::Action::AppendOnly { .. }));
         let severity = if held {
             Severity::Error
+        } else if keyless {
+            Severity::Warning
         } else if changes
             .iter()
             .any(|c| matches!(c, SchemaChange::NewTable { .. }))
@@ -130,6 +138,12 @@ impl Lane {
         alert.policy = Some(decided.policy);
         alert.file = Some(first.file.uri());
         alert.held = held;
+        if keyless {
+            alert.next_steps = Some(format!(
+                "`{t}` has no key: its rows are appended and deletes are ignored. If the source table has a primary key, set `[tables.{t}] key = [\"...\"]` in the config (or add it to table_keys.json), drop the target table and replay it with `cdc-worker replay --table {t}`.",
+                t = self.table
+            ));
+        }
         if held {
             alert.next_steps = Some(format!(
                 "Files of `{t}` wait (nothing is lost). Review the change, then run `cdc-worker schema accept {t}` to apply it as the evolve preset would (add `--incompatible cast|variant|ignore` for type changes), or change the table's policy in the config and accept.",
@@ -139,6 +153,52 @@ impl Lane {
         self.ctx.alerts.publish(&alert).await;
         metrics::counter!("cdc_worker_schema_changes_total", "table" => self.table.clone())
             .increment(1);
+    }
+
+    /// The table's key appeared, changed or went away: said once, with what the worker does.
+    pub(super) async fn alert_key_transition(&mut self, decided: &Decided, first: &PendingFile) {
+        let t = &self.table;
+        let held = matches!(decided.decision, Decision::Hold { .. });
+        let (message, next_steps) = match &decided.key_transition {
+            KeyTransition::Same => return,
+            KeyTransition::Dropped { was } => (
+                format!(
+                    "`{t}` no longer has a key (it was merged by {}): from here on its rows are appended and deletes are ignored",
+                    was.join(", ")
+                ),
+                format!(
+                    "If this is not intended, set the key again (`[tables.{t}] key` or table_keys.json)."
+                ),
+            ),
+            KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. } if held => (
+                format!(
+                    "`{t}` now has a key ({}), but {} key values appear more than once among its rows; the table is held",
+                    key.join(", "),
+                    decided.repeated_keys
+                ),
+                format!(
+                    "Files of `{t}` wait (nothing is lost). Remove the repeated rows, or drop the table and replay it (`cdc-worker replay --table {t}`), then run `cdc-worker schema accept {t}`."
+                ),
+            ),
+            KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. } => (
+                format!(
+                    "`{t}` now has a key ({}): its rows are merged by key from here on; the rows loaded before are kept, and no key value repeats among them",
+                    key.join(", ")
+                ),
+                "Nothing is required. Deletes apply from here on; rows deleted at the source before the key was set are still in the table (replay the table to remove them).".to_string(),
+            ),
+        };
+        let severity = if held {
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        let mut alert = Alert::new(AlertKind::KeyChanged, severity, t, message);
+        alert.source = Some(first.source.to_string());
+        alert.file = Some(first.file.uri());
+        alert.held = held;
+        alert.next_steps = Some(next_steps);
+        self.ctx.alerts.publish(&alert).await;
     }
 
     /// Holds the table for a reason outside the schema policy (unusable names), alerting

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::Lane;
+use super::verdicts::{KeyTransition, key_transition};
 use crate::alerts::{AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
@@ -41,6 +42,12 @@ pub(super) struct Decided {
     pub decision: Decision,
     pub changes: Vec<SchemaChange>,
     pub policy: SchemaPolicy,
+    /// The key the segment is applied with (source column names; empty: appended).
+    pub key: Vec<String>,
+    /// How that key compares with the one the table was applied with.
+    pub key_transition: KeyTransition,
+    /// Key values repeated in the table when a key appears or changes.
+    pub repeated_keys: u64,
 }
 
 /// The plan's parts a segment is applied with.
@@ -71,12 +78,20 @@ impl Lane {
             Ok(d) => d,
             Err(e) => return SegmentOutcome::Failed(e, files),
         };
-        if (!decided.changes.is_empty() || self.cache.stored.is_none())
+        let decided = match self.check_key_transition(decided).await {
+            Ok(d) => d,
+            Err(e) => return SegmentOutcome::Failed(e, files),
+        };
+        let key_moved = decided.key_transition != KeyTransition::Same;
+        if (!decided.changes.is_empty() || self.cache.stored.is_none() || key_moved)
             && let Err(e) = self
                 .record_version(&source, &schema, &decided, &files[0])
                 .await
         {
             return SegmentOutcome::Failed(e, files);
+        }
+        if key_moved {
+            self.alert_key_transition(&decided, &files[0]).await;
         }
         let applying = match decided.decision {
             Decision::Ignore => {
@@ -202,6 +217,12 @@ impl Lane {
             .as_ref()
             .map(|s| s.current.resolutions.clone())
             .unwrap_or_default();
+        let recorded_key = self
+            .cache
+            .stored
+            .as_ref()
+            .and_then(|s| s.current.key.clone());
+        let transition = key_transition(recorded_key.as_deref(), &key.columns, target.is_some());
         let warehouse = self.ctx.warehouse.clone();
         let column_name = move |s: &str| warehouse.column_name(s);
         let decision = plan::plan(&PlanInput {
@@ -217,7 +238,47 @@ impl Lane {
             decision,
             changes,
             policy,
+            key: key.columns,
+            key_transition: transition,
+            repeated_keys: 0,
         })
+    }
+
+    /// A key that appears (or changes) on a table that exists: the rows appended before
+    /// may repeat a key value, which a MERGE cannot apply a change to. Repeated values hold
+    /// the table until someone removes them; none let the table go on, merged by key.
+    async fn check_key_transition(&mut self, mut decided: Decided) -> Result<Decided, ApplyError> {
+        let (KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. }) =
+            &decided.key_transition
+        else {
+            return Ok(decided);
+        };
+        if !matches!(decided.decision, Decision::Apply { .. }) {
+            return Ok(decided);
+        }
+        let columns: Vec<String> = key
+            .iter()
+            .map(|k| self.ctx.warehouse.column_name(k))
+            .collect();
+        decided.repeated_keys = self
+            .ctx
+            .warehouse
+            .repeated_keys(&self.table, &columns)
+            .await
+            .map_err(ApplyError::warehouse(
+                "checking the new key for repeated values",
+            ))?;
+        if decided.repeated_keys > 0 {
+            decided.decision = Decision::Hold {
+                reason: format!(
+                    "the table now has a key ({}), but {} key values appear more than once among its rows: a change could not tell which row it is for",
+                    key.join(", "),
+                    decided.repeated_keys
+                ),
+                kinds: vec![],
+            };
+        }
+        Ok(decided)
     }
 
     /// The table's lease, when leases are on: `Ok(Some(fence))` to go on (no fence with
