@@ -534,7 +534,9 @@ mod tests {
 
     use super::*;
     use crate::apply::failure::Disposition;
-    use crate::apply::lane::verdicts::{LedgerVerdict, Listing, join_gaps, ledger_verdict};
+    use crate::apply::lane::verdicts::{
+        KeyTransition, LedgerVerdict, Listing, join_gaps, key_transition, ledger_verdict,
+    };
     use crate::batch::{BatchFile, LedgerRecord};
     use crate::dms::{KeyClass, classify_key};
 
@@ -934,5 +936,41 @@ mod tests {
             "the batch's own files wait"
         );
         assert_eq!((joined.joined, joined.left), (3, 1));
+    }
+
+    #[test]
+    fn key_transitions_compare_the_recorded_key_with_the_resolved_one() {
+        let k = |c: &[&str]| -> Vec<String> { c.iter().map(|s| s.to_string()).collect() };
+        let none: &[String] = &[];
+        assert_eq!(
+            key_transition(None, &k(&["id"]), true),
+            KeyTransition::Same,
+            "nothing recorded"
+        );
+        assert_eq!(
+            key_transition(Some(none), &k(&["id"]), false),
+            KeyTransition::Same,
+            "a new table has no past"
+        );
+        assert_eq!(
+            key_transition(Some(&k(&["ID"])), &k(&["id"]), true),
+            KeyTransition::Same,
+            "case aside"
+        );
+        assert_eq!(
+            key_transition(Some(none), &k(&["id"]), true),
+            KeyTransition::Appeared { key: k(&["id"]) }
+        );
+        assert_eq!(
+            key_transition(Some(&k(&["id"])), &[], true),
+            KeyTransition::Dropped { was: k(&["id"]) }
+        );
+        assert_eq!(
+            key_transition(Some(&k(&["id"])), &k(&["id", "line"]), true),
+            KeyTransition::Changed {
+                was: k(&["id"]),
+                key: k(&["id", "line"])
+            }
+        );
     }
 }
