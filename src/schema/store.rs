@@ -33,6 +33,17 @@ pub enum TableStatus {
     Ignored { since: String },
 }
 
+impl TableStatus {
+    /// One word for people: active, held or ignored.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TableStatus::Active => "active",
+            TableStatus::Held { .. } => "held",
+            TableStatus::Ignored { .. } => "ignored",
+        }
+    }
+}
+
 /// `<table>_schema.json`: the last accepted source schema of a table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CurrentSchema {

@@ -107,16 +107,100 @@ async fn a_key_set_later_is_checked_for_repeats_before_the_table_is_merged() {
         held.body["message"]
     );
 
-    // Someone removes the repeat and releases the table: the waiting file applies.
+    // `schema accept` cannot release it (nothing in the schema policy holds it) and says
+    // what does; it changes nothing.
+    let refused = cdc_worker::commands::schema_accept(&env.config, "repeats", None)
+        .await
+        .expect_err("nothing to accept");
+    assert!(
+        refused
+            .to_string()
+            .contains("not held by its schema policy")
+            && refused.to_string().contains("key values that repeat"),
+        "{refused}"
+    );
+    // Someone removes the repeat: the worker applies the waiting file by itself.
     env.db()
         .execute_batch("DELETE FROM repeats WHERE v = 'b'")
         .unwrap();
-    cdc_worker::commands::schema_accept(&env.config, "repeats", None)
-        .await
-        .expect("the held table is released");
     let worker = env.start().await;
     env.settle(&worker, Duration::from_secs(60)).await;
     worker.shutdown().await;
     assert_eq!(env.rows("repeats", &["id", "v"]), vec![row(1, "c")]);
     assert_eq!(env.depths().await, (0, 0));
+    let merged = env.alerts().await;
+    assert!(
+        merged.iter().any(|a| a.body["alert"] == "key_changed"
+            && a.body["table"] == "repeats"
+            && a.body["held"] == false),
+        "the release is announced: {merged:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_column_missing_from_the_files_holds_the_table_until_the_key_is_fixed() {
+    // The configured key names a column the files do not have (a typo).
+    let mut env = Env::new("key-missing", |c| keyed_by(c, "customers", "customer_id")).await;
+    let worker = env.start().await;
+    env.put_parquet(
+        &env.key("customers", "20261124-100000000.parquet"),
+        CDC,
+        &[vec![s("I"), i(1), s("a")]],
+    )
+    .await;
+    env.eventually("the table is held", Duration::from_secs(30), || async {
+        worker
+            .engine()
+            .lanes()
+            .iter()
+            .any(|(t, l)| t == "customers" && l.held.is_some())
+    })
+    .await;
+    let refused = cdc_worker::commands::schema_accept(&env.config, "customers", None).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let still_held = worker
+        .engine()
+        .lanes()
+        .iter()
+        .any(|(t, l)| t == "customers" && l.held.is_some());
+    let depths = env.depths().await;
+    let alerts = env.alerts().await;
+    worker.shutdown().await;
+    assert!(
+        refused.is_err(),
+        "schema accept refuses: there is nothing to accept"
+    );
+    assert!(
+        still_held,
+        "held after a re-check, not flipping between held and released"
+    );
+    assert_eq!(depths, (1, 0), "the file waits in flight, not in the DLQ");
+    let held: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.body["alert"] == "table_held")
+        .collect();
+    assert_eq!(held.len(), 1, "one alert for the cause: {alerts:?}");
+    assert!(
+        held[0].body["message"]
+            .as_str()
+            .unwrap()
+            .contains("key column `customer_id` is not in the file")
+    );
+    // The key is fixed in the config: after a restart the waiting file applies.
+    keyed_by(&mut env.config, "customers", "id");
+    let worker = env.start().await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+    worker.shutdown().await;
+    assert_eq!(env.rows("customers", &["id", "v"]), vec![row(1, "a")]);
+    assert_eq!(env.depths().await, (0, 0));
+}
+
+fn keyed_by(c: &mut Config, table: &str, column: &str) {
+    c.tables.insert(
+        table.to_string(),
+        TableConfig {
+            key: Some(KeySpec::One(column.into())),
+            ..Default::default()
+        },
+    );
 }

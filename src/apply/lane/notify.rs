@@ -71,6 +71,8 @@ impl Lane {
                 kinds: kinds.clone(),
             },
             Decision::Ignore => TableStatus::Ignored { since: now.clone() },
+            // Never recorded (the lane holds the files without a version).
+            Decision::Wait { .. } => TableStatus::Active,
         };
         SchemaVersion {
             table: self.table.clone(),
@@ -158,7 +160,14 @@ impl Lane {
     /// The table's key appeared, changed or went away: said once, with what the worker does.
     pub(super) async fn alert_key_transition(&mut self, decided: &Decided, first: &PendingFile) {
         let t = &self.table;
-        let held = matches!(decided.decision, Decision::Hold { .. });
+        let held = matches!(decided.decision, Decision::Wait { .. });
+        if held
+            && !self
+                .state
+                .first_time(format!("key:{:?}", decided.key_transition))
+        {
+            return;
+        }
         let (message, next_steps) = match &decided.key_transition {
             KeyTransition::Same => return,
             KeyTransition::Dropped { was } => (
@@ -177,7 +186,7 @@ impl Lane {
                     decided.repeated_keys
                 ),
                 format!(
-                    "Files of `{t}` wait (nothing is lost). Remove the repeated rows, or drop the table and replay it (`cdc-worker replay --table {t}`), then run `cdc-worker schema accept {t}`."
+                    "Files of `{t}` wait (nothing is lost). Remove the repeated rows (or drop the table and replay it: `cdc-worker replay --table {t}`): the worker checks again now and then and resumes the table by itself."
                 ),
             ),
             KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. } => (
@@ -201,9 +210,10 @@ impl Lane {
         self.ctx.alerts.publish(&alert).await;
     }
 
-    /// Holds the table for a reason outside the schema policy (unusable names), alerting
-    /// once per reason. The caller keeps the files waiting.
-    pub(super) async fn hold(&mut self, files: &[PendingFile], reason: &str) {
+    /// Holds the table for a condition of its files (unusable names, a key column missing),
+    /// alerting once per reason. The caller keeps the files waiting; the lane tries them
+    /// again now and then.
+    pub(super) async fn wait_for_condition(&mut self, files: &[PendingFile], reason: &str) {
         if self.state.first_time(format!("hold:{reason}")) {
             let mut alert = Alert::new(
                 AlertKind::TableHeld,
@@ -214,12 +224,14 @@ impl Lane {
             alert.held = true;
             alert.file = files.first().map(|f| f.file.uri());
             alert.next_steps = Some(format!(
-                "Files of `{}` wait in the queue (nothing is lost). Fix the cause, then restart the worker or run `cdc-worker schema accept {}`.",
-                self.table, self.table
+                "Files of `{}` wait (nothing is lost). Fix the cause named above: the worker tries the files again now and then and resumes the table by itself (there is nothing to `schema accept`).",
+                self.table
             ));
             self.ctx.alerts.publish(&alert).await;
         }
-        self.state.hold(reason, Vec::new(), Instant::now());
+        tracing::warn!(table = %self.table, reason, files = files.len(), "table held until its files can be applied");
+        self.state
+            .hold_for_condition(reason, Vec::new(), Instant::now());
         let _ = self.ctx.events.send(EngineEvent::TableHeld {
             table: self.table.clone(),
             reason: reason.to_string(),
@@ -384,6 +396,9 @@ fn actions_of(decision: &Decision) -> Vec<plan::Action> {
             reason: reason.clone(),
         }],
         Decision::Ignore => vec![plan::Action::IgnoredTable],
+        Decision::Wait { reason } => vec![plan::Action::Held {
+            reason: reason.clone(),
+        }],
     }
 }
 

@@ -71,7 +71,7 @@ impl Lane {
         let (files, staged): (Vec<PendingFile>, Vec<StagedFile>) = segment.into_iter().unzip();
 
         if let Some(reason) = self.unusable_names(&schema) {
-            self.hold(&files, &reason).await;
+            self.wait_for_condition(&files, &reason).await;
             return SegmentOutcome::Waiting(files);
         }
         let decided = match self.decide(&schema, &source).await {
@@ -82,6 +82,17 @@ impl Lane {
             Ok(d) => d,
             Err(e) => return SegmentOutcome::Failed(e, files),
         };
+        if let Decision::Wait { reason } = &decided.decision {
+            // Nothing is recorded: the condition is checked again with the files.
+            if decided.key_transition == KeyTransition::Same {
+                self.wait_for_condition(&files, reason).await;
+            } else {
+                self.alert_key_transition(&decided, &files[0]).await;
+                self.state
+                    .hold_for_condition(reason, Vec::new(), Instant::now());
+            }
+            return SegmentOutcome::Waiting(files);
+        }
         let key_moved = decided.key_transition != KeyTransition::Same;
         if (!decided.changes.is_empty() || self.cache.stored.is_none() || key_moved)
             && let Err(e) = self
@@ -103,6 +114,7 @@ impl Lane {
                 self.policy_hold(&reason, files.len());
                 return SegmentOutcome::Waiting(files);
             }
+            Decision::Wait { .. } => unreachable!("handled above"),
             Decision::Apply {
                 ddl, load, mode, ..
             } => Applying { ddl, load, mode },
@@ -269,13 +281,12 @@ impl Lane {
                 "checking the new key for repeated values",
             ))?;
         if decided.repeated_keys > 0 {
-            decided.decision = Decision::Hold {
+            decided.decision = Decision::Wait {
                 reason: format!(
                     "the table now has a key ({}), but {} key values appear more than once among its rows: a change could not tell which row it is for",
                     key.join(", "),
                     decided.repeated_keys
                 ),
-                kinds: vec![],
             };
         }
         Ok(decided)
