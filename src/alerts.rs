@@ -100,6 +100,8 @@ alert_kinds! {
     /// A startup check found something that keeps files from arriving or failing files
     /// from reaching a dead-letter queue (bucket, notification, redrive policy).
     SetupProblem => "setup_problem",
+    /// A table's key appeared, changed or went away; held when the table repeats a key.
+    KeyChanged => "key_changed",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from

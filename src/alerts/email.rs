@@ -28,6 +28,8 @@ struct Guide {
 
 const HELD_STATE: &str = "HELD: nothing of this table is applied until you act; its files wait in the queue (nothing is lost)";
 
+// Long on purpose: one arm per alert kind, a table of texts kept in one place so that a new
+// kind is one more arm (the match is exhaustive).
 fn guide(alert: &Alert) -> Guide {
     match alert.alert {
         AlertKind::SchemaChange if alert.held => Guide {
@@ -103,6 +105,23 @@ fn guide(alert: &Alert) -> Guide {
             todo: "Give each source table its own target with routing.table_name (for example \"{schema}_{table}\"), then replay the second source's files.",
             commands: &["cdc-worker check-config", "cdc-worker status"],
             docs: &[],
+        },
+        AlertKind::KeyChanged if alert.held => Guide {
+            state: HELD_STATE,
+            did: "recorded the table's new key and held the table: rows already in it repeat a key value",
+            todo: "Remove the repeated rows (or drop the table and replay it), then release the table.",
+            commands: &[
+                "cdc-worker replay --table {table}",
+                "cdc-worker schema accept {table}",
+            ],
+            docs: &["docs/schema-evolution.md"],
+        },
+        AlertKind::KeyChanged => Guide {
+            state: "loading goes on with the new key",
+            did: "recorded the table's new key and applies its files with it from here on",
+            todo: "Nothing, if the key change is intended. Otherwise set the key back ([tables.NAME] key or table_keys.json).",
+            commands: &["cdc-worker schema history {table}"],
+            docs: &["docs/schema-evolution.md"],
         },
         AlertKind::RowsSkipped => Guide {
             state: "loading goes on",
@@ -397,6 +416,18 @@ mod tests {
                 );
                 a.source = Some("sales.orders".into());
                 a.next_steps = Some("Change routing.table_name (for example to \"{schema}_{table}\") so each source table has its own target. The files of the second source go to the dead-letter queue.".into());
+                a
+            }
+            AlertKind::KeyChanged => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "events",
+                    "`events` now has a key (id): its rows are merged by key from here on; the rows loaded before are kept, and no key value repeats among them",
+                );
+                a.source = Some("public.events".into());
+                a.file = Some(FILE.into());
+                a.next_steps = Some("Nothing is required. Deletes apply from here on; rows deleted at the source before the key was set are still in the table (replay the table to remove them).".into());
                 a
             }
             AlertKind::RowsSkipped => {

@@ -117,6 +117,10 @@ pub enum Decision {
         reason: String,
         kinds: Vec<ChangeKind>,
     },
+    /// The files cannot be applied as they are (a key column missing, key values the
+    /// table repeats): not a policy decision, so nothing to accept. They wait, and are tried
+    /// again until the cause is fixed.
+    Wait { reason: String },
     /// `new_table = "ignore"`: the table's files are dropped.
     Ignore,
 }
@@ -207,11 +211,10 @@ fn key_columns(input: &PlanInput<'_>) -> Result<Vec<KeyColumn>, Decision> {
                 target: (input.column_name)(&c.name),
                 source: c.name.clone(),
             }),
-            None => Err(Decision::Hold {
+            None => Err(Decision::Wait {
                 reason: format!(
                     "key column `{k}` is not in the file; fix the table's key (config, table_keys.json) or the source"
                 ),
-                kinds: vec![],
             }),
         })
         .collect()
@@ -674,7 +677,7 @@ mod tests {
         let f = file(&[("name", ColumnType::String)]);
         assert!(matches!(
             run(None, None, &f, PolicyPreset::Evolve, &["id"]),
-            Decision::Hold { .. }
+            Decision::Wait { .. }
         ));
     }
 

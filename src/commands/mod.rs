@@ -95,12 +95,11 @@ pub async fn schema_accept(
         version, reason, ..
     } = &before.current.status
     else {
-        let status = match &before.current.status {
-            TableStatus::Ignored { .. } => "ignored by its schema policy",
-            _ => "active",
-        };
-        println!("table `{table}` is not held ({status}); nothing to do");
-        return Ok(());
+        // Nothing to release: say so, and what holds a table otherwise, without a change.
+        anyhow::bail!(
+            "table `{table}` is not held by its schema policy (status: {}); nothing was changed. If `cdc-worker status` shows it held, the reason there names a condition of its files (a key column missing, unusable column names, key values that repeat): fix that and the worker resumes the table by itself",
+            before.current.status.label()
+        );
     };
     println!("accepting v{version} of `{table}`: {reason}");
     let stored = schemas

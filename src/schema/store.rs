@@ -33,6 +33,17 @@ pub enum TableStatus {
     Ignored { since: String },
 }
 
+impl TableStatus {
+    /// One word for people: active, held or ignored.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TableStatus::Active => "active",
+            TableStatus::Held { .. } => "held",
+            TableStatus::Ignored { .. } => "ignored",
+        }
+    }
+}
+
 /// `<table>_schema.json`: the last accepted source schema of a table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CurrentSchema {
@@ -53,6 +64,10 @@ pub struct CurrentSchema {
     /// Choices made when accepting incompatible type changes, by folded column name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub resolutions: BTreeMap<String, IncompatiblePolicy>,
+    /// The key the table is applied with (source column names; empty: appended). `None` in
+    /// documents written before keys were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
 }
 
 impl CurrentSchema {
@@ -77,6 +92,9 @@ pub struct SchemaVersion {
     pub file: Option<String>,
     pub detected_at: String,
     pub status: TableStatus,
+    /// The key the table is applied with from this version on (see [`CurrentSchema::key`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
 }
 
 /// A current document and the ETag it was read with.
@@ -222,6 +240,7 @@ impl SchemaStore {
             resolutions: previous
                 .map(|p| p.current.resolutions.clone())
                 .unwrap_or_default(),
+            key: version.key.clone(),
         };
         let condition = match previous {
             Some(p) => WriteCondition::Matches(p.etag.clone()),
@@ -417,6 +436,7 @@ fn parse_current(table: &str, body: &[u8]) -> Result<CurrentSchema, String> {
         file: None,
         status: TableStatus::Active,
         resolutions: BTreeMap::new(),
+        key: None,
     })
 }
 

@@ -619,6 +619,21 @@ impl Warehouse for Duckdb {
             .await
     }
 
+    async fn repeated_keys(&self, table: &str, key: &[String]) -> Result<u64, WarehouseError> {
+        let Some(found) = self.describe(table).await? else {
+            return Ok(0);
+        };
+        let key = key.to_vec();
+        self.0
+            .with_conn(move |conn, schema| {
+                let sql = super::sql::repeated_keys_query(&qualified(schema, &found.name), &key);
+                conn.query_row(&sql, [], |r| r.get::<_, i64>(0))
+                    .map(|n| n as u64)
+                    .map_err(sql_err)
+            })
+            .await
+    }
+
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
         self.0
             .with_conn(|conn, schema| {

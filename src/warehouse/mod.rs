@@ -118,6 +118,10 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Rows in a target table (0 when it does not exist).
     async fn row_count(&self, table: &str) -> Result<u64, WarehouseError>;
 
+    /// How many values of `key` (target column names) appear in more than one row of the
+    /// table: a table appended without a key can repeat one.
+    async fn repeated_keys(&self, table: &str, key: &[String]) -> Result<u64, WarehouseError>;
+
     /// The newest ledger entries, for `cdc-worker status`.
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError>;
 

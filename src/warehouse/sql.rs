@@ -83,6 +83,14 @@ pub fn ident_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     out
 }
 
+/// How many key values appear in more than one row of `target` (both dialects).
+pub fn repeated_keys_query(target: &str, key: &[String]) -> String {
+    let columns = ident_list(key.iter().map(String::as_str));
+    format!(
+        "SELECT count(*) FROM (SELECT {columns} FROM {target} GROUP BY {columns} HAVING count(*) > 1) AS repeated"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

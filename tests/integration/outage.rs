@@ -215,6 +215,10 @@ impl Warehouse for Switchable {
     async fn row_count(&self, table: &str) -> Result<u64, WarehouseError> {
         self.inner.row_count(table).await
     }
+    async fn repeated_keys(&self, table: &str, key: &[String]) -> Result<u64, WarehouseError> {
+        self.check()?;
+        self.inner.repeated_keys(table, key).await
+    }
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
         self.inner.ledger_summary().await
     }

@@ -204,6 +204,12 @@ impl Lane {
 
     /// Re-reads a held table's status; a released table applies its waiting files.
     async fn recheck_hold(&mut self) {
+        if self.state.held_by_condition() {
+            // The files are tried again: they hold the table anew if the cause remains.
+            self.state.release_hold();
+            self.cache.target = None;
+            return;
+        }
         let now = Instant::now();
         match self.ctx.schemas.load(&self.table).await {
             Ok(Some(stored)) if !matches!(stored.current.status, TableStatus::Held { .. }) => {

@@ -17,6 +17,7 @@ use crate::schema::types::{Column, FileSchema};
 use crate::telemetry::BatchFailed;
 
 use super::segment::Decided;
+use super::verdicts::KeyTransition;
 
 impl Lane {
     /// Records the segment's schema as the table's next version, and announces it.
@@ -70,6 +71,8 @@ impl Lane {
                 kinds: kinds.clone(),
             },
             Decision::Ignore => TableStatus::Ignored { since: now.clone() },
+            // Never recorded (the lane holds the files without a version).
+            Decision::Wait { .. } => TableStatus::Active,
         };
         SchemaVersion {
             table: self.table.clone(),
@@ -85,6 +88,7 @@ impl Lane {
             file: Some(first.file.uri()),
             detected_at: now,
             status,
+            key: Some(decided.key.clone()),
         }
     }
 
@@ -97,8 +101,14 @@ impl Lane {
     ) {
         let held = matches!(decided.decision, Decision::Hold { .. });
         let changes = &decided.changes;
+        // A new table without a key is appended and its deletes are ignored: worth a look.
+        let keyless = actions_of(&decided.decision)
+            .iter()
+            .any(|a| matches!(a, plan::Action::AppendOnly { .. }));
         let severity = if held {
             Severity::Error
+        } else if keyless {
+            Severity::Warning
         } else if changes
             .iter()
             .any(|c| matches!(c, SchemaChange::NewTable { .. }))
@@ -130,6 +140,12 @@ impl Lane {
         alert.policy = Some(decided.policy);
         alert.file = Some(first.file.uri());
         alert.held = held;
+        if keyless {
+            alert.next_steps = Some(format!(
+                "`{t}` has no key: its rows are appended and deletes are ignored. If the source table has a primary key, set `[tables.{t}] key = [\"...\"]` in the config (or add it to table_keys.json), drop the target table and replay it with `cdc-worker replay --table {t}`.",
+                t = self.table
+            ));
+        }
         if held {
             alert.next_steps = Some(format!(
                 "Files of `{t}` wait (nothing is lost). Review the change, then run `cdc-worker schema accept {t}` to apply it as the evolve preset would (add `--incompatible cast|variant|ignore` for type changes), or change the table's policy in the config and accept.",
@@ -141,9 +157,63 @@ impl Lane {
             .increment(1);
     }
 
-    /// Holds the table for a reason outside the schema policy (unusable names), alerting
-    /// once per reason. The caller keeps the files waiting.
-    pub(super) async fn hold(&mut self, files: &[PendingFile], reason: &str) {
+    /// The table's key appeared, changed or went away: said once, with what the worker does.
+    pub(super) async fn alert_key_transition(&mut self, decided: &Decided, first: &PendingFile) {
+        let t = &self.table;
+        let held = matches!(decided.decision, Decision::Wait { .. });
+        if held
+            && !self
+                .state
+                .first_time(format!("key:{:?}", decided.key_transition))
+        {
+            return;
+        }
+        let (message, next_steps) = match &decided.key_transition {
+            KeyTransition::Same => return,
+            KeyTransition::Dropped { was } => (
+                format!(
+                    "`{t}` no longer has a key (it was merged by {}): from here on its rows are appended and deletes are ignored",
+                    was.join(", ")
+                ),
+                format!(
+                    "If this is not intended, set the key again (`[tables.{t}] key` or table_keys.json)."
+                ),
+            ),
+            KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. } if held => (
+                format!(
+                    "`{t}` now has a key ({}), but {} key values appear more than once among its rows; the table is held",
+                    key.join(", "),
+                    decided.repeated_keys
+                ),
+                format!(
+                    "Files of `{t}` wait (nothing is lost). Remove the repeated rows (or drop the table and replay it: `cdc-worker replay --table {t}`): the worker checks again now and then and resumes the table by itself."
+                ),
+            ),
+            KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. } => (
+                format!(
+                    "`{t}` now has a key ({}): its rows are merged by key from here on; the rows loaded before are kept, and no key value repeats among them",
+                    key.join(", ")
+                ),
+                "Nothing is required. Deletes apply from here on; rows deleted at the source before the key was set are still in the table (replay the table to remove them).".to_string(),
+            ),
+        };
+        let severity = if held {
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        let mut alert = Alert::new(AlertKind::KeyChanged, severity, t, message);
+        alert.source = Some(first.source.to_string());
+        alert.file = Some(first.file.uri());
+        alert.held = held;
+        alert.next_steps = Some(next_steps);
+        self.ctx.alerts.publish(&alert).await;
+    }
+
+    /// Holds the table for a condition of its files (unusable names, a key column missing),
+    /// alerting once per reason. The caller keeps the files waiting; the lane tries them
+    /// again now and then.
+    pub(super) async fn wait_for_condition(&mut self, files: &[PendingFile], reason: &str) {
         if self.state.first_time(format!("hold:{reason}")) {
             let mut alert = Alert::new(
                 AlertKind::TableHeld,
@@ -154,12 +224,14 @@ impl Lane {
             alert.held = true;
             alert.file = files.first().map(|f| f.file.uri());
             alert.next_steps = Some(format!(
-                "Files of `{}` wait in the queue (nothing is lost). Fix the cause, then restart the worker or run `cdc-worker schema accept {}`.",
-                self.table, self.table
+                "Files of `{}` wait (nothing is lost). Fix the cause named above: the worker tries the files again now and then and resumes the table by itself (there is nothing to `schema accept`).",
+                self.table
             ));
             self.ctx.alerts.publish(&alert).await;
         }
-        self.state.hold(reason, Vec::new(), Instant::now());
+        tracing::warn!(table = %self.table, reason, files = files.len(), "table held until its files can be applied");
+        self.state
+            .hold_for_condition(reason, Vec::new(), Instant::now());
         let _ = self.ctx.events.send(EngineEvent::TableHeld {
             table: self.table.clone(),
             reason: reason.to_string(),
@@ -324,6 +396,9 @@ fn actions_of(decision: &Decision) -> Vec<plan::Action> {
             reason: reason.clone(),
         }],
         Decision::Ignore => vec![plan::Action::IgnoredTable],
+        Decision::Wait { reason } => vec![plan::Action::Held {
+            reason: reason.clone(),
+        }],
     }
 }
 

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::Lane;
+use super::verdicts::{KeyTransition, key_transition};
 use crate::alerts::{AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
@@ -41,6 +42,12 @@ pub(super) struct Decided {
     pub decision: Decision,
     pub changes: Vec<SchemaChange>,
     pub policy: SchemaPolicy,
+    /// The key the segment is applied with (source column names; empty: appended).
+    pub key: Vec<String>,
+    /// How that key compares with the one the table was applied with.
+    pub key_transition: KeyTransition,
+    /// Key values repeated in the table when a key appears or changes.
+    pub repeated_keys: u64,
 }
 
 /// The plan's parts a segment is applied with.
@@ -64,19 +71,38 @@ impl Lane {
         let (files, staged): (Vec<PendingFile>, Vec<StagedFile>) = segment.into_iter().unzip();
 
         if let Some(reason) = self.unusable_names(&schema) {
-            self.hold(&files, &reason).await;
+            self.wait_for_condition(&files, &reason).await;
             return SegmentOutcome::Waiting(files);
         }
         let decided = match self.decide(&schema, &source).await {
             Ok(d) => d,
             Err(e) => return SegmentOutcome::Failed(e, files),
         };
-        if (!decided.changes.is_empty() || self.cache.stored.is_none())
+        let decided = match self.check_key_transition(decided).await {
+            Ok(d) => d,
+            Err(e) => return SegmentOutcome::Failed(e, files),
+        };
+        if let Decision::Wait { reason } = &decided.decision {
+            // Nothing is recorded: the condition is checked again with the files.
+            if decided.key_transition == KeyTransition::Same {
+                self.wait_for_condition(&files, reason).await;
+            } else {
+                self.alert_key_transition(&decided, &files[0]).await;
+                self.state
+                    .hold_for_condition(reason, Vec::new(), Instant::now());
+            }
+            return SegmentOutcome::Waiting(files);
+        }
+        let key_moved = decided.key_transition != KeyTransition::Same;
+        if (!decided.changes.is_empty() || self.cache.stored.is_none() || key_moved)
             && let Err(e) = self
                 .record_version(&source, &schema, &decided, &files[0])
                 .await
         {
             return SegmentOutcome::Failed(e, files);
+        }
+        if key_moved {
+            self.alert_key_transition(&decided, &files[0]).await;
         }
         let applying = match decided.decision {
             Decision::Ignore => {
@@ -88,6 +114,7 @@ impl Lane {
                 self.policy_hold(&reason, files.len());
                 return SegmentOutcome::Waiting(files);
             }
+            Decision::Wait { .. } => unreachable!("handled above"),
             Decision::Apply {
                 ddl, load, mode, ..
             } => Applying { ddl, load, mode },
@@ -202,6 +229,12 @@ impl Lane {
             .as_ref()
             .map(|s| s.current.resolutions.clone())
             .unwrap_or_default();
+        let recorded_key = self
+            .cache
+            .stored
+            .as_ref()
+            .and_then(|s| s.current.key.clone());
+        let transition = key_transition(recorded_key.as_deref(), &key.columns, target.is_some());
         let warehouse = self.ctx.warehouse.clone();
         let column_name = move |s: &str| warehouse.column_name(s);
         let decision = plan::plan(&PlanInput {
@@ -217,7 +250,46 @@ impl Lane {
             decision,
             changes,
             policy,
+            key: key.columns,
+            key_transition: transition,
+            repeated_keys: 0,
         })
+    }
+
+    /// A key that appears (or changes) on a table that exists: the rows appended before
+    /// may repeat a key value, which a MERGE cannot apply a change to. Repeated values hold
+    /// the table until someone removes them; none let the table go on, merged by key.
+    async fn check_key_transition(&mut self, mut decided: Decided) -> Result<Decided, ApplyError> {
+        let (KeyTransition::Appeared { key } | KeyTransition::Changed { key, .. }) =
+            &decided.key_transition
+        else {
+            return Ok(decided);
+        };
+        if !matches!(decided.decision, Decision::Apply { .. }) {
+            return Ok(decided);
+        }
+        let columns: Vec<String> = key
+            .iter()
+            .map(|k| self.ctx.warehouse.column_name(k))
+            .collect();
+        decided.repeated_keys = self
+            .ctx
+            .warehouse
+            .repeated_keys(&self.table, &columns)
+            .await
+            .map_err(ApplyError::warehouse(
+                "checking the new key for repeated values",
+            ))?;
+        if decided.repeated_keys > 0 {
+            decided.decision = Decision::Wait {
+                reason: format!(
+                    "the table now has a key ({}), but {} key values appear more than once among its rows: a change could not tell which row it is for",
+                    key.join(", "),
+                    decided.repeated_keys
+                ),
+            };
+        }
+        Ok(decided)
     }
 
     /// The table's lease, when leases are on: `Ok(Some(fence))` to go on (no fence with

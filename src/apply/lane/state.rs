@@ -27,8 +27,12 @@ use crate::apply::context::PendingFile;
 use crate::apply::failure::Disposition;
 use crate::dms::DmsOrder;
 
-/// How often a held table re-reads its status.
+/// How often a table held by its schema policy re-reads its status (released by
+/// `cdc-worker schema accept`); the first re-check of a table held by a condition of its
+/// files (a key column missing, unusable names, repeated key values), which doubles up to
+/// [`CONDITION_RECHECK_MAX`]: the condition is checked again by trying the batch.
 pub const HOLD_RECHECK: Duration = Duration::from_secs(10);
+const CONDITION_RECHECK_MAX: Duration = Duration::from_secs(300);
 
 /// With files waiting behind a file that is not in the lane (released to the queue), how
 /// often the lane wakes up to report them.
@@ -103,7 +107,11 @@ pub enum Next {
 #[derive(Debug, Clone)]
 struct Hold {
     reason: String,
-    checked: Instant,
+    /// When to re-read the status (policy) or try the files again (condition).
+    due: Instant,
+    /// Held by a condition of the files, not by the schema policy: nothing to accept, the
+    /// lane tries again once the cause may be fixed.
+    condition: bool,
 }
 
 /// A run of failures of the table.
@@ -174,6 +182,8 @@ pub struct LaneState {
     retrying: HashSet<String>,
     /// Causes already alerted about, so each is alerted once per lane.
     alerted: HashSet<String>,
+    /// The last condition that held the table and how many times in a row it did.
+    condition_streak: Option<(String, u32)>,
 }
 
 impl LaneState {
@@ -189,6 +199,7 @@ impl LaneState {
             last_applied: None,
             retrying: HashSet::new(),
             alerted: HashSet::new(),
+            condition_streak: None,
         }
     }
 
@@ -246,7 +257,7 @@ impl LaneState {
             return Next::Idle;
         }
         if let Some(hold) = &self.hold {
-            let due = hold.checked + HOLD_RECHECK;
+            let due = hold.due;
             return if due <= now {
                 Next::RecheckHold
             } else {
@@ -337,19 +348,44 @@ impl LaneState {
         self.hold.as_ref().map(|h| h.reason.as_str())
     }
 
-    /// Holds the table: its files wait in the lane until the hold is released.
+    /// Holds the table by its schema policy: its files wait in the lane until
+    /// `cdc-worker schema accept` releases it.
     pub fn hold(&mut self, reason: &str, files: Vec<PendingFile>, now: Instant) {
         self.hold = Some(Hold {
             reason: reason.to_string(),
-            checked: now,
+            due: now + HOLD_RECHECK,
+            condition: false,
         });
         self.add_all(files);
     }
 
-    /// A re-check found the table still held.
+    /// Holds the table because of its files (a key column missing, unusable names,
+    /// repeated key values): they wait, and the lane tries them again now and then, less
+    /// often the longer the same cause lasts, until it is fixed.
+    pub fn hold_for_condition(&mut self, reason: &str, files: Vec<PendingFile>, now: Instant) {
+        let times = match &self.condition_streak {
+            Some((last, n)) if last == reason => n + 1,
+            _ => 0,
+        };
+        self.condition_streak = Some((reason.to_string(), times));
+        let wait = HOLD_RECHECK.saturating_mul(1u32 << times.min(8));
+        self.hold = Some(Hold {
+            reason: reason.to_string(),
+            due: now + wait.min(CONDITION_RECHECK_MAX),
+            condition: true,
+        });
+        self.add_all(files);
+    }
+
+    /// Whether the hold is a condition to try again (rather than a status to re-read).
+    pub fn held_by_condition(&self) -> bool {
+        self.hold.as_ref().is_some_and(|h| h.condition)
+    }
+
+    /// A re-check found the table still held by its policy.
     pub fn hold_checked(&mut self, now: Instant) {
         if let Some(hold) = &mut self.hold {
-            hold.checked = now;
+            hold.due = now + HOLD_RECHECK;
         }
     }
 
@@ -385,6 +421,7 @@ impl LaneState {
             self.isolate_through = None;
         }
         self.not_before = None;
+        self.condition_streak = None;
         let failing = self.failing.take()?;
         (failing.alerts_sent > 0).then(|| Recovered {
             failing_for: now.saturating_duration_since(failing.since),
@@ -534,7 +571,9 @@ mod tests {
 
     use super::*;
     use crate::apply::failure::Disposition;
-    use crate::apply::lane::verdicts::{LedgerVerdict, Listing, join_gaps, ledger_verdict};
+    use crate::apply::lane::verdicts::{
+        KeyTransition, LedgerVerdict, Listing, join_gaps, key_transition, ledger_verdict,
+    };
     use crate::batch::{BatchFile, LedgerRecord};
     use crate::dms::{KeyClass, classify_key};
 
@@ -840,6 +879,42 @@ mod tests {
     }
 
     #[test]
+    fn a_table_held_by_a_condition_is_tried_again_less_often_until_it_applies() {
+        let t0 = Instant::now();
+        let mut lane = LaneState::new(policy());
+        lane.add(cdc(1, t0));
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let batch = lane.take_batch();
+            lane.hold_for_condition("key column `id` is not in the file", batch, now);
+            assert!(lane.held_by_condition());
+            let Next::Wait(due) = lane.next(now) else {
+                panic!("waits");
+            };
+            waits.push((due - now).as_secs());
+            assert_eq!(lane.next(due), Next::RecheckHold);
+            lane.release_hold();
+            now = due;
+        }
+        assert_eq!(
+            waits,
+            [10, 20, 40, 80, 160, 300, 300],
+            "doubling to five minutes"
+        );
+        let batch = lane.take_batch();
+        lane.committed(&batch, now);
+        lane.add(cdc(2, now));
+        let batch = lane.take_batch();
+        lane.hold_for_condition("key column `id` is not in the file", batch, now);
+        assert_eq!(
+            lane.next(now),
+            Next::Wait(now + HOLD_RECHECK),
+            "a new streak after a commit"
+        );
+    }
+
+    #[test]
     fn late_files_are_those_before_the_last_applied_file_that_the_lane_did_not_fail() {
         let t0 = Instant::now();
         let mut lane = LaneState::new(policy());
@@ -934,5 +1009,41 @@ mod tests {
             "the batch's own files wait"
         );
         assert_eq!((joined.joined, joined.left), (3, 1));
+    }
+
+    #[test]
+    fn key_transitions_compare_the_recorded_key_with_the_resolved_one() {
+        let k = |c: &[&str]| -> Vec<String> { c.iter().map(|s| s.to_string()).collect() };
+        let none: &[String] = &[];
+        assert_eq!(
+            key_transition(None, &k(&["id"]), true),
+            KeyTransition::Same,
+            "nothing recorded"
+        );
+        assert_eq!(
+            key_transition(Some(none), &k(&["id"]), false),
+            KeyTransition::Same,
+            "a new table has no past"
+        );
+        assert_eq!(
+            key_transition(Some(&k(&["ID"])), &k(&["id"]), true),
+            KeyTransition::Same,
+            "case aside"
+        );
+        assert_eq!(
+            key_transition(Some(none), &k(&["id"]), true),
+            KeyTransition::Appeared { key: k(&["id"]) }
+        );
+        assert_eq!(
+            key_transition(Some(&k(&["id"])), &[], true),
+            KeyTransition::Dropped { was: k(&["id"]) }
+        );
+        assert_eq!(
+            key_transition(Some(&k(&["id"])), &k(&["id", "line"]), true),
+            KeyTransition::Changed {
+                was: k(&["id"]),
+                key: k(&["id", "line"])
+            }
+        );
     }
 }

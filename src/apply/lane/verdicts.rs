@@ -39,6 +39,44 @@ pub fn ledger_verdict(file: &BatchFile, record: Option<&LedgerRecord>) -> Ledger
     }
 }
 
+/// How the key a segment is applied with compares with the one the table was applied with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyTransition {
+    /// The same key, or nothing is known about the earlier one.
+    Same,
+    /// The table was appended (no key) and now has a key: its earlier rows may repeat a key.
+    Appeared { key: Vec<String> },
+    /// The table was merged by a key and now has none: from here on rows are appended and
+    /// deletes ignored.
+    Dropped { was: Vec<String> },
+    /// Merged by another key than before.
+    Changed { was: Vec<String>, key: Vec<String> },
+}
+
+/// `recorded` is the key the table's schema history says it is applied with (`None`: not
+/// recorded yet), `key` the one resolved now; a table that does not exist yet has no past.
+pub fn key_transition(
+    recorded: Option<&[String]>,
+    key: &[String],
+    target_exists: bool,
+) -> KeyTransition {
+    let Some(was) = recorded.filter(|_| target_exists) else {
+        return KeyTransition::Same;
+    };
+    let fold = |k: &[String]| -> Vec<String> { k.iter().map(|c| c.to_lowercase()).collect() };
+    if fold(was) == fold(key) {
+        return KeyTransition::Same;
+    }
+    match (was.is_empty(), key.is_empty()) {
+        (true, false) => KeyTransition::Appeared { key: key.to_vec() },
+        (false, true) => KeyTransition::Dropped { was: was.to_vec() },
+        _ => KeyTransition::Changed {
+            was: was.to_vec(),
+            key: key.to_vec(),
+        },
+    }
+}
+
 /// What the last S3 listing of the table showed: every file up to `through`, and those not
 /// applied when it was taken. DMS writes a table's files one after the other, so no file
 /// appears later before one already listed: a batch that ends within the listing needs no

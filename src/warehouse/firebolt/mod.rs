@@ -423,6 +423,21 @@ impl Warehouse for Firebolt {
         rows.u64_at(0, 0).map_err(WarehouseError::Other)
     }
 
+    async fn repeated_keys(&self, table: &str, key: &[String]) -> Result<u64, WarehouseError> {
+        let Some(found) = self.describe(table).await? else {
+            return Ok(0);
+        };
+        let target = qualified(&self.schema, &found.name);
+        let mut run = self.runner("repeated-keys").await?;
+        let rows = run
+            .run(
+                "repeated-keys",
+                crate::warehouse::sql::repeated_keys_query(&target, key),
+            )
+            .await?;
+        rows.u64_at(0, 0).map_err(WarehouseError::Other)
+    }
+
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
         let mut run = self.runner("ledger-summary").await?;
         let rows = run
