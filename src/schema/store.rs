@@ -229,19 +229,12 @@ impl SchemaStore {
             }
             Err(e) => return Err(e.into()),
         }
-        let current = CurrentSchema {
-            table: table.clone(),
-            source: version.source.clone(),
-            version: version.version,
-            columns: version.columns.clone(),
-            updated_at: Some(version.detected_at.clone()),
-            file: version.file.clone(),
-            status: version.status.clone(),
-            resolutions: previous
+        let current = current_of(
+            &version,
+            previous
                 .map(|p| p.current.resolutions.clone())
                 .unwrap_or_default(),
-            key: version.key.clone(),
-        };
+        );
         let condition = match previous {
             Some(p) => WriteCondition::Matches(p.etag.clone()),
             None => WriteCondition::Absent,
@@ -279,6 +272,18 @@ impl SchemaStore {
                 key,
                 reason: e.to_string(),
             })?;
+        if self.load(table).await?.is_none() {
+            // The writer of the version died before writing the current document (the
+            // first version of a table): write it now, unless another worker just did.
+            match self
+                .write_current(&current_of(&v, BTreeMap::new()), WriteCondition::Absent)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(SchemaStoreError::Storage(StorageError::PreconditionFailed { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.update(table, |c| {
             if c.version < v.version {
                 c.version = v.version;
@@ -286,6 +291,7 @@ impl SchemaStore {
                 c.file = v.file.clone();
                 c.updated_at = Some(v.detected_at.clone());
                 c.status = v.status.clone();
+                c.key = v.key.clone();
                 if c.source.is_none() {
                     c.source = v.source.clone();
                 }
@@ -438,6 +444,24 @@ fn parse_current(table: &str, body: &[u8]) -> Result<CurrentSchema, String> {
         resolutions: BTreeMap::new(),
         key: None,
     })
+}
+
+/// The current document a version makes, keeping the resolutions accepted before.
+fn current_of(
+    version: &SchemaVersion,
+    resolutions: BTreeMap<String, IncompatiblePolicy>,
+) -> CurrentSchema {
+    CurrentSchema {
+        table: version.table.clone(),
+        source: version.source.clone(),
+        version: version.version,
+        columns: version.columns.clone(),
+        updated_at: Some(version.detected_at.clone()),
+        file: version.file.clone(),
+        status: version.status.clone(),
+        resolutions,
+        key: version.key.clone(),
+    }
 }
 
 #[cfg(test)]

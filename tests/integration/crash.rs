@@ -208,3 +208,43 @@ async fn killed_workers_leave_no_lost_or_duplicated_rows() {
         "every file recorded exactly once"
     );
 }
+
+/// A worker killed between writing a table's first schema version and its current document
+/// leaves the version alone in S3: the next worker completes it instead of failing on it
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_version_without_its_current_document_is_completed() {
+    use crate::harness::{i, s};
+    let env = Env::new("orphan-version", |_| {}).await;
+    let worker = env.start().await;
+    env.put_parquet(
+        &env.key("orphans", "20261124-100000000.parquet"),
+        KEYED,
+        &[vec![s("I"), i(1), s("a")]],
+    )
+    .await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+    worker.shutdown().await;
+    let schemas =
+        cdc_worker::schema::store::SchemaStore::from_config(&env.config, env.store.clone());
+    let current = schemas.current_key("orphans");
+    env.store
+        .delete(schemas.bucket(), &current)
+        .await
+        .expect("delete the current document");
+    assert!(schemas.load("orphans").await.unwrap().is_none());
+    // As after the crash: v1 in the history, no current document.
+    let worker = env.start().await;
+    env.put_parquet(
+        &env.key("orphans", "20261124-100100000.parquet"),
+        KEYED,
+        &[vec![s("I"), i(2), s("b")]],
+    )
+    .await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+    worker.shutdown().await;
+    assert_eq!(env.rows("orphans", &["id"]).len(), 2, "the table goes on");
+    let stored = schemas.load("orphans").await.unwrap().expect("completed");
+    assert_eq!(stored.current.version, 1);
+    assert_eq!(env.depths().await, (0, 0));
+}
