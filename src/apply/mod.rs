@@ -58,7 +58,7 @@ impl Engine {
             .fetch_add(file.messages.len(), Ordering::AcqRel);
         file.waiting = Some(self.waiting.clone());
         if self.stop.is_cancelled() {
-            file.resolve(FileOutcome::Retry(Some(Duration::ZERO)));
+            file.resolve(FileOutcome::Requeue);
             return;
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");

@@ -30,8 +30,13 @@ pub enum FileOutcome {
     /// Will never be applied (already applied, gone, outside the layout): acknowledged.
     Skipped,
     /// Must be tried again. `None` backs off by the message's receive count; `Some(d)`
-    /// releases it after exactly `d` (zero on shutdown: another worker takes it at once).
+    /// releases it after exactly `d`.
     Retry(Option<Duration>),
+    /// Not applied in this run (the worker stops) through no fault of the file: the message
+    /// is replaced by a fresh copy that another worker takes at once, so stopping (a deploy,
+    /// a scale-in) never spends a receive count and never pushes a waiting file toward the
+    /// dead-letter queue.
+    Requeue,
 }
 
 /// A message whose files are being applied.
@@ -45,6 +50,10 @@ pub struct InFlight {
     keepalive: Mutex<Option<(DropGuard, tokio::task::JoinHandle<()>)>>,
     /// A copy of the message took over (see the module's comment): this one is deleted.
     handed_over: Arc<AtomicBool>,
+    /// A file of the message was requeued ([`FileOutcome::Requeue`]).
+    requeue: AtomicBool,
+    /// The message as received, for its copy.
+    message: RawMessage,
 }
 
 pub type MessageHandle = Arc<InFlight>;
@@ -55,10 +64,14 @@ const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 3600);
 impl InFlight {
     /// Records one file's outcome; the last one deletes or releases the message.
     pub fn resolve(&self, outcome: FileOutcome) {
-        if let FileOutcome::Retry(delay) = outcome {
-            let delay = delay.unwrap_or_else(|| self.tracker.backoff(self.receive_count));
-            let mut retry = self.retry.lock().expect("retry lock");
-            *retry = Some(retry.map_or(delay, |d| d.max(delay)));
+        match outcome {
+            FileOutcome::Retry(delay) => {
+                let delay = delay.unwrap_or_else(|| self.tracker.backoff(self.receive_count));
+                let mut retry = self.retry.lock().expect("retry lock");
+                *retry = Some(retry.map_or(delay, |d| d.max(delay)));
+            }
+            FileOutcome::Requeue => self.requeue.store(true, Ordering::Release),
+            FileOutcome::Committed | FileOutcome::Skipped => {}
         }
         let before = self.remaining.fetch_sub(1, Ordering::AcqRel);
         if before != 1 {
@@ -79,14 +92,18 @@ impl InFlight {
             // Its copy is in the queue and has a fate of its own.
             return;
         }
-        match *self.retry.lock().expect("retry lock") {
-            None => self.tracker.delete(self.receipt_handle.clone()),
+        let retry = *self.retry.lock().expect("retry lock");
+        match retry {
             Some(delay) => self.tracker.release_after(
                 keepalive,
                 self.message_id.clone(),
                 self.receipt_handle.clone(),
                 delay,
             ),
+            None if self.requeue.load(Ordering::Acquire) => {
+                self.tracker.requeue(keepalive, self.message.clone())
+            }
+            None => self.tracker.delete(self.receipt_handle.clone()),
         }
     }
 }
@@ -147,6 +164,8 @@ impl Tracker {
             tracker: self.clone(),
             keepalive: Mutex::new(Some((token.drop_guard(), task))),
             handed_over,
+            requeue: AtomicBool::new(false),
+            message: raw.clone(),
         })
     }
 
@@ -176,6 +195,22 @@ impl Tracker {
                 tracing::warn!(message_id, error = %e, "could not release message; it reappears when its visibility times out");
             } else {
                 tracing::debug!(message_id, delay_s = delay.as_secs(), "message released for redelivery");
+            }
+        });
+    }
+
+    /// Replaces a message by a fresh copy once `first` (its keep-alive) has ended.
+    fn requeue(&self, first: Option<tokio::task::JoinHandle<()>>, message: RawMessage) {
+        let queue = self.queue.clone();
+        self.releases.spawn(async move {
+            if let Some(task) = first {
+                let _ = task.await;
+            }
+            if !hand_over(queue.as_ref(), &message).await {
+                // No copy: release it instead, as before (one receive spent).
+                if let Err(e) = queue.set_visibility(&message.receipt_handle, Duration::ZERO).await {
+                    tracing::warn!(message_id = message.message_id, error = %e, "could not requeue a message; it reappears when its visibility times out");
+                }
             }
         });
     }
@@ -371,5 +406,20 @@ mod tests {
             (0, 1),
             "in the dead-letter queue after 3 receives"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_requeued_at_shutdown_comes_back_as_a_fresh_copy() {
+        let queue = Arc::new(MemoryQueue::new(2));
+        queue.push("file");
+        let (tracker, _acker) = Tracker::new(queue.clone(), &config());
+        // Five restarts in a row, each stopping before the file could be applied.
+        for _ in 0..5 {
+            let message = receive(&queue).await.pop().expect("the file comes back");
+            tracker.track(&message, 1).resolve(FileOutcome::Requeue);
+            tracker.flush_releases().await;
+        }
+        assert_eq!(queue.receive_counts(), [("file".to_string(), 0)]);
+        assert_eq!(queue.depths(), (1, 0), "never in the dead-letter queue");
     }
 }

@@ -176,10 +176,10 @@ impl Lane {
         let files = self.state.drain();
         let count = files.len();
         for f in files {
-            f.resolve(FileOutcome::Retry(Some(Duration::ZERO)));
+            f.resolve(FileOutcome::Requeue);
         }
         if count > 0 {
-            tracing::info!(table = %self.table, files = count, "lane stopped; waiting files released for redelivery");
+            tracing::info!(table = %self.table, files = count, "lane stopped; waiting files requeued as fresh messages for the next worker");
         }
         self.publish_info();
     }
