@@ -408,6 +408,8 @@ pub struct BatchApplied<'a> {
     pub batch_id: &'a str,
     /// Files committed (their keys are in the batch's span and its debug line).
     pub files: usize,
+    /// (column, its variant column) of the plan: values that do not cast go there.
+    pub variants: &'a [(String, String)],
     pub stats: &'a ApplyStats,
     pub elapsed: Duration,
 }
@@ -446,13 +448,23 @@ impl BatchApplied<'_> {
                 .increment(self.stats.deletes_ignored);
         }
         for (column, n) in &self.stats.cast_failures {
-            tracing::warn!(
-                table = self.table,
-                batch_id = self.batch_id,
-                column,
-                values = n,
-                "values did not cast to the column's type and were loaded as NULL"
-            );
+            match self.variants.iter().find(|(c, _)| c == column) {
+                Some((_, variant)) => tracing::warn!(
+                    table = self.table,
+                    batch_id = self.batch_id,
+                    column,
+                    variant_column = variant,
+                    values = n,
+                    "values did not fit the column's type: they were loaded into its variant column (NULL in the column)"
+                ),
+                None => tracing::warn!(
+                    table = self.table,
+                    batch_id = self.batch_id,
+                    column,
+                    values = n,
+                    "values did not cast to the column's type and were loaded as NULL"
+                ),
+            }
             metrics::counter!("cdc_worker_cast_failures_total", "table" => table.clone())
                 .increment(*n);
         }

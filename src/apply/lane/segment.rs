@@ -10,7 +10,7 @@ use crate::alerts::{AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
 use crate::apply::plan::{self, Decision, PlanInput};
-use crate::batch::{ApplyPlan, ApplyStats, Ddl, Fence, LoadColumn, LoadMode, StagedFile};
+use crate::batch::{ApplyPlan, ApplyStats, Ddl, Fence, LoadColumn, LoadExpr, LoadMode, StagedFile};
 use crate::dms::SourceTable;
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
@@ -384,10 +384,12 @@ impl Lane {
             }
         };
         let keys: Vec<String> = files.iter().map(|f| f.file.key.clone()).collect();
+        let variants = variant_columns(plan);
         BatchApplied {
             table: &self.table,
             batch_id: &plan.batch_id,
             files: keys.len(),
+            variants: &variants,
             stats: &stats,
             elapsed: started.elapsed(),
         }
@@ -441,9 +443,12 @@ impl Lane {
         if stats.ambiguous_keys == 0 {
             return;
         }
+        let keys = match stats.ambiguous_keys {
+            1 => "1 key".to_string(),
+            n => format!("{n} keys"),
+        };
         let reason = format!(
-            "{} keys changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change",
-            stats.ambiguous_keys
+            "{keys} changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change"
         );
         tracing::warn!(table = %self.table, ambiguous_keys = stats.ambiguous_keys, "{reason}");
         // A table without an ordering column stays that way: one alert per lane.
@@ -468,8 +473,12 @@ impl Lane {
     async fn report_null_keys(&mut self, rows: u64, first: &PendingFile) {
         metrics::counter!("cdc_worker_null_key_rows_total", "table" => self.table.clone())
             .increment(rows);
+        let rows_text = match rows {
+            1 => "1 row".to_string(),
+            n => format!("{n} rows"),
+        };
         let reason = format!(
-            "{rows} rows with a NULL in the key column(s) were skipped (a key identifies a row; a NULL key changes none)"
+            "{rows_text} with a NULL in the key column(s) were skipped (a key identifies a row; a NULL key changes none)"
         );
         tracing::warn!(table = %self.table, null_key_rows = rows, "{reason}");
         let steps = "Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the source key is right, the rows were not changes of any row.";
@@ -482,4 +491,20 @@ impl Lane {
         )
         .await;
     }
+}
+
+/// The plan's (target column, variant column) pairs: values of the column that do not cast
+/// to its type are loaded into the variant column.
+fn variant_columns(plan: &ApplyPlan) -> Vec<(String, String)> {
+    plan.load
+        .iter()
+        .filter_map(|variant| match &variant.expr {
+            LoadExpr::Variant { column, .. } => plan
+                .load
+                .iter()
+                .find(|l| matches!(&l.expr, LoadExpr::TryCast { column: c, .. } if c == column))
+                .map(|l| (l.target.clone(), variant.target.clone())),
+            _ => None,
+        })
+        .collect()
 }
