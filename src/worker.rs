@@ -203,6 +203,7 @@ impl Ingest {
                     size: object.size,
                     etag: object.etag.unwrap_or_default(),
                     order_key: dms.order().sort_key(),
+                    full_load: dms.is_load(),
                 },
                 dms,
                 messages: Vec::new(),

@@ -26,7 +26,7 @@ use crate::storage::{ObjectStore, StorageError, bare_etag};
 use crate::schema::dialect::Dialect;
 
 use super::merge::{self, RESERVED_PREFIX};
-use super::sql::{ident, qualified};
+use super::sql::{ident, literal, qualified};
 use super::{FENCE_TABLE, LEDGER_TABLE, Warehouse, WarehouseError};
 
 /// Column names DuckDB's `read_parquet` uses for its virtual columns: a source column of
@@ -191,6 +191,26 @@ fn check_stage_names(plan: &ApplyPlan) -> Result<(), WarehouseError> {
     Ok(())
 }
 
+/// Whether a full-load segment takes the fast path (a plain INSERT): decided here, in the
+/// transaction, so that no other writer can add a key between the check and the insert.
+fn no_fast_load_blockers(
+    conn: &Connection,
+    target: &str,
+    tombstones: &str,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+) -> Result<bool, WarehouseError> {
+    let blockers: i64 = conn
+        .query_row(
+            &merge::fast_load_blockers(target, Some(tombstones), plan, rows),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    tracing::debug!(table = %plan.table, fast = blockers == 0, "full-load segment");
+    Ok(blockers == 0)
+}
+
 fn apply_in_transaction(
     conn: &Connection,
     schema: &str,
@@ -236,7 +256,15 @@ fn apply_in_transaction(
                 conn.execute_batch(create).map_err(sql_err)?;
                 stats.statements += 1;
             }
-            let sql = merge::merge_statement(d, &target, plan, &rows, Some(&tombstones));
+            if merge::fast_load_candidate(plan) {
+                stats.fast_load = no_fast_load_blockers(conn, &target, &tombstones, plan, &rows)?;
+                stats.statements += 1;
+            }
+            let sql = if stats.fast_load {
+                merge::insert_new_rows_statement(d, &target, plan, &rows)
+            } else {
+                merge::merge_statement(d, &target, plan, &rows, Some(&tombstones))
+            };
             stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
             if let Some((_, record)) = &tombstone_sql {
                 conn.execute(record, []).map_err(sql_err)?;
@@ -267,26 +295,39 @@ fn apply_in_transaction(
             .map(|(c, n)| (c, n as u64))
             .collect();
     }
-    let ledger = DuckdbWarehouse::ledger(schema);
-    let mut insert = conn
-        .prepare(&format!(
-            "INSERT INTO {ledger} (table_name, s3_key, etag, size_bytes, batch_id, order_key) VALUES (?, ?, ?, ?, ?, ?)"
-        ))
+    conn.execute_batch(&ledger_insert(schema, plan))
         .map_err(sql_err)?;
-    for f in &plan.files {
-        insert
-            .execute(duckdb::params![
-                plan.table,
-                f.key,
-                f.etag,
-                f.size as i64,
-                plan.batch_id,
-                f.order_key
-            ])
-            .map_err(sql_err)?;
-    }
     stats.statements += 1;
     Ok(stats)
+}
+
+/// The ledger rows of a segment, one statement whatever the file count (a statement per
+/// file cost more than the MERGE of a small file). `applied_at` is the time of this insert,
+/// the transaction's last statement, rather than DuckDB's `current_timestamp` (the
+/// transaction's start): it says when the files' changes became visible, within the commit.
+fn ledger_insert(schema: &str, plan: &ApplyPlan) -> String {
+    let applied_at =
+        literal(&chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    let rows: Vec<String> = plan
+        .files
+        .iter()
+        .map(|f| {
+            format!(
+                "({}, {}, {}, {}, {}, {}, CAST({applied_at} AS TIMESTAMPTZ))",
+                literal(&plan.table),
+                literal(&f.key),
+                literal(&f.etag),
+                f.size,
+                literal(&plan.batch_id),
+                literal(&f.order_key)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO {} (table_name, s3_key, etag, size_bytes, batch_id, order_key, applied_at) VALUES {}",
+        DuckdbWarehouse::ledger(schema),
+        rows.join(", ")
+    )
 }
 
 #[async_trait]
@@ -702,5 +743,239 @@ mod tests {
             wh.last_applied("orders").await.unwrap(),
             Some(("1|a.parquet".to_string(), key))
         );
+    }
+
+    use crate::batch::{KeyColumn, LoadColumn, LoadExpr};
+    use crate::schema::types::{Column, ColumnType};
+
+    /// Writes a Parquet file of `(id, v)` rows, with DMS's `Op` column first when given.
+    fn parquet(dir: &Path, name: &str, rows: &[(Option<&str>, Option<i64>, &str)]) -> PathBuf {
+        let path = dir.join(name);
+        let with_op = rows.iter().any(|(op, ..)| op.is_some());
+        let values: Vec<String> = rows
+            .iter()
+            .map(|(op, id, v)| {
+                let id = id.map_or("NULL".to_string(), |i| i.to_string());
+                let op = op.map(|o| format!("{}, ", literal(o))).unwrap_or_default();
+                format!("({op}{id}, {})", literal(v))
+            })
+            .collect();
+        let cols = if with_op { "\"Op\", id, v" } else { "id, v" };
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&format!(
+            "COPY (SELECT * FROM (VALUES {}) AS t({cols})) TO {} (FORMAT PARQUET)",
+            values.join(", "),
+            literal(&path.to_string_lossy())
+        ))
+        .unwrap();
+        path
+    }
+
+    fn columns() -> Vec<Column> {
+        vec![
+            Column::new("id", ColumnType::Int64),
+            Column::new("v", ColumnType::String),
+        ]
+    }
+
+    /// One segment of `files` (name, full load?) as the lane would stage and plan it.
+    fn segment(
+        dir: &Path,
+        batch: &str,
+        files: &[(&str, bool)],
+        create: bool,
+    ) -> (ApplyPlan, Vec<StagedFile>) {
+        let staged: Vec<StagedFile> = files
+            .iter()
+            .map(|(name, full_load)| {
+                let path = dir.join(name);
+                let schema = parquet::read_local(&path, "Op").unwrap();
+                StagedFile {
+                    file: BatchFile {
+                        bucket: "b".into(),
+                        key: format!("dms/public/t/{name}"),
+                        size: 1,
+                        etag: "e".into(),
+                        order_key: name.to_string(),
+                        full_load: *full_load,
+                    },
+                    schema,
+                    local_path: Some(path),
+                }
+            })
+            .collect();
+        let plan = ApplyPlan {
+            batch_id: batch.into(),
+            table: "t".into(),
+            ddl: if create {
+                vec![Ddl::CreateTable {
+                    columns: columns(),
+                    primary_key: vec![],
+                }]
+            } else {
+                vec![]
+            },
+            load: ["id", "v"]
+                .iter()
+                .map(|c| LoadColumn {
+                    target: c.to_string(),
+                    expr: LoadExpr::Column(c.to_string()),
+                })
+                .collect(),
+            mode: LoadMode::Merge {
+                key: vec![KeyColumn {
+                    target: "id".into(),
+                    source: "id".into(),
+                }],
+            },
+            op_column: staged.iter().any(|s| s.schema.has_op).then(|| "Op".into()),
+            ordering_column: None,
+            staged_columns: columns(),
+            files: staged.iter().map(|s| s.file.clone()).collect(),
+            fence: None,
+        };
+        (plan, staged)
+    }
+
+    fn rows(wh: &Duckdb) -> Vec<(Option<i64>, String)> {
+        let conn = wh.0.checkout().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id, v FROM t ORDER BY id NULLS FIRST, v")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn open(dir: &Path, name: &str) -> Duckdb {
+        let config = DuckdbConfig {
+            path: dir.join(name),
+            ..DuckdbConfig::default()
+        };
+        Duckdb::open(&config, "Op", offline_store()).unwrap()
+    }
+
+    /// Applies the segments twice, once as DMS names them (full-load files marked) and once
+    /// with every file treated as a change file (the merge path); returns both databases'
+    /// rows and which segments took the fast path.
+    async fn both_paths(
+        dir: &Path,
+        segments: &[&[(&str, bool)]],
+    ) -> (
+        Vec<(Option<i64>, String)>,
+        Vec<(Option<i64>, String)>,
+        Vec<bool>,
+    ) {
+        let (fast, merged) = (open(dir, "fast.duckdb"), open(dir, "merge.duckdb"));
+        fast.prepare().await.unwrap();
+        merged.prepare().await.unwrap();
+        let mut took_fast_path = Vec::new();
+        for (n, files) in segments.iter().enumerate() {
+            let batch = format!("b{n}");
+            let (plan, staged) = segment(dir, &batch, files, n == 0);
+            took_fast_path.push(fast.apply(&plan, &staged).await.unwrap().fast_load);
+            let as_changes: Vec<(&str, bool)> = files.iter().map(|(f, _)| (*f, false)).collect();
+            let (plan, staged) = segment(dir, &batch, &as_changes, n == 0);
+            let stats = merged.apply(&plan, &staged).await.unwrap();
+            assert!(!stats.fast_load, "change files always merge");
+        }
+        (rows(&fast), rows(&merged), took_fast_path)
+    }
+
+    #[tokio::test]
+    async fn the_full_load_fast_path_gives_the_merge_paths_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[(None, Some(1), "a"), (None, Some(2), "b")],
+        );
+        parquet(d, "LOAD00000002.parquet", &[(None, Some(3), "c")]);
+        // A later batch of the same full load: new keys, the target no longer empty.
+        parquet(
+            d,
+            "LOAD00000003.parquet",
+            &[(None, Some(4), "d"), (None, Some(5), "e")],
+        );
+        let cdc = [
+            (Some("U"), Some(1), "a2"),
+            (Some("D"), Some(2), ""),
+            (Some("I"), Some(6), "f"),
+        ];
+        parquet(d, "20261124-101500000.parquet", &cdc);
+        let (fast, merged, took) = both_paths(
+            d,
+            &[
+                &[
+                    ("LOAD00000001.parquet", true),
+                    ("LOAD00000002.parquet", true),
+                ],
+                &[("LOAD00000003.parquet", true)],
+                &[("20261124-101500000.parquet", false)],
+            ],
+        )
+        .await;
+        assert_eq!(fast, merged);
+        assert_eq!(
+            fast,
+            [(1, "a2"), (3, "c"), (4, "d"), (5, "e"), (6, "f")]
+                .map(|(i, v)| (Some(i), v.to_string()))
+        );
+        assert_eq!(took, [true, true, false]);
+    }
+
+    #[tokio::test]
+    async fn a_full_load_with_a_repeated_null_or_present_key_falls_back_to_the_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Key 2 twice in one file (the later row wins), key 3 in two files of a segment.
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[
+                (None, Some(1), "a"),
+                (None, Some(2), "old"),
+                (None, Some(2), "new"),
+            ],
+        );
+        parquet(d, "LOAD00000002.parquet", &[(None, Some(3), "c")]);
+        parquet(
+            d,
+            "LOAD00000003.parquet",
+            &[(None, Some(3), "c2"), (None, Some(4), "d")],
+        );
+        // A NULL key; then a key the target already holds.
+        parquet(
+            d,
+            "LOAD00000004.parquet",
+            &[(None, None, "n"), (None, Some(5), "e")],
+        );
+        parquet(
+            d,
+            "LOAD00000005.parquet",
+            &[(None, Some(1), "a2"), (None, Some(6), "f")],
+        );
+        parquet(d, "LOAD00000006.parquet", &[(None, Some(7), "g")]);
+        let (fast, merged, took) = both_paths(
+            d,
+            &[
+                &[("LOAD00000001.parquet", true)],
+                &[
+                    ("LOAD00000002.parquet", true),
+                    ("LOAD00000003.parquet", true),
+                ],
+                &[("LOAD00000004.parquet", true)],
+                &[("LOAD00000005.parquet", true)],
+                &[("LOAD00000006.parquet", true)],
+            ],
+        )
+        .await;
+        assert_eq!(fast, merged);
+        assert!(fast.contains(&(Some(2), "new".to_string())), "{fast:?}");
+        assert!(fast.contains(&(Some(3), "c2".to_string())), "{fast:?}");
+        assert!(fast.contains(&(Some(1), "a2".to_string())), "{fast:?}");
+        assert_eq!(took, [false, false, false, false, true]);
     }
 }

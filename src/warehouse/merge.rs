@@ -283,6 +283,92 @@ pub fn append_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &Stage
     sql
 }
 
+/// Whether a segment may take the full-load fast path at all: a keyed plan whose files are
+/// all DMS full-load files. Whether it does is decided in the transaction, by
+/// [`fast_load_blockers`].
+pub fn fast_load_candidate(plan: &ApplyPlan) -> bool {
+    matches!(plan.mode, LoadMode::Merge { .. })
+        && !plan.files.is_empty()
+        && plan.files.iter().all(|f| f.full_load)
+}
+
+/// One row, one count: what forbids inserting the segment's rows as they are. A plain
+/// INSERT gives the merge path's rows exactly when every staged row is the only change of
+/// its key: no key repeats or is NULL in the segment, and none is in the target (or its
+/// tombstones, `tombstones` already quoted) yet. Then no dedupe and no MERGE are needed.
+/// A DMS full load holds each key once, so this is true of a first load (an empty
+/// target) and of its later batches alike; when it is not, the merge path runs.
+pub fn fast_load_blockers(
+    target: &str,
+    tombstones: Option<&str>,
+    plan: &ApplyPlan,
+    rows: &StagedRows,
+) -> String {
+    let LoadMode::Merge { key } = &plan.mode else {
+        panic!("fast_load_blockers on an append plan");
+    };
+    let source_key = ident_list(key.iter().map(|k| k.source.as_str()));
+    let null_key = key
+        .iter()
+        .map(|k| format!("{} IS NULL", ident(&k.source)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let repeated = format!(
+        "SELECT 1 FROM {} GROUP BY {source_key} HAVING count(*) > 1 OR {null_key} LIMIT 1",
+        rows.relation
+    );
+    let present = |table: &str| {
+        format!(
+            "SELECT 1 FROM {} AS s JOIN {table} AS t ON {} LIMIT 1",
+            rows.relation,
+            key.iter()
+                .map(|k| format!("t.{} = s.{}", ident(&k.target), ident(&k.source)))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        )
+    };
+    let mut parts = vec![repeated, present(target)];
+    if let Some(tomb) = tombstones.filter(|_| uses_tombstones(plan)) {
+        parts.push(present(tomb));
+    }
+    format!(
+        "SELECT {}",
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, q)| format!("(SELECT count(*) FROM ({q}) AS b{i})"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    )
+}
+
+/// The fast path's statement: `INSERT INTO target SELECT ...` of every non-delete row,
+/// in no particular order (each key has one row). Only after [`fast_load_blockers`] found
+/// nothing.
+pub fn insert_new_rows_statement(
+    d: Dialect,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &StagedRows,
+) -> String {
+    let cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
+    let vals: Vec<String> = plan
+        .load
+        .iter()
+        .map(|l| load_expr(d, &l.expr, "s"))
+        .collect();
+    let mut sql = format!(
+        "INSERT INTO {target} ({}) SELECT {} FROM {} AS s",
+        cols.join(", "),
+        vals.join(", "),
+        rows.relation
+    );
+    if let Some(cond) = not_delete(plan, "s") {
+        sql.push_str(&format!(" WHERE {cond}"));
+    }
+    sql
+}
+
 /// For a table without a key: how many delete rows cannot be applied.
 pub fn ignored_deletes_query(plan: &ApplyPlan, rows: &StagedRows) -> Option<String> {
     let op = plan.op_column.as_ref()?;

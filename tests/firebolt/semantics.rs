@@ -29,6 +29,7 @@ fn file(key: &str, order: &str) -> BatchFile {
         size: 10,
         etag: format!("e{order}"),
         order_key: order.into(),
+        full_load: false,
     }
 }
 

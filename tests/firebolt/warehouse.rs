@@ -30,6 +30,7 @@ fn batch_file(key: &str, order: &str) -> BatchFile {
         size: 100,
         etag: format!("etag-{order}"),
         order_key: order.into(),
+        full_load: false,
     }
 }
 
@@ -919,6 +920,7 @@ async fn stage_reads_only_footers_with_range_requests() {
         size: size as u64,
         etag: "e".into(),
         order_key: key.into(),
+        full_load: false,
     };
     let staged = wh
         .stage(
