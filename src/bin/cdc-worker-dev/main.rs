@@ -52,7 +52,7 @@ enum Command {
     /// applied, and print the target tables and the alerts.
     Demo(ConfigArg),
     /// Measure throughput and latency on LocalStack (release build recommended).
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// The benchmark's floor, run by `bench` as a process of its own.
     #[command(hide = true)]
     BenchFloor {
@@ -94,7 +94,7 @@ async fn main() -> ExitCode {
                 .map(|_| ())
         }
         Command::Demo(_) => demo::demo(config.expect("loaded")).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => bench::run(*args).await,
         Command::BenchFloor { manifest, db } => bench::floor_child(&manifest, &db),
     };
     match result {

@@ -241,7 +241,6 @@ async fn cdc_backlog(args: &BenchArgs, tools: &Tools, work: &Path) -> anyhow::Re
     let verifier = Verifier::new(&w)?;
     let mut figures = Figures {
         changes: w.changes(),
-        files: w.files.len(),
         ..Figures::default()
     };
     if args.wants("batched") {
@@ -300,7 +299,6 @@ async fn full_load(args: &BenchArgs, tools: &Tools, work: &Path) -> anyhow::Resu
     let verifier = Verifier::new(&w)?;
     let mut figures = Figures {
         changes: w.changes(),
-        files: w.files.len(),
         ..Figures::default()
     };
     let m = worker_run::run(

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -63,10 +63,6 @@ impl PeerRun {
             peak_rss_kib: runs.iter().map(|r| r.peak_rss_kib).min().unwrap_or(0),
             error: None,
         }
-    }
-
-    pub fn wall(&self) -> Duration {
-        Duration::from_secs_f64(self.wall_s)
     }
 }
 

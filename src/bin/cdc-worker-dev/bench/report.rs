@@ -14,7 +14,6 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct Figures {
     pub changes: u64,
-    pub files: usize,
     /// The worker's run (batched) and whether its tables equal the source.
     pub worker: Option<(Measured, String)>,
     pub per_file: Option<Measured>,
@@ -53,6 +52,12 @@ pub fn worker(label: &str, m: &Measured, verdict: &str) {
         mib(m.peak_rss_kib),
         m.statements as f64 / m.files.max(1) as f64,
     );
+    if m.rows_applied != m.changes {
+        println!(
+            "{:<10} note: the worker's /metrics count {} rows applied, the files hold {}",
+            "", m.rows_applied, m.changes
+        );
+    }
     if let Some(cpu) = m.localstack_cpu {
         println!(
             "{:<10} LocalStack CPU {:.2} ms/file ({:.0}% of one core over the run)",
@@ -94,10 +99,11 @@ fn cdc_targets(f: &Figures) {
     if let Some(dlt) = f.dlt.as_ref().filter(|d| d.run.error.is_none()) {
         let ratio = dlt.run.wall_s / w.elapsed.as_secs_f64().max(1e-9);
         println!(
-            "CDC        dlt wall / worker wall = {:.2} / {:.2} s = {ratio:.2}x (target >= 1.5x): {}",
+            "CDC        dlt wall / worker wall = {:.2} / {:.2} s = {ratio:.2}x (target >= 1.5x): {}; dlt equals source: {}",
             dlt.run.wall_s,
             w.elapsed.as_secs_f64(),
-            verdict(ratio >= 1.5)
+            verdict(ratio >= 1.5),
+            dlt.verdict
         );
     }
     println!(
