@@ -215,11 +215,10 @@ fn apply_in_transaction(
     conn: &Connection,
     schema: &str,
     plan: &ApplyPlan,
-    paths: &[String],
+    rows: &merge::StagedRows,
 ) -> Result<ApplyStats, WarehouseError> {
     let d = Dialect::Duckdb;
     let target = qualified(schema, &plan.table);
-    let rows = merge::duckdb_read_parquet(paths);
     let mut stats = ApplyStats::default();
 
     if let Some(fence) = &plan.fence {
@@ -251,19 +250,19 @@ fn apply_in_transaction(
     match &plan.mode {
         LoadMode::Merge { .. } => {
             let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
-            let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
+            let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, rows);
             if let Some((create, _)) = &tombstone_sql {
                 conn.execute_batch(create).map_err(sql_err)?;
                 stats.statements += 1;
             }
             if merge::fast_load_candidate(plan) {
-                stats.fast_load = no_fast_load_blockers(conn, &target, &tombstones, plan, &rows)?;
+                stats.fast_load = no_fast_load_blockers(conn, &target, &tombstones, plan, rows)?;
                 stats.statements += 1;
             }
             let sql = if stats.fast_load {
-                merge::insert_new_rows_statement(d, &target, plan, &rows)
+                merge::insert_new_rows_statement(d, &target, plan, rows)
             } else {
-                merge::merge_statement(d, &target, plan, &rows, Some(&tombstones))
+                merge::merge_statement(d, &target, plan, rows, Some(&tombstones))
             };
             stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
             if let Some((_, record)) = &tombstone_sql {
@@ -272,9 +271,9 @@ fn apply_in_transaction(
             }
         }
         LoadMode::Append => {
-            let sql = merge::append_statement(d, &target, plan, &rows);
+            let sql = merge::append_statement(d, &target, plan, rows);
             stats.rows_appended = conn.execute(&sql, []).map_err(sql_err)? as u64;
-            if let Some(q) = merge::ignored_deletes_query(plan, &rows) {
+            if let Some(q) = merge::ignored_deletes_query(plan, rows) {
                 stats.deletes_ignored = conn
                     .query_row(&q, [], |r| r.get::<_, i64>(0))
                     .map_err(sql_err)? as u64;
@@ -283,7 +282,7 @@ fn apply_in_transaction(
         }
     }
     stats.statements += 1;
-    if let Some((names, q)) = merge::cast_failures_query(d, plan, &rows) {
+    if let Some((names, q)) = merge::cast_failures_query(d, plan, rows) {
         let counts: Vec<i64> = conn
             .query_row(&q, [], |r| (0..names.len()).map(|i| r.get(i)).collect())
             .map_err(sql_err)?;
@@ -582,12 +581,18 @@ impl Warehouse for Duckdb {
             })
             .collect::<Result<_, _>>()?;
         let rows_staged: u64 = files.iter().map(|f| f.schema.rows).sum();
+        // A segment's files share their columns (the lane splits where they change), all
+        // but the operation column, which some full-load files lack.
+        let union_by_name = files
+            .iter()
+            .any(|f| f.schema.has_op != files[0].schema.has_op);
+        let rows = merge::duckdb_read_parquet_files(&paths, union_by_name);
         let plan = plan.clone();
         let mut stats = self
             .0
             .with_conn(move |conn, schema| {
                 conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
-                match apply_in_transaction(conn, schema, &plan, &paths) {
+                match apply_in_transaction(conn, schema, &plan, &rows) {
                     Ok(stats) => {
                         conn.execute_batch("COMMIT").map_err(sql_err)?;
                         Ok(stats)
@@ -661,36 +666,65 @@ impl Warehouse for Duckdb {
     }
 }
 
+/// Objects up to this size are read into memory and written out with their footer read
+/// in one blocking task; larger ones stream to disk (memory stays bounded by this times
+/// the downloads in flight).
+const IN_MEMORY_DOWNLOAD: u64 = 1 << 20;
+
 async fn download_one(
     store: &ObjectStore,
     mut file: BatchFile,
     path: PathBuf,
     op_column: &str,
 ) -> Result<StagedFile, StageError> {
-    match store.download(&file.bucket, &file.key, &path).await {
-        Ok((_, etag)) => {
-            // The object's own ETag is what the ledger records.
-            if !etag.is_empty() {
-                file.etag = bare_etag(&etag).to_string();
-            }
-        }
-        Err(StorageError::NotFound { .. }) => return Err(StageError::Missing),
-        Err(e) => return Err(StageError::Transient(e.to_string())),
-    }
-    let read_path = path.clone();
     let op = op_column.to_string();
-    let schema = tokio::task::spawn_blocking(move || parquet::read_local(&read_path, &op))
+    let schema = if file.size > 0 && file.size <= IN_MEMORY_DOWNLOAD {
+        // One GET; the body is written and its footer decoded in one blocking task.
+        let object = match store.get(&file.bucket, &file.key).await {
+            Ok(Some(object)) => object,
+            Ok(None) => return Err(StageError::Missing),
+            Err(e) => return Err(StageError::Transient(e.to_string())),
+        };
+        if !object.etag.is_empty() {
+            file.etag = bare_etag(&object.etag).to_string();
+        }
+        let write_path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&write_path, &object.body).map_err(|e| {
+                StageError::Transient(format!("writing {}: {e}", write_path.display()))
+            })?;
+            match parquet::decode_tail(&object.body, object.body.len() as u64, &op) {
+                Ok(parquet::Tail::Decoded(schema)) => Ok(schema),
+                Ok(parquet::Tail::NeedBytes(n)) => {
+                    Err(StageError::Poison(parquet::ParquetError::Corrupt(format!(
+                        "footer claims {n} bytes in an object of {}",
+                        object.body.len()
+                    ))))
+                }
+                Err(e) => Err(StageError::Poison(e)),
+            }
+        })
         .await
-        .map_err(|e| StageError::Transient(format!("footer task failed: {e}")));
-    match schema {
-        Ok(Ok(schema)) => Ok(StagedFile {
-            file,
-            schema,
-            local_path: Some(path),
-        }),
-        Ok(Err(e)) => Err(StageError::Poison(e)),
-        Err(e) => Err(e),
-    }
+        .map_err(|e| StageError::Transient(format!("footer task failed: {e}")))?
+    } else {
+        match store.download(&file.bucket, &file.key, &path).await {
+            // The object's own ETag is what the ledger records.
+            Ok((_, etag)) if !etag.is_empty() => file.etag = bare_etag(&etag).to_string(),
+            Ok(_) => {}
+            Err(StorageError::NotFound { .. }) => return Err(StageError::Missing),
+            Err(e) => return Err(StageError::Transient(e.to_string())),
+        }
+        let read_path = path.clone();
+        tokio::task::spawn_blocking(move || parquet::read_local(&read_path, &op))
+            .await
+            .map_err(|e| StageError::Transient(format!("footer task failed: {e}")))?
+            .map_err(StageError::Poison)
+    }?;
+    Ok(StagedFile {
+        file,
+        schema,
+        local_path: Some(path),
+    })
 }
 
 /// For tests and tools: a direct query on the database file.

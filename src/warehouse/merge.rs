@@ -418,13 +418,26 @@ pub fn cast_failures_query(
 /// Reading one segment's files with `read_parquet` (DuckDB): union by name, with the file
 /// position in the batch and the row position in the file.
 pub fn duckdb_read_parquet(paths: &[String]) -> StagedRows {
+    duckdb_read_parquet_files(paths, true)
+}
+
+/// [`duckdb_read_parquet`], by name only where files differ in their columns. DuckDB
+/// matches columns by name either way (and refuses a file that lacks one), but
+/// `union_by_name` opens every file to bind the query, before opening each again to scan
+/// it: a cost per file that files of one shape do not need.
+pub fn duckdb_read_parquet_files(paths: &[String], union_by_name: bool) -> StagedRows {
     let list = paths
         .iter()
         .map(|p| literal(p))
         .collect::<Vec<_>>()
         .join(", ");
+    let options = if union_by_name {
+        ", union_by_name = true"
+    } else {
+        ""
+    };
     StagedRows {
-        relation: format!("read_parquet([{list}], union_by_name = true)"),
+        relation: format!("read_parquet([{list}]{options})"),
         file_ordinal: "file_index".into(),
         row_ordinal: Some("file_row_number".into()),
     }
