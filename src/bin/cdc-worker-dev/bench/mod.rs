@@ -327,8 +327,8 @@ async fn big_load(
     let started = Instant::now();
     let dir = work.join("big-load");
     std::fs::create_dir_all(&dir)?;
-    // The load formula writes about 44 bytes a row.
-    let rows = args.big_load_mib * (1 << 20) / 44;
+    let rows =
+        (args.big_load_mib as f64 * (1 << 20) as f64 / workload::load_bytes_per_row(&dir)?) as u64;
     let spec = ChangeSpec {
         files: 0,
         ..args.change_spec(1, 0)?
@@ -397,6 +397,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         load.as_ref(),
         big.as_ref(),
         &args.big_load_memory_limit,
+    );
+    // The worker's tables must equal the source, whatever the figures: a failed check
+    // fails the benchmark (and the CI smoke run).
+    let verdicts = [cdc, load]
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.worker.map(|(_, v)| v))
+        .chain(big.map(|(_, v)| v));
+    let wrong: Vec<String> = verdicts.filter(|v| v != "yes").collect();
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "the worker's tables differ from the source: {}",
+        wrong.join("; ")
     );
     Ok(())
 }

@@ -171,9 +171,11 @@ pub fn targets(
     }
     if let Some((m, _)) = big {
         println!(
-            "big load   peak RSS with memory_limit {memory_limit} = {:.0} MiB for a {:.0} MiB LOAD file",
+            "big load   peak RSS with memory_limit {memory_limit} = {:.0} MiB for a {:.0} MiB LOAD file of {} rows, loaded in {:.1} s",
             mib(m.peak_rss_kib),
-            m.changes as f64 * 44.0 / (1 << 20) as f64
+            m.bytes as f64 / (1 << 20) as f64,
+            m.changes,
+            m.elapsed.as_secs_f64()
         );
     }
 }

@@ -20,7 +20,7 @@ pub struct Verifier {
 /// The canonical form of a relation with the source's columns.
 fn canonical(relation: &str) -> String {
     format!(
-        "SELECT CAST(id AS BIGINT) AS id, CAST(name AS VARCHAR) AS name,
+        "SELECT CAST(id AS BIGINT) AS id, CAST(name AS VARCHAR) AS name, CAST(note AS VARCHAR) AS note,
                 CAST(round(amount * 100) AS BIGINT) AS cents, CAST(qty AS BIGINT) AS qty,
                 epoch_us(updated_at) AS us
          FROM {relation}"
@@ -34,7 +34,7 @@ impl Verifier {
         for (table, state) in &workload.tables {
             conn.execute_batch(
                 "CREATE OR REPLACE TABLE touched (id BIGINT, present BOOLEAN, name VARCHAR,
-                                                  cents BIGINT, qty BIGINT, us BIGINT)",
+                                                  note VARCHAR, cents BIGINT, qty BIGINT, us BIGINT)",
             )?;
             {
                 let mut app = conn.appender("touched")?;
@@ -44,6 +44,7 @@ impl Verifier {
                             id,
                             true,
                             r.name,
+                            r.note,
                             r.amount_cents,
                             r.qty,
                             r.updated_us
@@ -51,6 +52,7 @@ impl Verifier {
                         None => app.append_row(duckdb::params![
                             id,
                             false,
+                            None::<String>,
                             None::<String>,
                             None::<i64>,
                             None::<i64>,
@@ -62,7 +64,7 @@ impl Verifier {
             conn.execute_batch(&format!(
                 "CREATE TABLE {t} AS
                      SELECT * FROM ({load}) AS l WHERE NOT EXISTS (SELECT 1 FROM touched WHERE touched.id = l.id)
-                     UNION ALL SELECT id, name, cents, qty, us FROM touched WHERE present",
+                     UNION ALL SELECT id, name, note, cents, qty, us FROM touched WHERE present",
                 t = ident(&format!("expected_{table}")),
                 load = canonical(&format!("({})", load_rows_sql(state.load_rows))),
             ))?;

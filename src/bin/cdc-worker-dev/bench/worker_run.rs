@@ -40,6 +40,8 @@ pub struct Phase<'a> {
 pub struct Measured {
     pub files: usize,
     pub changes: u64,
+    /// Bytes of Parquet uploaded.
+    pub bytes: u64,
     /// From the worker's /metrics.
     pub rows_applied: u64,
     pub statements: u64,
@@ -381,6 +383,7 @@ pub async fn run(
     let mut m = Measured {
         files: files.len(),
         changes: files.iter().map(|f| f.rows).sum(),
+        bytes: files.iter().map(|f| f.bytes).sum(),
         rows_applied: metric_sum(&scrape, "cdc_worker_rows_applied_total"),
         statements: metric_sum(&scrape, "cdc_worker_warehouse_statements_total"),
         peak_rss_kib: sys::peak_rss_kib(child.pid),

@@ -28,6 +28,8 @@ pub struct GenFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
     pub name: String,
+    /// 32 hex digits: what keeps rows from compressing to nothing, as real rows do not.
+    pub note: String,
     pub amount_cents: i64,
     pub qty: i64,
     pub updated_us: i64,
@@ -82,13 +84,30 @@ fn optional(expr: &str) -> String {
 /// The full-load formula: `n` rows keyed `0..n`, the types DMS writes for the source.
 pub fn load_rows_sql(n: u64) -> String {
     format!(
-        "SELECT {} AS id, {} AS name, {} AS amount, {} AS qty, {} AS updated_at FROM range({n})",
+        "SELECT {} AS id, {} AS name, {} AS note, {} AS amount, {} AS qty, {} AS updated_at FROM range({n})",
         optional("CAST(range AS BIGINT)"),
         optional("'customer-' || (range % 977)"),
+        optional("md5(CAST(range AS VARCHAR))"),
         optional("CAST(((range * 7919) % 10000000) / 100 AS DECIMAL(12,2))"),
         optional("CAST(range % 50 AS INTEGER)"),
         optional(&format!("make_timestamp({EPOCH_US} + range)")),
     )
+}
+
+/// Bytes a row of the load formula takes in Parquet, measured on a sample, to size a
+/// LOAD file.
+pub fn load_bytes_per_row(dir: &Path) -> anyhow::Result<f64> {
+    const SAMPLE: u64 = 500_000;
+    let path = dir.join("sample.parquet");
+    let conn = Connection::open_in_memory()?;
+    conn.execute_batch(&format!(
+        "COPY ({}) TO {} (FORMAT PARQUET)",
+        load_rows_sql(SAMPLE),
+        literal(&path.to_string_lossy())
+    ))?;
+    let bytes = std::fs::metadata(&path)?.len();
+    std::fs::remove_file(&path)?;
+    Ok(bytes as f64 / SAMPLE as f64)
 }
 
 /// The source of one table, as far as generating changes needs it.
@@ -158,7 +177,7 @@ pub fn changes(
     let conn = Connection::open_in_memory()?;
     conn.execute_batch(
         "CREATE TABLE staged (file_no INTEGER, op VARCHAR, id BIGINT, name VARCHAR,
-                              cents BIGINT, qty BIGINT, updated_us BIGINT)",
+                              note VARCHAR, cents BIGINT, qty BIGINT, updated_us BIGINT)",
     )?;
     let mut models: Vec<Model> = (0..spec.tables).map(|_| Model::new(load_rows)).collect();
     let per_table = spec.files.div_ceil(spec.tables).max(1);
@@ -176,6 +195,7 @@ pub fn changes(
                 };
                 let row = Row {
                     name: format!("customer-{}", rng.u32(..977)),
+                    note: format!("{:016x}{:016x}", rng.u64(..), rng.u64(..)),
                     amount_cents: rng.i64(0..10_000_000),
                     qty: big + rng.i64(0..50),
                     updated_us: EPOCH_US + 3_600_000_000 + (seq as i64) * 1_000_000 + n as i64,
@@ -186,6 +206,7 @@ pub fn changes(
                     op.to_string(),
                     id,
                     row.name,
+                    row.note,
                     row.amount_cents,
                     row.qty,
                     row.updated_us
@@ -203,7 +224,7 @@ pub fn changes(
     for (i, f) in files.iter_mut().enumerate() {
         let wide = spec.widen && i / spec.tables >= per_table / 2;
         conn.execute_batch(&format!(
-            "COPY (SELECT {op} AS \"Op\", {id} AS id, {name} AS name,
+            "COPY (SELECT {op} AS \"Op\", {id} AS id, {name} AS name, {note} AS note,
                           {amount} AS amount, {qty} AS qty, {at} AS updated_at
                    FROM staged WHERE file_no = {i} ORDER BY rowid)
              TO {} (FORMAT PARQUET)",
@@ -211,6 +232,7 @@ pub fn changes(
             op = optional("op"),
             id = optional("id"),
             name = optional("name"),
+            note = optional("note"),
             amount = optional("CAST(cents / 100 AS DECIMAL(12,2))"),
             qty = optional(&format!(
                 "CAST(qty AS {})",
