@@ -211,6 +211,72 @@ fn no_fast_load_blockers(
     Ok(blockers == 0)
 }
 
+/// A keyed segment: the full-load fast path, else DuckDB's delete-and-insert where it
+/// gives the MERGE's rows, else the MERGE; tombstones around them.
+fn merge_segment(
+    conn: &Connection,
+    schema: &str,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+    stats: &mut ApplyStats,
+) -> Result<(), WarehouseError> {
+    let d = Dialect::Duckdb;
+    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
+    let tombstone_sql = merge::tombstone_statements(target, &tombstones, plan, rows);
+    if let Some((create, _)) = &tombstone_sql {
+        conn.execute_batch(create).map_err(sql_err)?;
+        stats.statements += 1;
+    }
+    if merge::fast_load_candidate(plan) {
+        stats.fast_load = no_fast_load_blockers(conn, target, &tombstones, plan, rows)?;
+        stats.statements += 1;
+    }
+    let replace = match merge::delete_insert_statements(d, target, plan, rows) {
+        Some(statements) if !stats.fast_load && loads_every_column(conn, schema, plan)? => {
+            stats.statements += 1;
+            Some(statements)
+        }
+        _ => None,
+    };
+    if stats.fast_load {
+        let sql = merge::insert_new_rows_statement(d, target, plan, rows);
+        stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
+    } else if let Some([dedupe, delete, insert, drop]) = replace {
+        stats.rows_merged = conn.execute(&dedupe, []).map_err(sql_err)? as u64;
+        conn.execute(&delete, []).map_err(sql_err)?;
+        conn.execute(&insert, []).map_err(sql_err)?;
+        conn.execute_batch(&drop).map_err(sql_err)?;
+        stats.statements += 3;
+    } else {
+        let sql = merge::merge_statement(d, target, plan, rows, Some(&tombstones));
+        stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
+    }
+    if let Some((_, record)) = &tombstone_sql {
+        conn.execute(record, []).map_err(sql_err)?;
+        stats.statements += 1;
+    }
+    Ok(())
+}
+
+/// Whether the plan fills every column of the target (a column it does not load keeps
+/// its values under a MERGE's UPDATE, and would lose them to a delete-and-insert).
+fn loads_every_column(
+    conn: &Connection,
+    schema: &str,
+    plan: &ApplyPlan,
+) -> Result<bool, WarehouseError> {
+    let columns: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database()
+             AND schema_name = ? AND lower(table_name) = lower(?)",
+            duckdb::params![schema, plan.table],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    Ok(columns as usize == plan.load.len())
+}
+
 fn apply_in_transaction(
     conn: &Connection,
     schema: &str,
@@ -248,28 +314,7 @@ fn apply_in_transaction(
         stats.statements += 1;
     }
     match &plan.mode {
-        LoadMode::Merge { .. } => {
-            let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
-            let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, rows);
-            if let Some((create, _)) = &tombstone_sql {
-                conn.execute_batch(create).map_err(sql_err)?;
-                stats.statements += 1;
-            }
-            if merge::fast_load_candidate(plan) {
-                stats.fast_load = no_fast_load_blockers(conn, &target, &tombstones, plan, rows)?;
-                stats.statements += 1;
-            }
-            let sql = if stats.fast_load {
-                merge::insert_new_rows_statement(d, &target, plan, rows)
-            } else {
-                merge::merge_statement(d, &target, plan, rows, Some(&tombstones))
-            };
-            stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
-            if let Some((_, record)) = &tombstone_sql {
-                conn.execute(record, []).map_err(sql_err)?;
-                stats.statements += 1;
-            }
-        }
+        LoadMode::Merge { .. } => merge_segment(conn, schema, &target, plan, rows, &mut stats)?,
         LoadMode::Append => {
             let sql = merge::append_statement(d, &target, plan, rows);
             stats.rows_appended = conn.execute(&sql, []).map_err(sql_err)? as u64;
@@ -891,8 +936,8 @@ mod tests {
     }
 
     /// Applies the segments twice, once as DMS names them (full-load files marked) and once
-    /// with every file treated as a change file (the merge path); returns both databases'
-    /// rows and which segments took the fast path.
+    /// with every file treated as a change file into a table that forces the MERGE;
+    /// returns both databases' rows and which segments took the fast path.
     async fn both_paths(
         dir: &Path,
         segments: &[&[(&str, bool)]],
@@ -904,6 +949,14 @@ mod tests {
         let (fast, merged) = (open(dir, "fast.duckdb"), open(dir, "merge.duckdb"));
         fast.prepare().await.unwrap();
         merged.prepare().await.unwrap();
+        // A column no plan loads keeps the MERGE on this side (delete-and-insert would
+        // lose its values): the fast path and the delete-and-insert are compared with it.
+        merged
+            .0
+            .checkout()
+            .unwrap()
+            .execute_batch("CREATE TABLE t (id BIGINT, v VARCHAR, kept INTEGER)")
+            .unwrap();
         let mut took_fast_path = Vec::new();
         for (n, files) in segments.iter().enumerate() {
             let batch = format!("b{n}");
@@ -1011,5 +1064,38 @@ mod tests {
         assert!(fast.contains(&(Some(3), "c2".to_string())), "{fast:?}");
         assert!(fast.contains(&(Some(1), "a2".to_string())), "{fast:?}");
         assert_eq!(took, [false, false, false, false, true]);
+    }
+
+    #[tokio::test]
+    async fn a_column_no_plan_loads_keeps_its_values_through_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[(None, Some(1), "a"), (None, Some(2), "b")],
+        );
+        parquet(
+            d,
+            "20261124-101500000.parquet",
+            &[(Some("U"), Some(1), "a2"), (Some("D"), Some(2), "")],
+        );
+        let wh = open(d, "kept.duckdb");
+        wh.prepare().await.unwrap();
+        let (plan, staged) = segment(d, "b0", &[("LOAD00000001.parquet", true)], true);
+        assert!(wh.apply(&plan, &staged).await.unwrap().fast_load);
+        let conn = wh.0.checkout().unwrap();
+        conn.execute_batch("ALTER TABLE t ADD COLUMN kept INTEGER; UPDATE t SET kept = 7")
+            .unwrap();
+        let (plan, staged) = segment(d, "b1", &[("20261124-101500000.parquet", false)], false);
+        wh.apply(&plan, &staged).await.unwrap();
+        let kept: Vec<(i64, String, i32)> = conn
+            .prepare("SELECT id, v, kept FROM t ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(kept, vec![(1, "a2".to_string(), 7)]);
     }
 }
