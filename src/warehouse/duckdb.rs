@@ -228,29 +228,31 @@ fn merge_segment(
         conn.execute_batch(create).map_err(sql_err)?;
         stats.statements += 1;
     }
+    let mut fast = false;
     if merge::fast_load_candidate(plan) {
-        stats.fast_load = no_fast_load_blockers(conn, target, &tombstones, plan, rows)?;
+        fast = no_fast_load_blockers(conn, target, &tombstones, plan, rows)?;
+        stats.fast_load |= fast;
         stats.statements += 1;
     }
     let replace = match merge::delete_insert_statements(d, target, plan, rows) {
-        Some(statements) if !stats.fast_load && loads_every_column(conn, schema, plan)? => {
+        Some(statements) if !fast && loads_every_column(conn, schema, plan)? => {
             stats.statements += 1;
             Some(statements)
         }
         _ => None,
     };
-    if stats.fast_load {
+    if fast {
         let sql = merge::insert_new_rows_statement(d, target, plan, rows);
-        stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
+        stats.rows_merged += conn.execute(&sql, []).map_err(sql_err)? as u64;
     } else if let Some([dedupe, delete, insert, drop]) = replace {
-        stats.rows_merged = conn.execute(&dedupe, []).map_err(sql_err)? as u64;
+        stats.rows_merged += conn.execute(&dedupe, []).map_err(sql_err)? as u64;
         conn.execute(&delete, []).map_err(sql_err)?;
         conn.execute(&insert, []).map_err(sql_err)?;
         conn.execute_batch(&drop).map_err(sql_err)?;
         stats.statements += 3;
     } else {
         let sql = merge::merge_statement(d, target, plan, rows, Some(&tombstones));
-        stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
+        stats.rows_merged += conn.execute(&sql, []).map_err(sql_err)? as u64;
     }
     if let Some((_, record)) = &tombstone_sql {
         conn.execute(record, []).map_err(sql_err)?;
@@ -281,9 +283,8 @@ fn apply_in_transaction(
     conn: &Connection,
     schema: &str,
     plan: &ApplyPlan,
-    rows: &merge::StagedRows,
+    parts: &[(ApplyPlan, merge::StagedRows)],
 ) -> Result<ApplyStats, WarehouseError> {
-    let d = Dialect::Duckdb;
     let target = qualified(schema, &plan.table);
     let mut stats = ApplyStats::default();
 
@@ -313,13 +314,32 @@ fn apply_in_transaction(
             .map_err(sql_err)?;
         stats.statements += 1;
     }
+    for (part, rows) in parts {
+        load_part(conn, schema, &target, part, rows, &mut stats)?;
+    }
+    conn.execute_batch(&ledger_insert(schema, plan))
+        .map_err(sql_err)?;
+    stats.statements += 1;
+    Ok(stats)
+}
+
+/// Loads one part of a segment (its files and how they are read) into the target.
+fn load_part(
+    conn: &Connection,
+    schema: &str,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+    stats: &mut ApplyStats,
+) -> Result<(), WarehouseError> {
+    let d = Dialect::Duckdb;
     match &plan.mode {
-        LoadMode::Merge { .. } => merge_segment(conn, schema, &target, plan, rows, &mut stats)?,
+        LoadMode::Merge { .. } => merge_segment(conn, schema, target, plan, rows, stats)?,
         LoadMode::Append => {
-            let sql = merge::append_statement(d, &target, plan, rows);
-            stats.rows_appended = conn.execute(&sql, []).map_err(sql_err)? as u64;
+            let sql = merge::append_statement(d, target, plan, rows);
+            stats.rows_appended += conn.execute(&sql, []).map_err(sql_err)? as u64;
             if let Some(q) = merge::ignored_deletes_query(plan, rows) {
-                stats.deletes_ignored = conn
+                stats.deletes_ignored += conn
                     .query_row(&q, [], |r| r.get::<_, i64>(0))
                     .map_err(sql_err)? as u64;
                 stats.statements += 1;
@@ -332,17 +352,54 @@ fn apply_in_transaction(
             .query_row(&q, [], |r| (0..names.len()).map(|i| r.get(i)).collect())
             .map_err(sql_err)?;
         stats.statements += 1;
-        stats.cast_failures = names
-            .into_iter()
-            .zip(counts)
-            .filter(|(_, n)| *n > 0)
-            .map(|(c, n)| (c, n as u64))
-            .collect();
+        for (column, n) in names.into_iter().zip(counts).filter(|(_, n)| *n > 0) {
+            match stats.cast_failures.iter_mut().find(|(c, _)| *c == column) {
+                Some((_, total)) => *total += n as u64,
+                None => stats.cast_failures.push((column, n as u64)),
+            }
+        }
     }
-    conn.execute_batch(&ledger_insert(schema, plan))
-        .map_err(sql_err)?;
-    stats.statements += 1;
-    Ok(stats)
+    Ok(())
+}
+
+/// How a segment's files are read, in parts applied one after the other: the leading
+/// full-load files apart from the change files that follow them, so that the full load can
+/// take the fast path (the lane keeps both in one segment when only the operation column
+/// differs). Only without an ordering column: then the change files' MERGE over the loaded
+/// rows is exactly the MERGE of all of them (file order decides); with one, a change whose
+/// ordering value is NULL would rank differently, so the segment stays whole.
+fn parts(
+    plan: &ApplyPlan,
+    files: &[StagedFile],
+    paths: &[String],
+) -> Vec<(ApplyPlan, merge::StagedRows)> {
+    let loads = files.iter().take_while(|f| f.file.full_load).count();
+    let split = matches!(plan.mode, LoadMode::Merge { .. })
+        && plan.ordering_column.is_none()
+        && loads > 0
+        && loads < files.len();
+    let bounds = if split {
+        vec![0..loads, loads..files.len()]
+    } else {
+        vec![0..files.len()]
+    };
+    bounds
+        .into_iter()
+        .map(|range| {
+            let part = &files[range.clone()];
+            let has_op = |f: &StagedFile| f.schema.has_op;
+            // By name where files differ in the operation column, which full-load
+            // files may lack (the lane splits segments where other columns change).
+            let union_by_name = part.iter().any(|f| has_op(f) != has_op(&part[0]));
+            let part_plan = ApplyPlan {
+                files: part.iter().map(|f| f.file.clone()).collect(),
+                op_column: plan.op_column.clone().filter(|_| part.iter().any(has_op)),
+                ..plan.clone()
+            };
+            let rows = merge::duckdb_read_parquet_files(&paths[range], union_by_name);
+            (part_plan, rows)
+        })
+        .collect()
 }
 
 /// The ledger rows of a segment, one statement whatever the file count (a statement per
@@ -626,18 +683,13 @@ impl Warehouse for Duckdb {
             })
             .collect::<Result<_, _>>()?;
         let rows_staged: u64 = files.iter().map(|f| f.schema.rows).sum();
-        // A segment's files share their columns (the lane splits where they change), all
-        // but the operation column, which some full-load files lack.
-        let union_by_name = files
-            .iter()
-            .any(|f| f.schema.has_op != files[0].schema.has_op);
-        let rows = merge::duckdb_read_parquet_files(&paths, union_by_name);
+        let parts = parts(plan, files, &paths);
         let plan = plan.clone();
         let mut stats = self
             .0
             .with_conn(move |conn, schema| {
                 conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
-                match apply_in_transaction(conn, schema, &plan, &rows) {
+                match apply_in_transaction(conn, schema, &plan, &parts) {
                     Ok(stats) => {
                         conn.execute_batch("COMMIT").map_err(sql_err)?;
                         Ok(stats)
@@ -1011,6 +1063,39 @@ mod tests {
                 .map(|(i, v)| (Some(i), v.to_string()))
         );
         assert_eq!(took, [true, true, false]);
+    }
+
+    /// Full-load files and the change files after them in one segment (they differ only in
+    /// the operation column): the load takes the fast path, the changes merge over it.
+    #[tokio::test]
+    async fn a_segment_of_a_full_load_and_its_changes_loads_fast_then_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[(None, Some(1), "a"), (None, Some(2), "b")],
+        );
+        let cdc = [
+            (Some("U"), Some(1), "a2"),
+            (Some("D"), Some(2), ""),
+            (Some("I"), Some(3), "c"),
+        ];
+        parquet(d, "20261124-101500000.parquet", &cdc);
+        let (fast, merged, took) = both_paths(
+            d,
+            &[&[
+                ("LOAD00000001.parquet", true),
+                ("20261124-101500000.parquet", false),
+            ]],
+        )
+        .await;
+        assert_eq!(fast, merged);
+        assert_eq!(
+            fast,
+            [(1, "a2"), (3, "c")].map(|(i, v)| (Some(i), v.to_string()))
+        );
+        assert_eq!(took, [true]);
     }
 
     #[tokio::test]
