@@ -379,12 +379,13 @@ fn parts(
         && loads > 0
         && loads < files.len();
     let bounds = if split {
-        vec![0..loads, loads..files.len()]
+        vec![(0, loads), (loads, files.len())]
     } else {
-        vec![0..files.len()]
+        vec![(0, files.len())]
     };
     bounds
         .into_iter()
+        .map(|(start, end)| start..end)
         .map(|range| {
             let part = &files[range.clone()];
             let has_op = |f: &StagedFile| f.schema.has_op;
