@@ -360,6 +360,7 @@ fn pending_file(table: String, dms: DmsKey, object: ObjectCreated) -> PendingFil
             size: object.size,
             etag: object.etag.unwrap_or_default(),
             order_key: dms.order().sort_key(),
+            full_load: dms.is_load(),
         },
         dms,
         messages: Vec::new(),

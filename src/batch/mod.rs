@@ -21,6 +21,10 @@ pub struct BatchFile {
     pub etag: String,
     /// [`crate::dms::DmsOrder::sort_key`] of the file within its table.
     pub order_key: String,
+    /// A DMS full-load file (`LOAD*.parquet`): a snapshot holding each key once, written
+    /// before any change file of its table. Segments of such files may be inserted without
+    /// the per-key dedupe and MERGE (see [`crate::warehouse::merge::fast_load_blockers`]).
+    pub full_load: bool,
 }
 
 impl BatchFile {
@@ -94,6 +98,9 @@ pub struct ApplyStats {
     /// such a row is not a change of any row; it is skipped, never merged, and counted here.
     pub null_key_rows: u64,
     pub statements: u32,
+    /// The segment took the full-load fast path: inserted as it is, without the per-key
+    /// dedupe and MERGE (its keys were unique and new to the table).
+    pub fast_load: bool,
 }
 
 /// A ledger entry's verdict on a file.

@@ -84,9 +84,9 @@ pub async fn edit(
         .await?
         .into_iter()
         .find(|o| o.key == key);
-    let order_key = match classify_key(&config.source.prefix, &key) {
-        Ok(KeyClass::Dms(k)) => k.order().sort_key(),
-        _ => String::new(),
+    let (order_key, full_load) = match classify_key(&config.source.prefix, &key) {
+        Ok(KeyClass::Dms(k)) => (k.order().sort_key(), k.is_load()),
+        _ => (String::new(), false),
     };
     let batch_file = BatchFile {
         bucket: config.source.bucket.clone(),
@@ -97,6 +97,7 @@ pub async fn edit(
             .map(|o| bare_etag(&o.etag).to_string())
             .unwrap_or_default(),
         order_key,
+        full_load,
     };
     let detail = format!("{} by an operator: {reason}", edit.status().as_str());
     warehouse

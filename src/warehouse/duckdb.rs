@@ -26,7 +26,7 @@ use crate::storage::{ObjectStore, StorageError, bare_etag};
 use crate::schema::dialect::Dialect;
 
 use super::merge::{self, RESERVED_PREFIX};
-use super::sql::{ident, qualified};
+use super::sql::{ident, literal, qualified};
 use super::{FENCE_TABLE, LEDGER_TABLE, Warehouse, WarehouseError};
 
 /// Column names DuckDB's `read_parquet` uses for its virtual columns: a source column of
@@ -222,15 +222,108 @@ fn check_stage_names(plan: &ApplyPlan) -> Result<(), WarehouseError> {
     Ok(())
 }
 
+/// Whether a full-load segment takes the fast path (a plain INSERT): decided here, in the
+/// transaction, so that no other writer can add a key between the check and the insert.
+fn no_fast_load_blockers(
+    conn: &Connection,
+    target: &str,
+    tombstones: &str,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+) -> Result<bool, WarehouseError> {
+    let blockers: i64 = conn
+        .query_row(
+            &merge::fast_load_blockers(target, Some(tombstones), plan, rows),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    tracing::debug!(table = %plan.table, fast = blockers == 0, "full-load segment");
+    Ok(blockers == 0)
+}
+
+/// A keyed segment: the full-load fast path, else DuckDB's delete-and-insert where it
+/// gives the MERGE's rows, else the MERGE; tombstones around them.
+fn merge_segment(
+    conn: &Connection,
+    schema: &str,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+    stats: &mut ApplyStats,
+) -> Result<(), WarehouseError> {
+    let d = Dialect::Duckdb;
+    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
+    let tombstone_sql = merge::tombstone_statements(target, &tombstones, plan, rows);
+    if let Some((create, _)) = &tombstone_sql {
+        conn.execute_batch(create).map_err(sql_err)?;
+        stats.statements += 1;
+    }
+    // Rows whose key has a NULL are skipped by every path below; count them for the report.
+    if let Some(q) = merge::null_key_rows_query(plan, rows) {
+        stats.null_key_rows += conn
+            .query_row(&q, [], |r| r.get::<_, i64>(0))
+            .map_err(sql_err)? as u64;
+        stats.statements += 1;
+    }
+    let mut fast = false;
+    if merge::fast_load_candidate(plan) {
+        fast = no_fast_load_blockers(conn, target, &tombstones, plan, rows)?;
+        stats.fast_load |= fast;
+        stats.statements += 1;
+    }
+    let replace = match merge::delete_insert_statements(d, target, plan, rows) {
+        Some(statements) if !fast && loads_every_column(conn, schema, plan)? => {
+            stats.statements += 1;
+            Some(statements)
+        }
+        _ => None,
+    };
+    if fast {
+        let sql = merge::insert_new_rows_statement(d, target, plan, rows);
+        stats.rows_merged += conn.execute(&sql, []).map_err(sql_err)? as u64;
+    } else if let Some([dedupe, delete, insert, drop]) = replace {
+        stats.rows_merged += conn.execute(&dedupe, []).map_err(sql_err)? as u64;
+        conn.execute(&delete, []).map_err(sql_err)?;
+        conn.execute(&insert, []).map_err(sql_err)?;
+        conn.execute_batch(&drop).map_err(sql_err)?;
+        stats.statements += 3;
+    } else {
+        let sql = merge::merge_statement(d, target, plan, rows, Some(&tombstones));
+        stats.rows_merged += conn.execute(&sql, []).map_err(sql_err)? as u64;
+    }
+    if let Some((_, record)) = &tombstone_sql {
+        conn.execute(record, []).map_err(sql_err)?;
+        stats.statements += 1;
+    }
+    Ok(())
+}
+
+/// Whether the plan fills every column of the target (a column it does not load keeps
+/// its values under a MERGE's UPDATE, and would lose them to a delete-and-insert).
+fn loads_every_column(
+    conn: &Connection,
+    schema: &str,
+    plan: &ApplyPlan,
+) -> Result<bool, WarehouseError> {
+    let columns: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database()
+             AND schema_name = ? AND lower(table_name) = lower(?)",
+            duckdb::params![schema, plan.table],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    Ok(columns as usize == plan.load.len())
+}
+
 fn apply_in_transaction(
     conn: &Connection,
     schema: &str,
     plan: &ApplyPlan,
-    paths: &[String],
+    parts: &[(ApplyPlan, merge::StagedRows)],
 ) -> Result<ApplyStats, WarehouseError> {
-    let d = Dialect::Duckdb;
     let target = qualified(schema, &plan.table);
-    let rows = merge::duckdb_read_parquet(paths);
     let mut stats = ApplyStats::default();
 
     if let Some(fence) = &plan.fence {
@@ -259,33 +352,32 @@ fn apply_in_transaction(
             .map_err(sql_err)?;
         stats.statements += 1;
     }
+    for (part, rows) in parts {
+        load_part(conn, schema, &target, part, rows, &mut stats)?;
+    }
+    conn.execute_batch(&ledger_insert(schema, plan))
+        .map_err(sql_err)?;
+    stats.statements += 1;
+    Ok(stats)
+}
+
+/// Loads one part of a segment (its files and how they are read) into the target.
+fn load_part(
+    conn: &Connection,
+    schema: &str,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+    stats: &mut ApplyStats,
+) -> Result<(), WarehouseError> {
+    let d = Dialect::Duckdb;
     match &plan.mode {
-        LoadMode::Merge { .. } => {
-            let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
-            let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
-            if let Some((create, _)) = &tombstone_sql {
-                conn.execute_batch(create).map_err(sql_err)?;
-                stats.statements += 1;
-            }
-            // Rows whose key has a NULL are skipped by the MERGE; count them for the report.
-            if let Some(q) = merge::null_key_rows_query(plan, &rows) {
-                stats.null_key_rows = conn
-                    .query_row(&q, [], |r| r.get::<_, i64>(0))
-                    .map_err(sql_err)? as u64;
-                stats.statements += 1;
-            }
-            let sql = merge::merge_statement(d, &target, plan, &rows, Some(&tombstones));
-            stats.rows_merged = conn.execute(&sql, []).map_err(sql_err)? as u64;
-            if let Some((_, record)) = &tombstone_sql {
-                conn.execute(record, []).map_err(sql_err)?;
-                stats.statements += 1;
-            }
-        }
+        LoadMode::Merge { .. } => merge_segment(conn, schema, target, plan, rows, stats)?,
         LoadMode::Append => {
-            let sql = merge::append_statement(d, &target, plan, &rows);
-            stats.rows_appended = conn.execute(&sql, []).map_err(sql_err)? as u64;
-            if let Some(q) = merge::ignored_deletes_query(plan, &rows) {
-                stats.deletes_ignored = conn
+            let sql = merge::append_statement(d, target, plan, rows);
+            stats.rows_appended += conn.execute(&sql, []).map_err(sql_err)? as u64;
+            if let Some(q) = merge::ignored_deletes_query(plan, rows) {
+                stats.deletes_ignored += conn
                     .query_row(&q, [], |r| r.get::<_, i64>(0))
                     .map_err(sql_err)? as u64;
                 stats.statements += 1;
@@ -293,38 +385,89 @@ fn apply_in_transaction(
         }
     }
     stats.statements += 1;
-    if let Some((names, q)) = merge::cast_failures_query(d, plan, &rows) {
+    if let Some((names, q)) = merge::cast_failures_query(d, plan, rows) {
         let counts: Vec<i64> = conn
             .query_row(&q, [], |r| (0..names.len()).map(|i| r.get(i)).collect())
             .map_err(sql_err)?;
         stats.statements += 1;
-        stats.cast_failures = names
-            .into_iter()
-            .zip(counts)
-            .filter(|(_, n)| *n > 0)
-            .map(|(c, n)| (c, n as u64))
-            .collect();
+        for (column, n) in names.into_iter().zip(counts).filter(|(_, n)| *n > 0) {
+            match stats.cast_failures.iter_mut().find(|(c, _)| *c == column) {
+                Some((_, total)) => *total += n as u64,
+                None => stats.cast_failures.push((column, n as u64)),
+            }
+        }
     }
-    let ledger = DuckdbWarehouse::ledger(schema);
-    let mut insert = conn
-        .prepare(&format!(
-            "INSERT INTO {ledger} (table_name, s3_key, etag, size_bytes, batch_id, order_key) VALUES (?, ?, ?, ?, ?, ?)"
-        ))
-        .map_err(sql_err)?;
-    for f in &plan.files {
-        insert
-            .execute(duckdb::params![
-                plan.table,
-                f.key,
-                f.etag,
-                f.size as i64,
-                plan.batch_id,
-                f.order_key
-            ])
-            .map_err(sql_err)?;
-    }
-    stats.statements += 1;
-    Ok(stats)
+    Ok(())
+}
+
+/// How a segment's files are read, in parts applied one after the other: the leading
+/// full-load files apart from the change files that follow them, so that the full load can
+/// take the fast path (the lane keeps both in one segment when only the operation column
+/// differs). Only without an ordering column: then the change files' MERGE over the loaded
+/// rows is exactly the MERGE of all of them (file order decides); with one, a change whose
+/// ordering value is NULL would rank differently, so the segment stays whole.
+fn parts(
+    plan: &ApplyPlan,
+    files: &[StagedFile],
+    paths: &[String],
+) -> Vec<(ApplyPlan, merge::StagedRows)> {
+    let loads = files.iter().take_while(|f| f.file.full_load).count();
+    let split = matches!(plan.mode, LoadMode::Merge { .. })
+        && plan.ordering_column.is_none()
+        && loads > 0
+        && loads < files.len();
+    let bounds = if split {
+        vec![(0, loads), (loads, files.len())]
+    } else {
+        vec![(0, files.len())]
+    };
+    bounds
+        .into_iter()
+        .map(|(start, end)| start..end)
+        .map(|range| {
+            let part = &files[range.clone()];
+            let has_op = |f: &StagedFile| f.schema.has_op;
+            // By name where files differ in the operation column, which full-load
+            // files may lack (the lane splits segments where other columns change).
+            let union_by_name = part.iter().any(|f| has_op(f) != has_op(&part[0]));
+            let part_plan = ApplyPlan {
+                files: part.iter().map(|f| f.file.clone()).collect(),
+                op_column: plan.op_column.clone().filter(|_| part.iter().any(has_op)),
+                ..plan.clone()
+            };
+            let rows = merge::duckdb_read_parquet_files(&paths[range], union_by_name);
+            (part_plan, rows)
+        })
+        .collect()
+}
+
+/// The ledger rows of a segment, one statement whatever the file count (a statement per
+/// file cost more than the MERGE of a small file). `applied_at` is the time of this insert,
+/// the transaction's last statement, rather than DuckDB's `current_timestamp` (the
+/// transaction's start): it says when the files' changes became visible, within the commit.
+fn ledger_insert(schema: &str, plan: &ApplyPlan) -> String {
+    let applied_at =
+        literal(&chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    let rows: Vec<String> = plan
+        .files
+        .iter()
+        .map(|f| {
+            format!(
+                "({}, {}, {}, {}, {}, {}, CAST({applied_at} AS TIMESTAMPTZ))",
+                literal(&plan.table),
+                literal(&f.key),
+                literal(&f.etag),
+                f.size,
+                literal(&plan.batch_id),
+                literal(&f.order_key)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO {} (table_name, s3_key, etag, size_bytes, batch_id, order_key, applied_at) VALUES {}",
+        DuckdbWarehouse::ledger(schema),
+        rows.join(", ")
+    )
 }
 
 #[async_trait]
@@ -581,12 +724,13 @@ impl Warehouse for Duckdb {
             })
             .collect::<Result<_, _>>()?;
         let rows_staged: u64 = files.iter().map(|f| f.schema.rows).sum();
+        let parts = parts(plan, files, &paths);
         let plan = plan.clone();
         let mut stats = self
             .0
             .with_conn(move |conn, schema| {
                 conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
-                match apply_in_transaction(conn, schema, &plan, &paths) {
+                match apply_in_transaction(conn, schema, &plan, &parts) {
                     Ok(stats) => {
                         conn.execute_batch("COMMIT").map_err(sql_err)?;
                         Ok(stats)
@@ -712,36 +856,65 @@ impl Warehouse for Duckdb {
     }
 }
 
+/// Objects up to this size are read into memory and written out with their footer read
+/// in one blocking task; larger ones stream to disk (memory stays bounded by this times
+/// the downloads in flight).
+const IN_MEMORY_DOWNLOAD: u64 = 1 << 20;
+
 async fn download_one(
     store: &ObjectStore,
     mut file: BatchFile,
     path: PathBuf,
     op_column: &str,
 ) -> Result<StagedFile, StageError> {
-    match store.download(&file.bucket, &file.key, &path).await {
-        Ok((_, etag)) => {
-            // The object's own ETag is what the ledger records.
-            if !etag.is_empty() {
-                file.etag = bare_etag(&etag).to_string();
-            }
-        }
-        Err(StorageError::NotFound { .. }) => return Err(StageError::Missing),
-        Err(e) => return Err(StageError::Transient(e.to_string())),
-    }
-    let read_path = path.clone();
     let op = op_column.to_string();
-    let schema = tokio::task::spawn_blocking(move || parquet::read_local(&read_path, &op))
+    let schema = if file.size > 0 && file.size <= IN_MEMORY_DOWNLOAD {
+        // One GET; the body is written and its footer decoded in one blocking task.
+        let object = match store.get(&file.bucket, &file.key).await {
+            Ok(Some(object)) => object,
+            Ok(None) => return Err(StageError::Missing),
+            Err(e) => return Err(StageError::Transient(e.to_string())),
+        };
+        if !object.etag.is_empty() {
+            file.etag = bare_etag(&object.etag).to_string();
+        }
+        let write_path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&write_path, &object.body).map_err(|e| {
+                StageError::Transient(format!("writing {}: {e}", write_path.display()))
+            })?;
+            match parquet::decode_tail(&object.body, object.body.len() as u64, &op) {
+                Ok(parquet::Tail::Decoded(schema)) => Ok(schema),
+                Ok(parquet::Tail::NeedBytes(n)) => {
+                    Err(StageError::Poison(parquet::ParquetError::Corrupt(format!(
+                        "footer claims {n} bytes in an object of {}",
+                        object.body.len()
+                    ))))
+                }
+                Err(e) => Err(StageError::Poison(e)),
+            }
+        })
         .await
-        .map_err(|e| StageError::Transient(format!("footer task failed: {e}")));
-    match schema {
-        Ok(Ok(schema)) => Ok(StagedFile {
-            file,
-            schema,
-            local_path: Some(path),
-        }),
-        Ok(Err(e)) => Err(StageError::Poison(e)),
-        Err(e) => Err(e),
-    }
+        .map_err(|e| StageError::Transient(format!("footer task failed: {e}")))?
+    } else {
+        match store.download(&file.bucket, &file.key, &path).await {
+            // The object's own ETag is what the ledger records.
+            Ok((_, etag)) if !etag.is_empty() => file.etag = bare_etag(&etag).to_string(),
+            Ok(_) => {}
+            Err(StorageError::NotFound { .. }) => return Err(StageError::Missing),
+            Err(e) => return Err(StageError::Transient(e.to_string())),
+        }
+        let read_path = path.clone();
+        tokio::task::spawn_blocking(move || parquet::read_local(&read_path, &op))
+            .await
+            .map_err(|e| StageError::Transient(format!("footer task failed: {e}")))?
+            .map_err(StageError::Poison)
+    }?;
+    Ok(StagedFile {
+        file,
+        schema,
+        local_path: Some(path),
+    })
 }
 
 /// For tests and tools: a direct query on the database file.
@@ -753,7 +926,8 @@ pub fn open_read_only(path: &Path) -> duckdb::Result<Connection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
+    use crate::batch::{KeyColumn, LoadColumn, LoadExpr};
+    use crate::schema::types::{Column, ColumnType};
     fn offline_store() -> ObjectStore {
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version_latest()
@@ -761,7 +935,6 @@ mod tests {
             .build();
         ObjectStore::new(aws_sdk_s3::Client::from_conf(conf))
     }
-
     #[tokio::test]
     async fn a_ledger_from_before_statuses_keeps_its_files_applied() {
         let dir = tempfile::tempdir().unwrap();
@@ -795,7 +968,6 @@ mod tests {
             Some(("1|a.parquet".to_string(), key))
         );
     }
-
     /// Audit B1's fate on DuckDB: staged rows whose key has a NULL are skipped (never
     /// merged, never matched) and counted in `ApplyStats::null_key_rows`.
     #[tokio::test]
@@ -837,6 +1009,7 @@ mod tests {
             size: 1,
             etag: "e".into(),
             order_key: "1".into(),
+            full_load: false,
         };
         let plan = ApplyPlan {
             batch_id: "b1".into(),
@@ -885,5 +1058,310 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(rows, vec![(1, "one".into()), (2, "two".into())]);
+    }
+
+    /// Writes a Parquet file of `(id, v)` rows, with DMS's `Op` column first when given.
+    fn parquet(dir: &Path, name: &str, rows: &[(Option<&str>, Option<i64>, &str)]) -> PathBuf {
+        let path = dir.join(name);
+        let with_op = rows.iter().any(|(op, ..)| op.is_some());
+        let values: Vec<String> = rows
+            .iter()
+            .map(|(op, id, v)| {
+                let id = id.map_or("NULL".to_string(), |i| i.to_string());
+                let op = op.map(|o| format!("{}, ", literal(o))).unwrap_or_default();
+                format!("({op}{id}, {})", literal(v))
+            })
+            .collect();
+        let cols = if with_op { "\"Op\", id, v" } else { "id, v" };
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&format!(
+            "COPY (SELECT * FROM (VALUES {}) AS t({cols})) TO {} (FORMAT PARQUET)",
+            values.join(", "),
+            literal(&path.to_string_lossy())
+        ))
+        .unwrap();
+        path
+    }
+
+    fn columns() -> Vec<Column> {
+        vec![
+            Column::new("id", ColumnType::Int64),
+            Column::new("v", ColumnType::String),
+        ]
+    }
+
+    /// One segment of `files` (name, full load?) as the lane would stage and plan it.
+    fn segment(
+        dir: &Path,
+        batch: &str,
+        files: &[(&str, bool)],
+        create: bool,
+    ) -> (ApplyPlan, Vec<StagedFile>) {
+        let staged: Vec<StagedFile> = files
+            .iter()
+            .map(|(name, full_load)| {
+                let path = dir.join(name);
+                let schema = parquet::read_local(&path, "Op").unwrap();
+                StagedFile {
+                    file: BatchFile {
+                        bucket: "b".into(),
+                        key: format!("dms/public/t/{name}"),
+                        size: 1,
+                        etag: "e".into(),
+                        order_key: name.to_string(),
+                        full_load: *full_load,
+                    },
+                    schema,
+                    local_path: Some(path),
+                }
+            })
+            .collect();
+        let plan = ApplyPlan {
+            batch_id: batch.into(),
+            table: "t".into(),
+            ddl: if create {
+                vec![Ddl::CreateTable {
+                    columns: columns(),
+                    primary_key: vec![],
+                }]
+            } else {
+                vec![]
+            },
+            load: ["id", "v"]
+                .iter()
+                .map(|c| LoadColumn {
+                    target: c.to_string(),
+                    expr: LoadExpr::Column(c.to_string()),
+                })
+                .collect(),
+            mode: LoadMode::Merge {
+                key: vec![KeyColumn {
+                    target: "id".into(),
+                    source: "id".into(),
+                }],
+            },
+            op_column: staged.iter().any(|s| s.schema.has_op).then(|| "Op".into()),
+            ordering_column: None,
+            staged_columns: columns(),
+            files: staged.iter().map(|s| s.file.clone()).collect(),
+            fence: None,
+        };
+        (plan, staged)
+    }
+
+    fn rows(wh: &Duckdb) -> Vec<(Option<i64>, String)> {
+        let conn = wh.0.checkout().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id, v FROM t ORDER BY id NULLS FIRST, v")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn open(dir: &Path, name: &str) -> Duckdb {
+        let config = DuckdbConfig {
+            path: dir.join(name),
+            ..DuckdbConfig::default()
+        };
+        Duckdb::open(&config, "Op", offline_store()).unwrap()
+    }
+
+    /// Applies the segments twice, once as DMS names them (full-load files marked) and once
+    /// with every file treated as a change file into a table that forces the MERGE;
+    /// returns both databases' rows and which segments took the fast path.
+    async fn both_paths(
+        dir: &Path,
+        segments: &[&[(&str, bool)]],
+    ) -> (
+        Vec<(Option<i64>, String)>,
+        Vec<(Option<i64>, String)>,
+        Vec<bool>,
+    ) {
+        let (fast, merged) = (open(dir, "fast.duckdb"), open(dir, "merge.duckdb"));
+        fast.prepare().await.unwrap();
+        merged.prepare().await.unwrap();
+        // A column no plan loads keeps the MERGE on this side (delete-and-insert would
+        // lose its values): the fast path and the delete-and-insert are compared with it.
+        merged
+            .0
+            .checkout()
+            .unwrap()
+            .execute_batch("CREATE TABLE t (id BIGINT, v VARCHAR, kept INTEGER)")
+            .unwrap();
+        let mut took_fast_path = Vec::new();
+        for (n, files) in segments.iter().enumerate() {
+            let batch = format!("b{n}");
+            let (plan, staged) = segment(dir, &batch, files, n == 0);
+            took_fast_path.push(fast.apply(&plan, &staged).await.unwrap().fast_load);
+            let as_changes: Vec<(&str, bool)> = files.iter().map(|(f, _)| (*f, false)).collect();
+            let (plan, staged) = segment(dir, &batch, &as_changes, n == 0);
+            let stats = merged.apply(&plan, &staged).await.unwrap();
+            assert!(!stats.fast_load, "change files always merge");
+        }
+        (rows(&fast), rows(&merged), took_fast_path)
+    }
+
+    #[tokio::test]
+    async fn the_full_load_fast_path_gives_the_merge_paths_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[(None, Some(1), "a"), (None, Some(2), "b")],
+        );
+        parquet(d, "LOAD00000002.parquet", &[(None, Some(3), "c")]);
+        // A later batch of the same full load: new keys, the target no longer empty.
+        parquet(
+            d,
+            "LOAD00000003.parquet",
+            &[(None, Some(4), "d"), (None, Some(5), "e")],
+        );
+        let cdc = [
+            (Some("U"), Some(1), "a2"),
+            (Some("D"), Some(2), ""),
+            (Some("I"), Some(6), "f"),
+        ];
+        parquet(d, "20261124-101500000.parquet", &cdc);
+        let (fast, merged, took) = both_paths(
+            d,
+            &[
+                &[
+                    ("LOAD00000001.parquet", true),
+                    ("LOAD00000002.parquet", true),
+                ],
+                &[("LOAD00000003.parquet", true)],
+                &[("20261124-101500000.parquet", false)],
+            ],
+        )
+        .await;
+        assert_eq!(fast, merged);
+        assert_eq!(
+            fast,
+            [(1, "a2"), (3, "c"), (4, "d"), (5, "e"), (6, "f")]
+                .map(|(i, v)| (Some(i), v.to_string()))
+        );
+        assert_eq!(took, [true, true, false]);
+    }
+
+    /// Full-load files and the change files after them in one segment (they differ only in
+    /// the operation column): the load takes the fast path, the changes merge over it.
+    #[tokio::test]
+    async fn a_segment_of_a_full_load_and_its_changes_loads_fast_then_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[(None, Some(1), "a"), (None, Some(2), "b")],
+        );
+        let cdc = [
+            (Some("U"), Some(1), "a2"),
+            (Some("D"), Some(2), ""),
+            (Some("I"), Some(3), "c"),
+        ];
+        parquet(d, "20261124-101500000.parquet", &cdc);
+        let (fast, merged, took) = both_paths(
+            d,
+            &[&[
+                ("LOAD00000001.parquet", true),
+                ("20261124-101500000.parquet", false),
+            ]],
+        )
+        .await;
+        assert_eq!(fast, merged);
+        assert_eq!(
+            fast,
+            [(1, "a2"), (3, "c")].map(|(i, v)| (Some(i), v.to_string()))
+        );
+        assert_eq!(took, [true]);
+    }
+
+    #[tokio::test]
+    async fn a_full_load_with_a_repeated_null_or_present_key_falls_back_to_the_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Key 2 twice in one file (the later row wins), key 3 in two files of a segment.
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[
+                (None, Some(1), "a"),
+                (None, Some(2), "old"),
+                (None, Some(2), "new"),
+            ],
+        );
+        parquet(d, "LOAD00000002.parquet", &[(None, Some(3), "c")]);
+        parquet(
+            d,
+            "LOAD00000003.parquet",
+            &[(None, Some(3), "c2"), (None, Some(4), "d")],
+        );
+        // A NULL key; then a key the target already holds.
+        parquet(
+            d,
+            "LOAD00000004.parquet",
+            &[(None, None, "n"), (None, Some(5), "e")],
+        );
+        parquet(
+            d,
+            "LOAD00000005.parquet",
+            &[(None, Some(1), "a2"), (None, Some(6), "f")],
+        );
+        parquet(d, "LOAD00000006.parquet", &[(None, Some(7), "g")]);
+        let (fast, merged, took) = both_paths(
+            d,
+            &[
+                &[("LOAD00000001.parquet", true)],
+                &[
+                    ("LOAD00000002.parquet", true),
+                    ("LOAD00000003.parquet", true),
+                ],
+                &[("LOAD00000004.parquet", true)],
+                &[("LOAD00000005.parquet", true)],
+                &[("LOAD00000006.parquet", true)],
+            ],
+        )
+        .await;
+        assert_eq!(fast, merged);
+        assert!(fast.contains(&(Some(2), "new".to_string())), "{fast:?}");
+        assert!(fast.contains(&(Some(3), "c2".to_string())), "{fast:?}");
+        assert!(fast.contains(&(Some(1), "a2".to_string())), "{fast:?}");
+        assert_eq!(took, [false, false, false, false, true]);
+    }
+
+    #[tokio::test]
+    async fn a_column_no_plan_loads_keeps_its_values_through_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        parquet(
+            d,
+            "LOAD00000001.parquet",
+            &[(None, Some(1), "a"), (None, Some(2), "b")],
+        );
+        parquet(
+            d,
+            "20261124-101500000.parquet",
+            &[(Some("U"), Some(1), "a2"), (Some("D"), Some(2), "")],
+        );
+        let wh = open(d, "kept.duckdb");
+        wh.prepare().await.unwrap();
+        let (plan, staged) = segment(d, "b0", &[("LOAD00000001.parquet", true)], true);
+        assert!(wh.apply(&plan, &staged).await.unwrap().fast_load);
+        let conn = wh.0.checkout().unwrap();
+        conn.execute_batch("ALTER TABLE t ADD COLUMN kept INTEGER; UPDATE t SET kept = 7")
+            .unwrap();
+        let (plan, staged) = segment(d, "b1", &[("20261124-101500000.parquet", false)], false);
+        wh.apply(&plan, &staged).await.unwrap();
+        let kept: Vec<(i64, String, i32)> = conn
+            .prepare("SELECT id, v, kept FROM t ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(kept, vec![(1, "a2".to_string(), 7)]);
     }
 }

@@ -99,6 +99,7 @@ async fn full_apply_path_on_firebolt_core() {
         size: 1,
         etag: "e".into(),
         order_key: "0".into(),
+        full_load: false,
     };
     wh.record_status(
         &unique,
@@ -164,6 +165,7 @@ async fn full_apply_path_on_firebolt_core() {
             size: body.len() as u64,
             etag: etag.trim_matches('"').into(),
             order_key: format!("{n:04}"),
+            full_load: false,
         });
     }
     let staged = wh.stage("core1", files.clone()).await;

@@ -29,6 +29,7 @@ fn file(key: &str, order: &str) -> BatchFile {
         size: 10,
         etag: format!("e{order}"),
         order_key: order.into(),
+        full_load: false,
     }
 }
 
@@ -524,4 +525,62 @@ fn unsigned_integers_get_their_sign_back() {
             (2, 7, "9".into())
         ]
     );
+}
+
+/// The Firebolt fast path's check and INSERT on DuckDB: full-load files with unique, new
+/// keys insert the merge path's rows; a key repeated in the load is a blocker.
+#[test]
+fn the_full_load_fast_path_inserts_what_the_merge_would_and_refuses_a_repeated_key() {
+    let load = |key: &str, order: &str| BatchFile {
+        full_load: true,
+        ..file(key, order)
+    };
+    let files = vec![
+        load("t/LOAD1.parquet", "0/1"),
+        load("t/LOAD2.parquet", "0/2"),
+    ];
+    let p = plan(keyed(), None, &files);
+    let rows = sql::staged_rows(STAGE, &p, &p.files);
+    let staged = [
+        ("t/LOAD2.parquet", "I", 3, "three", "s0"),
+        ("t/LOAD1.parquet", "I", 1, "one", "s0"),
+        ("t/LOAD1.parquet", "I", 2, "two", "s0"),
+    ];
+    let (fast, merged) = (setup(), setup());
+    for conn in [&fast, &merged] {
+        stage(conn, &p, &staged);
+    }
+    assert!(merge::fast_load_candidate(&p));
+    let blockers = |conn: &Connection| -> i64 {
+        conn.query_row(
+            &merge::fast_load_blockers(TARGET, None, &p, &rows),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(blockers(&fast), 0);
+    fast.execute_batch(&merge::insert_new_rows_statement(
+        Dialect::Firebolt,
+        TARGET,
+        &p,
+        &rows,
+    ))
+    .unwrap();
+    apply(&merged, &p);
+    assert_eq!(target_rows(&fast), target_rows(&merged));
+    assert_eq!(target_rows(&fast).len(), 3);
+    // The same keys again: each is in the target now.
+    assert!(blockers(&fast) > 0, "keys already in the target");
+    // A key twice within the load.
+    let conn = setup();
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/LOAD1.parquet", "I", 1, "a", "s0"),
+            ("t/LOAD2.parquet", "I", 1, "b", "s0"),
+        ],
+    );
+    assert!(blockers(&conn) > 0, "a repeated key");
 }

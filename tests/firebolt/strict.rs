@@ -32,6 +32,7 @@ fn file(key: &str) -> BatchFile {
         size: 10,
         etag: "e".into(),
         order_key: key.into(),
+        full_load: false,
     }
 }
 

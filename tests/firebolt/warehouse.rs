@@ -30,6 +30,7 @@ fn batch_file(key: &str, order: &str) -> BatchFile {
         size: 100,
         etag: format!("etag-{order}"),
         order_key: order.into(),
+        full_load: false,
     }
 }
 
@@ -930,6 +931,7 @@ async fn stage_reads_only_footers_with_range_requests() {
         size: size as u64,
         etag: "e".into(),
         order_key: key.into(),
+        full_load: false,
     };
     let staged = wh
         .stage(
@@ -981,4 +983,55 @@ async fn stage_reads_only_footers_with_range_requests() {
         1
     );
     assert!(wide.len() > 65_536);
+}
+
+/// A segment of full-load files: the check inside the transaction decides, an INSERT
+/// replaces the MERGE when nothing blocks it, and the MERGE runs when something does (or
+/// when the answer has no row).
+#[tokio::test]
+async fn a_full_load_segment_is_inserted_without_merge_when_its_keys_are_new() {
+    for (blockers, expected) in [(Some(0), "insert"), (Some(2), "merge"), (None, "merge")] {
+        let server = ProtocolServer::core().await;
+        server.respond(move |s| match s.kind() {
+            Some("check") => Reply::counts(&[5, 0, 5, 0]),
+            Some("fast-load-check") => match blockers {
+                Some(n) => Reply::counts(if n == 0 { &[0] } else { &[2] }),
+                None => Reply::rows(&[("x", "long")], vec![]),
+            },
+            _ => default_reply(s),
+        });
+        let wh = ready(&server).await;
+        let files: Vec<StagedFile> = two_files()
+            .into_iter()
+            .map(|mut f| {
+                f.file.full_load = true;
+                f
+            })
+            .collect();
+        let stats = wh.apply(&plan(&files, keyed()), &files).await.unwrap();
+        assert_eq!(
+            server.kinds(),
+            [
+                "create-stage",
+                "copy",
+                "check",
+                "begin",
+                "fast-load-check",
+                expected,
+                "ledger",
+                "commit",
+                "drop-stage"
+            ]
+        );
+        assert_eq!(stats.fast_load, expected == "insert");
+        if expected == "insert" {
+            let insert = &by_kind(&server, "insert")[0].body;
+            assert!(
+                insert.starts_with(
+                    "INSERT INTO \"public\".\"orders\" (\"id\", \"n\", \"seq\") SELECT"
+                ),
+                "{insert}"
+            );
+        }
+    }
 }

@@ -191,6 +191,7 @@ async fn a_fenced_out_holder_cannot_commit() {
             size: 0,
             etag: String::new(),
             order_key: format!("0/{n:08x}"),
+            full_load: true,
         };
         let staged = warehouse.stage(&format!("fence{n}"), vec![file]).await;
         let ready = staged.files[0].as_ref().unwrap().clone();

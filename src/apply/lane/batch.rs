@@ -382,6 +382,7 @@ impl Lane {
                 size: object.size,
                 etag: bare_etag(&object.etag).to_string(),
                 order_key: order.sort_key(),
+                full_load: dms.is_load(),
             };
             files.insert(
                 order,

@@ -627,6 +627,7 @@ mod tests {
             size,
             etag: "e1".into(),
             order_key: dms.order().sort_key(),
+            full_load: dms.is_load(),
         };
         let mut f = PendingFile::listed("t", dms.source.clone(), dms, file);
         f.arrived = at;

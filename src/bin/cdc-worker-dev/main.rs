@@ -55,7 +55,15 @@ enum Command {
     /// applied, and print the target tables and the alerts.
     Demo(ConfigArg),
     /// Measure throughput and latency on LocalStack (release build recommended).
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
+    /// The benchmark's floor, run by `bench` as a process of its own.
+    #[command(hide = true)]
+    BenchFloor {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        db: PathBuf,
+    },
 }
 
 fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
@@ -80,7 +88,7 @@ async fn main() -> ExitCode {
             }
             Err(code) => return code,
         },
-        Command::Bench(_) => None,
+        Command::Bench(_) | Command::BenchFloor { .. } => None,
     };
     let result = match cli.command {
         Command::DevSetup(_) => demo::dev_setup(&config.expect("loaded")).await.map(|_| ()),
@@ -91,7 +99,8 @@ async fn main() -> ExitCode {
         }
         Command::Demo(_) => demo::demo(config.expect("loaded")).await,
         Command::Alerts(_) => demo::print_alerts(&config.expect("loaded")).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => bench::run(*args).await,
+        Command::BenchFloor { manifest, db } => bench::floor_child(&manifest, &db),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -222,12 +222,32 @@ async fn steps(
         }
     }
 
-    // 8. The MERGE of the latest change per key (or the append), the SQL DuckDB runs.
+    // 8. The MERGE of the latest change per key (or the append), the SQL DuckDB runs. A
+    //    segment of full-load files whose keys are unique and new to the table is inserted
+    //    as it is (merge::fast_load_blockers), checked here, inside the transaction.
     match &plan.mode {
         LoadMode::Merge { .. } => {
-            let merge =
-                merge::merge_statement(Dialect::Firebolt, &target, plan, &rows, Some(&tombstones));
-            run.run("merge", merge).await?;
+            if merge::fast_load_candidate(plan) {
+                let check = merge::fast_load_blockers(&target, Some(&tombstones), plan, &rows);
+                let blockers = run.run("fast-load-check", check).await?;
+                // No answer row is no proof: only an explicit 0 takes the fast path.
+                stats.fast_load = !blockers.rows.is_empty()
+                    && blockers.u64_at(0, 0).map_err(WarehouseError::Other)? == 0;
+            }
+            if stats.fast_load {
+                let insert =
+                    merge::insert_new_rows_statement(Dialect::Firebolt, &target, plan, &rows);
+                run.run("insert", insert).await?;
+            } else {
+                let merge = merge::merge_statement(
+                    Dialect::Firebolt,
+                    &target,
+                    plan,
+                    &rows,
+                    Some(&tombstones),
+                );
+                run.run("merge", merge).await?;
+            }
         }
         LoadMode::Append => {
             run.run(

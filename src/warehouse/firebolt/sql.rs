@@ -699,6 +699,7 @@ mod tests {
             size: 1234,
             etag: "e'1".into(),
             order_key: "0001".into(),
+            full_load: false,
         }
     }
 
