@@ -102,6 +102,8 @@ alert_kinds! {
     SetupProblem => "setup_problem",
     /// A table's key appeared, changed or went away; held when the table repeats a key.
     KeyChanged => "key_changed",
+    /// An operator skipped or forgot a file with `cdc-worker ledger`.
+    LedgerEdited => "ledger_edited",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use cdc_worker::commands::ledger::Edit;
 use cdc_worker::config::Config;
 use cdc_worker::{commands, telemetry};
 
@@ -67,6 +68,48 @@ enum Command {
     Lease {
         #[command(subcommand)]
         action: LeaseCommand,
+    },
+    /// A table's ledger; skip or forget one file (the way out of a table blocked by a file
+    /// that can never be applied).
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// The table's ledger entries, newest first.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Record a file as skipped: it is never applied, its notification is acknowledged, and
+    /// the table's later files go on.
+    Skip {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+        /// The S3 key, or the file name within the table's folder.
+        file: String,
+        /// Why (recorded in the ledger and the alert).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Forget a file: the worker treats it as never seen and applies it when it comes again.
+    Forget {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+        /// The S3 key, or the file name within the table's folder.
+        file: String,
+        /// Why (recorded in the ledger and the alert).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -143,6 +186,11 @@ async fn main() -> ExitCode {
         Command::Lease { action } => match action {
             LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config,
         },
+        Command::Ledger { action } => match action {
+            LedgerCommand::Show { config, .. }
+            | LedgerCommand::Skip { config, .. }
+            | LedgerCommand::Forget { config, .. } => config,
+        },
     };
     let config = match load(config_arg) {
         Ok(c) => c,
@@ -184,6 +232,23 @@ async fn main() -> ExitCode {
                 rounds,
                 ..
             } => commands::lease_hold(&config, &table, hold_for, rounds).await,
+        },
+        Command::Ledger { action } => match action {
+            LedgerCommand::Show { table, limit, .. } => {
+                commands::ledger::show(&config, &table, limit).await
+            }
+            LedgerCommand::Skip {
+                table,
+                file,
+                reason,
+                ..
+            } => commands::ledger::edit(&config, &table, &file, Edit::Skip, &reason).await,
+            LedgerCommand::Forget {
+                table,
+                file,
+                reason,
+                ..
+            } => commands::ledger::edit(&config, &table, &file, Edit::Forget, &reason).await,
         },
     };
     match result {

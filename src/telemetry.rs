@@ -521,6 +521,8 @@ pub enum SkipKind {
     NotDmsName,
     /// The target table's name cannot be used.
     UnusableName,
+    /// An operator skipped it (`cdc-worker ledger skip`).
+    SkippedByOperator,
 }
 
 impl SkipKind {
@@ -533,6 +535,7 @@ impl SkipKind {
             SkipKind::Unroutable => "unroutable",
             SkipKind::NotDmsName => "not_dms_name",
             SkipKind::UnusableName => "unusable_name",
+            SkipKind::SkippedByOperator => "skipped_by_operator",
         }
     }
 }

@@ -123,6 +123,13 @@ fn guide(alert: &Alert) -> Guide {
             commands: &["cdc-worker schema history {table}"],
             docs: &["docs/schema-evolution.md"],
         },
+        AlertKind::LedgerEdited => Guide {
+            state: "loading goes on",
+            did: "recorded an operator's decision about the file in the table's ledger",
+            todo: "Nothing, if the decision was intended. `cdc-worker ledger show` lists the table's ledger.",
+            commands: &["cdc-worker ledger show {table}"],
+            docs: &["docs/operations.md"],
+        },
         AlertKind::RowsSkipped => Guide {
             state: "loading goes on",
             did: "applied the file without the rows whose key has a NULL: a key identifies a row, so such a row changes none",
@@ -428,6 +435,19 @@ mod tests {
                 a.source = Some("public.events".into());
                 a.file = Some(FILE.into());
                 a.next_steps = Some("Nothing is required. Deletes apply from here on; rows deleted at the source before the key was set are still in the table (replay the table to remove them).".into());
+                a
+            }
+            AlertKind::LedgerEdited => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "orders",
+                    &format!(
+                        "{FILE}: skipped by an operator (its data is corrupt at the source); it will never be applied"
+                    ),
+                );
+                a.file = Some(FILE.into());
+                a.next_steps = Some("Running workers stop waiting for it within a minute and apply `orders`'s later files. If its notification is in the dead-letter queue, redrive it (it is acknowledged) or purge it.".into());
                 a
             }
             AlertKind::RowsSkipped => {

@@ -100,16 +100,58 @@ pub struct ApplyStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerRecord {
     pub etag: String,
-    /// Rejected as unreadable rather than applied.
-    pub rejected: bool,
+    pub status: LedgerStatus,
 }
 
-/// Ledger statuses.
+impl LedgerRecord {
+    /// Rejected as unreadable rather than applied.
+    pub fn rejected(&self) -> bool {
+        self.status == LedgerStatus::Rejected
+    }
+}
+
+/// What the newest ledger entry of a file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerStatus {
+    /// Applied by a batch.
+    Applied,
+    /// Unreadable: never fetched again while the same bytes come back.
+    Rejected,
+    /// Skipped by an operator (`cdc-worker ledger skip`): acknowledged, never applied.
+    Skipped,
+    /// Forgotten by an operator (`cdc-worker ledger forget`): as if it had never been seen.
+    Forgotten,
+}
+
+impl LedgerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerStatus::Applied => STATUS_APPLIED,
+            LedgerStatus::Rejected => STATUS_REJECTED,
+            LedgerStatus::Skipped => STATUS_SKIPPED,
+            LedgerStatus::Forgotten => STATUS_FORGOTTEN,
+        }
+    }
+
+    /// The status column's text; entries from before statuses (no text) are applied files.
+    pub fn parse(text: Option<&str>) -> Self {
+        match text {
+            Some(STATUS_REJECTED) => LedgerStatus::Rejected,
+            Some(STATUS_SKIPPED) => LedgerStatus::Skipped,
+            Some(STATUS_FORGOTTEN) => LedgerStatus::Forgotten,
+            _ => LedgerStatus::Applied,
+        }
+    }
+}
+
+/// Ledger statuses, as stored.
 pub const STATUS_APPLIED: &str = "applied";
 pub const STATUS_REJECTED: &str = "rejected";
+pub const STATUS_SKIPPED: &str = "skipped";
+pub const STATUS_FORGOTTEN: &str = "forgotten";
 
-/// A file recorded as applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LedgerEntry {
     pub table: String,
     pub key: String,
@@ -117,6 +159,10 @@ pub struct LedgerEntry {
     pub size: u64,
     pub batch_id: String,
     pub applied_at: String,
+    /// "applied", "rejected", "skipped" or "forgotten" (see [`LedgerStatus`]).
+    pub status: String,
+    /// Why it was rejected, skipped or forgotten.
+    pub detail: String,
 }
 
 /// A statement that changes the target's shape, run before the load in the same

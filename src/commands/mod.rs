@@ -1,6 +1,7 @@
 //! The operator's commands around the daemon: schema history, status, replay, leases,
 //! health and connection checks. `anyhow` lives here, at the edge.
 
+pub mod ledger;
 mod replay;
 mod status;
 

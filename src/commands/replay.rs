@@ -176,7 +176,7 @@ fn folder(prefix: &str) -> String {
 
 /// Every source table folder under the prefix (`prefix/schema/table/`), from S3's
 /// folder listing, plus those the schema store knows (their files may be gone).
-async fn table_folders(
+pub(super) async fn table_folders(
     config: &Config,
     aws: &AwsClients,
     schemas: &SchemaStore,

@@ -16,7 +16,7 @@ use duckdb::{Connection, params_from_iter};
 use futures::StreamExt;
 
 use crate::batch::{
-    ApplyPlan, ApplyStats, BatchFile, Ddl, LedgerEntry, LedgerRecord, LoadMode, STATUS_REJECTED,
+    ApplyPlan, ApplyStats, BatchFile, Ddl, LedgerEntry, LedgerRecord, LedgerStatus, LoadMode,
     StageError, Staged, StagedFile, TargetTable,
 };
 use crate::config::DuckdbConfig;
@@ -465,7 +465,7 @@ impl Warehouse for Duckdb {
                             k,
                             LedgerRecord {
                                 etag: etag.unwrap_or_default(),
-                                rejected: status.as_deref() == Some(STATUS_REJECTED),
+                                status: LedgerStatus::parse(status.as_deref()),
                             },
                         );
                     }
@@ -475,10 +475,11 @@ impl Warehouse for Duckdb {
             .await
     }
 
-    async fn record_rejected(
+    async fn record_status(
         &self,
         table: &str,
         files: &[BatchFile],
+        status: LedgerStatus,
         reason: &str,
     ) -> Result<(), WarehouseError> {
         let (table, files, reason) = (table.to_string(), files.to_vec(), reason.to_string());
@@ -498,7 +499,7 @@ impl Warehouse for Duckdb {
                             f.etag,
                             f.size as i64,
                             f.order_key,
-                            STATUS_REJECTED,
+                            status.as_str(),
                             reason
                         ])
                         .map_err(sql_err)?;
@@ -634,6 +635,41 @@ impl Warehouse for Duckdb {
             .await
     }
 
+    async fn ledger_entries(
+        &self,
+        table: &str,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, WarehouseError> {
+        let table = table.to_string();
+        self.0
+            .with_conn(move |conn, schema| {
+                let sql = format!(
+                    "SELECT s3_key, etag, size_bytes, batch_id, CAST(applied_at AS VARCHAR), status, detail
+                     FROM {} WHERE table_name = ? ORDER BY applied_at DESC LIMIT {limit}",
+                    DuckdbWarehouse::ledger(schema)
+                );
+                let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
+                let rows = stmt
+                    .query_map([&table], |r| {
+                        Ok(LedgerEntry {
+                            table: table.clone(),
+                            key: r.get(0)?,
+                            etag: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                            size: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                            batch_id: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                            applied_at: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                            status: r
+                                .get::<_, Option<String>>(5)?
+                                .unwrap_or_else(|| "applied".into()),
+                            detail: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        })
+                    })
+                    .map_err(sql_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(sql_err)
+            })
+            .await
+    }
+
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
         self.0
             .with_conn(|conn, schema| {
@@ -653,6 +689,8 @@ impl Warehouse for Duckdb {
                             size: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
                             batch_id: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
                             applied_at: r.get(5)?,
+                            status: "applied".into(),
+                            detail: String::new(),
                         })
                     })
                     .map_err(sql_err)?
@@ -751,7 +789,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(found[&key].etag, "e1");
-        assert!(!found[&key].rejected, "old entries are applied files");
+        assert!(!found[&key].rejected(), "old entries are applied files");
         assert_eq!(
             wh.last_applied("orders").await.unwrap(),
             Some(("1|a.parquet".to_string(), key))

@@ -13,7 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::batch::{
-    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, Staged, StagedFile, TargetTable,
+    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, LedgerStatus, Staged, StagedFile,
+    TargetTable,
 };
 
 /// Bookkeeping tables live beside the targets under these reserved names; a source table
@@ -92,14 +93,24 @@ pub trait Warehouse: Send + Sync + 'static {
         keys: &[String],
     ) -> Result<HashMap<String, LedgerRecord>, WarehouseError>;
 
-    /// Records files that can never be applied (unreadable Parquet), so they are not
-    /// fetched again; a fixed upload (new ETag) is applied normally.
-    async fn record_rejected(
+    /// Records a verdict on files outside a batch: rejected (unreadable Parquet, not fetched
+    /// again; a fixed upload with a new ETag is applied normally), or an operator's skip or
+    /// forget (`cdc-worker ledger`). The newest entry of a key decides.
+    async fn record_status(
         &self,
         table: &str,
         files: &[BatchFile],
+        status: LedgerStatus,
         reason: &str,
     ) -> Result<(), WarehouseError>;
+
+    /// A table's ledger, newest entry first, at most `limit` entries (`cdc-worker ledger
+    /// show`).
+    async fn ledger_entries(
+        &self,
+        table: &str,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, WarehouseError>;
 
     /// The last applied file of `table` by DMS order: (order key, S3 key).
     async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError>;

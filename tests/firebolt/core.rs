@@ -100,9 +100,10 @@ async fn full_apply_path_on_firebolt_core() {
         etag: "e".into(),
         order_key: "0".into(),
     };
-    wh.record_rejected(
+    wh.record_status(
         &unique,
         std::slice::from_ref(&probe),
+        cdc_worker::batch::LedgerStatus::Rejected,
         "probe: it's rejected",
     )
     .await
@@ -111,7 +112,7 @@ async fn full_apply_path_on_firebolt_core() {
         .applied(&unique, std::slice::from_ref(&probe.key))
         .await
         .unwrap();
-    assert!(found[&probe.key].rejected);
+    assert!(found[&probe.key].rejected());
     assert_eq!(wh.describe(&unique).await.unwrap(), None);
 
     let Some(bucket) = env("FIREBOLT_CORE_S3_BUCKET") else {

@@ -335,10 +335,11 @@ fn ledger_queries_return_the_newest_entry_per_key() {
     let conn = setup();
     let ledger = cdc_worker::warehouse::sql::qualified("main", LEDGER_TABLE);
     let f = file("t/1.parquet", "0001");
-    conn.execute_batch(&sql::rejected_insert(
+    conn.execute_batch(&sql::status_insert(
         &ledger,
         "orders",
         std::slice::from_ref(&f),
+        "rejected",
         "bad",
     ))
     .unwrap();

@@ -756,7 +756,7 @@ async fn ledger_lookups_parse_the_newest_entries() {
     let keys: Vec<String> = (0..1001).map(|i| format!("t/{i}.parquet")).collect();
     let found = wh.applied("orders", &keys).await.unwrap();
     assert_eq!(found["t/1.parquet"].etag, "e1");
-    assert!(!found["t/1.parquet"].rejected && found["t/2.parquet"].rejected);
+    assert!(!found["t/1.parquet"].rejected() && found["t/2.parquet"].rejected());
     assert_eq!(
         by_kind(&server, "applied").len(),
         3,
@@ -766,11 +766,16 @@ async fn ledger_lookups_parse_the_newest_entries() {
         wh.last_applied("orders").await.unwrap(),
         Some(("0002".into(), "t/2.parquet".into()))
     );
-    wh.record_rejected("orders", &[batch_file("t/9.parquet", "0009")], "bad footer")
-        .await
-        .unwrap();
+    wh.record_status(
+        "orders",
+        &[batch_file("t/9.parquet", "0009")],
+        cdc_worker::batch::LedgerStatus::Rejected,
+        "bad footer",
+    )
+    .await
+    .unwrap();
     assert!(
-        by_kind(&server, "reject")[0]
+        by_kind(&server, "ledger-status")[0]
             .body
             .contains("'rejected', 'bad footer'")
     );

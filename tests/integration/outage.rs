@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cdc_worker::batch::{
-    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, Staged, StagedFile, TargetTable,
+    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, LedgerStatus, Staged, StagedFile,
+    TargetTable,
 };
 use cdc_worker::config::{Config, KeySpec, TableConfig};
 use cdc_worker::warehouse::{Warehouse, WarehouseError};
@@ -188,14 +189,23 @@ impl Warehouse for Switchable {
         self.check()?;
         self.inner.applied(table, keys).await
     }
-    async fn record_rejected(
+    async fn record_status(
         &self,
         table: &str,
         files: &[BatchFile],
+        status: LedgerStatus,
         reason: &str,
     ) -> Result<(), WarehouseError> {
         self.check()?;
-        self.inner.record_rejected(table, files, reason).await
+        self.inner.record_status(table, files, status, reason).await
+    }
+    async fn ledger_entries(
+        &self,
+        table: &str,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, WarehouseError> {
+        self.check()?;
+        self.inner.ledger_entries(table, limit).await
     }
     async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError> {
         self.check()?;

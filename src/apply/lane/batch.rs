@@ -10,11 +10,11 @@ use tracing::Instrument;
 
 use super::Lane;
 use super::segment::{SegmentOutcome, Tally};
-use super::verdicts::{LedgerVerdict, Listing, join_gaps, ledger_verdict};
+use super::verdicts::{LedgerVerdict, Listing, join_gaps, ledger_verdict, still_to_apply};
 use crate::alerts::{AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile, new_batch_id};
 use crate::apply::failure::ApplyError;
-use crate::batch::{BatchFile, StageError, StagedFile};
+use crate::batch::{BatchFile, LedgerRecord, LedgerStatus, StageError, StagedFile};
 use crate::dms::{KeyClass, classify_key};
 use crate::queue::FileOutcome;
 use crate::schema::store::TableStatus;
@@ -208,6 +208,17 @@ impl Lane {
                 LedgerVerdict::Replaced { ledger_etag } => {
                     self.skip_replaced(f, &ledger_etag).await
                 }
+                LedgerVerdict::SkippedByOperator => {
+                    FileSkipped {
+                        table: &self.table,
+                        key: &f.file.key,
+                        kind: SkipKind::SkippedByOperator,
+                        reason: "skipped by an operator (cdc-worker ledger skip)",
+                    }
+                    .emit();
+                    self.state.settled(&f);
+                    f.resolve(FileOutcome::Skipped);
+                }
             }
         }
         Ok(fresh)
@@ -293,9 +304,10 @@ impl Lane {
                 Ok(a) => a,
                 Err(e) => return Err((ApplyError::warehouse("reading the ledger")(e), batch)),
             };
-            gaps.retain(|g| !applied.contains_key(&g.file.key));
+            gaps.retain(|g| still_to_apply(&g.file, applied.get(&g.file.key)));
+            let done: Vec<&str> = gaps_done(&applied);
             let listing = self.cache.listing.as_mut().expect("listed");
-            listing.forget(applied.keys().map(String::as_str));
+            listing.forget(done);
         }
         if gaps.is_empty() {
             return Ok(batch);
@@ -383,7 +395,7 @@ impl Lane {
             .applied(&self.table, &keys)
             .await
             .map_err(ApplyError::warehouse("reading the ledger"))?;
-        files.retain(|_, f| !applied.contains_key(&f.file.key));
+        files.retain(|_, f| still_to_apply(&f.file, applied.get(&f.file.key)));
         let through = files.keys().next_back().cloned();
         self.cache.listing = Some(Listing {
             through,
@@ -455,7 +467,12 @@ impl Lane {
         if let Err(e) = self
             .ctx
             .warehouse
-            .record_rejected(&self.table, std::slice::from_ref(&f.file), &reason)
+            .record_status(
+                &self.table,
+                std::slice::from_ref(&f.file),
+                LedgerStatus::Rejected,
+                &reason,
+            )
             .await
         {
             tracing::warn!(table = %self.table, key = %f.file.key, error = %e, "could not record the rejected file in the ledger");
@@ -526,4 +543,14 @@ fn split_segments(ready: Vec<(PendingFile, StagedFile)>) -> Vec<Vec<(PendingFile
         }
     }
     segments
+}
+
+/// Keys the ledger holds with a final verdict (applied, rejected, skipped): they leave the
+/// listing's gaps.
+fn gaps_done(applied: &std::collections::HashMap<String, LedgerRecord>) -> Vec<&str> {
+    applied
+        .iter()
+        .filter(|(_, r)| r.status != LedgerStatus::Forgotten)
+        .map(|(k, _)| k.as_str())
+        .collect()
 }

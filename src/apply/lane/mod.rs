@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::context::{ApplyContext, LaneInfo, PendingFile};
-use crate::batch::TargetTable;
+use crate::batch::{LedgerStatus, TargetTable};
 use crate::queue::FileOutcome;
 use crate::schema::store::{Stored, TableStatus};
 use crate::warehouse::WarehouseError;
@@ -99,6 +99,10 @@ impl Lane {
                 Next::Wait(until) => until,
                 Next::RecheckHold => {
                     self.recheck_hold().await;
+                    continue;
+                }
+                Next::CheckBlocker => {
+                    self.check_blocker().await;
                     continue;
                 }
                 Next::Batch => {
@@ -228,6 +232,37 @@ impl Lane {
                 tracing::warn!(table = %self.table, error = %e, "cannot read the table's schema status");
             }
         }
+    }
+
+    /// Asks the ledger about the file the table waits behind: skipped by an operator
+    /// (`cdc-worker ledger skip`) or applied by another worker, it no longer blocks.
+    async fn check_blocker(&mut self) {
+        let now = Instant::now();
+        let Some(key) = self.state.blocker().map(str::to_string) else {
+            return;
+        };
+        let settled = match self
+            .ctx
+            .warehouse
+            .applied(&self.table, std::slice::from_ref(&key))
+            .await
+        {
+            Ok(found) => found
+                .get(&key)
+                .is_some_and(|r| matches!(r.status, LedgerStatus::Applied | LedgerStatus::Skipped)),
+            Err(e) => {
+                tracing::warn!(table = %self.table, error = %e, "cannot ask the ledger about the file the table waits behind");
+                false
+            }
+        };
+        if settled {
+            tracing::info!(table = %self.table, key, "the file the table waited behind is settled in the ledger; going on");
+            self.cache.loaded = false;
+            self.cache.listing = None;
+        } else {
+            tracing::info!(table = %self.table, key, files = self.state.snapshot().pending_files, "files wait behind a file that is back in the queue (or in the dead-letter queue); `cdc-worker ledger skip` releases them");
+        }
+        self.state.blocker_checked(settled, now);
     }
 
     async fn target(&mut self) -> Result<Option<TargetTable>, WarehouseError> {

@@ -346,7 +346,7 @@ impl Lane {
         let taken = files.iter().any(|f| {
             recorded
                 .get(&f.file.key)
-                .is_some_and(|r| !r.rejected || r.etag == f.file.etag)
+                .is_some_and(|r| !r.rejected() || r.etag == f.file.etag)
         });
         let last = warehouse
             .last_applied(&self.table)

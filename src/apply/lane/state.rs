@@ -34,9 +34,9 @@ use crate::dms::DmsOrder;
 pub const HOLD_RECHECK: Duration = Duration::from_secs(10);
 const CONDITION_RECHECK_MAX: Duration = Duration::from_secs(300);
 
-/// With files waiting behind a file that is not in the lane (released to the queue), how
-/// often the lane wakes up to report them.
-const REPORT_EVERY: Duration = Duration::from_secs(30);
+/// With files waiting behind a file that is not in the lane (back in the queue, or in the
+/// dead-letter queue), how often the lane asks the ledger whether an operator skipped it.
+const BLOCKER_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// How a lane batches and retries.
 #[derive(Debug, Clone)]
@@ -100,6 +100,8 @@ pub enum Next {
     Batch,
     /// Re-read the held table's status now.
     RecheckHold,
+    /// Ask the ledger about the file the table waits behind (`cdc-worker ledger skip`).
+    CheckBlocker,
     /// Nothing to do before this instant, unless a file arrives.
     Wait(Instant),
 }
@@ -184,6 +186,8 @@ pub struct LaneState {
     alerted: HashSet<String>,
     /// The last condition that held the table and how many times in a row it did.
     condition_streak: Option<(String, u32)>,
+    /// When the ledger was last asked about the blocking file.
+    blocker_checked: Option<Instant>,
 }
 
 impl LaneState {
@@ -200,6 +204,7 @@ impl LaneState {
             retrying: HashSet::new(),
             alerted: HashSet::new(),
             condition_streak: None,
+            blocker_checked: None,
         }
     }
 
@@ -269,7 +274,14 @@ impl LaneState {
         }
         let Some(oldest) = self.eligible().map(|f| f.arrived).min() else {
             // Everything waits behind a file that is back in the queue.
-            return Next::Wait(now + REPORT_EVERY);
+            let due = self
+                .blocker_checked
+                .map_or(now, |checked| checked + BLOCKER_CHECK_EVERY);
+            return if due <= now {
+                Next::CheckBlocker
+            } else {
+                Next::Wait(due)
+            };
         };
         let due = oldest + self.policy.linger;
         if self.full_batch_waits() || due <= now || self.isolating() {
@@ -429,6 +441,20 @@ impl LaneState {
         })
     }
 
+    /// The file every later file waits behind, when it is not in the lane.
+    pub fn blocker(&self) -> Option<&str> {
+        self.blocked_from.as_ref().map(|(_, key)| key.as_str())
+    }
+
+    /// The ledger was asked about the blocking file: `settled` when an operator skipped it
+    /// (or another worker applied it), which unblocks the table.
+    pub fn blocker_checked(&mut self, settled: bool, now: Instant) {
+        self.blocker_checked = Some(now);
+        if settled {
+            self.blocked_from = None;
+        }
+    }
+
     /// Files that were resolved without being applied (skipped, rejected): a file blocking
     /// the table that is no longer in the lane's hands unblocks it.
     pub fn settled(&mut self, file: &PendingFile) {
@@ -574,7 +600,7 @@ mod tests {
     use crate::apply::lane::verdicts::{
         KeyTransition, LedgerVerdict, Listing, join_gaps, key_transition, ledger_verdict,
     };
-    use crate::batch::{BatchFile, LedgerRecord};
+    use crate::batch::{BatchFile, LedgerRecord, LedgerStatus};
     use crate::dms::{KeyClass, classify_key};
 
     fn policy() -> LanePolicy {
@@ -948,9 +974,13 @@ mod tests {
     fn the_ledger_verdict_tells_redeliveries_rewrites_and_rejected_files_apart() {
         let t0 = Instant::now();
         let f = cdc(1, t0).file;
-        let record = |etag: &str, rejected| LedgerRecord {
+        let record = |etag: &str, rejected: bool| LedgerRecord {
             etag: etag.into(),
-            rejected,
+            status: if rejected {
+                LedgerStatus::Rejected
+            } else {
+                LedgerStatus::Applied
+            },
         };
         assert_eq!(ledger_verdict(&f, None), LedgerVerdict::Fresh);
         assert_eq!(
@@ -1045,5 +1075,33 @@ mod tests {
                 key: k(&["id", "line"])
             }
         );
+    }
+
+    #[test]
+    fn a_table_blocked_by_a_file_back_in_the_queue_asks_the_ledger_now_and_then() {
+        let t0 = Instant::now();
+        let mut lane = LaneState::new(policy());
+        lane.add(cdc(1, t0));
+        let batch = lane.take_batch();
+        let after = lane.failed(batch, Disposition::Poison, "Constraint Error", t0);
+        assert!(after.release.is_empty());
+        // Its message went back to the queue (simulated: the lane no longer holds it).
+        let _gone = lane.take_batch();
+        let t1 = t0 + Duration::from_secs(5);
+        lane.add(cdc(2, t1));
+        lane.add(cdc(3, t1));
+        assert_eq!(lane.next(t1), Next::CheckBlocker);
+        assert_eq!(
+            lane.blocker(),
+            Some("dms/public/t/20261124-100001000.parquet")
+        );
+        lane.blocker_checked(false, t1);
+        assert_eq!(lane.next(t1), Next::Wait(t1 + Duration::from_secs(30)));
+        // An operator skipped it (`cdc-worker ledger skip`): the table goes on.
+        let later = t1 + Duration::from_secs(30);
+        assert_eq!(lane.next(later), Next::CheckBlocker);
+        lane.blocker_checked(true, later);
+        assert_eq!(lane.next(later), Next::Batch);
+        assert_eq!(names(&lane.take_batch()).len(), 2);
     }
 }

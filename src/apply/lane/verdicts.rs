@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::state::LanePolicy;
 use crate::apply::context::PendingFile;
-use crate::batch::{BatchFile, LedgerRecord};
+use crate::batch::{BatchFile, LedgerRecord, LedgerStatus};
 use crate::dms::DmsOrder;
 
 /// The ledger's verdict on a file of a batch.
@@ -21,6 +21,8 @@ pub enum LedgerVerdict {
     StillRejected,
     /// Applied before, and the object now has other content.
     Replaced { ledger_etag: String },
+    /// Skipped by an operator (`cdc-worker ledger skip`), still the same bytes.
+    SkippedByOperator,
 }
 
 pub fn ledger_verdict(file: &BatchFile, record: Option<&LedgerRecord>) -> LedgerVerdict {
@@ -29,14 +31,23 @@ pub fn ledger_verdict(file: &BatchFile, record: Option<&LedgerRecord>) -> Ledger
     };
     // An unknown ETag on either side cannot tell the contents apart: same file.
     let same = record.etag.is_empty() || file.etag.is_empty() || record.etag == file.etag;
-    match (record.rejected, same) {
-        (true, true) => LedgerVerdict::StillRejected,
-        (true, false) => LedgerVerdict::Fresh,
-        (false, true) => LedgerVerdict::AlreadyApplied,
-        (false, false) => LedgerVerdict::Replaced {
+    match (record.status, same) {
+        // New content for a file that never took effect is applied.
+        (LedgerStatus::Forgotten, _)
+        | (LedgerStatus::Rejected, false)
+        | (LedgerStatus::Skipped, false) => LedgerVerdict::Fresh,
+        (LedgerStatus::Rejected, true) => LedgerVerdict::StillRejected,
+        (LedgerStatus::Skipped, true) => LedgerVerdict::SkippedByOperator,
+        (LedgerStatus::Applied, true) => LedgerVerdict::AlreadyApplied,
+        (LedgerStatus::Applied, false) => LedgerVerdict::Replaced {
             ledger_etag: record.etag.clone(),
         },
     }
+}
+
+/// Whether a file still has to be applied, as far as its ledger record says.
+pub fn still_to_apply(file: &BatchFile, record: Option<&LedgerRecord>) -> bool {
+    ledger_verdict(file, record) == LedgerVerdict::Fresh
 }
 
 /// How the key a segment is applied with compares with the one the table was applied with.

@@ -28,8 +28,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::batch::{
-    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, STATUS_REJECTED, Staged,
-    StagedFile, TargetTable,
+    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, LedgerStatus, Staged, StagedFile,
+    TargetTable,
 };
 use crate::config::FireboltConfig;
 use crate::storage::ObjectStore;
@@ -351,7 +351,7 @@ impl Warehouse for Firebolt {
                     key,
                     LedgerRecord {
                         etag: rows.text_at(row, 1).unwrap_or_default(),
-                        rejected: rows.text_at(row, 2).as_deref() == Some(STATUS_REJECTED),
+                        status: LedgerStatus::parse(rows.text_at(row, 2).as_deref()),
                     },
                 );
             }
@@ -359,22 +359,49 @@ impl Warehouse for Firebolt {
         Ok(found)
     }
 
-    async fn record_rejected(
+    async fn record_status(
         &self,
         table: &str,
         files: &[BatchFile],
+        status: LedgerStatus,
         reason: &str,
     ) -> Result<(), WarehouseError> {
         if files.is_empty() {
             return Ok(());
         }
-        let mut run = self.runner("reject").await?;
+        let mut run = self.runner("ledger-status").await?;
         run.run(
-            "reject",
-            sql::rejected_insert(&self.ledger(), table, files, reason),
+            "ledger-status",
+            sql::status_insert(&self.ledger(), table, files, status.as_str(), reason),
         )
         .await?;
         Ok(())
+    }
+
+    async fn ledger_entries(
+        &self,
+        table: &str,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, WarehouseError> {
+        let mut run = self.runner("ledger-entries").await?;
+        let rows = run
+            .run(
+                "ledger-entries",
+                sql::ledger_entries_query(&self.ledger(), table, limit),
+            )
+            .await?;
+        Ok((0..rows.rows.len())
+            .map(|r| LedgerEntry {
+                table: table.to_string(),
+                key: rows.text_at(r, 0).unwrap_or_default(),
+                etag: rows.text_at(r, 1).unwrap_or_default(),
+                size: rows.u64_at(r, 2).unwrap_or(0),
+                batch_id: rows.text_at(r, 3).unwrap_or_default(),
+                applied_at: rows.text_at(r, 4).unwrap_or_default(),
+                status: rows.text_at(r, 5).unwrap_or_else(|| "applied".into()),
+                detail: rows.text_at(r, 6).unwrap_or_default(),
+            })
+            .collect())
     }
 
     async fn last_applied(&self, table: &str) -> Result<Option<(String, String)>, WarehouseError> {
@@ -451,6 +478,8 @@ impl Warehouse for Firebolt {
                 size: rows.u64_at(r, 3).unwrap_or(0),
                 batch_id: rows.text_at(r, 4).unwrap_or_default(),
                 applied_at: rows.text_at(r, 5).unwrap_or_default(),
+                status: "applied".into(),
+                detail: String::new(),
             })
             .collect())
     }

@@ -5,7 +5,7 @@
 //!
 //! Items the reference marks UNCONFIRMED are isolated here, each with a comment.
 
-use crate::batch::{ApplyPlan, BatchFile, LoadExpr, LoadMode, STATUS_APPLIED, STATUS_REJECTED};
+use crate::batch::{ApplyPlan, BatchFile, LoadExpr, LoadMode, STATUS_APPLIED};
 use crate::config::Secret;
 use crate::schema::dialect::Dialect;
 use crate::schema::types::{Column, ColumnType};
@@ -480,14 +480,31 @@ pub fn ledger_insert(ledger: &str, plan: &ApplyPlan) -> String {
     )
 }
 
-pub fn rejected_insert(ledger: &str, table: &str, files: &[BatchFile], reason: &str) -> String {
+/// Files recorded with a status outside a batch (rejected, or an operator's skip or
+/// forget).
+pub fn status_insert(
+    ledger: &str,
+    table: &str,
+    files: &[BatchFile],
+    status: &str,
+    reason: &str,
+) -> String {
     let rows: Vec<String> = files
         .iter()
-        .map(|f| ledger_row(table, f, None, STATUS_REJECTED, Some(reason)))
+        .map(|f| ledger_row(table, f, None, status, Some(reason)))
         .collect();
     format!(
         "INSERT INTO {ledger} {LEDGER_COLUMNS} VALUES {}",
         rows.join(", ")
+    )
+}
+
+/// A table's ledger entries, newest first.
+pub fn ledger_entries_query(ledger: &str, table: &str, limit: usize) -> String {
+    format!(
+        "SELECT s3_key, etag, size_bytes, batch_id, CAST(applied_at AS TEXT), status, detail FROM {ledger} \
+         WHERE table_name = {} ORDER BY applied_at DESC LIMIT {limit}",
+        literal(table)
     )
 }
 
@@ -848,7 +865,7 @@ mod tests {
              ('Ordérs\"x', 'dms/t/1.parquet', 'e''1', 1234, 'b1', '0001', 'applied', NULL, CURRENT_TIMESTAMP), \
              ('Ordérs\"x', 'dms/t/it''s 2.parquet', 'e''1', 1234, 'b1', '0001', 'applied', NULL, CURRENT_TIMESTAMP)"
         );
-        assert!(rejected_insert("\"l\"", HOSTILE, &p.files[..1], "bad'footer").contains("('x\"; DROP TABLE x; --', 'dms/t/1.parquet', 'e''1', 1234, NULL, '0001', 'rejected', 'bad''footer', CURRENT_TIMESTAMP)"));
+        assert!(status_insert("\"l\"", HOSTILE, &p.files[..1], "rejected", "bad'footer").contains("('x\"; DROP TABLE x; --', 'dms/t/1.parquet', 'e''1', 1234, NULL, '0001', 'rejected', 'bad''footer', CURRENT_TIMESTAMP)"));
         assert_eq!(
             fence_update("\"f\"", "t'", 7, "w'1"),
             "UPDATE \"f\" SET token = 7, holder = 'w''1' WHERE table_name = 't'''"
