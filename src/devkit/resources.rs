@@ -96,17 +96,51 @@ pub fn notification_filter(prefix: &str) -> NotificationConfigurationFilter {
 
 /// Creates (or finds) every resource of `spec`.
 pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::Result<Resources> {
-    match aws.s3.create_bucket().bucket(&spec.bucket).send().await {
+    ensure_bucket(aws, &spec.bucket).await?;
+    let queues = create_queue_with_dead_letter_queue(aws, spec).await?;
+    allow_bucket_to_send(aws, &queues, &spec.bucket).await?;
+    notify_queue_of_new_objects(aws, &queues.queue_arn, spec).await?;
+    let (topic_arn, alerts_queue_url) = create_alerts_topic_with_inbox(aws, &spec.topic).await?;
+    Ok(Resources {
+        bucket: spec.bucket.clone(),
+        queue_url: queues.queue_url,
+        queue_arn: queues.queue_arn,
+        dlq_url: queues.dlq_url,
+        topic_arn,
+        alerts_queue_url,
+    })
+}
+
+/// Creates the bucket; one that exists already (ours, or one the name was taken for) is
+/// left as it is.
+async fn ensure_bucket(aws: &AwsClients, bucket: &str) -> anyhow::Result<()> {
+    match aws.s3.create_bucket().bucket(bucket).send().await {
         Ok(_) => {}
         Err(e) => {
             let why = crate::aws::explain(&e);
             if !why.detail.contains("BucketAlreadyOwnedByYou")
                 && !why.detail.contains("BucketAlreadyExists")
             {
-                anyhow::bail!("creating bucket {}: {why}", spec.bucket);
+                anyhow::bail!("creating bucket {bucket}: {why}");
             }
         }
     }
+    Ok(())
+}
+
+/// The notification queue and its dead-letter queue.
+struct Queues {
+    queue_url: String,
+    queue_arn: String,
+    dlq_url: String,
+}
+
+/// Creates the dead-letter queue, then the queue that redrives to it after
+/// `spec.max_receive_count` receives.
+async fn create_queue_with_dead_letter_queue(
+    aws: &AwsClients,
+    spec: &ResourceSpec,
+) -> anyhow::Result<Queues> {
     let dlq_url = create_queue(aws, &format!("{}-dlq", spec.queue), vec![]).await?;
     let dlq_arn = arn_of_queue(aws, &dlq_url).await?;
     let redrive = serde_json::json!({
@@ -127,27 +161,49 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
     )
     .await?;
     let queue_arn = arn_of_queue(aws, &queue_url).await?;
+    Ok(Queues {
+        queue_url,
+        queue_arn,
+        dlq_url,
+    })
+}
+
+/// The queue policy that lets S3 deliver the bucket's notifications, and nothing else.
+async fn allow_bucket_to_send(
+    aws: &AwsClients,
+    queues: &Queues,
+    bucket: &str,
+) -> anyhow::Result<()> {
     let policy = serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [{
             "Effect": "Allow",
             "Principal": {"Service": "s3.amazonaws.com"},
             "Action": "sqs:SendMessage",
-            "Resource": queue_arn,
-            "Condition": {"ArnLike": {"aws:SourceArn": format!("arn:aws:s3:::{}", spec.bucket)}}
+            "Resource": queues.queue_arn,
+            "Condition": {"ArnLike": {"aws:SourceArn": format!("arn:aws:s3:::{bucket}")}}
         }]
     })
     .to_string();
     aws.sqs
         .set_queue_attributes()
-        .queue_url(&queue_url)
+        .queue_url(&queues.queue_url)
         .attributes(QueueAttributeName::Policy, policy)
         .send()
         .await
         .context("setting the queue policy")?;
+    Ok(())
+}
 
+/// The bucket's notification: every object created under the prefix (see
+/// [`notification_filter`]) is announced on the queue.
+async fn notify_queue_of_new_objects(
+    aws: &AwsClients,
+    queue_arn: &str,
+    spec: &ResourceSpec,
+) -> anyhow::Result<()> {
     let queue_config = QueueConfiguration::builder()
-        .queue_arn(&queue_arn)
+        .queue_arn(queue_arn)
         .events(Event::S3ObjectCreated)
         .filter(notification_filter(&spec.prefix));
     aws.s3
@@ -162,18 +218,26 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
         .await
         .map_err(|e| anyhow::anyhow!("S3 bucket {}: {}", spec.bucket, crate::aws::explain(&e)))
         .context("configuring the bucket notification")?;
+    Ok(())
+}
 
+/// The alerts topic and the inbox queue subscribed to it (alerts are read back from
+/// there): the topic's ARN and the inbox's URL.
+async fn create_alerts_topic_with_inbox(
+    aws: &AwsClients,
+    topic: &str,
+) -> anyhow::Result<(String, String)> {
     let topic_arn = aws
         .sns
         .create_topic()
-        .name(&spec.topic)
+        .name(topic)
         .send()
         .await
         .context("creating the alerts topic")?
         .topic_arn()
         .map(str::to_string)
         .context("no topic ARN")?;
-    let alerts_queue_url = create_queue(aws, &format!("{}-inbox", spec.topic), vec![]).await?;
+    let alerts_queue_url = create_queue(aws, &format!("{topic}-inbox"), vec![]).await?;
     let alerts_queue_arn = arn_of_queue(aws, &alerts_queue_url).await?;
     aws.sns
         .subscribe()
@@ -183,14 +247,7 @@ pub async fn ensure_resources(aws: &AwsClients, spec: &ResourceSpec) -> anyhow::
         .send()
         .await
         .context("subscribing the alerts inbox queue")?;
-    Ok(Resources {
-        bucket: spec.bucket.clone(),
-        queue_url,
-        queue_arn,
-        dlq_url,
-        topic_arn,
-        alerts_queue_url,
-    })
+    Ok((topic_arn, alerts_queue_url))
 }
 
 /// One alert read back from the inbox queue: the SNS envelope's subject, attributes and

@@ -11,6 +11,7 @@ use crate::config::Secret;
 
 use super::error::FireboltError;
 use super::protocol::{error_message, parse_retry_after};
+use super::transport::{RetryBudget, transport_message};
 
 const STEP: &str = "authentication";
 
@@ -44,10 +45,21 @@ struct Cached {
 /// pass is retried).
 #[derive(Debug, Clone, Copy)]
 pub struct AuthRetry {
-    pub max_retries: u32,
-    pub backoff: super::transport::Backoff,
-    pub max_retry_after: Duration,
+    pub budget: RetryBudget,
     pub timeout: Duration,
+}
+
+/// A token request that brought no token.
+#[derive(Debug)]
+enum Refused {
+    /// Sending it again would not help (credentials refused, an unexpected status, a reply
+    /// without a token).
+    Finally(FireboltError),
+    /// It may pass: retried after the server's `Retry-After`, or the backoff without one.
+    ForNow {
+        error: FireboltError,
+        retry_after: Option<Duration>,
+    },
 }
 
 #[derive(Debug)]
@@ -115,6 +127,7 @@ impl TokenCache {
         }
     }
 
+    /// A new token, retried within `retry`'s budget.
     async fn fetch(
         &self,
         http: &reqwest::Client,
@@ -124,87 +137,99 @@ impl TokenCache {
             "{}/oauth/token",
             self.credentials.auth_url.trim_end_matches('/')
         );
+        let mut attempt = 0;
+        loop {
+            let (error, retry_after) = match self.request_token(http, &url, retry.timeout).await {
+                Ok(token) => return Ok(token),
+                Err(Refused::Finally(error)) => return Err(error),
+                Err(Refused::ForNow { error, retry_after }) => (error, retry_after),
+            };
+            let Some(delay) = retry.budget.delay(attempt, retry_after) else {
+                return Err(error);
+            };
+            tracing::warn!(attempt = attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "Firebolt token request failed; retrying");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// One exchange of the client credentials for a token.
+    async fn request_token(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(Secret, Duration), Refused> {
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.credentials.client_id.as_str()),
             ("client_secret", self.credentials.client_secret.expose()),
             ("audience", AUDIENCE),
         ];
-        let mut attempt = 0;
-        loop {
-            let outcome = http
-                .post(&url)
-                .form(&form)
-                .timeout(retry.timeout)
-                .send()
-                .await;
-            let (error, wait) = match outcome {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let retry_after = response
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                    let text = response.text().await.unwrap_or_default();
-                    // Whatever the server echoes, the secret does not leave this function.
-                    let text = text.replace(self.credentials.client_secret.expose(), "****");
-                    match status {
-                        200..=299 => return parse_token(&text),
-                        400 | 401 | 403 => {
-                            return Err(FireboltError::Auth {
-                                step: STEP,
-                                message: format!("HTTP {status}: {}", error_message(&text)),
-                            });
-                        }
-                        429 => (
-                            FireboltError::RateLimited {
-                                step: STEP,
-                                retry_after,
-                                message: error_message(&text),
-                            },
-                            retry_after,
-                        ),
-                        500..=599 | 408 => (
-                            FireboltError::Http {
-                                step: STEP,
-                                status,
-                                message: error_message(&text),
-                            },
-                            None,
-                        ),
-                        _ => {
-                            return Err(FireboltError::Http {
-                                step: STEP,
-                                status,
-                                message: error_message(&text),
-                            });
-                        }
-                    }
-                }
-                Err(e) if e.is_timeout() => (
-                    FireboltError::Timeout {
+        let response = match http.post(url).form(&form).timeout(timeout).send().await {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => {
+                return Err(Refused::ForNow {
+                    error: FireboltError::Timeout {
                         step: STEP,
-                        timeout: retry.timeout,
+                        timeout,
                     },
-                    None,
-                ),
-                Err(e) => (
-                    FireboltError::Connection {
-                        step: STEP,
-                        message: super::transport::transport_message(e),
-                    },
-                    None,
-                ),
-            };
-            if attempt >= retry.max_retries || wait.is_some_and(|w| w > retry.max_retry_after) {
-                return Err(error);
+                    retry_after: None,
+                });
             }
-            let delay = wait.unwrap_or_else(|| retry.backoff.delay(attempt));
-            tracing::warn!(attempt = attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "Firebolt token request failed; retrying");
-            tokio::time::sleep(delay).await;
-            attempt += 1;
-        }
+            Err(e) => {
+                return Err(Refused::ForNow {
+                    error: FireboltError::Connection {
+                        step: STEP,
+                        message: transport_message(e),
+                    },
+                    retry_after: None,
+                });
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let text = response.text().await.unwrap_or_default();
+        // Whatever the server echoes, the secret does not leave this function.
+        let text = text.replace(self.credentials.client_secret.expose(), "****");
+        token_reply(status, &text, retry_after)
+    }
+}
+
+/// What the token endpoint's answer means: the token, or whether to try again.
+fn token_reply(
+    status: u16,
+    text: &str,
+    retry_after: Option<Duration>,
+) -> Result<(Secret, Duration), Refused> {
+    let http = |status| FireboltError::Http {
+        step: STEP,
+        status,
+        message: error_message(text),
+    };
+    match status {
+        200..=299 => parse_token(text).map_err(Refused::Finally),
+        400 | 401 | 403 => Err(Refused::Finally(FireboltError::Auth {
+            step: STEP,
+            message: format!("HTTP {status}: {}", error_message(text)),
+        })),
+        429 => Err(Refused::ForNow {
+            error: FireboltError::RateLimited {
+                step: STEP,
+                retry_after,
+                message: error_message(text),
+            },
+            retry_after,
+        }),
+        500..=599 | 408 => Err(Refused::ForNow {
+            error: http(status),
+            retry_after: None,
+        }),
+        _ => Err(Refused::Finally(http(status))),
     }
 }
 
@@ -250,6 +275,41 @@ mod tests {
             Duration::from_secs(30)
         );
         assert_eq!(refresh_after(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_token_endpoint_is_retried_only_where_it_may_pass() {
+        let wait = Some(Duration::from_secs(3));
+        let outcome = |status| match token_reply(status, r#"{"error":"x"}"#, wait) {
+            Ok(_) => panic!("{status}: a token"),
+            Err(Refused::Finally(e)) => (None, e),
+            Err(Refused::ForNow { error, retry_after }) => (Some(retry_after), error),
+        };
+        for status in [400, 401, 403] {
+            assert!(matches!(
+                outcome(status),
+                (None, FireboltError::Auth { .. })
+            ));
+        }
+        assert!(matches!(
+            outcome(429),
+            (Some(w), FireboltError::RateLimited { retry_after, .. }) if w == wait && retry_after == wait
+        ));
+        for status in [408, 500, 503] {
+            assert!(matches!(
+                outcome(status),
+                (Some(None), FireboltError::Http { .. })
+            ));
+        }
+        assert!(matches!(
+            outcome(404),
+            (None, FireboltError::Http { status: 404, .. })
+        ));
+        assert!(token_reply(200, r#"{"access_token":"t"}"#, None).is_ok());
+        assert!(matches!(
+            token_reply(200, "{}", None),
+            Err(Refused::Finally(FireboltError::Protocol { .. }))
+        ));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::protocol::{
     Body, HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, QueryResult, SessionState, SessionUpdates,
     error_message, parse_body, parse_retry_after,
 };
+use super::transport::RetryBudget;
 pub use super::transport::{Backoff, transport_message};
 
 /// Which Firebolt to talk to.
@@ -100,6 +101,26 @@ pub fn engine_url_path(api_url: &str, account: &str) -> String {
         api_url.trim_end_matches('/'),
         percent_encoding::utf8_percent_encode(account, PATH_SEGMENT)
     )
+}
+
+/// The step named in errors of the engine-URL request.
+const ENGINE_DISCOVERY: &str = "engine discovery";
+
+/// The system engine's URL in the reply to [`engine_url_path`].
+fn engine_url_of_reply(text: &str) -> Result<String, FireboltError> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| FireboltError::Protocol {
+            step: ENGINE_DISCOVERY,
+            message: format!("not JSON: {}", truncate(text)),
+        })?;
+    json.get("engineUrl")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| FireboltError::Protocol {
+            step: ENGINE_DISCOVERY,
+            message: format!("no engineUrl in {}", truncate(text)),
+        })
 }
 
 /// The code a 500 wraps: Firebolt's gateway answers "Received error from remote server
@@ -327,6 +348,16 @@ enum Failure {
     },
 }
 
+impl Failure {
+    /// A failure that sending again would not change.
+    fn permanent(error: FireboltError) -> Self {
+        Failure::Other {
+            error,
+            retry: Retry::Never,
+        }
+    }
+}
+
 /// What an HTTP status and body mean for a statement.
 fn classify_status(
     step: &'static str,
@@ -471,12 +502,31 @@ impl Client {
         }
     }
 
-    fn auth_retry(&self) -> AuthRetry {
-        AuthRetry {
+    fn retry_budget(&self) -> RetryBudget {
+        RetryBudget {
             max_retries: self.config.max_retries,
             backoff: self.config.backoff,
             max_retry_after: self.config.max_retry_after,
+        }
+    }
+
+    fn auth_retry(&self) -> AuthRetry {
+        AuthRetry {
+            budget: self.retry_budget(),
             timeout: self.config.request_timeout.min(Duration::from_secs(30)),
+        }
+    }
+
+    /// After a 401: the token cache and the generation of the refused token, when the token
+    /// may be renewed (once per request, and only where there is one: Cloud).
+    fn renewable_token(
+        &self,
+        bearer: Option<&Bearer>,
+        renewed_already: bool,
+    ) -> Option<(&TokenCache, u64)> {
+        match (&self.auth, bearer, renewed_already) {
+            (Some(auth), Some(b), false) => Some((auth, b.generation)),
+            _ => None,
         }
     }
 
@@ -527,7 +577,7 @@ impl Client {
                 ..
             } => {
                 let system = self.engine_url(api_url, account).await?;
-                let mut s = SessionState::from_url(&system).map_err(bad_url("engine discovery"))?;
+                let mut s = SessionState::from_url(&system).map_err(bad_url(ENGINE_DISCOVERY))?;
                 let use_db = Statement::new(
                     "USE DATABASE",
                     "cdc-worker:connect:use-database",
@@ -559,88 +609,38 @@ impl Client {
 
     /// The account's system engine URL (`GET /web/v3/account/{account}/engineUrl`).
     async fn engine_url(&self, api_url: &str, account: &str) -> Result<String, FireboltError> {
-        const STEP: &str = "engine discovery";
         let url = engine_url_path(api_url, account);
         let mut attempt = 0;
         let mut reauthenticated = false;
         loop {
             let bearer = self.bearer().await?;
-            let mut request = self.http.get(&url).timeout(self.config.request_timeout);
-            if let Some(b) = &bearer {
-                request = request.bearer_auth(b.token.expose());
-            }
-            let failure = match request.send().await {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let retry_after = retry_after(response.headers());
-                    let text = response.text().await.unwrap_or_default();
-                    match status {
-                        200..=299 => {
-                            let json: serde_json::Value =
-                                serde_json::from_str(&text).map_err(|_| {
-                                    FireboltError::Protocol {
-                                        step: STEP,
-                                        message: format!("not JSON: {}", truncate(&text)),
-                                    }
-                                })?;
-                            return json
-                                .get("engineUrl")
-                                .and_then(|v| v.as_str())
-                                .filter(|s| !s.is_empty())
-                                .map(str::to_string)
-                                .ok_or_else(|| FireboltError::Protocol {
-                                    step: STEP,
-                                    message: format!("no engineUrl in {}", truncate(&text)),
-                                });
-                        }
-                        404 => {
-                            return Err(FireboltError::Auth {
-                                step: STEP,
-                                message: format!(
-                                    "account `{account}` does not exist or this service account has no access to it ({})",
-                                    error_message(&text)
-                                ),
-                            });
-                        }
-                        // A GET changes nothing: every transient failure may be retried.
-                        _ => match classify_status(STEP, status, &text, retry_after) {
-                            Failure::Other {
-                                error,
-                                retry: Retry::IfIdempotent,
-                            } => Failure::Other {
-                                error,
-                                retry: Retry::Always(None),
-                            },
-                            f => f,
-                        },
-                    }
-                }
-                Err(e) => match classify_transport(STEP, e, self.config.request_timeout) {
-                    Failure::Other { error, .. } => Failure::Other {
-                        error,
-                        retry: Retry::Always(None),
-                    },
-                    f => f,
-                },
+            let failure = match self
+                .request_engine_url(&url, account, bearer.as_ref())
+                .await
+            {
+                Ok(engine_url) => return Ok(engine_url),
+                Err(failure) => failure,
             };
             match failure {
-                Failure::Unauthorized(message) => match (&self.auth, &bearer, reauthenticated) {
-                    (Some(auth), Some(b), false) => {
-                        auth.invalidate(b.generation).await;
-                        reauthenticated = true;
-                    }
-                    _ => {
+                Failure::Unauthorized(message) => {
+                    let Some((auth, generation)) =
+                        self.renewable_token(bearer.as_ref(), reauthenticated)
+                    else {
                         return Err(FireboltError::Auth {
-                            step: STEP,
+                            step: ENGINE_DISCOVERY,
                             message,
                         });
-                    }
-                },
+                    };
+                    auth.invalidate(generation).await;
+                    reauthenticated = true;
+                }
                 Failure::Other { error, retry } => {
+                    // A GET changes nothing: it counts as idempotent, so every transient
+                    // failure may be retried.
                     let Some(delay) = self.retry_delay(retry, true, attempt) else {
                         return Err(error);
                     };
-                    tracing::warn!(step = STEP, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "Firebolt request failed; retrying");
+                    tracing::warn!(step = ENGINE_DISCOVERY, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "Firebolt request failed; retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
@@ -648,20 +648,59 @@ impl Client {
         }
     }
 
+    /// One `GET` of the engine URL at `url`.
+    async fn request_engine_url(
+        &self,
+        url: &str,
+        account: &str,
+        bearer: Option<&Bearer>,
+    ) -> Result<String, Failure> {
+        let mut request = self.http.get(url).timeout(self.config.request_timeout);
+        if let Some(b) = bearer {
+            request = request.bearer_auth(b.token.expose());
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                return Err(classify_transport(
+                    ENGINE_DISCOVERY,
+                    e,
+                    self.config.request_timeout,
+                ));
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        match status {
+            200..=299 => engine_url_of_reply(&text).map_err(Failure::permanent),
+            404 => Err(Failure::permanent(FireboltError::Auth {
+                step: ENGINE_DISCOVERY,
+                message: format!(
+                    "account `{account}` does not exist or this service account has no access to it ({})",
+                    error_message(&text)
+                ),
+            })),
+            _ => Err(classify_status(
+                ENGINE_DISCOVERY,
+                status,
+                &text,
+                retry_after,
+            )),
+        }
+    }
+
     /// How long to wait before the next attempt, or `None` to give up.
     fn retry_delay(&self, retry: Retry, idempotent: bool, attempt: u32) -> Option<Duration> {
-        if attempt >= self.config.max_retries {
-            return None;
-        }
+        let budget = self.retry_budget();
         match retry {
             Retry::Never => None,
             Retry::IfIdempotent if !idempotent => None,
-            Retry::IfIdempotent | Retry::Always(None) => Some(self.config.backoff.delay(attempt)),
-            Retry::Always(Some(after)) if after > self.config.max_retry_after => None,
+            Retry::IfIdempotent | Retry::Always(None) => budget.delay(attempt, None),
             // Honour the server's wait, with a little jitter so workers do not return together.
-            Retry::Always(Some(after)) => {
-                Some(after + Duration::from_millis(fastrand::u64(0..=100)))
-            }
+            Retry::Always(Some(after)) => budget
+                .delay(attempt, Some(after))
+                .map(|wait| wait + Duration::from_millis(fastrand::u64(0..=100))),
         }
     }
 
@@ -684,51 +723,31 @@ impl Client {
         loop {
             let bearer = self.bearer().await?;
             let started = Instant::now();
-            let (outcome, updates) = {
-                let _permit = self
-                    .permits
-                    .acquire()
-                    .await
-                    .expect("the semaphore is never closed");
-                self.send_once(session, statement, bearer.as_ref()).await
-            };
-            if !updates.is_empty() {
-                tracing::debug!(query_label = %statement.label, ?updates, "Firebolt session updated");
-                session
-                    .apply(&updates)
-                    .map_err(|message| FireboltError::Protocol {
-                        step: statement.kind,
-                        message,
-                    })?;
-            }
+            let (outcome, updates) = self
+                .send_within_limit(session, statement, bearer.as_ref())
+                .await;
+            apply_session_updates(session, statement, &updates)?;
             let failure = match outcome {
                 Ok(result) => {
-                    tracing::debug!(
-                        query_label = %statement.label,
-                        kind = statement.kind,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        rows = result.rows.len(),
-                        query_id = result.query_id.as_deref().unwrap_or(""),
-                        "Firebolt statement done"
-                    );
+                    log_statement_done(statement, started, &result);
                     return Ok(result);
                 }
                 Err(f) => f,
             };
             match failure {
-                Failure::Unauthorized(message) => match (&self.auth, &bearer, reauthenticated) {
-                    (Some(auth), Some(b), false) => {
-                        tracing::info!(query_label = %statement.label, "Firebolt token refused; authenticating again");
-                        auth.invalidate(b.generation).await;
-                        reauthenticated = true;
-                    }
-                    _ => {
+                Failure::Unauthorized(message) => {
+                    let Some((auth, generation)) =
+                        self.renewable_token(bearer.as_ref(), reauthenticated)
+                    else {
                         return Err(statement.scrub(FireboltError::Auth {
                             step: statement.kind,
                             message: format!("HTTP 401: {message}"),
                         }));
-                    }
-                },
+                    };
+                    tracing::info!(query_label = %statement.label, "Firebolt token refused; authenticating again");
+                    auth.invalidate(generation).await;
+                    reauthenticated = true;
+                }
                 Failure::Other { error, retry } => {
                     let error = statement.scrub(error);
                     if let FireboltError::EngineStopped { .. } = error {
@@ -746,6 +765,23 @@ impl Client {
         }
     }
 
+    /// [`Self::send_once`] within the bound on statements in flight.
+    async fn send_within_limit(
+        &self,
+        session: &SessionState,
+        statement: &Statement,
+        bearer: Option<&Bearer>,
+    ) -> (Result<QueryResult, Failure>, SessionUpdates) {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        self.send_once(session, statement, bearer).await
+    }
+
+    /// One attempt at `statement`: its outcome, and the session headers of the reply
+    /// (applied by the caller even when the statement failed).
     async fn send_once(
         &self,
         session: &SessionState,
@@ -753,35 +789,16 @@ impl Client {
         bearer: Option<&Bearer>,
     ) -> (Result<QueryResult, Failure>, SessionUpdates) {
         let step = statement.kind;
-        let url = match session.statement_url(&statement.label) {
-            Ok(mut url) => {
-                if statement.cancel_on_drop {
-                    url.query_pairs_mut()
-                        .append_pair(CANCEL_ON_DROP.0, CANCEL_ON_DROP.1);
-                }
-                url
-            }
+        let url = match statement_url(session, statement) {
+            Ok(url) => url,
             Err(message) => {
                 return (
-                    Err(Failure::Other {
-                        error: FireboltError::Config(message),
-                        retry: Retry::Never,
-                    }),
+                    Err(Failure::permanent(FireboltError::Config(message))),
                     SessionUpdates::default(),
                 );
             }
         };
-        let mut request = self
-            .http
-            .post(url)
-            .header(HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION)
-            .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .timeout(self.config.request_timeout)
-            .body(statement.sql.clone());
-        if let Some(b) = bearer {
-            request = request.bearer_auth(b.token.expose());
-        }
-        let response = match request.send().await {
+        let response = match self.post_statement(url, statement, bearer).send().await {
             Ok(r) => r,
             Err(e) => {
                 return (
@@ -793,42 +810,97 @@ impl Client {
         let status = response.status().as_u16();
         let updates = SessionUpdates::from_headers(response.headers());
         let retry_after = retry_after(response.headers());
-        let text = match response.text().await {
-            Ok(t) => statement.mask(t),
-            Err(e) => {
-                return (
-                    Err(classify_transport(step, e, self.config.request_timeout)),
-                    updates,
-                );
-            }
-        };
-        if !(200..300).contains(&status) {
-            return (
-                Err(classify_status(step, status, &text, retry_after)),
-                updates,
-            );
-        }
-        // Errors come with HTTP 200 too.
-        let outcome = match parse_body(&text) {
-            Ok(Body::Rows(result)) => Ok(result),
-            Ok(Body::Errors { errors, query_id }) => Err(Failure::Other {
-                error: FireboltError::Sql {
-                    step,
-                    errors,
-                    query_id,
-                },
-                retry: Retry::Never,
-            }),
-            Err(text) => Err(Failure::Other {
-                error: FireboltError::Protocol {
-                    step,
-                    message: format!("HTTP {status} with a body that is not JSON: {text}"),
-                },
-                retry: Retry::Never,
-            }),
+        let outcome = match response.text().await {
+            Ok(text) => statement_reply(step, status, &statement.mask(text), retry_after),
+            Err(e) => Err(classify_transport(step, e, self.config.request_timeout)),
         };
         (outcome, updates)
     }
+
+    /// The request that sends `statement` to `url`.
+    fn post_statement(
+        &self,
+        url: reqwest::Url,
+        statement: &Statement,
+        bearer: Option<&Bearer>,
+    ) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .post(url)
+            .header(HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION)
+            .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .timeout(self.config.request_timeout)
+            .body(statement.sql.clone());
+        match bearer {
+            Some(b) => request.bearer_auth(b.token.expose()),
+            None => request,
+        }
+    }
+}
+
+/// The session's statement URL for `statement`, with its per-statement settings.
+fn statement_url(session: &SessionState, statement: &Statement) -> Result<reqwest::Url, String> {
+    let mut url = session.statement_url(&statement.label)?;
+    if statement.cancel_on_drop {
+        url.query_pairs_mut()
+            .append_pair(CANCEL_ON_DROP.0, CANCEL_ON_DROP.1);
+    }
+    Ok(url)
+}
+
+/// What a statement's reply means: its rows, or the failure (secrets already masked in
+/// `text`).
+fn statement_reply(
+    step: &'static str,
+    status: u16,
+    text: &str,
+    retry_after: Option<Duration>,
+) -> Result<QueryResult, Failure> {
+    if !(200..300).contains(&status) {
+        return Err(classify_status(step, status, text, retry_after));
+    }
+    // Errors come with HTTP 200 too.
+    match parse_body(text) {
+        Ok(Body::Rows(result)) => Ok(result),
+        Ok(Body::Errors { errors, query_id }) => Err(Failure::permanent(FireboltError::Sql {
+            step,
+            errors,
+            query_id,
+        })),
+        Err(text) => Err(Failure::permanent(FireboltError::Protocol {
+            step,
+            message: format!("HTTP {status} with a body that is not JSON: {text}"),
+        })),
+    }
+}
+
+/// Applies the session headers of a reply (`Firebolt-Update-Parameters`, ...) to `session`.
+fn apply_session_updates(
+    session: &mut SessionState,
+    statement: &Statement,
+    updates: &SessionUpdates,
+) -> Result<(), FireboltError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    tracing::debug!(query_label = %statement.label, ?updates, "Firebolt session updated");
+    session
+        .apply(updates)
+        .map_err(|message| FireboltError::Protocol {
+            step: statement.kind,
+            message,
+        })
+}
+
+fn log_statement_done(statement: &Statement, started: Instant, result: &QueryResult) {
+    tracing::debug!(
+        query_label = %statement.label,
+        kind = statement.kind,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        rows = result.rows.len(),
+        query_id = result.query_id.as_deref().unwrap_or(""),
+        "Firebolt statement done"
+    );
 }
 
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
@@ -913,6 +985,49 @@ mod tests {
         let (r, e) = retry(400, r#"{"errors":[{"description":"syntax error"}]}"#);
         assert_eq!(r, Retry::Never);
         assert_eq!(e.sql_description().as_deref(), Some("syntax error"));
+    }
+
+    #[test]
+    fn replies_say_rows_or_why_not() {
+        let ok = statement_reply("select", 200, r#"{"meta":[],"data":[],"rows":0}"#, None);
+        assert!(ok.is_ok(), "{ok:?}");
+        let sql_error = r#"{"errors":[{"description":"syntax error"}]}"#;
+        for status in [200, 400] {
+            assert!(matches!(
+                statement_reply("merge", status, sql_error, None),
+                Err(Failure::Other {
+                    error: FireboltError::Sql { .. },
+                    retry: Retry::Never
+                })
+            ));
+        }
+        assert!(matches!(
+            statement_reply("merge", 200, "<html>", None),
+            Err(Failure::Other {
+                error: FireboltError::Protocol { .. },
+                retry: Retry::Never
+            })
+        ));
+        assert!(matches!(
+            statement_reply("merge", 503, "", Some(Duration::from_secs(1))),
+            Err(Failure::Other {
+                retry: Retry::Always(Some(_)),
+                ..
+            })
+        ));
+        assert_eq!(
+            engine_url_of_reply(r#"{"engineUrl":"sys.example"}"#).unwrap(),
+            "sys.example"
+        );
+        for reply in ["", r#"{"engineUrl":""}"#, r#"{"url":"x"}"#] {
+            assert!(matches!(
+                engine_url_of_reply(reply),
+                Err(FireboltError::Protocol {
+                    step: ENGINE_DISCOVERY,
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
