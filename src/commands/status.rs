@@ -77,8 +77,20 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
             report.consecutive_failures,
             mode_text(&report)
         );
-        if let Some(TableStatus::Held { reason, .. }) = current.as_ref().map(|c| &c.status) {
+        // A policy hold is recorded in S3; a condition hold (a missing key column, say)
+        // only the running lane knows.
+        let held = match current.as_ref().map(|c| &c.status) {
+            Some(TableStatus::Held { reason, .. }) => Some(reason.clone()),
+            _ => report.held.clone(),
+        };
+        if let Some(reason) = held {
             println!("{:<24} held: {reason}", "");
+        }
+        if let Some(file) = &report.blocked_by {
+            println!(
+                "{:<24} blocked by: {file} (later files wait behind it; `cdc-worker ledger skip {name} FILE --reason ...` if it can never be applied)",
+                ""
+            );
         }
     }
     Ok(())
