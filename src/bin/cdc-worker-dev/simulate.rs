@@ -333,11 +333,11 @@ impl Demo {
         let changes = self.order_changes(minute);
         self.w
             .write(&self.orders, "2026/11/24", &name, true, &changes)?;
-        if minute % 2 == 0 {
+        if minute.is_multiple_of(2) {
             let changes = self.customer_changes(minute);
             self.w.write(&self.customers, "", &name, true, &changes)?;
         }
-        if minute % 3 == 0 {
+        if minute.is_multiple_of(3) {
             let changes = self.item_changes(minute);
             self.w.write(&self.items, "", &name, true, &changes)?;
         }
@@ -351,7 +351,7 @@ impl Demo {
         }));
         self.events.record(&changes);
         self.w.write(&self.events, "", &name, true, &changes)?;
-        if minute >= 6 && minute % 2 == 0 {
+        if minute >= 6 && minute.is_multiple_of(2) {
             let id = self.refunds.next_id;
             self.refunds.next_id += 1;
             let order = self.rng.i64(1..=120);
