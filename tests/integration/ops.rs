@@ -223,3 +223,66 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
     worker.shutdown().await;
     stream.assert_tables();
 }
+
+/// A DMS reload, which the worker does not follow yet: the rewritten full load is skipped
+/// with an alert that says it was a reload and points at the runbook, and the runbook's
+/// rebuild (worker stopped, table and ledger rows dropped, then `replay`) ends with exactly
+/// the reloaded source's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dms_reload_is_alerted_and_the_runbook_rebuild_gives_the_source_s_rows() {
+    use crate::harness::{i, s};
+    let env = Env::new("reload-by-hand", keyed).await;
+    let worker = env.start().await;
+    let data = &[("id", "BIGINT"), ("v", "VARCHAR")];
+    let load = env.key("orders", "LOAD00000001.parquet");
+    let rows = [vec![i(1), s("a")], vec![i(2), s("b")], vec![i(3), s("c")]];
+    env.put_parquet(&load, data, &rows).await;
+    let old_cdc = env.key("orders", "20261124-100000000.parquet");
+    env.put_parquet(&old_cdc, CDC, &[vec![s("U"), i(1), s("a2")]])
+        .await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+
+    // The reload (TargetTablePrepMode DROP_AND_CREATE): the table's objects deleted, the
+    // full load written again under the same key with today's rows, then new changes.
+    env.store.delete(&env.res.bucket, &old_cdc).await.unwrap();
+    let reloaded = [vec![i(1), s("x")], vec![i(3), s("c")], vec![i(4), s("d")]];
+    env.put_parquet(&load, data, &reloaded).await;
+    let new_cdc = env.key("orders", "20261124-110000000.parquet");
+    env.put_parquet(&new_cdc, CDC, &[vec![s("U"), i(3), s("c2")]])
+        .await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+    let alerts = env.alerts().await;
+    worker.shutdown().await;
+    let location = format!("s3://{}/{load}", env.res.bucket);
+    let skipped = alerts
+        .iter()
+        .map(|a| &a.body)
+        .find(|b| b["alert"] == "file_skipped" && b["file"] == location.as_str())
+        .expect("the rewritten full load is alerted");
+    let steps = skipped["next_steps"].as_str().unwrap();
+    assert!(
+        steps.contains("reloaded") && steps.contains("docs/operations.md#file_skipped"),
+        "{skipped}"
+    );
+
+    // The runbook's rebuild.
+    env.db()
+        .execute_batch(&format!(
+            "DROP TABLE orders; DELETE FROM {} WHERE table_name = 'orders';",
+            cdc_worker::warehouse::LEDGER_TABLE
+        ))
+        .unwrap();
+    let worker = env.start().await;
+    cdc_worker::commands::replay(&env.config, "orders", None, false)
+        .await
+        .unwrap();
+    env.settle(&worker, Duration::from_secs(30)).await;
+    worker.shutdown().await;
+    let row = |id: &str, v: &str| vec![Some(id.to_string()), Some(v.to_string())];
+    assert_eq!(
+        env.rows("orders", &["id", "v"]),
+        vec![row("1", "x"), row("3", "c2"), row("4", "d")],
+        "the reloaded source's rows: 2 gone, 1 changed without a change file, 4 new, 3 changed after"
+    );
+    assert_eq!(env.depths().await, (0, 0));
+}

@@ -226,9 +226,19 @@ impl Lane {
 
     async fn skip_replaced(&mut self, f: PendingFile, ledger_etag: &str) {
         let reason = format!(
-            "replaced after it was applied (ledger ETag {ledger_etag}, now {}); not applied again (DMS never rewrites a file): to load the new content, upload it under a new name that sorts after the table's last applied file",
+            "replaced after it was applied (ledger ETag {ledger_etag}, now {}); not applied again",
             f.file.etag
         );
+        // DMS rewrites full-load files when a table is reloaded; it never rewrites a change
+        // file. Following a reload is not built yet: say what the target now lacks.
+        let steps = if f.file.full_load {
+            format!(
+                "DMS writes a table's full load again when the table is reloaded; this worker does not follow reloads yet, so `{}` keeps the rows of the earlier load. To rebuild it from the new full load, follow docs/operations.md#file_skipped (stop the worker, drop the table and its ledger rows, start it, `cdc-worker replay --table {}`).",
+                self.table, self.table
+            )
+        } else {
+            "DMS does not rewrite change files: to load the new content, upload it under a new name that sorts after the table's last applied file.".to_string()
+        };
         FileSkipped {
             table: &self.table,
             key: &f.file.key,
@@ -236,8 +246,14 @@ impl Lane {
             reason: &reason,
         }
         .emit();
-        self.alert_file(AlertKind::FileSkipped, Severity::Warning, &f, &reason, None)
-            .await;
+        self.alert_file(
+            AlertKind::FileSkipped,
+            Severity::Warning,
+            &f,
+            &reason,
+            Some(&steps),
+        )
+        .await;
         self.state.settled(&f);
         f.resolve(FileOutcome::Skipped);
     }
