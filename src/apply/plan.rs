@@ -527,6 +527,7 @@ mod tests {
             ),
             has_op: true,
             rows: 1,
+            timestamp_max: vec![],
         }
     }
 

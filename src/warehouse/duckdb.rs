@@ -1043,6 +1043,7 @@ mod tests {
                 table: TableSchema::new(columns),
                 has_op: true,
                 rows: 4,
+                timestamp_max: vec![],
             },
             local_path: Some(path),
         };

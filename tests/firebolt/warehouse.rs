@@ -41,6 +41,7 @@ fn staged(key: &str, order: &str, rows: u64) -> StagedFile {
             table: TableSchema::new(columns()),
             has_op: true,
             rows,
+            timestamp_max: vec![],
         },
         local_path: None,
     }
