@@ -156,7 +156,7 @@ fn guide(alert: &Alert) -> Guide {
             did: "keeps applying whatever arrives; this alert comes once per breach, and `freshness_recovered` when the table catches up",
             todo: "Find out why no newer change applies: is the table held, failing, or waiting behind a file (`cdc-worker status`)? Does DMS still write files (its task, the bucket)? A source table without changes has no new files: give it a longer tables.NAME.freshness_objective, or \"0s\" for none.",
             commands: &["cdc-worker status", "cdc-worker replay --table {table} --dry-run"],
-            docs: &["docs/alerts.md#kinds"],
+            docs: &[],
         },
         AlertKind::FreshnessRecovered => Guide {
             state: "within its freshness objective again",

@@ -274,6 +274,48 @@ fn timestamp(utc: bool, _unit: &TimeUnit) -> ColumnType {
 mod tests {
     use super::*;
 
+    /// A Parquet file with an `id` and a millisecond timestamp `at`, one row group per
+    /// slice of values.
+    fn with_timestamps(groups: &[&[i64]]) -> Vec<u8> {
+        use parquet::data_type::Int64Type;
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let schema = parquet::schema::parser::parse_message_type(
+            "message m { required int64 id; required int64 at (TIMESTAMP(MILLIS,true)); }",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut w = SerializedFileWriter::new(&mut out, Arc::new(schema), props).unwrap();
+        for values in groups {
+            let mut rg = w.next_row_group().unwrap();
+            let ids = vec![1; values.len()];
+            for column in [&ids[..], *values] {
+                let mut c = rg.next_column().unwrap().unwrap();
+                c.typed::<Int64Type>()
+                    .write_batch(column, None, None)
+                    .unwrap();
+                c.close().unwrap();
+            }
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+        out
+    }
+
+    #[test]
+    fn timestamp_columns_carry_their_largest_value() {
+        let bytes = with_timestamps(&[&[1_000, 3_500], &[2_000, 2_500]]);
+        let Tail::Decoded(schema) = decode_tail(&bytes, bytes.len() as u64, "Op").unwrap() else {
+            panic!("the whole file is the tail");
+        };
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(3_500);
+        assert_eq!(schema.timestamp_max, vec![("at".to_string(), at)]);
+        assert_eq!(schema.newest_timestamp("AT"), Some(at), "any case");
+        assert_eq!(schema.newest_timestamp("id"), None, "not a timestamp");
+    }
+
     #[test]
     fn short_or_empty_objects_are_not_parquet() {
         assert_eq!(decode_tail(&[], 0, "Op").unwrap_err(), ParquetError::Empty);

@@ -76,3 +76,68 @@ pub(crate) fn change_time(
         .or_else(|| f.dms.cdc_time())
         .or(f.event_time)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::batch::BatchFile;
+    use crate::dms::{KeyClass, classify_key};
+    use crate::schema::types::{FileSchema, TableSchema};
+
+    fn file(name: &str, timestamps: Vec<(String, SystemTime)>) -> (PendingFile, StagedFile) {
+        let key = format!("dms/public/t/{name}");
+        let Ok(KeyClass::Dms(dms)) = classify_key("dms", &key) else {
+            panic!("{key} is a DMS key");
+        };
+        let batch_file = BatchFile {
+            bucket: "b".into(),
+            key,
+            size: 1,
+            etag: "e".into(),
+            order_key: dms.order().sort_key(),
+            full_load: dms.is_load(),
+        };
+        let staged = StagedFile {
+            file: batch_file.clone(),
+            schema: FileSchema {
+                table: TableSchema::default(),
+                has_op: true,
+                rows: 1,
+                timestamp_max: timestamps,
+            },
+            local_path: None,
+        };
+        (
+            PendingFile::listed("t", dms.source.clone(), dms, batch_file),
+            staged,
+        )
+    }
+
+    fn utc(text: &str) -> SystemTime {
+        chrono::DateTime::parse_from_rfc3339(text).unwrap().into()
+    }
+
+    #[test]
+    fn the_newest_change_comes_from_the_ordering_column_else_the_name_else_the_upload() {
+        let name_time = utc("2026-11-24T10:15:00.123Z");
+        let column_time = utc("2026-11-24T10:14:59Z");
+        let (cdc, staged) = file(
+            "20261124-101500123.parquet",
+            vec![("ts".into(), column_time)],
+        );
+        assert_eq!(change_time(&cdc, &staged, Some("ts")), Some(column_time));
+        assert_eq!(change_time(&cdc, &staged, None), Some(name_time));
+        assert_eq!(
+            change_time(&cdc, &staged, Some("AR_H_CHANGE_SEQ")),
+            Some(name_time),
+            "an ordering column that is not a timestamp"
+        );
+        let (mut load, staged) = file("LOAD00000001.parquet", vec![]);
+        assert_eq!(change_time(&load, &staged, None), None, "listed: no upload time");
+        let uploaded = name_time + Duration::from_secs(60);
+        load.event_time = Some(uploaded);
+        assert_eq!(change_time(&load, &staged, None), Some(uploaded));
+    }
+}
