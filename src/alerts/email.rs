@@ -155,7 +155,10 @@ fn guide(alert: &Alert) -> Guide {
             state: "loading goes on, but the table lags behind its source",
             did: "keeps applying whatever arrives; this alert comes once per breach, and `freshness_recovered` when the table catches up",
             todo: "Find out why no newer change applies: is the table held, failing, or waiting behind a file (`cdc-worker status`)? Does DMS still write files (its task, the bucket)? A source table without changes has no new files: give it a longer tables.NAME.freshness_objective, or \"0s\" for none.",
-            commands: &["cdc-worker status", "cdc-worker replay --table {table} --dry-run"],
+            commands: &[
+                "cdc-worker status",
+                "cdc-worker replay --table {table} --dry-run",
+            ],
             docs: &[],
         },
         AlertKind::FreshnessRecovered => Guide {

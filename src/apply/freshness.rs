@@ -209,9 +209,17 @@ mod tests {
         assert_eq!(o.check(6 * MIN, five), Some(Transition::Missed));
         assert_eq!(o.check(7 * MIN, five), None, "still missed: not again");
         assert_eq!(o.check(120 * MIN, five), None);
-        assert_eq!(o.check(5 * MIN, five), Some(Transition::Recovered), "at the objective is within");
+        assert_eq!(
+            o.check(5 * MIN, five),
+            Some(Transition::Recovered),
+            "at the objective is within"
+        );
         assert_eq!(o.check(MIN, five), None);
-        assert_eq!(o.check(6 * MIN, five), Some(Transition::Missed), "a new breach");
+        assert_eq!(
+            o.check(6 * MIN, five),
+            Some(Transition::Missed),
+            "a new breach"
+        );
     }
 
     #[test]

@@ -65,7 +65,9 @@ impl Queue for SqsQueue {
             .into_iter()
             .filter_map(|m| {
                 let attribute = |name: MessageSystemAttributeName| {
-                    m.attributes().and_then(|a| a.get(&name)).map(String::as_str)
+                    m.attributes()
+                        .and_then(|a| a.get(&name))
+                        .map(String::as_str)
                 };
                 let receive_count = attribute(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|c| c.parse().ok())

@@ -115,7 +115,8 @@ impl InFlight {
             }
             None => {
                 let committed = *self.committed_at.lock().expect("commit time");
-                self.tracker.delete_committed(self.receipt_handle.clone(), committed)
+                self.tracker
+                    .delete_committed(self.receipt_handle.clone(), committed)
             }
         }
     }

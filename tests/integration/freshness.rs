@@ -183,11 +183,15 @@ async fn old_changes_miss_the_objective_once_and_a_current_one_recovers_once() {
         .iter()
         .find(|a| a.body["alert"] == "freshness_objective_missed")
         .unwrap();
-    assert_eq!(missed.subject, "[cdc-worker] orders: freshness objective missed");
+    assert_eq!(
+        missed.subject,
+        "[cdc-worker] orders: freshness objective missed"
+    );
     assert_eq!(missed.body["severity"], "warning");
     let message = missed.body["message"].as_str().unwrap();
     assert!(
-        message.starts_with("orders is 2h 0m behind its source: its newest applied change is from ")
+        message
+            .starts_with("orders is 2h 0m behind its source: its newest applied change is from ")
             && message.ends_with(" (objective 30m)"),
         "{message}"
     );

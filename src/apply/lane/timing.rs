@@ -28,10 +28,10 @@ impl Lane {
             return;
         };
         let objective = self.ctx.config.freshness_objective(&self.table);
-        let verdict =
-            self.ctx
-                .freshness
-                .applied(&self.table, newest, SystemTime::now(), objective);
+        let verdict = self
+            .ctx
+            .freshness
+            .applied(&self.table, newest, SystemTime::now(), objective);
         if let Some(verdict) = verdict {
             self.ctx.alerts.publish(&verdict.alert()).await;
         }
@@ -135,7 +135,11 @@ mod tests {
             "an ordering column that is not a timestamp"
         );
         let (mut load, staged) = file("LOAD00000001.parquet", vec![]);
-        assert_eq!(change_time(&load, &staged, None), None, "listed: no upload time");
+        assert_eq!(
+            change_time(&load, &staged, None),
+            None,
+            "listed: no upload time"
+        );
         let uploaded = name_time + Duration::from_secs(60);
         load.event_time = Some(uploaded);
         assert_eq!(change_time(&load, &staged, None), Some(uploaded));
