@@ -152,6 +152,10 @@ pub struct TableReport {
     pub pending_files: usize,
     pub held: Option<String>,
     pub consecutive_failures: u32,
+    /// The file every later file of the table waits behind (S3 key), when one failed:
+    /// `cdc-worker ledger skip` is the way past it when it can never be applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
     /// Seconds the oldest waiting file has waited.
     pub oldest_pending_s: Option<f64>,
     /// The last applied file by DMS order (S3 key).
@@ -215,6 +219,7 @@ async fn tables(p: &Probes) -> Vec<TableReport> {
         report.pending_files = lane.pending_files;
         report.held = lane.held;
         report.consecutive_failures = lane.consecutive_failures;
+        report.blocked_by = lane.blocked_by;
         report.oldest_pending_s = lane.oldest_pending.map(|t| t.elapsed().as_secs_f64());
         if lane.last_applied.is_some() {
             report.last_applied_file = lane.last_applied;

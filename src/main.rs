@@ -168,90 +168,118 @@ fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
     })
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config_arg = match &cli.command {
-        Command::Run(c)
-        | Command::CheckConfig(c)
-        | Command::CheckConnection(c)
-        | Command::Health(c)
-        | Command::Status(c) => c,
-        Command::Replay { config, .. } => config,
-        Command::Schema { action } => match action {
-            SchemaCommand::Show { config, .. }
-            | SchemaCommand::History { config, .. }
-            | SchemaCommand::Accept { config, .. } => config,
-        },
-        Command::Lease { action } => match action {
-            LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config,
-        },
-        Command::Ledger { action } => match action {
-            LedgerCommand::Show { config, .. }
-            | LedgerCommand::Skip { config, .. }
-            | LedgerCommand::Forget { config, .. } => config,
-        },
-    };
-    let config = match load(config_arg) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if !matches!(cli.command, Command::Health(_)) {
-        telemetry::init_logging(&config.telemetry);
-        telemetry::metrics_handle();
-    }
-    let result = match cli.command {
-        Command::Run(_) => cdc_worker::worker::run_until_signal(config).await,
-        Command::CheckConfig(_) => {
-            print!("{}", config.to_masked_toml());
-            Ok(())
+impl Command {
+    /// The configuration argument every command carries.
+    fn config(&self) -> &ConfigArg {
+        match self {
+            Command::Run(c)
+            | Command::CheckConfig(c)
+            | Command::CheckConnection(c)
+            | Command::Health(c)
+            | Command::Status(c) => c,
+            Command::Replay { config, .. } => config,
+            Command::Schema { action } => match action {
+                SchemaCommand::Show { config, .. }
+                | SchemaCommand::History { config, .. }
+                | SchemaCommand::Accept { config, .. } => config,
+            },
+            Command::Lease { action } => match action {
+                LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config,
+            },
+            Command::Ledger { action } => match action {
+                LedgerCommand::Show { config, .. }
+                | LedgerCommand::Skip { config, .. }
+                | LedgerCommand::Forget { config, .. } => config,
+            },
         }
-        Command::CheckConnection(_) => commands::check_connection(config).await,
-        Command::Health(_) => commands::health(&config).await,
-        Command::Schema { action } => match action {
-            SchemaCommand::Show { table, .. } => commands::schema_show(&config, &table).await,
-            SchemaCommand::History { table, .. } => commands::schema_history(&config, &table).await,
+    }
+
+    async fn run(self, config: Config) -> anyhow::Result<()> {
+        match self {
+            Command::Run(_) => cdc_worker::worker::run_until_signal(config).await,
+            Command::CheckConfig(_) => {
+                print!("{}", config.to_masked_toml());
+                Ok(())
+            }
+            Command::CheckConnection(_) => commands::check_connection(config).await,
+            Command::Health(_) => commands::health(&config).await,
+            Command::Status(_) => commands::status(&config).await,
+            Command::Replay {
+                table,
+                since,
+                dry_run,
+                ..
+            } => commands::replay(&config, &table, since.as_deref(), dry_run).await,
+            Command::Schema { action } => action.run(&config).await,
+            Command::Lease { action } => action.run(&config).await,
+            Command::Ledger { action } => action.run(&config).await,
+        }
+    }
+}
+
+impl SchemaCommand {
+    async fn run(self, config: &Config) -> anyhow::Result<()> {
+        match self {
+            SchemaCommand::Show { table, .. } => commands::schema_show(config, &table).await,
+            SchemaCommand::History { table, .. } => commands::schema_history(config, &table).await,
             SchemaCommand::Accept {
                 table,
                 incompatible,
                 ..
-            } => commands::schema_accept(&config, &table, incompatible.as_deref()).await,
-        },
-        Command::Status(_) => commands::status(&config).await,
-        Command::Replay {
-            table,
-            since,
-            dry_run,
-            ..
-        } => commands::replay(&config, &table, since.as_deref(), dry_run).await,
-        Command::Lease { action } => match action {
-            LeaseCommand::Show { table, .. } => commands::lease_show(&config, &table).await,
+            } => commands::schema_accept(config, &table, incompatible.as_deref()).await,
+        }
+    }
+}
+
+impl LeaseCommand {
+    async fn run(self, config: &Config) -> anyhow::Result<()> {
+        match self {
+            LeaseCommand::Show { table, .. } => commands::lease_show(config, &table).await,
             LeaseCommand::Hold {
                 table,
                 hold_for,
                 rounds,
                 ..
-            } => commands::lease_hold(&config, &table, hold_for, rounds).await,
-        },
-        Command::Ledger { action } => match action {
+            } => commands::lease_hold(config, &table, hold_for, rounds).await,
+        }
+    }
+}
+
+impl LedgerCommand {
+    async fn run(self, config: &Config) -> anyhow::Result<()> {
+        match self {
             LedgerCommand::Show { table, limit, .. } => {
-                commands::ledger::show(&config, &table, limit).await
+                commands::ledger::show(config, &table, limit).await
             }
             LedgerCommand::Skip {
                 table,
                 file,
                 reason,
                 ..
-            } => commands::ledger::edit(&config, &table, &file, Edit::Skip, &reason).await,
+            } => commands::ledger::edit(config, &table, &file, Edit::Skip, &reason).await,
             LedgerCommand::Forget {
                 table,
                 file,
                 reason,
                 ..
-            } => commands::ledger::edit(&config, &table, &file, Edit::Forget, &reason).await,
-        },
+            } => commands::ledger::edit(config, &table, &file, Edit::Forget, &reason).await,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(cli.command.config()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    match result {
+    // The container health check runs every few seconds: it stays silent.
+    if !matches!(cli.command, Command::Health(_)) {
+        telemetry::init_logging(&config.telemetry);
+        telemetry::metrics_handle();
+    }
+    match cli.command.run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -137,6 +137,13 @@ fn guide(alert: &Alert) -> Guide {
             commands: &["cdc-worker schema show {table}"],
             docs: &["docs/firebolt.md"],
         },
+        AlertKind::OpColumnMissing => Guide {
+            state: "loading goes on",
+            did: "applied the file's rows as inserts and updates of their keys: without an `Op` column no row is a delete",
+            todo: "If the source's deletes matter, turn CdcInsertsOnly off on the DMS endpoint and reload the table; if the column has another name, set dms.op_column.",
+            commands: &["cdc-worker check-config"],
+            docs: &["docs/deployment.md"],
+        },
         AlertKind::AmbiguousOrder => Guide {
             state: "loading goes on",
             did: "applied the file; for keys changed more than once in it, the change kept may not be the latest",
@@ -343,6 +350,7 @@ mod tests {
     }
 
     /// A typical alert of each kind, as the worker raises it (same messages and advice).
+    /// Long on purpose: one arm per alert kind, the golden files' inputs in one place.
     fn fixture(kind: AlertKind) -> Alert {
         match kind {
             AlertKind::SchemaChange => {
@@ -422,7 +430,7 @@ mod tests {
                     "3 consecutive batches failed; last error: warehouse unavailable: connection refused",
                 );
                 a.file = Some(FILE.into());
-                a.next_steps = Some("The table's files are retried with backoff and later files wait behind them; after the queue's maximum receives they reach the dead-letter queue. Fix the cause, then redrive the DLQ or run `cdc-worker replay --table TABLE`.".into());
+                a.next_steps = Some("The table's files wait in the worker (visibility kept alive, nothing goes to the dead-letter queue) and are retried with backoff until the cause passes. Check the warehouse, S3 and the worker's disk; `cdc-worker status` shows the table.".into());
                 a
             }
             AlertKind::TableRecovered => alert(
@@ -479,6 +487,20 @@ mod tests {
                 a.source = Some("public.orders".into());
                 a.file = Some(FILE.into());
                 a.next_steps = Some("Check the table's key ([tables.NAME] key, table_keys.json): a DMS key is the source's primary key and is never NULL. If the source key is right, the rows were not changes of any row.".into());
+                a
+            }
+            AlertKind::OpColumnMissing => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "orders",
+                    &format!(
+                        "{FILE}: a CDC file without an `Op` column (looked for in any case): its rows were applied as inserts and updates; deletes of the source cannot be seen"
+                    ),
+                );
+                a.source = Some("public.orders".into());
+                a.file = Some(FILE.into());
+                a.next_steps = Some("DMS leaves `Op` out only with CdcInsertsOnly: if the table's deletes matter, turn it off on the endpoint and reload the table; if the column has another name, set dms.op_column (now `Op`).".into());
                 a
             }
             AlertKind::AmbiguousOrder => {

@@ -525,7 +525,7 @@ mod tests {
                     .map(|(n, t)| Column::new(*n, t.clone()))
                     .collect(),
             ),
-            has_op: true,
+            op: Some("Op".into()),
             rows: 1,
             timestamp_max: vec![],
         }

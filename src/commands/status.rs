@@ -16,7 +16,7 @@ use crate::config::{Config, WarehouseKind};
 use crate::dms::{KeyClass, SourceTable, classify_key};
 use crate::health::TableReport;
 use crate::keys::KeyResolver;
-use crate::schema::store::{SchemaStore, TableStatus};
+use crate::schema::store::{CurrentSchema, SchemaStore, TableStatus};
 use crate::storage::ObjectStore;
 use crate::warehouse::{self, Warehouse};
 
@@ -81,14 +81,33 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
             freshness_text(&report),
             mode_text(&report)
         );
-        if let Some(TableStatus::Held { reason, .. }) = current.as_ref().map(|c| &c.status) {
-            println!("{:<24} held: {reason}", "");
-        }
-        if let Some(note) = objective_note(&report) {
+        for note in notes(&name, current.as_ref(), &report) {
             println!("{:<24} {note}", "");
         }
     }
     Ok(())
+}
+
+/// The lines under a table's row: why it is held, the file it waits behind, the
+/// freshness objective it misses.
+fn notes(name: &str, current: Option<&CurrentSchema>, report: &TableReport) -> Vec<String> {
+    let mut notes = Vec::new();
+    // A policy hold is recorded in S3; a condition hold (a missing key column, say)
+    // only the running lane knows.
+    let held = match current.map(|c| &c.status) {
+        Some(TableStatus::Held { reason, .. }) => Some(reason.clone()),
+        _ => report.held.clone(),
+    };
+    if let Some(reason) = held {
+        notes.push(format!("held: {reason}"));
+    }
+    if let Some(file) = &report.blocked_by {
+        notes.push(format!(
+            "blocked by: {file} (later files wait behind it; `cdc-worker ledger skip {name} FILE --reason ...` if it can never be applied)"
+        ));
+    }
+    notes.extend(objective_note(report));
+    notes
 }
 
 /// Without a worker to ask: the freshness the last applied file's name implies (a CDC

@@ -8,6 +8,23 @@ use super::{Config, ConfigError, WarehouseKind};
 impl Config {
     /// Checks values the type system cannot: required keys, ranges, combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_queue()?;
+        self.validate_locations()?;
+        self.validate_alerts()?;
+        self.validate_routing()?;
+        self.validate_worker()?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
+            return Err(ConfigError::at("telemetry.log_level", e.to_string()));
+        }
+        if self.lease.enabled && self.lease.ttl < Duration::from_secs(5) {
+            return Err(ConfigError::at("lease.ttl", "must be at least 5s"));
+        }
+        self.validate_warehouse()?;
+        self.validate_tables()?;
+        Ok(())
+    }
+
+    fn validate_queue(&self) -> Result<(), ConfigError> {
         let q = &self.queue;
         if q.url.trim().is_empty() {
             return Err(ConfigError::at(
@@ -49,6 +66,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Where the files come from and where the worker keeps its metadata.
+    fn validate_locations(&self) -> Result<(), ConfigError> {
         if self.source.bucket.trim().is_empty() {
             return Err(ConfigError::at(
                 "source.bucket",
@@ -74,6 +96,10 @@ impl Config {
         if self.dms.op_column.is_empty() {
             return Err(ConfigError::at("dms.op_column", "must not be empty"));
         }
+        Ok(())
+    }
+
+    fn validate_alerts(&self) -> Result<(), ConfigError> {
         if self.alerts.table_failing_after == 0 {
             return Err(ConfigError::at(
                 "alerts.table_failing_after",
@@ -86,7 +112,11 @@ impl Config {
                 "must be at least 1s (for example \"30m\")",
             ));
         }
-        self.validate_routing()?;
+        Ok(())
+    }
+
+    /// The worker pool, batches and AWS credentials.
+    fn validate_worker(&self) -> Result<(), ConfigError> {
         if self.worker.concurrency == 0 || self.worker.concurrency > 1024 {
             return Err(ConfigError::at(
                 "worker.concurrency",
@@ -117,14 +147,6 @@ impl Config {
                 "set both aws.access_key_id and aws.secret_access_key, or neither",
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level) {
-            return Err(ConfigError::at("telemetry.log_level", e.to_string()));
-        }
-        if self.lease.enabled && self.lease.ttl < Duration::from_secs(5) {
-            return Err(ConfigError::at("lease.ttl", "must be at least 5s"));
-        }
-        self.validate_warehouse()?;
-        self.validate_tables()?;
         Ok(())
     }
 
@@ -157,87 +179,96 @@ impl Config {
                     return Err(ConfigError::at("warehouse.duckdb.schema", "must be set"));
                 }
             }
-            WarehouseKind::Firebolt => {
-                let f = &self.warehouse.firebolt;
-                let core = f.url.as_deref().is_some_and(|u| !u.is_empty());
-                let cloud = f.client_id.is_some() || f.client_secret.is_some();
-                if core && cloud {
+            WarehouseKind::Firebolt => self.validate_firebolt()?,
+        }
+        Ok(())
+    }
+
+    fn validate_firebolt(&self) -> Result<(), ConfigError> {
+        let f = &self.warehouse.firebolt;
+        let core = f.url.as_deref().is_some_and(|u| !u.is_empty());
+        let cloud = f.client_id.is_some() || f.client_secret.is_some();
+        if core && cloud {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.url",
+                "set `url` for Firebolt Core or `client_id`/`client_secret` for Firebolt Cloud, not both",
+            ));
+        }
+        if core {
+            let url = f.url.as_deref().unwrap_or_default();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::at(
+                    "warehouse.firebolt.url",
+                    "must be an http(s) URL such as http://localhost:3473",
+                ));
+            }
+        } else {
+            for (key, present) in [
+                ("warehouse.firebolt.client_id", f.client_id.is_some()),
+                (
+                    "warehouse.firebolt.client_secret",
+                    f.client_secret.is_some(),
+                ),
+                ("warehouse.firebolt.account", f.account.is_some()),
+                ("warehouse.firebolt.engine", f.engine.is_some()),
+            ] {
+                if !present {
                     return Err(ConfigError::at(
-                        "warehouse.firebolt.url",
-                        "set `url` for Firebolt Core or `client_id`/`client_secret` for Firebolt Cloud, not both",
-                    ));
-                }
-                if core {
-                    let url = f.url.as_deref().unwrap_or_default();
-                    if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        return Err(ConfigError::at(
-                            "warehouse.firebolt.url",
-                            "must be an http(s) URL such as http://localhost:3473",
-                        ));
-                    }
-                } else {
-                    for (key, present) in [
-                        ("warehouse.firebolt.client_id", f.client_id.is_some()),
-                        (
-                            "warehouse.firebolt.client_secret",
-                            f.client_secret.is_some(),
-                        ),
-                        ("warehouse.firebolt.account", f.account.is_some()),
-                        ("warehouse.firebolt.engine", f.engine.is_some()),
-                    ] {
-                        if !present {
-                            return Err(ConfigError::at(
-                                key,
-                                "must be set for Firebolt Cloud (or set warehouse.firebolt.url for Firebolt Core)",
-                            ));
-                        }
-                    }
-                }
-                if f.database.is_empty() {
-                    return Err(ConfigError::at(
-                        "warehouse.firebolt.database",
-                        "must be set",
-                    ));
-                }
-                if f.max_concurrent_statements == 0 {
-                    return Err(ConfigError::at(
-                        "warehouse.firebolt.max_concurrent_statements",
-                        "must be at least 1",
-                    ));
-                }
-                let credentials = [
-                    f.s3_role_arn.is_some(),
-                    f.s3_access_key_id.is_some(),
-                    f.s3_location.is_some(),
-                ]
-                .into_iter()
-                .filter(|p| *p)
-                .count();
-                if credentials > 1 {
-                    return Err(ConfigError::at(
-                        "warehouse.firebolt.s3_role_arn",
-                        "choose one of s3_role_arn, s3_access_key_id/s3_secret_access_key, s3_location",
-                    ));
-                }
-                if f.s3_access_key_id.is_some() != f.s3_secret_access_key.is_some() {
-                    return Err(ConfigError::at(
-                        "warehouse.firebolt.s3_secret_access_key",
-                        "set both s3_access_key_id and s3_secret_access_key, or neither",
-                    ));
-                }
-                if f.s3_session_token.is_some() && f.s3_access_key_id.is_none() {
-                    return Err(ConfigError::at(
-                        "warehouse.firebolt.s3_session_token",
-                        "a session token goes with s3_access_key_id and s3_secret_access_key",
-                    ));
-                }
-                if f.s3_role_external_id.is_some() && f.s3_role_arn.is_none() {
-                    return Err(ConfigError::at(
-                        "warehouse.firebolt.s3_role_external_id",
-                        "an external id goes with s3_role_arn",
+                        key,
+                        "must be set for Firebolt Cloud (or set warehouse.firebolt.url for Firebolt Core)",
                     ));
                 }
             }
+        }
+        if f.database.is_empty() {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.database",
+                "must be set",
+            ));
+        }
+        if f.max_concurrent_statements == 0 {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.max_concurrent_statements",
+                "must be at least 1",
+            ));
+        }
+        self.validate_firebolt_copy_credentials()
+    }
+
+    /// The credentials COPY uses to read the source bucket: one kind at most.
+    fn validate_firebolt_copy_credentials(&self) -> Result<(), ConfigError> {
+        let f = &self.warehouse.firebolt;
+        let credentials = [
+            f.s3_role_arn.is_some(),
+            f.s3_access_key_id.is_some(),
+            f.s3_location.is_some(),
+        ]
+        .into_iter()
+        .filter(|p| *p)
+        .count();
+        if credentials > 1 {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.s3_role_arn",
+                "choose one of s3_role_arn, s3_access_key_id/s3_secret_access_key, s3_location",
+            ));
+        }
+        if f.s3_access_key_id.is_some() != f.s3_secret_access_key.is_some() {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.s3_secret_access_key",
+                "set both s3_access_key_id and s3_secret_access_key, or neither",
+            ));
+        }
+        if f.s3_session_token.is_some() && f.s3_access_key_id.is_none() {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.s3_session_token",
+                "a session token goes with s3_access_key_id and s3_secret_access_key",
+            ));
+        }
+        if f.s3_role_external_id.is_some() && f.s3_role_arn.is_none() {
+            return Err(ConfigError::at(
+                "warehouse.firebolt.s3_role_external_id",
+                "an external id goes with s3_role_arn",
+            ));
         }
         Ok(())
     }

@@ -94,12 +94,23 @@ pub fn file_schema(
     op_column: &str,
 ) -> Result<FileSchema, ParquetError> {
     let root = metadata.file_metadata().schema_descr().root_schema();
+    let fields = root.get_fields();
+    // The exact name first: only when no field has it does another spelling stand in.
+    let op = fields
+        .iter()
+        .map(|f| f.name())
+        .find(|n| *n == op_column)
+        .or_else(|| {
+            fields
+                .iter()
+                .map(|f| f.name())
+                .find(|n| n.eq_ignore_ascii_case(op_column))
+        })
+        .map(str::to_string);
     let mut columns = Vec::new();
-    let mut has_op = false;
-    for field in root.get_fields() {
+    for field in fields {
         let name = field.name();
-        if name == op_column {
-            has_op = true;
+        if op.as_deref() == Some(name) {
             continue;
         }
         if columns.iter().any(|c: &Column| c.name == name) {
@@ -115,7 +126,7 @@ pub fn file_schema(
     }
     Ok(FileSchema {
         table: TableSchema::new(columns),
-        has_op,
+        op,
         rows: metadata.file_metadata().num_rows().max(0) as u64,
         timestamp_max: timestamp_maxima(metadata),
     })

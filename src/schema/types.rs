@@ -190,7 +190,7 @@ impl Column {
 }
 
 /// The data columns of a file or table, in order. DMS's `Op` column is not among them:
-/// it is bookkeeping, tracked by [`FileSchema::has_op`].
+/// it is bookkeeping, tracked by [`FileSchema::op`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableSchema {
     pub columns: Vec<Column>,
@@ -227,9 +227,10 @@ impl TableSchema {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSchema {
     pub table: TableSchema,
-    /// Whether the file carries the DMS operation column (CDC files do; full-load files
-    /// only with `IncludeOpForFullLoad`).
-    pub has_op: bool,
+    /// The DMS operation column as this file spells it, when it has one (CDC files do
+    /// unless `CdcInsertsOnly`; full-load files only with `IncludeOpForFullLoad`). Found
+    /// case-insensitively: a writer that lower-cases names must not turn deletes into rows.
+    pub op: Option<String>,
     pub rows: u64,
     /// The largest value of each timestamp column, where the file's statistics say: the
     /// newest change it holds when the ordering column is a timestamp (freshness).

@@ -715,6 +715,7 @@ mod tests {
 
     /// Applies `batches` of (op, id, val) rows with the MERGE on one table and with the
     /// delete-and-insert on another; both tables' rows must be equal after every batch.
+    /// Long on purpose: the batches are the test's data, read top to bottom as a story.
     #[test]
     fn delete_and_insert_gives_the_merges_rows() {
         let conn = duckdb::Connection::open_in_memory().unwrap();

@@ -558,7 +558,7 @@ async fn every_column_type_round_trips_through_create_describe_and_plan() {
     );
     let file = FileSchema {
         table: TableSchema::new(columns),
-        has_op: true,
+        op: Some("Op".into()),
         rows: 1,
         timestamp_max: vec![],
     };

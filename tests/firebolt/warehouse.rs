@@ -39,7 +39,7 @@ fn staged(key: &str, order: &str, rows: u64) -> StagedFile {
         file: batch_file(key, order),
         schema: FileSchema {
             table: TableSchema::new(columns()),
-            has_op: true,
+            op: Some("Op".into()),
             rows,
             timestamp_max: vec![],
         },
@@ -948,7 +948,7 @@ async fn stage_reads_only_footers_with_range_requests() {
     assert!(staged.workspace.is_none(), "nothing is downloaded");
     let small_file = staged.files[0].as_ref().unwrap();
     assert_eq!(small_file.schema.rows, 3);
-    assert!(small_file.schema.has_op);
+    assert!(small_file.schema.op.is_some());
     assert_eq!(
         small_file.schema.table.names().collect::<Vec<_>>(),
         ["id", "name"]

@@ -1023,3 +1023,167 @@ async fn metrics_are_described_and_a_busy_port_is_named() {
     );
     worker.shutdown().await;
 }
+
+/// Mistake 11, the `Op` column: a writer that lower-cases names still deletes (the column
+/// is found in any case and never stored), and a CDC file without an operation column is
+/// applied as inserts, with one alert for the table naming the first such file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_op_column_is_found_in_any_case_and_a_cdc_file_without_one_is_reported() {
+    use crate::harness::{i, s};
+    let env = Env::new("opcase", keyed("customers")).await;
+    let worker = env.start().await;
+    let data = &[("id", "BIGINT"), ("v", "VARCHAR")];
+    let lower = &[("op", "VARCHAR"), ("id", "BIGINT"), ("v", "VARCHAR")];
+    let load = env.key("customers", "LOAD00000001.parquet");
+    let rows = [vec![i(1), s("a")], vec![i(2), s("b")], vec![i(3), s("c")]];
+    env.put_parquet(&load, data, &rows).await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+    let cased = env.key("customers", "20261124-100000000.parquet");
+    let changes = [vec![s("D"), i(1), s("a")], vec![s("U"), i(2), s("b2")]];
+    env.put_parquet(&cased, lower, &changes).await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+    let without = env.key("customers", "20261124-100100000.parquet");
+    env.put_parquet(&without, data, &[vec![i(4), s("d")], vec![i(2), s("b3")]])
+        .await;
+    let later = env.key("customers", "20261124-100200000.parquet");
+    env.put_parquet(&later, data, &[vec![i(5), s("e")]]).await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+    let alerts = env.alerts().await;
+    worker.shutdown().await;
+
+    let text = |id: &str, v: &str| vec![Some(id.to_string()), Some(v.to_string())];
+    assert_eq!(
+        env.rows("customers", &["id", "v"]),
+        vec![
+            text("2", "b3"),
+            text("3", "c"),
+            text("4", "d"),
+            text("5", "e")
+        ],
+        "the lower-case `op` deleted 1 and updated 2; the files without one inserted and updated"
+    );
+    let columns: Vec<String> = env.columns("customers").into_iter().map(|c| c.0).collect();
+    assert_eq!(columns, ["id", "v"], "the operation column is never stored");
+    assert_eq!(env.depths().await, (0, 0), "every file acknowledged");
+    let missing: Vec<&serde_json::Value> = alerts
+        .iter()
+        .map(|a| &a.body)
+        .filter(|b| b["alert"] == "op_column_missing")
+        .collect();
+    assert_eq!(missing.len(), 1, "one alert for the table: {missing:?}");
+    let location = format!("s3://{}/{without}", env.res.bucket);
+    assert_eq!(missing[0]["file"], location.as_str());
+    assert_eq!(missing[0]["severity"], "warning");
+    assert!(
+        missing[0]["next_steps"]
+            .as_str()
+            .unwrap()
+            .contains("CdcInsertsOnly"),
+        "{}",
+        missing[0]
+    );
+}
+
+/// Mistake 1's way out: a table blocked by a file that can never be applied. `status`
+/// names the blocking file, `ledger skip` (with the worker stopped: DuckDB admits one
+/// process) records it and alerts, and the table's later files go on after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_blocked_by_a_poison_file_goes_on_after_ledger_skip() {
+    use crate::harness::{i, s};
+    let port = free_port();
+    let env = Env::new("ledger-skip", |c| {
+        keyed("fragile")(c);
+        c.telemetry.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        // The queue's whole backoff budget is a few seconds.
+        c.queue.retry_backoff = Duration::from_secs(1);
+        c.queue.retry_backoff_max = Duration::from_secs(2);
+        c.queue.visibility_timeout = Duration::from_secs(3);
+    })
+    .await;
+    // A target whose CHECK constraint one file's data violates: that file is poison.
+    env.db()
+        .execute_batch("CREATE TABLE fragile (id BIGINT, v VARCHAR CHECK (length(v) < 5))")
+        .unwrap();
+    let worker = env.start().await;
+    let poison_name = "20261124-100000000.parquet";
+    let poison = env.key("fragile", poison_name);
+    env.put_parquet(&poison, CDC, &[vec![s("I"), i(1), s("far too long")]])
+        .await;
+    let behind = env.key("fragile", "20261124-100100000.parquet");
+    env.put_parquet(&behind, CDC, &[vec![s("I"), i(2), s("ok")]])
+        .await;
+    env.eventually(
+        "the poison file reaches the DLQ",
+        Duration::from_secs(90),
+        || async { env.depths().await.1 == 1 },
+    )
+    .await;
+    let file = config_file(
+        &env,
+        "skip.toml",
+        &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\n[tables.fragile]\nkey = \"id\"\n"),
+    );
+    let file = file.to_str().unwrap();
+    let status = cli(env.dir.path(), &["status", "--config", file], &[]);
+    assert!(
+        status.stdout.contains(&format!("blocked by: {poison}")),
+        "status names the blocking file: {}",
+        status.stdout
+    );
+    worker.shutdown().await;
+
+    let reason = "its value is too long for the target";
+    let args = ["ledger", "skip", "fragile", poison_name, "--reason", reason];
+    let skip = cli(
+        env.dir.path(),
+        &[&args[..], &["--config", file]].concat(),
+        &[],
+    );
+    assert_eq!(skip.code, 0, "{}{}", skip.stdout, skip.stderr);
+    let worker = env.start().await;
+    env.eventually(
+        "the file behind the skipped one is applied",
+        Duration::from_secs(60),
+        || async { worker.warehouse().row_count("fragile").await.unwrap_or(0) == 1 },
+    )
+    .await;
+    env.settle(&worker, Duration::from_secs(30)).await;
+    let alerts = env.alerts().await;
+    worker.shutdown().await;
+
+    assert_eq!(
+        env.rows("fragile", &["id", "v"]),
+        vec![vec![Some("2".to_string()), Some("ok".to_string())]],
+        "the later file applied, the skipped one never"
+    );
+    let edited: Vec<&serde_json::Value> = alerts
+        .iter()
+        .map(|a| &a.body)
+        .filter(|b| b["alert"] == "ledger_edited")
+        .collect();
+    assert_eq!(edited.len(), 1, "{edited:?}");
+    let location = format!("s3://{}/{poison}", env.res.bucket);
+    assert_eq!(edited[0]["file"], location.as_str());
+    assert!(
+        edited[0]["message"].as_str().unwrap().contains(reason),
+        "{}",
+        edited[0]
+    );
+    let show = cli(
+        env.dir.path(),
+        &["ledger", "show", "fragile", "--config", file],
+        &[],
+    );
+    assert_eq!(show.code, 0, "{}", show.stderr);
+    let line = show
+        .stdout
+        .lines()
+        .find(|l| l.contains(&poison))
+        .unwrap_or_default();
+    assert!(line.contains("skipped"), "{}", show.stdout);
+    assert_eq!(
+        env.depths().await,
+        (0, 1),
+        "the later file acknowledged; the skipped file's message rests in the DLQ"
+    );
+}

@@ -298,8 +298,10 @@ impl Lane {
         };
         let next_steps = match disposition {
             Disposition::Poison => format!(
-                "The data of {} is refused. The table waits behind it (nothing later is applied); the file goes back to the queue with backoff and, after the queue's maximum receives, to the dead-letter queue. Fix or replace the file in S3 and redrive the DLQ.",
-                first.file.uri()
+                "The data of {} is refused. The table waits behind it (nothing later is applied); the file goes back to the queue with backoff and, after the queue's maximum receives, to the dead-letter queue. Fix or replace the file in S3 and redrive the DLQ; if it can never be applied, `cdc-worker ledger skip {} {} --reason ...` lets the table go on.",
+                first.file.uri(),
+                self.table,
+                first.file.key
             ),
             _ => "The table's files wait in the worker (visibility kept alive, nothing goes to the dead-letter queue) and are retried with backoff until the cause passes. Check the warehouse, S3 and the worker's disk; `cdc-worker status` shows the table.".to_string(),
         };

@@ -136,7 +136,6 @@ impl Lane {
         applying: Applying,
         fence: Option<Fence>,
     ) -> ApplyPlan {
-        let op = &self.ctx.config.dms.op_column;
         let ordering = self.ctx.config.ordering_column(&self.table).and_then(|o| {
             schema
                 .table
@@ -151,7 +150,7 @@ impl Lane {
             ddl: applying.ddl,
             load: applying.load,
             mode: applying.mode,
-            op_column: staged.iter().any(|s| s.schema.has_op).then(|| op.clone()),
+            op_column: staged.iter().find_map(|s| s.schema.op.clone()),
             ordering_column: ordering,
             staged_columns: schema.table.columns.clone(),
             files: staged.iter().map(|s| s.file.clone()).collect(),
@@ -408,6 +407,7 @@ impl Lane {
             f.resolve(FileOutcome::Committed);
         }
         self.report_stats(&stats, &files[0]).await;
+        self.report_missing_op(staged, &files).await;
         tally.keys.extend(keys);
         tally.statements += stats.statements;
         tally.rows += stats.rows_staged;
@@ -469,6 +469,43 @@ impl Lane {
             )
             .await;
         }
+    }
+
+    /// A CDC file without the operation column: its rows were applied as inserts, so the
+    /// source's deletes cannot be seen. Documented for `CdcInsertsOnly`, a surprise
+    /// otherwise: one alert per table, naming the first such file.
+    async fn report_missing_op(&mut self, staged: &[StagedFile], files: &[PendingFile]) {
+        let Some(missing) = staged
+            .iter()
+            .find(|s| !s.file.full_load && s.schema.op.is_none())
+        else {
+            return;
+        };
+        let Some(file) = files.iter().find(|f| f.file.key == missing.file.key) else {
+            return;
+        };
+        let op = &self.ctx.config.dms.op_column;
+        let reason = format!(
+            "a CDC file without an `{op}` column (looked for in any case): its rows were applied as inserts and updates; deletes of the source cannot be seen"
+        );
+        tracing::warn!(table = %self.table, file = %file.file.key, "{reason}");
+        if !self
+            .state
+            .first_time(AlertKind::OpColumnMissing.as_str().to_string())
+        {
+            return;
+        }
+        let steps = format!(
+            "DMS leaves `Op` out only with CdcInsertsOnly: if the table's deletes matter, turn it off on the endpoint and reload the table; if the column has another name, set dms.op_column (now `{op}`)."
+        );
+        self.alert_file(
+            AlertKind::OpColumnMissing,
+            Severity::Warning,
+            file,
+            &reason,
+            Some(&steps),
+        )
+        .await;
     }
 
     /// Rows whose key has a NULL were skipped (a DMS key is a primary key, so such a row

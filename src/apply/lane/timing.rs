@@ -103,7 +103,7 @@ mod tests {
             file: batch_file.clone(),
             schema: FileSchema {
                 table: TableSchema::default(),
-                has_op: true,
+                op: Some("Op".into()),
                 rows: 1,
                 timestamp_max: timestamps,
             },

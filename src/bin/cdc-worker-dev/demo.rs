@@ -173,32 +173,7 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
     worker.shutdown().await;
 
     let schemas = SchemaStore::from_config(&config, ObjectStore::new(aws.s3.clone()));
-    println!();
-    println!(
-        "{:<14} {:>10} {:>10}  {:<8} schema",
-        "table", "rows", "expected", "match"
-    );
-    let mut all_match = true;
-    for (table, expected) in &sim.expected_rows {
-        let actual = rows.get(table).copied().unwrap_or(0);
-        let version = schemas
-            .load(table)
-            .await
-            .ok()
-            .flatten()
-            .map(|s| {
-                let n = s.current.columns.len();
-                let noun = if n == 1 { "column" } else { "columns" };
-                format!("v{} ({n} {noun})", s.current.version)
-            })
-            .unwrap_or_default();
-        let ok = actual == *expected as u64;
-        all_match &= ok;
-        println!(
-            "{table:<14} {actual:>10} {expected:>10}  {:<8} {version}",
-            if ok { "yes" } else { "NO" }
-        );
-    }
+    let all_match = print_tables(&schemas, &sim.expected_rows, &rows).await;
     let alerts = resources::drain_alerts(&aws, &resources.alerts_queue_url).await?;
     println!();
     println!(
@@ -220,4 +195,39 @@ pub async fn demo(mut config: Config) -> anyhow::Result<()> {
         anyhow::bail!("some tables do not match the simulated source");
     }
     Ok(())
+}
+
+/// Prints each table's rows beside the simulation's expectation; true when all match.
+async fn print_tables(
+    schemas: &SchemaStore,
+    expected_rows: &BTreeMap<String, usize>,
+    rows: &BTreeMap<String, u64>,
+) -> bool {
+    println!();
+    println!(
+        "{:<14} {:>10} {:>10}  {:<8} schema",
+        "table", "rows", "expected", "match"
+    );
+    let mut all_match = true;
+    for (table, expected) in expected_rows {
+        let actual = rows.get(table).copied().unwrap_or(0);
+        let version = schemas
+            .load(table)
+            .await
+            .ok()
+            .flatten()
+            .map(|s| {
+                let n = s.current.columns.len();
+                let noun = if n == 1 { "column" } else { "columns" };
+                format!("v{} ({n} {noun})", s.current.version)
+            })
+            .unwrap_or_default();
+        let ok = actual == *expected as u64;
+        all_match &= ok;
+        println!(
+            "{table:<14} {actual:>10} {expected:>10}  {:<8} {version}",
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    all_match
 }

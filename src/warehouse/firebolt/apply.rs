@@ -8,7 +8,7 @@
 //! a crash there is recovered. The invariant: a file is in the ledger if and only if its
 //! changes are in the target, so a redelivered file is either skipped or applied again.
 
-use crate::batch::{ApplyPlan, ApplyStats, Ddl, LoadMode, StagedFile};
+use crate::batch::{ApplyPlan, ApplyStats, BatchFile, Ddl, LoadMode, StagedFile};
 use crate::schema::dialect::Dialect;
 use crate::warehouse::merge::{self, RESERVED_PREFIX};
 use crate::warehouse::{FENCE_TABLE, LEDGER_TABLE, WarehouseError};
@@ -68,6 +68,7 @@ pub async fn apply(
     }
 }
 
+/// The batch's steps in order; each helper says how a crash inside it is recovered.
 async fn steps(
     wh: &Firebolt,
     run: &mut Runner<'_>,
@@ -79,11 +80,63 @@ async fn steps(
     let target = qualified(schema, &plan.table);
     let batch: Vec<_> = files.iter().map(|f| f.file.clone()).collect();
     let expected_rows: u64 = files.iter().map(|f| f.schema.rows).sum();
-    let mut stats = ApplyStats {
-        rows_staged: expected_rows,
-        ..ApplyStats::default()
-    };
 
+    let mut stats = stage_and_check(wh, run, plan, &batch, stage, expected_rows).await?;
+    apply_ddl(wh, run, plan, &target).await?;
+
+    // 5. The tombstone table (deleted keys with their ordering value), when the plan keeps
+    //    them: CREATE IF NOT EXISTS, sent once per process and table.
+    let rows = sql::staged_rows(stage, plan, &batch);
+    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
+    let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
+    if let Some((create, _)) = &tombstone_sql
+        && !wh.tombstones_known(&plan.table)
+    {
+        run.run("create-tombstones", create.clone()).await?;
+        wh.remember_tombstones(&plan.table);
+    }
+
+    // 6. BEGIN. From here to COMMIT, all or nothing: a crash before COMMIT leaves no
+    //    change in the target, fence or ledger (the server discards a transaction whose
+    //    session is gone), and the redelivered files are applied again.
+    run.begin().await?;
+    check_fence(run, schema, plan).await?;
+    stats.fast_load = write_changes(run, plan, &target, &tombstones, &rows).await?;
+
+    // 9. Deletes of this batch into the tombstones, in the same transaction.
+    if let Some((_, record)) = tombstone_sql {
+        run.run("record-tombstones", record).await?;
+    }
+
+    // 10. The ledger: every file of the batch, one INSERT.
+    run.run(
+        "ledger",
+        sql::ledger_insert(&qualified(schema, LEDGER_TABLE), plan),
+    )
+    .await?;
+
+    // 11. COMMIT. If the answer is lost (crash, timeout), the outcome is unknown: the error
+    //     goes up, the files come back, and `applied()` reads the ledger: committed files
+    //     are skipped, the others applied again.
+    run.commit().await?;
+
+    // 12. Drop the staging table. Crash: step 1's orphan, dropped by prepare().
+    if let Err(e) = run.run("drop-stage", sql::drop_table(stage)).await {
+        tracing::warn!(batch_id = %plan.batch_id, error = %e, "batch committed but its staging table was not dropped; prepare() drops it later");
+    }
+    Ok(stats)
+}
+
+/// Steps 1 to 3: the staging table, COPY, and the check of what COPY loaded, which also
+/// gathers the batch's statistics.
+async fn stage_and_check(
+    wh: &Firebolt,
+    run: &mut Runner<'_>,
+    plan: &ApplyPlan,
+    batch: &[BatchFile],
+    stage: &str,
+    expected_rows: u64,
+) -> Result<ApplyStats, WarehouseError> {
     // 1. The staging table, typed from the footers (never inferred by COPY). Its name is
     //    new for every attempt. Crash: an orphan table that touches no target; prepare()
     //    drops staging tables older than STALE_STAGE_AGE.
@@ -93,13 +146,13 @@ async fn steps(
     // 2. COPY the batch's files from S3, `$source_file_name` into a column. It writes only
     //    this attempt's staging table: a crash is step 1's case, and a retry copies into a
     //    new table, so rows can never be loaded twice.
-    for (copy, logged) in sql::copy_statements(stage, plan, &batch, &wh.copy_source) {
+    for (copy, logged) in sql::copy_statements(stage, plan, batch, &wh.copy_source) {
         run.run_redacted("copy", copy, logged, wh.copy_source.secrets())
             .await?;
     }
 
     // 3. Check what COPY loaded against the footers, and gather the statistics (read only).
-    let (check, layout) = sql::check_query(plan, stage, &batch);
+    let (check, layout) = sql::check_query(plan, stage, batch);
     let counts = run.run("check", check).await?;
     let at = |col: usize| counts.u64_at(0, col).map_err(WarehouseError::Other);
     let staged = at(0)?;
@@ -114,6 +167,10 @@ async fn steps(
             "{unknown} staged rows carry a $source_file_name that matches no file of the batch; their order cannot be known (see sql::source_file_value)"
         )));
     }
+    let mut stats = ApplyStats {
+        rows_staged: expected_rows,
+        ..ApplyStats::default()
+    };
     if let Some(col) = layout.ambiguous_keys {
         stats.ambiguous_keys = at(col)?;
         if stats.ambiguous_keys > 0 {
@@ -141,11 +198,20 @@ async fn steps(
             stats.rows_appended = staged - stats.deletes_ignored;
         }
     }
+    Ok(stats)
+}
 
-    // 4. DDL, one statement each, outside the transaction. All idempotent (IF NOT EXISTS,
-    //    or a rebuild that is crash-safe on its own, see rebuild.rs): a crash leaves the
-    //    target with some DDL done and nothing loaded; the replanned batch skips what exists.
-    //    An interrupted rebuild seen by describe() is finished or cleaned first.
+/// Step 4: DDL, one statement each, outside the transaction. All idempotent (IF NOT EXISTS,
+/// or a rebuild that is crash-safe on its own, see rebuild.rs): a crash leaves the target
+/// with some DDL done and nothing loaded; the replanned batch skips what exists. An
+/// interrupted rebuild seen by describe() is finished or cleaned first.
+async fn apply_ddl(
+    wh: &Firebolt,
+    run: &mut Runner<'_>,
+    plan: &ApplyPlan,
+    target: &str,
+) -> Result<(), WarehouseError> {
+    let schema = &wh.schema;
     if wh.take_pending_rebuild(&plan.table) {
         let state = super::catalog::inspect(run, schema, &plan.table, &wh.no_indexes).await?;
         rebuild::recover(run, schema, &plan.table, &state).await?;
@@ -159,12 +225,12 @@ async fn steps(
             } => {
                 run.run(
                     "create-table",
-                    sql::create_table(&target, columns, primary_key, true),
+                    sql::create_table(target, columns, primary_key, true),
                 )
                 .await?;
             }
             Ddl::AddColumn { column } => {
-                run.run("add-column", sql::add_column(&target, column))
+                run.run("add-column", sql::add_column(target, column))
                     .await?;
             }
             Ddl::WidenColumn { column, to, .. } => widen.push((column.clone(), to.clone())),
@@ -173,111 +239,79 @@ async fn steps(
     if !widen.is_empty() {
         rebuild::widen(run, schema, &plan.table, &widen, &wh.no_indexes).await?;
     }
+    Ok(())
+}
 
-    // 5. The tombstone table (deleted keys with their ordering value), when the plan keeps
-    //    them: CREATE IF NOT EXISTS, sent once per process and table.
-    let rows = sql::staged_rows(stage, plan, &batch);
-    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
-    let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
-    if let Some((create, _)) = &tombstone_sql
-        && !wh.tombstones_known(&plan.table)
-    {
-        run.run("create-tombstones", create.clone()).await?;
-        wh.remember_tombstones(&plan.table);
+/// Step 7, inside the transaction: refuse to commit if a newer lease holder has committed
+/// this table; take the fence over from an older one.
+async fn check_fence(
+    run: &mut Runner<'_>,
+    schema: &str,
+    plan: &ApplyPlan,
+) -> Result<(), WarehouseError> {
+    let Some(fence) = &plan.fence else {
+        return Ok(());
+    };
+    let fence_table = qualified(schema, FENCE_TABLE);
+    let current = run
+        .run("fence-read", sql::fence_select(&fence_table, &plan.table))
+        .await?;
+    if current.rows.is_empty() {
+        run.run(
+            "fence-init",
+            sql::fence_insert(&fence_table, &plan.table, fence.token, &fence.holder),
+        )
+        .await?;
+        return Ok(());
     }
-
-    // 6. BEGIN. From here to COMMIT, all or nothing: a crash before COMMIT leaves no
-    //    change in the target, fence or ledger (the server discards a transaction whose
-    //    session is gone), and the redelivered files are applied again.
-    run.begin().await?;
-
-    // 7. Fence: refuse to commit if a newer lease holder has committed this table.
-    if let Some(fence) = &plan.fence {
-        let fence_table = qualified(schema, FENCE_TABLE);
-        let current = run
-            .run("fence-read", sql::fence_select(&fence_table, &plan.table))
-            .await?;
-        if current.rows.is_empty() {
-            run.run(
-                "fence-init",
-                sql::fence_insert(&fence_table, &plan.table, fence.token, &fence.holder),
-            )
-            .await?;
-        } else {
-            let token = current.u64_at(0, 0).map_err(WarehouseError::Other)?;
-            let holder = current.text_at(0, 1).unwrap_or_default();
-            if token > fence.token {
-                return Err(WarehouseError::Fenced(format!(
-                    "a newer lease holder ({holder}, token {token}) has committed `{}`; lease token {} is stale",
-                    plan.table, fence.token
-                )));
-            }
-            if token != fence.token || holder != fence.holder {
-                run.run(
-                    "fence-take",
-                    sql::fence_update(&fence_table, &plan.table, fence.token, &fence.holder),
-                )
-                .await?;
-            }
-        }
+    let token = current.u64_at(0, 0).map_err(WarehouseError::Other)?;
+    let holder = current.text_at(0, 1).unwrap_or_default();
+    if token > fence.token {
+        return Err(WarehouseError::Fenced(format!(
+            "a newer lease holder ({holder}, token {token}) has committed `{}`; lease token {} is stale",
+            plan.table, fence.token
+        )));
     }
-
-    // 8. The MERGE of the latest change per key (or the append), the SQL DuckDB runs. A
-    //    segment of full-load files whose keys are unique and new to the table is inserted
-    //    as it is (merge::fast_load_blockers), checked here, inside the transaction.
-    match &plan.mode {
-        LoadMode::Merge { .. } => {
-            if merge::fast_load_candidate(plan) {
-                let check = merge::fast_load_blockers(&target, Some(&tombstones), plan, &rows);
-                let blockers = run.run("fast-load-check", check).await?;
-                // No answer row is no proof: only an explicit 0 takes the fast path.
-                stats.fast_load = !blockers.rows.is_empty()
-                    && blockers.u64_at(0, 0).map_err(WarehouseError::Other)? == 0;
-            }
-            if stats.fast_load {
-                let insert =
-                    merge::insert_new_rows_statement(Dialect::Firebolt, &target, plan, &rows);
-                run.run("insert", insert).await?;
-            } else {
-                let merge = merge::merge_statement(
-                    Dialect::Firebolt,
-                    &target,
-                    plan,
-                    &rows,
-                    Some(&tombstones),
-                );
-                run.run("merge", merge).await?;
-            }
-        }
-        LoadMode::Append => {
-            run.run(
-                "append",
-                merge::append_statement(Dialect::Firebolt, &target, plan, &rows),
-            )
-            .await?;
-        }
+    if token != fence.token || holder != fence.holder {
+        run.run(
+            "fence-take",
+            sql::fence_update(&fence_table, &plan.table, fence.token, &fence.holder),
+        )
+        .await?;
     }
+    Ok(())
+}
 
-    // 9. Deletes of this batch into the tombstones, in the same transaction.
-    if let Some((_, record)) = tombstone_sql {
-        run.run("record-tombstones", record).await?;
+/// Step 8, inside the transaction: the MERGE of the latest change per key (or the append),
+/// the SQL DuckDB runs. A segment of full-load files whose keys are unique and new to the
+/// table is inserted as it is (merge::fast_load_blockers), checked here, inside the
+/// transaction. Returns whether the fast path was taken.
+async fn write_changes(
+    run: &mut Runner<'_>,
+    plan: &ApplyPlan,
+    target: &str,
+    tombstones: &str,
+    rows: &merge::StagedRows,
+) -> Result<bool, WarehouseError> {
+    if let LoadMode::Append = plan.mode {
+        let append = merge::append_statement(Dialect::Firebolt, target, plan, rows);
+        run.run("append", append).await?;
+        return Ok(false);
     }
-
-    // 10. The ledger: every file of the batch, one INSERT.
-    run.run(
-        "ledger",
-        sql::ledger_insert(&qualified(schema, LEDGER_TABLE), plan),
-    )
-    .await?;
-
-    // 11. COMMIT. If the answer is lost (crash, timeout), the outcome is unknown: the error
-    //     goes up, the files come back, and `applied()` reads the ledger: committed files
-    //     are skipped, the others applied again.
-    run.commit().await?;
-
-    // 12. Drop the staging table. Crash: step 1's orphan, dropped by prepare().
-    if let Err(e) = run.run("drop-stage", sql::drop_table(stage)).await {
-        tracing::warn!(batch_id = %plan.batch_id, error = %e, "batch committed but its staging table was not dropped; prepare() drops it later");
+    let mut fast_load = false;
+    if merge::fast_load_candidate(plan) {
+        let check = merge::fast_load_blockers(target, Some(tombstones), plan, rows);
+        let blockers = run.run("fast-load-check", check).await?;
+        // No answer row is no proof: only an explicit 0 takes the fast path.
+        fast_load =
+            !blockers.rows.is_empty() && blockers.u64_at(0, 0).map_err(WarehouseError::Other)? == 0;
     }
-    Ok(stats)
+    if fast_load {
+        let insert = merge::insert_new_rows_statement(Dialect::Firebolt, target, plan, rows);
+        run.run("insert", insert).await?;
+    } else {
+        let merge = merge::merge_statement(Dialect::Firebolt, target, plan, rows, Some(tombstones));
+        run.run("merge", merge).await?;
+    }
+    Ok(fast_load)
 }

@@ -103,7 +103,7 @@ mod tests {
                 Column::new("id", ColumnType::Int64),
                 Column::new("at", ColumnType::Time),
             ]),
-            has_op: true,
+            op: Some("Op".into()),
             rows: 1,
             timestamp_max: vec![],
         };

@@ -221,6 +221,23 @@ pub fn changes(
             });
         }
     }
+    write_change_files(&conn, &mut files, spec, per_table)?;
+    let tables = models
+        .into_iter()
+        .enumerate()
+        .map(|(t, m)| (format!("{prefix}{t:02}"), m.state))
+        .collect();
+    Ok(Workload { files, tables })
+}
+
+/// Writes each file's staged rows to its Parquet file, as DMS would (`Op` first; `qty`
+/// widened to BIGINT in the second half when the spec asks for a widening).
+fn write_change_files(
+    conn: &Connection,
+    files: &mut [GenFile],
+    spec: &ChangeSpec,
+    per_table: usize,
+) -> anyhow::Result<()> {
     for (i, f) in files.iter_mut().enumerate() {
         let wide = spec.widen && i / spec.tables >= per_table / 2;
         conn.execute_batch(&format!(
@@ -242,12 +259,7 @@ pub fn changes(
         ))?;
         f.bytes = std::fs::metadata(&f.path)?.len();
     }
-    let tables = models
-        .into_iter()
-        .enumerate()
-        .map(|(t, m)| (format!("{prefix}{t:02}"), m.state))
-        .collect();
-    Ok(Workload { files, tables })
+    Ok(())
 }
 
 /// A full load of `tables` tables of `rows` rows each, one `LOAD00000001.parquet` per
