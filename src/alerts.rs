@@ -107,6 +107,11 @@ alert_kinds! {
     KeyChanged => "key_changed",
     /// An operator skipped or forgot a file with `cdc-worker ledger`.
     LedgerEdited => "ledger_edited",
+    /// A table's newest applied change is older than its freshness objective. Once per
+    /// breach.
+    FreshnessObjectiveMissed => "freshness_objective_missed",
+    /// A table that missed its freshness objective is within it again.
+    FreshnessRecovered => "freshness_recovered",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from

@@ -68,6 +68,32 @@ impl DmsKey {
     pub fn is_load(&self) -> bool {
         matches!(self.kind, FileKind::Load { .. })
     }
+
+    /// When DMS wrote a CDC file, from its name (`20261124-101500123.parquet`, UTC): the
+    /// time of the newest change it can hold, for freshness. None for full-load files.
+    pub fn cdc_time(&self) -> Option<std::time::SystemTime> {
+        if self.kind != FileKind::Cdc {
+            return None;
+        }
+        cdc_name_time(&self.file_name)
+    }
+}
+
+/// The UTC time a CDC file name spells: the date, the time of day, then a fraction of a
+/// second of any length (DMS writes three to six digits after the seconds).
+fn cdc_name_time(file_name: &str) -> Option<std::time::SystemTime> {
+    let (date, time) = file_name.strip_suffix(".parquet")?.split_once('-')?;
+    let day = chrono::NaiveDate::parse_from_str(date, "%Y%m%d").ok()?;
+    let (hms, fraction) = time.split_at_checked(6)?;
+    let clock = chrono::NaiveTime::parse_from_str(hms, "%H%M%S").ok()?;
+    let nanos = if fraction.is_empty() {
+        0
+    } else {
+        // `123` is 0.123 s whatever the number of digits: pad or cut to nine.
+        format!("{fraction:0<9}").get(..9)?.parse::<u32>().ok()?
+    };
+    let at = day.and_time(clock).and_utc() + chrono::Duration::nanoseconds(nanos.into());
+    Some(at.into())
 }
 
 impl DmsKey {
@@ -389,6 +415,25 @@ impl TableRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cdc_names_spell_their_utc_time() {
+        let at = |name: &str| cdc_name_time(name).map(chrono::DateTime::<chrono::Utc>::from);
+        assert_eq!(
+            at("20261124-101500123.parquet").unwrap().to_rfc3339(),
+            "2026-11-24T10:15:00.123+00:00"
+        );
+        assert_eq!(
+            at("20141029-1134010000.parquet").unwrap().to_rfc3339(),
+            "2014-10-29T11:34:01+00:00"
+        );
+        assert_eq!(
+            at("20261124-101500.parquet").unwrap().to_rfc3339(),
+            "2026-11-24T10:15:00+00:00"
+        );
+        assert_eq!(at("20261324-101500123.parquet"), None, "month 13");
+        assert_eq!(at("LOAD00000001.parquet"), None);
+    }
 
     fn dms(prefix: &str, key: &str) -> DmsKey {
         match classify_key(prefix, key).unwrap() {

@@ -23,6 +23,16 @@ pub struct ObjectCreated {
     pub event_time: Option<String>,
 }
 
+impl ObjectCreated {
+    /// `event_time` as a time, when it is one (S3 writes `2026-11-24T10:15:00.123Z`).
+    pub fn event_at(&self) -> Option<std::time::SystemTime> {
+        let text = self.event_time.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc).into())
+    }
+}
+
 /// What one notification in a body means for the worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
@@ -227,6 +237,19 @@ mod tests {
             Notification::Created(o) => o,
             other => panic!("not created: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_event_time_is_read_as_a_time() {
+        let n = parse_body(&direct(&["dms/public/t/LOAD00000001.parquet"])).unwrap();
+        let at = created(&n[0]).event_at().expect("eventTime");
+        assert_eq!(
+            chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339(),
+            "2026-11-24T10:00:00+00:00"
+        );
+        let mut o = created(&n[0]).clone();
+        o.event_time = Some("yesterday".into());
+        assert_eq!(o.event_at(), None);
     }
 
     #[test]

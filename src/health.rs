@@ -166,6 +166,15 @@ pub struct TableReport {
     pub key: Option<Vec<String>>,
     /// "merge" (keyed) or "append" (no key), as of the last commit of this worker.
     pub mode: Option<String>,
+    /// The time of the newest change this worker applied to the table (RFC 3339).
+    #[serde(default)]
+    pub newest_change_at: Option<String>,
+    /// Seconds since then: the table's freshness. None before its first commit.
+    #[serde(default)]
+    pub freshness_s: Option<f64>,
+    /// The table's freshness objective in seconds, when it has one.
+    #[serde(default)]
+    pub freshness_objective_s: Option<f64>,
 }
 
 impl TableReport {
@@ -219,6 +228,7 @@ async fn tables(p: &Probes) -> Vec<TableReport> {
             report.set_mode(mode);
         }
     }
+    add_freshness(&p.engine, &mut tables);
     // The ledger's newest entry is by commit time; the last file by DMS order is the
     // lane's (or, without a lane, the warehouse's own answer).
     for report in tables
@@ -230,6 +240,25 @@ async fn tables(p: &Probes) -> Vec<TableReport> {
         }
     }
     tables.into_values().collect()
+}
+
+/// Each table's freshness as of now, and its objective.
+fn add_freshness(engine: &Engine, tables: &mut BTreeMap<String, TableReport>) {
+    let now = std::time::SystemTime::now();
+    for (table, newest, age) in engine.freshness().snapshot(now) {
+        let report = tables.entry(table.clone()).or_insert_with(|| TableReport {
+            table,
+            ..Default::default()
+        });
+        report.newest_change_at = Some(crate::apply::freshness::rfc3339(newest));
+        report.freshness_s = Some(age.as_secs_f64());
+    }
+    for report in tables.values_mut() {
+        report.freshness_objective_s = engine
+            .config()
+            .freshness_objective(&report.table)
+            .map(|o| o.as_secs_f64());
+    }
 }
 
 async fn status(State(p): State<Probes>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
@@ -247,6 +276,11 @@ async fn metrics(State(p): State<Probes>) -> String {
         .filter(|(_, l)| l.held.is_some())
         .count();
     metrics::gauge!("cdc_worker_tables_held").set(held as f64);
+    // Freshness is computed now, so it grows while nothing arrives.
+    let now = std::time::SystemTime::now();
+    for (table, _, age) in p.engine.freshness().snapshot(now) {
+        telemetry::record_freshness(&table, age);
+    }
     telemetry::metrics_handle().render()
 }
 

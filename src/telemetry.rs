@@ -62,6 +62,16 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
                 Matcher::Suffix("_seconds".into()),
                 &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
             )
+            .expect("valid buckets")
+            // A stage can take hours (a backlog waiting in the queue): buckets up to one,
+            // with the alerting rule's 2-minute threshold among them.
+            .set_buckets_for_metric(
+                Matcher::Full("cdc_worker_stage_seconds".into()),
+                &[
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                    1800.0, 3600.0,
+                ],
+            )
             .expect("valid buckets");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -211,6 +221,20 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
         MetricKind::Counter,
         "table",
         "Values that did not cast to the column's type.",
+    ),
+    // health (at scrape time, from apply::freshness)
+    (
+        "cdc_worker_table_freshness_seconds",
+        MetricKind::Gauge,
+        "table",
+        "Age of the newest change applied to the table (now minus its DMS time); absent until the table applies one.",
+    ),
+    // apply::lane (segment) and queue::tracker
+    (
+        "cdc_worker_stage_seconds",
+        MetricKind::Histogram,
+        "stage",
+        "Time of each stage of a file's way (stage: s3_to_sqs, sqs_to_receive, receive_to_batch, batch_to_commit, commit_to_delete).",
     ),
     (
         "cdc_worker_table_lag_seconds",
@@ -596,6 +620,54 @@ impl ReceiveFailed<'_> {
 /// A message received (one per message).
 pub fn message_received() {
     metrics::counter!("cdc_worker_messages_received_total").increment(1);
+}
+
+/// One stage of a file's way from its upload to the deletion of its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// S3's `eventTime` to SQS's `SentTimestamp` (S3's, or SNS's, delivery).
+    S3ToSqs,
+    /// `SentTimestamp` to `ApproximateFirstReceiveTimestamp` (waiting in the queue).
+    SqsToReceive,
+    /// Our receive to the start of the batch that applies the file (lane, linger, permit).
+    ReceiveToBatch,
+    /// Batch start to the commit of the file's segment.
+    BatchToCommit,
+    /// The commit of a message's last file to its deletion from the queue (one per message).
+    CommitToDelete,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::S3ToSqs,
+        Stage::SqsToReceive,
+        Stage::ReceiveToBatch,
+        Stage::BatchToCommit,
+        Stage::CommitToDelete,
+    ];
+
+    /// The `stage` label (the dashboard and the alerting rules use these).
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::S3ToSqs => "s3_to_sqs",
+            Stage::SqsToReceive => "sqs_to_receive",
+            Stage::ReceiveToBatch => "receive_to_batch",
+            Stage::BatchToCommit => "batch_to_commit",
+            Stage::CommitToDelete => "commit_to_delete",
+        }
+    }
+}
+
+/// Records how long a stage took for one file (or message).
+pub fn record_stage(stage: Stage, took: Duration) {
+    metrics::histogram!("cdc_worker_stage_seconds", "stage" => stage.label())
+        .record(took.as_secs_f64());
+}
+
+/// How old the newest applied change of a table is.
+pub fn record_freshness(table: &str, age: Duration) {
+    metrics::gauge!("cdc_worker_table_freshness_seconds", "table" => table.to_string())
+        .set(age.as_secs_f64());
 }
 
 /// How long the oldest unapplied file of a table has waited.

@@ -351,6 +351,7 @@ impl Ingest {
 }
 
 fn pending_file(table: String, dms: DmsKey, object: ObjectCreated) -> PendingFile {
+    let event_time = object.event_at();
     PendingFile {
         table,
         source: dms.source.clone(),
@@ -365,6 +366,7 @@ fn pending_file(table: String, dms: DmsKey, object: ObjectCreated) -> PendingFil
         dms,
         messages: Vec::new(),
         arrived: Instant::now(),
+        event_time,
         waiting: None,
     }
 }
@@ -438,6 +440,7 @@ fn new_engine(
         leases,
         permits: Arc::new(Semaphore::new(config.parallel_batches())),
         events,
+        freshness: Default::default(),
     })
 }
 
@@ -488,6 +491,7 @@ impl Worker {
         let store = ObjectStore::new(aws.s3.clone());
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(aws.sqs.clone(), &config.queue.url));
         let engine = new_engine(&config, &warehouse, &store, &alerts);
+        engine.start_freshness_checks();
         let (tracker, acker) = Tracker::new(queue.clone(), &config.queue);
         let acker = tokio::spawn(acker);
         let ingest = Arc::new(Ingest {

@@ -158,6 +158,23 @@ fn guide(alert: &Alert) -> Guide {
             commands: &["cdc-worker check-config", "cdc-worker check-connection"],
             docs: &["docs/deployment.md"],
         },
+        AlertKind::FreshnessObjectiveMissed => Guide {
+            state: "loading goes on, but the table lags behind its source",
+            did: "keeps applying whatever arrives; this alert comes once per breach, and `freshness_recovered` when the table catches up",
+            todo: "Find out why no newer change applies: is the table held, failing, or waiting behind a file (`cdc-worker status`)? Does DMS still write files (its task, the bucket)? A source table without changes has no new files: give it a longer tables.NAME.freshness_objective, or \"0s\" for none.",
+            commands: &[
+                "cdc-worker status",
+                "cdc-worker replay --table {table} --dry-run",
+            ],
+            docs: &[],
+        },
+        AlertKind::FreshnessRecovered => Guide {
+            state: "within its freshness objective again",
+            did: "applied a change recent enough to meet the table's freshness objective",
+            todo: "Nothing.",
+            commands: &["cdc-worker status"],
+            docs: &[],
+        },
         AlertKind::SetupProblem => Guide {
             state: "the worker runs, but files may not arrive or may never reach a dead-letter queue",
             did: "started anyway: only a queue it cannot use stops it",
@@ -512,6 +529,18 @@ mod tests {
                 a.next_steps = Some("If DMS writes to `dms-bucket-old`, set source.bucket = \"dms-bucket-old\" and restart; otherwise remove this queue from that bucket's event notifications.".into());
                 a
             }
+            AlertKind::FreshnessObjectiveMissed => alert(
+                kind,
+                Severity::Warning,
+                "orders",
+                "orders is 2h 0m behind its source: its newest applied change is from 2026-11-24T08:04:00.000Z (objective 30m)",
+            ),
+            AlertKind::FreshnessRecovered => alert(
+                kind,
+                Severity::Info,
+                "orders",
+                "orders is within its freshness objective again: 12s behind its source (objective 30m)",
+            ),
             AlertKind::SetupProblem => {
                 let mut a = alert(
                     kind,

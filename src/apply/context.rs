@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::{Semaphore, broadcast};
 
 use crate::alerts::Alerts;
+use crate::apply::freshness::Freshness;
 use crate::batch::BatchFile;
 use crate::config::Config;
 use crate::dms::{DmsKey, SourceTable};
@@ -31,6 +32,8 @@ pub struct ApplyContext {
     /// Bounds the batches applying at once across tables.
     pub permits: Arc<Semaphore>,
     pub events: broadcast::Sender<EngineEvent>,
+    /// Each table's newest applied change, against its freshness objective.
+    pub freshness: Arc<Freshness>,
 }
 
 /// A file on its way to its table's lane.
@@ -43,6 +46,9 @@ pub struct PendingFile {
     /// The messages that announced it (more than one after duplicate deliveries).
     pub messages: Vec<MessageHandle>,
     pub arrived: Instant,
+    /// S3's `eventTime` of its notification: the upload (a full-load file's freshness,
+    /// and the `s3_to_sqs` stage). None for files found in the S3 listing.
+    pub event_time: Option<SystemTime>,
     /// The engine's count of files waiting, when this file was submitted to it (files
     /// found in the S3 listing were not).
     pub waiting: Option<Arc<AtomicUsize>>,
@@ -69,6 +75,7 @@ impl PendingFile {
             file,
             messages: Vec::new(),
             arrived: Instant::now(),
+            event_time: None,
             waiting: None,
         }
     }

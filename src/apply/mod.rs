@@ -4,6 +4,7 @@
 
 pub mod context;
 pub mod failure;
+pub mod freshness;
 mod lane;
 pub mod plan;
 
@@ -107,6 +108,48 @@ impl Engine {
         self.waiting.load(Ordering::Acquire)
     }
 
+    /// The configuration the lanes work with.
+    pub fn config(&self) -> &crate::config::Config {
+        &self.ctx.config
+    }
+
+    /// Each table's newest applied change (for `/metrics` and `/status`).
+    pub fn freshness(&self) -> &freshness::Freshness {
+        &self.ctx.freshness
+    }
+
+    /// Checks the tables' freshness objectives every [`freshness::CHECK_EVERY`] until the
+    /// engine stops: a table that nothing arrives for breaks its objective without a
+    /// commit to notice it (and its lane may have retired long ago). First the ledger's
+    /// last applied files seed what this worker has not applied itself.
+    pub fn start_freshness_checks(self: &Arc<Self>) {
+        let ctx = self.ctx.clone();
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            seed_freshness(&ctx).await;
+            let mut tick = tokio::time::interval(freshness::CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if ctx.config.lease.enabled {
+                    // Other tasks commit these tables too: what they applied counts.
+                    let tables = ctx.freshness.snapshot(std::time::SystemTime::now());
+                    refresh_from_ledger(&ctx, tables.into_iter().map(|(t, ..)| t)).await;
+                }
+                let now = std::time::SystemTime::now();
+                let verdicts = ctx
+                    .freshness
+                    .check_all(now, |t| ctx.config.freshness_objective(t));
+                for verdict in verdicts {
+                    ctx.alerts.publish(&verdict.alert()).await;
+                }
+            }
+        });
+    }
+
     /// Lanes as `status` shows them.
     pub fn lanes(&self) -> Vec<(String, LaneInfo)> {
         let lanes = self.lanes.lock().expect("lanes lock");
@@ -126,6 +169,30 @@ impl Engine {
         tokio::time::timeout(budget, self.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// The tables in the ledger, with the DMS time of their last applied file: a restarted
+/// worker knows how fresh its tables are before it commits anything.
+async fn seed_freshness(ctx: &ApplyContext) {
+    match ctx.warehouse.ledger_summary().await {
+        Ok(entries) => refresh_from_ledger(ctx, entries.into_iter().map(|e| e.table)).await,
+        Err(e) => tracing::warn!(error = %e, "cannot read the ledger for the tables' freshness"),
+    }
+}
+
+/// Raises each table's newest change to the DMS time of its last applied CDC file.
+async fn refresh_from_ledger(ctx: &ApplyContext, tables: impl Iterator<Item = String>) {
+    for table in tables {
+        let Ok(Some((_, key))) = ctx.warehouse.last_applied(&table).await else {
+            continue;
+        };
+        if let Ok(crate::dms::KeyClass::Dms(dms)) =
+            crate::dms::classify_key(&ctx.config.source.prefix, &key)
+            && let Some(at) = dms.cdc_time()
+        {
+            ctx.freshness.observed(&table, at);
+        }
     }
 }
 

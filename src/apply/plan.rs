@@ -527,6 +527,7 @@ mod tests {
             ),
             op: Some("Op".into()),
             rows: 1,
+            timestamp_max: vec![],
         }
     }
 

@@ -5,15 +5,18 @@
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use anyhow::Context;
 
 use super::{get_local, local_url};
+use crate::apply::freshness;
 use crate::aws::AwsClients;
 use crate::config::{Config, WarehouseKind};
-use crate::dms::SourceTable;
+use crate::dms::{KeyClass, SourceTable, classify_key};
 use crate::health::TableReport;
 use crate::keys::KeyResolver;
-use crate::schema::store::{SchemaStore, TableStatus};
+use crate::schema::store::{CurrentSchema, SchemaStore, TableStatus};
 use crate::storage::ObjectStore;
 use crate::warehouse::{self, Warehouse};
 
@@ -41,8 +44,8 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
         println!("tables, {origin}:");
     }
     println!(
-        "{:<24} {:<7} {:<8} {:>7} {:>8}  {:<20} last applied file",
-        "table", "schema", "status", "waiting", "failures", "mode (key)"
+        "{:<24} {:<7} {:<8} {:>7} {:>8} {:>9}  {:<20} last applied file",
+        "table", "schema", "status", "waiting", "failures", "freshness", "mode (key)"
     );
     for name in names {
         let current = schemas.load(&name).await?.map(|s| s.current);
@@ -73,27 +76,77 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
             _ => "-".into(),
         };
         println!(
-            "{name:<24} {version:<7} {status:<8} {waiting:>7} {:>8}  {:<20} {last}",
+            "{name:<24} {version:<7} {status:<8} {waiting:>7} {:>8} {:>9}  {:<20} {last}",
             report.consecutive_failures,
+            freshness_text(&report),
             mode_text(&report)
         );
-        // A policy hold is recorded in S3; a condition hold (a missing key column, say)
-        // only the running lane knows.
-        let held = match current.as_ref().map(|c| &c.status) {
-            Some(TableStatus::Held { reason, .. }) => Some(reason.clone()),
-            _ => report.held.clone(),
-        };
-        if let Some(reason) = held {
-            println!("{:<24} held: {reason}", "");
-        }
-        if let Some(file) = &report.blocked_by {
-            println!(
-                "{:<24} blocked by: {file} (later files wait behind it; `cdc-worker ledger skip {name} FILE --reason ...` if it can never be applied)",
-                ""
-            );
+        for note in notes(&name, current.as_ref(), &report) {
+            println!("{:<24} {note}", "");
         }
     }
     Ok(())
+}
+
+/// The lines under a table's row: why it is held, the file it waits behind, the
+/// freshness objective it misses.
+fn notes(name: &str, current: Option<&CurrentSchema>, report: &TableReport) -> Vec<String> {
+    let mut notes = Vec::new();
+    // A policy hold is recorded in S3; a condition hold (a missing key column, say)
+    // only the running lane knows.
+    let held = match current.map(|c| &c.status) {
+        Some(TableStatus::Held { reason, .. }) => Some(reason.clone()),
+        _ => report.held.clone(),
+    };
+    if let Some(reason) = held {
+        notes.push(format!("held: {reason}"));
+    }
+    if let Some(file) = &report.blocked_by {
+        notes.push(format!(
+            "blocked by: {file} (later files wait behind it; `cdc-worker ledger skip {name} FILE --reason ...` if it can never be applied)"
+        ));
+    }
+    notes.extend(objective_note(report));
+    notes
+}
+
+/// Without a worker to ask: the freshness the last applied file's name implies (a CDC
+/// file's DMS time; the ordering column's values are only known to a running worker).
+fn freshness_from_name(config: &Config, report: &mut TableReport) {
+    let key = report.last_applied_file.as_deref().unwrap_or_default();
+    let Ok(KeyClass::Dms(dms)) = classify_key(&config.source.prefix, key) else {
+        return;
+    };
+    if let Some(at) = dms.cdc_time() {
+        let age = std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default();
+        report.newest_change_at = Some(freshness::rfc3339(at));
+        report.freshness_s = Some(age.as_secs_f64());
+        report.freshness_objective_s = config
+            .freshness_objective(&report.table)
+            .map(|o| o.as_secs_f64());
+    }
+}
+
+/// How far behind the table is (`2h 0m`), or `-` before its first commit.
+fn freshness_text(report: &TableReport) -> String {
+    report
+        .freshness_s
+        .map(|s| freshness::short(Duration::from_secs_f64(s.max(0.0))))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A line under a table that misses its freshness objective.
+fn objective_note(report: &TableReport) -> Option<String> {
+    let (age, objective) = (report.freshness_s?, report.freshness_objective_s?);
+    (age > objective).then(|| {
+        format!(
+            "freshness objective {} missed: the newest applied change is from {}",
+            humantime::format_duration(Duration::from_secs_f64(objective)),
+            report.newest_change_at.as_deref().unwrap_or("-")
+        )
+    })
 }
 
 /// `merge (order_id, line_no)`, `append (no key)`, or `-` when unknown.
@@ -142,6 +195,7 @@ async fn from_warehouse(
             last_applied_at: Some(entry.applied_at),
             ..Default::default()
         };
+        freshness_from_name(config, &mut report);
         let source = schemas
             .load(&entry.table)
             .await

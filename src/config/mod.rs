@@ -358,6 +358,11 @@ pub struct AlertsConfig {
     /// report; each later one waits twice as long.
     #[serde(with = "humantime_serde")]
     pub table_failing_reminder: Duration,
+    /// A table whose newest applied change is older than this breaks its freshness
+    /// objective (`freshness_objective_missed`, then `freshness_recovered`); per table
+    /// `tables.T.freshness_objective`. Zero: no objective.
+    #[serde(with = "humantime_serde")]
+    pub freshness_objective: Duration,
 }
 
 impl Default for AlertsConfig {
@@ -366,6 +371,7 @@ impl Default for AlertsConfig {
             sns_topic_arn: None,
             table_failing_after: 3,
             table_failing_reminder: Duration::from_secs(30 * 60),
+            freshness_objective: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -432,6 +438,9 @@ pub struct TableConfig {
     pub ordering_column: Option<String>,
     /// Refinements of `[schema]` for this table.
     pub schema: Option<TableSchemaConfig>,
+    /// Overrides `alerts.freshness_objective` ("0s": none for this table).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub freshness_objective: Option<Duration>,
 }
 
 /// A key as written in the config file or `table_keys.json`.
@@ -585,6 +594,16 @@ impl Config {
         self.tables.get(name).cloned().unwrap_or_default()
     }
 
+    /// The freshness objective of a table: its own, else the default; None when zero.
+    pub fn freshness_objective(&self, table: &str) -> Option<Duration> {
+        let objective = self
+            .tables
+            .get(table)
+            .and_then(|t| t.freshness_objective)
+            .unwrap_or(self.alerts.freshness_objective);
+        (!objective.is_zero()).then_some(objective)
+    }
+
     /// The ordering column for a table: its own, else the global one.
     pub fn ordering_column(&self, table: &str) -> Option<String> {
         self.tables
@@ -655,6 +674,23 @@ mod tests {
         );
         assert!(!config.to_masked_toml().contains("hunter2"));
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn freshness_objectives_default_and_can_be_turned_off_per_table() {
+        let config = Config::from_toml(
+            "[queue]\nurl = \"http://q\"\n[source]\nbucket = \"my-dms-bucket\"\n[alerts]\nfreshness_objective = \"10m\"\n[tables.orders]\nfreshness_objective = \"5m\"\n[tables.archive]\nfreshness_objective = \"0s\"\n",
+        )
+        .unwrap();
+        let minutes = |m: u64| Some(Duration::from_secs(60 * m));
+        assert_eq!(config.freshness_objective("orders"), minutes(5));
+        assert_eq!(config.freshness_objective("items"), minutes(10));
+        assert_eq!(config.freshness_objective("archive"), None);
+        assert_eq!(
+            Config::default().freshness_objective("orders"),
+            minutes(30),
+            "the default"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Queue, QueueError, RawMessage};
+use super::{MessageTimes, Queue, QueueError, RawMessage};
 
 #[derive(Debug, Clone)]
 struct Message {
@@ -105,6 +105,7 @@ impl MemoryQueue {
                 receipt_handle: receipt,
                 body: msg.body.clone(),
                 receive_count: msg.receive_count,
+                times: MessageTimes::received_now(None, None),
             });
             i += 1;
         }

@@ -7,7 +7,7 @@ pub mod memory;
 mod sqs;
 mod tracker;
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
@@ -22,6 +22,36 @@ pub struct RawMessage {
     pub body: String,
     /// How many times SQS has handed this message out (1 on first delivery).
     pub receive_count: u32,
+    /// When SQS got it and first handed it out, and when we received it: the stage
+    /// histograms (`cdc_worker_stage_seconds`).
+    pub times: MessageTimes,
+}
+
+/// The moments of a message's way to the worker.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageTimes {
+    /// SQS's `SentTimestamp`: when the queue accepted the message.
+    pub sent: Option<SystemTime>,
+    /// SQS's `ApproximateFirstReceiveTimestamp`: when it was first handed out (to any
+    /// consumer; a redelivery keeps the first).
+    pub first_receive: Option<SystemTime>,
+    /// This receive, on our monotonic clock.
+    pub received: Instant,
+}
+
+impl MessageTimes {
+    /// Received now, with what SQS said (epoch milliseconds, as its attributes spell them).
+    pub fn received_now(sent_ms: Option<&str>, first_receive_ms: Option<&str>) -> Self {
+        let at = |ms: Option<&str>| {
+            let ms: u64 = ms?.parse().ok()?;
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+        };
+        Self {
+            sent: at(sent_ms),
+            first_receive: at(first_receive_ms),
+            received: Instant::now(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

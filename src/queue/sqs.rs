@@ -7,7 +7,7 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
 };
 
-use super::{Queue, QueueError, RawMessage};
+use super::{MessageTimes, Queue, QueueError, RawMessage};
 
 #[derive(Clone, Debug)]
 pub struct SqsQueue {
@@ -48,6 +48,11 @@ impl Queue for SqsQueue {
             .wait_time_seconds(secs(wait))
             .visibility_timeout(secs(visibility))
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            // For the stage histograms (cdc_worker_stage_seconds).
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_system_attribute_names(
+                MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
+            )
             .send()
             .await
             .map_err(|e| QueueError::Receive {
@@ -59,16 +64,24 @@ impl Queue for SqsQueue {
             .unwrap_or_default()
             .into_iter()
             .filter_map(|m| {
-                let receive_count = m
-                    .attributes()
-                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                let attribute = |name: MessageSystemAttributeName| {
+                    m.attributes()
+                        .and_then(|a| a.get(&name))
+                        .map(String::as_str)
+                };
+                let receive_count = attribute(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(1);
+                let times = MessageTimes::received_now(
+                    attribute(MessageSystemAttributeName::SentTimestamp),
+                    attribute(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
+                );
                 Some(RawMessage {
                     message_id: m.message_id?,
                     receipt_handle: m.receipt_handle?,
                     body: m.body.unwrap_or_default(),
                     receive_count,
+                    times,
                 })
             })
             .collect())

@@ -54,6 +54,8 @@ pub struct InFlight {
     requeue: AtomicBool,
     /// The message as received, for its copy.
     message: RawMessage,
+    /// When the last of its files was committed, for the `commit_to_delete` stage.
+    committed_at: Mutex<Option<Instant>>,
 }
 
 pub type MessageHandle = Arc<InFlight>;
@@ -62,6 +64,11 @@ pub type MessageHandle = Arc<InFlight>;
 const MAX_IN_FLIGHT: Duration = Duration::from_secs(12 * 3600);
 
 impl InFlight {
+    /// When SQS got the message and handed it out, and when we received it.
+    pub fn times(&self) -> super::MessageTimes {
+        self.message.times
+    }
+
     /// Records one file's outcome; the last one deletes or releases the message.
     pub fn resolve(&self, outcome: FileOutcome) {
         match outcome {
@@ -71,7 +78,10 @@ impl InFlight {
                 *retry = Some(retry.map_or(delay, |d| d.max(delay)));
             }
             FileOutcome::Requeue => self.requeue.store(true, Ordering::Release),
-            FileOutcome::Committed | FileOutcome::Skipped => {}
+            FileOutcome::Committed => {
+                *self.committed_at.lock().expect("commit time") = Some(Instant::now());
+            }
+            FileOutcome::Skipped => {}
         }
         let before = self.remaining.fetch_sub(1, Ordering::AcqRel);
         if before != 1 {
@@ -103,7 +113,11 @@ impl InFlight {
             None if self.requeue.load(Ordering::Acquire) => {
                 self.tracker.requeue(keepalive, self.message.clone())
             }
-            None => self.tracker.delete(self.receipt_handle.clone()),
+            None => {
+                let committed = *self.committed_at.lock().expect("commit time");
+                self.tracker
+                    .delete_committed(self.receipt_handle.clone(), committed)
+            }
         }
     }
 }
@@ -115,7 +129,8 @@ pub struct Tracker {
     visibility: Duration,
     backoff: Duration,
     backoff_max: Duration,
-    deletes: mpsc::UnboundedSender<String>,
+    /// Receipt handles to delete, with when their last file was committed (if one was).
+    deletes: mpsc::UnboundedSender<(String, Option<Instant>)>,
     /// Visibility changes in flight, so shutdown can wait for them: a release that never
     /// reached SQS leaves the message hidden until its visibility times out.
     releases: TaskTracker,
@@ -166,12 +181,19 @@ impl Tracker {
             handed_over,
             requeue: AtomicBool::new(false),
             message: raw.clone(),
+            committed_at: Mutex::new(None),
         })
     }
 
     /// Deletes a message (acknowledged: nothing more to do for it).
     pub fn delete(&self, receipt_handle: String) {
-        if self.deletes.send(receipt_handle).is_err() {
+        self.delete_committed(receipt_handle, None);
+    }
+
+    /// Deletes a message whose files were committed at `committed` (for the stage
+    /// histogram of the time from the commit to the deletion).
+    fn delete_committed(&self, receipt_handle: String, committed: Option<Instant>) {
+        if self.deletes.send((receipt_handle, committed)).is_err() {
             tracing::warn!("delete requested after shutdown; the message will be redelivered");
         }
     }
@@ -295,13 +317,25 @@ async fn hand_over(queue: &dyn Queue, message: &RawMessage) -> bool {
     }
 }
 
-async fn run_acker(queue: Arc<dyn Queue>, mut rx: mpsc::UnboundedReceiver<String>) {
+async fn run_acker(
+    queue: Arc<dyn Queue>,
+    mut rx: mpsc::UnboundedReceiver<(String, Option<Instant>)>,
+) {
     let mut batch = Vec::with_capacity(10);
     while rx.recv_many(&mut batch, 10).await > 0 {
-        match queue.delete(&batch).await {
+        let handles: Vec<String> = batch.iter().map(|(h, _)| h.clone()).collect();
+        match queue.delete(&handles).await {
             Ok(failed) => {
                 metrics::counter!("cdc_worker_messages_deleted_total")
                     .increment((batch.len() - failed.len()) as u64);
+                for (handle, committed) in &batch {
+                    if let Some(at) = committed.filter(|_| !failed.contains(handle)) {
+                        crate::telemetry::record_stage(
+                            crate::telemetry::Stage::CommitToDelete,
+                            at.elapsed(),
+                        );
+                    }
+                }
                 if !failed.is_empty() {
                     tracing::warn!(
                         count = failed.len(),

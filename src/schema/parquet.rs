@@ -2,10 +2,12 @@
 //! of an S3 object (so that a batch's schema is known before the warehouse is touched).
 
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use parquet::basic::{ConvertedType, LogicalType, Repetition, TimeUnit, Type as Physical};
 use parquet::file::metadata::{FooterTail, ParquetMetaData, ParquetMetaDataReader};
-use parquet::schema::types::Type;
+use parquet::file::statistics::Statistics;
+use parquet::schema::types::{ColumnDescriptor, Type};
 
 use super::types::{Column, ColumnType, FileSchema, TableSchema};
 
@@ -126,7 +128,57 @@ pub fn file_schema(
         table: TableSchema::new(columns),
         op,
         rows: metadata.file_metadata().num_rows().max(0) as u64,
+        timestamp_max: timestamp_maxima(metadata),
     })
+}
+
+/// The largest value of each top-level INT64 timestamp column, from the row groups'
+/// statistics (a column without them is left out): the newest change a file holds when
+/// the ordering column is DMS's TimestampColumnName. Values are taken as UTC.
+fn timestamp_maxima(metadata: &ParquetMetaData) -> Vec<(String, SystemTime)> {
+    let descr = metadata.file_metadata().schema_descr();
+    let mut out = Vec::new();
+    for (i, column) in descr.columns().iter().enumerate() {
+        let top_level = column.path().parts().len() == 1;
+        let Some(per_second) = timestamp_ticks(column).filter(|_| top_level) else {
+            continue;
+        };
+        let max = metadata
+            .row_groups()
+            .iter()
+            .filter_map(|rg| match rg.column(i).statistics()? {
+                Statistics::Int64(s) => s.max_opt().copied(),
+                _ => None,
+            })
+            .max();
+        if let Some(at) = max.and_then(|v| ticks_to_time(v, per_second)) {
+            out.push((column.name().to_string(), at));
+        }
+    }
+    out
+}
+
+/// Ticks per second of an INT64 timestamp column; None for any other column.
+fn timestamp_ticks(column: &ColumnDescriptor) -> Option<i64> {
+    if column.physical_type() != Physical::INT64 {
+        return None;
+    }
+    match (column.logical_type_ref(), column.converted_type()) {
+        (Some(LogicalType::Timestamp(t)), _) => Some(match t.unit {
+            TimeUnit::MILLIS => 1_000,
+            TimeUnit::MICROS => 1_000_000,
+            TimeUnit::NANOS => 1_000_000_000,
+        }),
+        (None, ConvertedType::TIMESTAMP_MILLIS) => Some(1_000),
+        (None, ConvertedType::TIMESTAMP_MICROS) => Some(1_000_000),
+        _ => None,
+    }
+}
+
+fn ticks_to_time(ticks: i64, per_second: i64) -> Option<SystemTime> {
+    let seconds = u64::try_from(ticks.div_euclid(per_second)).ok()?;
+    let nanos = ticks.rem_euclid(per_second) * (1_000_000_000 / per_second);
+    Some(SystemTime::UNIX_EPOCH + Duration::new(seconds, nanos as u32))
 }
 
 /// The Parquet type of a top-level field as a [`ColumnType`], using the logical type
@@ -232,6 +284,48 @@ fn timestamp(utc: bool, _unit: &TimeUnit) -> ColumnType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Parquet file with an `id` and a millisecond timestamp `at`, one row group per
+    /// slice of values.
+    fn with_timestamps(groups: &[&[i64]]) -> Vec<u8> {
+        use parquet::data_type::Int64Type;
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let schema = parquet::schema::parser::parse_message_type(
+            "message m { required int64 id; required int64 at (TIMESTAMP(MILLIS,true)); }",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut w = SerializedFileWriter::new(&mut out, Arc::new(schema), props).unwrap();
+        for values in groups {
+            let mut rg = w.next_row_group().unwrap();
+            let ids = vec![1; values.len()];
+            for column in [&ids[..], *values] {
+                let mut c = rg.next_column().unwrap().unwrap();
+                c.typed::<Int64Type>()
+                    .write_batch(column, None, None)
+                    .unwrap();
+                c.close().unwrap();
+            }
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+        out
+    }
+
+    #[test]
+    fn timestamp_columns_carry_their_largest_value() {
+        let bytes = with_timestamps(&[&[1_000, 3_500], &[2_000, 2_500]]);
+        let Tail::Decoded(schema) = decode_tail(&bytes, bytes.len() as u64, "Op").unwrap() else {
+            panic!("the whole file is the tail");
+        };
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(3_500);
+        assert_eq!(schema.timestamp_max, vec![("at".to_string(), at)]);
+        assert_eq!(schema.newest_timestamp("AT"), Some(at), "any case");
+        assert_eq!(schema.newest_timestamp("id"), None, "not a timestamp");
+    }
 
     #[test]
     fn short_or_empty_objects_are_not_parquet() {

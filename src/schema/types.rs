@@ -232,6 +232,23 @@ pub struct FileSchema {
     /// case-insensitively: a writer that lower-cases names must not turn deletes into rows.
     pub op: Option<String>,
     pub rows: u64,
+    /// The largest value of each timestamp column, where the file's statistics say: the
+    /// newest change it holds when the ordering column is a timestamp (freshness).
+    pub timestamp_max: Vec<(String, std::time::SystemTime)>,
+}
+
+impl FileSchema {
+    /// The largest value of timestamp column `column` (its name in the file, any case).
+    pub fn newest_timestamp(&self, column: &str) -> Option<std::time::SystemTime> {
+        let exact = self.timestamp_max.iter().find(|(c, _)| c == column);
+        exact
+            .or_else(|| {
+                self.timestamp_max
+                    .iter()
+                    .find(|(c, _)| c.eq_ignore_ascii_case(column))
+            })
+            .map(|(_, at)| *at)
+    }
 }
 
 #[cfg(test)]

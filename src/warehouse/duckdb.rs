@@ -1044,6 +1044,7 @@ mod tests {
                 table: TableSchema::new(columns),
                 op: Some("Op".into()),
                 rows: 4,
+                timestamp_max: vec![],
             },
             local_path: Some(path),
         };

@@ -560,6 +560,7 @@ async fn every_column_type_round_trips_through_create_describe_and_plan() {
         table: TableSchema::new(columns),
         op: Some("Op".into()),
         rows: 1,
+        timestamp_max: vec![],
     };
     let key = vec!["id".to_string()];
     let name = |s: &str| wh.column_name(s);

@@ -41,6 +41,7 @@ fn staged(key: &str, order: &str, rows: u64) -> StagedFile {
             table: TableSchema::new(columns()),
             op: Some("Op".into()),
             rows,
+            timestamp_max: vec![],
         },
         local_path: None,
     }

@@ -26,15 +26,15 @@ fn keyed(table: &str) -> impl FnOnce(&mut cdc_worker::config::Config) + '_ {
 }
 
 /// What a command printed and how it exited.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Runs the `cdc-worker` binary in `dir` with nothing of this process's environment
 /// (no AWS_* or CDC_WORKER__* variables, no profile), plus `vars`.
-fn cli(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Run {
+pub(crate) fn cli(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_cdc-worker"))
         .args(args)
         .current_dir(dir)
@@ -55,7 +55,7 @@ fn cli(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Run {
 
 /// A config file for the binary: the test environment's settings, then `extra` (TOML,
 /// merged over them).
-fn config_file(env: &Env, name: &str, extra: &str) -> PathBuf {
+pub(crate) fn config_file(env: &Env, name: &str, extra: &str) -> PathBuf {
     let c = &env.config;
     let base = format!(
         r#"
@@ -75,6 +75,9 @@ fn config_file(env: &Env, name: &str, extra: &str) -> PathBuf {
         path = "{db}"
         [alerts]
         sns_topic_arn = "{topic}"
+        # The test files are named for 2026-11-24: a test that checks freshness sets its own
+        # objective.
+        freshness_objective = "0s"
         "#,
         queue = c.queue.url,
         bucket = c.source.bucket,
@@ -115,7 +118,7 @@ fn metric(series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -96,6 +96,9 @@ impl Env {
             threads = 2
             [alerts]
             sns_topic_arn = "arn:aws:sns:us-east-1:000000000000:{unique}"
+            # The test files are named for 2026-11-24: a test that checks freshness sets its own
+            # objective.
+            freshness_objective = "0s"
             "#,
             db = dir.path().join("warehouse.duckdb").display()
         );

@@ -10,6 +10,7 @@ mod delivery;
 mod end_to_end;
 mod faults;
 mod first_hour;
+mod freshness;
 mod hostile;
 mod keys;
 mod lanes;

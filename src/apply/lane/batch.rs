@@ -35,11 +35,13 @@ struct Staging {
 impl Lane {
     pub(super) async fn apply_batch(&mut self, batch: Vec<PendingFile>) {
         let batch_id = new_batch_id();
+        let started = Instant::now();
+        self.batch_started = Some(started);
         let _ = self.ctx.events.send(EngineEvent::BatchStarted {
             table: self.table.clone(),
             batch_id: batch_id.clone(),
             files: batch.len(),
-            at: Instant::now(),
+            at: started,
         });
         // Every log line of the batch carries these; the whole key list is logged once, at
         // debug level (a hundred keys on every line would be most of the log's volume).

@@ -15,6 +15,7 @@ mod batch;
 mod notify;
 mod segment;
 pub(crate) mod state;
+mod timing;
 pub(crate) mod verdicts;
 
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,8 @@ pub(super) struct Lane {
     stop: CancellationToken,
     state: LaneState,
     cache: TableCache,
+    /// When the running batch started, for the stage histograms.
+    batch_started: Option<Instant>,
 }
 
 /// Why [`Lane::run`] returned.
@@ -80,6 +83,7 @@ impl Lane {
             stop,
             state,
             cache: TableCache::default(),
+            batch_started: None,
         }
     }
 

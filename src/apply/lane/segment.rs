@@ -400,6 +400,9 @@ impl Lane {
         if let Some(recovered) = self.state.committed(&files, Instant::now()) {
             self.alert_recovered(&recovered, &files[0]).await;
         }
+        // Before the files resolve: the last resolution starts the message's deletion,
+        // the stage after the ones recorded here.
+        self.record_commit(&files, staged).await;
         for f in &files {
             f.resolve(FileOutcome::Committed);
         }

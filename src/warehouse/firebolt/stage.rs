@@ -105,6 +105,7 @@ mod tests {
             ]),
             op: Some("Op".into()),
             rows: 1,
+            timestamp_max: vec![],
         };
         without_time(&mut schema);
         assert_eq!(schema.table.columns[0].ty, ColumnType::Int64);

@@ -10,10 +10,12 @@
 //! - one 1 GiB LOAD file under `warehouse.duckdb.memory_limit` (`big-load`).
 //!
 //! `floor` and `dlt` run the peers on the CDC backlog and, with `full-load`, on the full
-//! load. Figures for BENCHMARKS.md come from a release build.
+//! load. The steady run also prints where its files' time went: the p50 and p99 of each
+//! stage (`cdc_worker_stage_seconds`). Figures for BENCHMARKS.md come from a release build.
 
 mod peers;
 mod report;
+mod stages;
 mod sys;
 mod verify;
 mod worker_run;
@@ -279,6 +281,7 @@ async fn cdc_backlog(args: &BenchArgs, tools: &Tools, work: &Path) -> anyhow::Re
         };
         let m = worker_run::run(&args.endpoint, &tools.worker, &phase, &w.files[..n], work).await?;
         report::worker(&format!("steady {:.0}/s", args.steady_rate), &m, "-");
+        report::stages(&m);
         figures.steady = Some(m);
     }
     peers(args, tools, &w, &verifier, &dir, &mut figures, true).await?;

@@ -68,6 +68,16 @@ pub fn worker(label: &str, m: &Measured, verdict: &str) {
     }
 }
 
+/// Where the time of a run's files went: each stage's p50 and p99 (from the worker's
+/// `cdc_worker_stage_seconds`).
+pub fn stages(m: &Measured) {
+    if m.stages.is_empty() {
+        println!("{:<10} stages: none recorded", "");
+    } else {
+        println!("{:<10} stages: {}", "", super::stages::summary(&m.stages));
+    }
+}
+
 pub fn peer(label: &str, run: &PeerRun, changes: u64, verdict: &str) {
     if let Some(e) = &run.error {
         println!("{label:<10} failed: {e}");

@@ -18,6 +18,7 @@ use cdc_worker::config::AwsConfig;
 use cdc_worker::devkit::resources::{self, ResourceSpec};
 use cdc_worker::storage::{ObjectStore, WriteCondition};
 
+use super::stages::{self, StageHistogram};
 use super::sys;
 use super::workload::GenFile;
 
@@ -55,6 +56,8 @@ pub struct Measured {
     pub localstack_cpu: Option<Duration>,
     /// The worker's database, for checking its tables.
     pub db: PathBuf,
+    /// The worker's stage histograms once every message was deleted.
+    pub stages: Vec<StageHistogram>,
 }
 
 impl Measured {
@@ -312,6 +315,20 @@ impl Child {
         }
     }
 
+    /// Scrapes /metrics once every message is deleted (the last stage is the deletion),
+    /// or after 10 s.
+    async fn after_deletes(&self, messages: usize) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics().await?;
+            let deleted = metric_sum(&text, "cdc_worker_messages_deleted_total");
+            if deleted >= messages as u64 || Instant::now() > deadline {
+                return Ok(text);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn stop(mut self) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
@@ -390,6 +407,7 @@ pub async fn run(
         cpu: sys::cpu_time(child.pid).saturating_sub(cpu_ready),
         localstack_cpu: localstack.map(|(p, before)| sys::cpu_time(p).saturating_sub(before)),
         db: db.clone(),
+        stages: stages::parse(&child.after_deletes(files.len()).await?),
         ..Measured::default()
     };
     child.stop().await;
