@@ -95,7 +95,7 @@ alert_kinds! {
     /// Rows of an applied file were skipped: their key has a NULL, so they change no row.
     RowsSkipped => "rows_skipped",
     /// A CDC file has no `Op` column: its rows were applied as inserts, deletes unseen.
-    /// Once per table.
+    /// Once per table per worker process.
     OpColumnMissing => "op_column_missing",
     /// Notifications reach the queue for another bucket or outside `source.prefix`: a
     /// setup mistake until proven otherwise. Once per cause.

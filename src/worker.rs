@@ -441,6 +441,7 @@ fn new_engine(
         permits: Arc::new(Semaphore::new(config.parallel_batches())),
         events,
         freshness: Default::default(),
+        alerted: Default::default(),
     })
 }
 

@@ -142,7 +142,7 @@ fn guide(alert: &Alert) -> Guide {
             did: "applied the file's rows as inserts and updates of their keys: without an `Op` column no row is a delete",
             todo: "If the source's deletes matter, turn CdcInsertsOnly off on the DMS endpoint and reload the table; if the column has another name, set dms.op_column.",
             commands: &["cdc-worker check-config"],
-            docs: &["docs/deployment.md"],
+            docs: &["docs/deployment.md#7-configure-dms"],
         },
         AlertKind::AmbiguousOrder => Guide {
             state: "loading goes on",
@@ -495,7 +495,7 @@ mod tests {
                     Severity::Warning,
                     "orders",
                     &format!(
-                        "{FILE}: a CDC file without an `Op` column (looked for in any case): its rows were applied as inserts and updates; deletes of the source cannot be seen"
+                        "{FILE}: a CDC file without an `Op` column (by that name, or in another case as the first column): its rows were applied as inserts and updates; deletes of the source cannot be seen"
                     ),
                 );
                 a.source = Some("public.orders".into());

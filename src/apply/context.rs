@@ -34,6 +34,16 @@ pub struct ApplyContext {
     pub events: broadcast::Sender<EngineEvent>,
     /// Each table's newest applied change, against its freshness objective.
     pub freshness: Arc<Freshness>,
+    /// Causes alerted once per worker process, across the lanes' lives (a lane retires
+    /// when its table is idle and a new one starts with the next file).
+    pub alerted: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl ApplyContext {
+    /// True the first time this process sees `cause`.
+    pub fn first_time(&self, cause: String) -> bool {
+        self.alerted.lock().expect("alerted causes").insert(cause)
+    }
 }
 
 /// A file on its way to its table's lane.

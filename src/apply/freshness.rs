@@ -66,6 +66,9 @@ pub struct Verdict {
 struct Table {
     newest: SystemTime,
     objective: Objective,
+    /// Whether this worker alerts for the table: it made the newest commit (or it is the
+    /// only worker). With several tasks, the one that committed last alerts, once.
+    ours: bool,
 }
 
 /// Every table's newest applied change and standing, shared by the lanes, the engine's
@@ -90,24 +93,35 @@ impl Freshness {
         now: SystemTime,
         objective: Option<Duration>,
     ) -> Option<Verdict> {
+        // A change from the future (a skewed source clock, a sentinel value) would keep
+        // the table fresh for good: it counts as now.
+        let newest = newest.min(now);
         let mut tables = self.tables.lock().expect("freshness");
         let entry = tables.entry(table.to_string()).or_insert(Table {
             newest,
             objective: Objective::default(),
+            ours: true,
         });
         entry.newest = entry.newest.max(newest);
+        entry.ours = true;
         check(table, entry, now, objective)
     }
 
     /// Records that `at` is known to be applied to `table` (by the ledger: another
     /// worker, or before a restart), without a check: the next one sees it.
-    pub fn observed(&self, table: &str, at: SystemTime) {
+    /// `ours`: whether this worker is to alert for it (true when it is the only worker).
+    pub fn observed(&self, table: &str, at: SystemTime, ours: bool) {
+        let at = at.min(SystemTime::now());
         let mut tables = self.tables.lock().expect("freshness");
         let entry = tables.entry(table.to_string()).or_insert(Table {
             newest: at,
             objective: Objective::default(),
+            ours,
         });
-        entry.newest = entry.newest.max(at);
+        if at > entry.newest {
+            entry.newest = at;
+            entry.ours = ours;
+        }
     }
 
     /// Checks every table's objective at `now`.
@@ -119,6 +133,9 @@ impl Freshness {
         let mut tables = self.tables.lock().expect("freshness");
         tables
             .iter_mut()
+            // Another task's table is checked only to announce the recovery of a breach
+            // this worker announced.
+            .filter(|(_, t)| t.ours || t.objective.missed())
             .filter_map(|(name, t)| check(name, t, now, objective_of(name)))
             .collect()
     }
@@ -162,7 +179,18 @@ pub fn short(d: Duration) -> String {
 
 /// RFC 3339 in UTC with milliseconds, as alerts write times.
 pub fn rfc3339(at: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    // chrono's From<SystemTime> panics beyond its range; a file's statistics can hold
+    // anything.
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_secs())
+        .ok()
+        .and_then(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, since.subsec_nanos()))
+        .map_or_else(
+            || "(out of range)".to_string(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
 }
 
 impl Verdict {
@@ -219,6 +247,53 @@ mod tests {
             o.check(6 * MIN, five),
             Some(Transition::Missed),
             "a new breach"
+        );
+    }
+
+    #[test]
+    fn with_several_tasks_the_one_that_committed_last_alerts() {
+        let f = Freshness::default();
+        // In the past: `observed` takes no change from the future.
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let objective = |_: &str| Some(30 * MIN);
+        let transitions = |v: Vec<Verdict>| v.into_iter().map(|v| v.transition).collect::<Vec<_>>();
+        f.observed("orders", t0, false);
+        assert_eq!(
+            f.check_all(t0 + 60 * MIN, objective),
+            vec![],
+            "another task's table"
+        );
+        assert_eq!(
+            f.applied("orders", t0 + 61 * MIN, t0 + 61 * MIN, Some(30 * MIN)),
+            None
+        );
+        assert_eq!(
+            transitions(f.check_all(t0 + 100 * MIN, objective)),
+            [Transition::Missed],
+            "committed here last: this task alerts"
+        );
+        f.observed("orders", t0 + 101 * MIN, false);
+        assert_eq!(
+            transitions(f.check_all(t0 + 102 * MIN, objective)),
+            [Transition::Recovered],
+            "the breach this task announced is announced over"
+        );
+        assert_eq!(
+            f.check_all(t0 + 200 * MIN, objective),
+            vec![],
+            "then it is the other's"
+        );
+    }
+
+    #[test]
+    fn a_change_from_the_future_counts_as_now() {
+        let f = Freshness::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        f.applied("orders", now + 1000 * MIN, now, Some(30 * MIN));
+        let missed = f.check_all(now + 31 * MIN, |_| Some(30 * MIN));
+        assert_eq!(missed.len(), 1, "the table ages from now on");
+        assert!(
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4)).contains("range")
         );
     }
 

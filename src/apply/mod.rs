@@ -126,18 +126,27 @@ impl Engine {
         let ctx = self.ctx.clone();
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
-            seed_freshness(&ctx).await;
+            // A hanging ledger query must not hold up shutdown.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = seed_freshness(&ctx) => {}
+            }
             let mut tick = tokio::time::interval(freshness::CHECK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for round in 0u64.. {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if ctx.config.lease.enabled {
-                    // Other tasks commit these tables too: what they applied counts.
+                // Other tasks commit these tables too: what they applied counts. One query
+                // per table, so once a minute rather than every check.
+                if ctx.config.lease.enabled && round.is_multiple_of(LEDGER_REFRESH_ROUNDS) {
                     let tables = ctx.freshness.snapshot(std::time::SystemTime::now());
-                    refresh_from_ledger(&ctx, tables.into_iter().map(|(t, ..)| t)).await;
+                    let refresh = refresh_from_ledger(&ctx, tables.into_iter().map(|(t, ..)| t));
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = refresh => {}
+                    }
                 }
                 let now = std::time::SystemTime::now();
                 let verdicts = ctx
@@ -172,6 +181,9 @@ impl Engine {
     }
 }
 
+/// Freshness checks between two reads of the ledger by a worker with leases (a minute).
+const LEDGER_REFRESH_ROUNDS: u64 = 4;
+
 /// The tables in the ledger, with the DMS time of their last applied file: a restarted
 /// worker knows how fresh its tables are before it commits anything.
 async fn seed_freshness(ctx: &ApplyContext) {
@@ -191,7 +203,9 @@ async fn refresh_from_ledger(ctx: &ApplyContext, tables: impl Iterator<Item = St
             crate::dms::classify_key(&ctx.config.source.prefix, &key)
             && let Some(at) = dms.cdc_time()
         {
-            ctx.freshness.observed(&table, at);
+            // Alone, this worker speaks for every table; with leases, for those it commits.
+            ctx.freshness
+                .observed(&table, at, !ctx.config.lease.enabled);
         }
     }
 }

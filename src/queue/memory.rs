@@ -105,7 +105,7 @@ impl MemoryQueue {
                 receipt_handle: receipt,
                 body: msg.body.clone(),
                 receive_count: msg.receive_count,
-                times: MessageTimes::received_now(None, None),
+                times: MessageTimes::received_now(None, None, false),
             });
             i += 1;
         }

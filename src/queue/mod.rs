@@ -37,11 +37,17 @@ pub struct MessageTimes {
     pub first_receive: Option<SystemTime>,
     /// This receive, on our monotonic clock.
     pub received: Instant,
+    /// A copy the worker sent itself (a hand-over or a requeue): its `sent` is the copy's,
+    /// not the notification's.
+    pub copy: bool,
 }
+
+/// The message attribute that marks the copies the worker sends of its own messages.
+pub const COPY_ATTRIBUTE: &str = "cdc-worker-copy";
 
 impl MessageTimes {
     /// Received now, with what SQS said (epoch milliseconds, as its attributes spell them).
-    pub fn received_now(sent_ms: Option<&str>, first_receive_ms: Option<&str>) -> Self {
+    pub fn received_now(sent_ms: Option<&str>, first_receive_ms: Option<&str>, copy: bool) -> Self {
         let at = |ms: Option<&str>| {
             let ms: u64 = ms?.parse().ok()?;
             Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
@@ -50,6 +56,7 @@ impl MessageTimes {
             sent: at(sent_ms),
             first_receive: at(first_receive_ms),
             received: Instant::now(),
+            copy,
         }
     }
 }

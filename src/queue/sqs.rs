@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
+    QueueAttributeName,
 };
 
-use super::{MessageTimes, Queue, QueueError, RawMessage};
+use super::{COPY_ATTRIBUTE, MessageTimes, Queue, QueueError, RawMessage};
 
 #[derive(Clone, Debug)]
 pub struct SqsQueue {
@@ -53,6 +54,7 @@ impl Queue for SqsQueue {
             .message_system_attribute_names(
                 MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
             )
+            .message_attribute_names(COPY_ATTRIBUTE)
             .send()
             .await
             .map_err(|e| QueueError::Receive {
@@ -72,9 +74,13 @@ impl Queue for SqsQueue {
                 let receive_count = attribute(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(1);
+                let copy = m
+                    .message_attributes()
+                    .is_some_and(|a| a.contains_key(COPY_ATTRIBUTE));
                 let times = MessageTimes::received_now(
                     attribute(MessageSystemAttributeName::SentTimestamp),
                     attribute(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
+                    copy,
                 );
                 Some(RawMessage {
                     message_id: m.message_id?,
@@ -145,6 +151,14 @@ impl Queue for SqsQueue {
             .send_message()
             .queue_url(&self.url)
             .message_body(body)
+            .message_attributes(
+                COPY_ATTRIBUTE,
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value("1")
+                    .build()
+                    .expect("data type set"),
+            )
             .send()
             .await
             .map(|_| ())

@@ -95,16 +95,18 @@ pub fn file_schema(
 ) -> Result<FileSchema, ParquetError> {
     let root = metadata.file_metadata().schema_descr().root_schema();
     let fields = root.get_fields();
-    // The exact name first: only when no field has it does another spelling stand in.
+    // The exact name first. Another spelling stands in only as the first field, where DMS
+    // writes `Op`: elsewhere an `op` or `OP` is a source column (full-load files and
+    // `CdcInsertsOnly` files have no operation column at all).
     let op = fields
         .iter()
         .map(|f| f.name())
         .find(|n| *n == op_column)
         .or_else(|| {
             fields
-                .iter()
+                .first()
                 .map(|f| f.name())
-                .find(|n| n.eq_ignore_ascii_case(op_column))
+                .filter(|n| n.eq_ignore_ascii_case(op_column))
         })
         .map(str::to_string);
     let mut columns = Vec::new();
@@ -164,7 +166,8 @@ fn timestamp_ticks(column: &ColumnDescriptor) -> Option<i64> {
         return None;
     }
     match (column.logical_type_ref(), column.converted_type()) {
-        (Some(LogicalType::Timestamp(t)), _) => Some(match t.unit {
+        // A local-time column's ticks are not an instant: the file name's time is used.
+        (Some(LogicalType::Timestamp(t)), _) if t.is_adjusted_to_u_t_c => Some(match t.unit {
             TimeUnit::MILLIS => 1_000,
             TimeUnit::MICROS => 1_000_000,
             TimeUnit::NANOS => 1_000_000_000,
@@ -325,6 +328,49 @@ mod tests {
         assert_eq!(schema.timestamp_max, vec![("at".to_string(), at)]);
         assert_eq!(schema.newest_timestamp("AT"), Some(at), "any case");
         assert_eq!(schema.newest_timestamp("id"), None, "not a timestamp");
+    }
+
+    /// The footer of an empty file with these top-level string fields.
+    fn schema_of(fields: &[&str]) -> FileSchema {
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let columns: Vec<String> = fields
+            .iter()
+            .map(|f| format!("optional binary {f} (STRING);"))
+            .collect();
+        let message = format!("message m {{ {} }}", columns.join(" "));
+        let schema = parquet::schema::parser::parse_message_type(&message).unwrap();
+        let mut out = Vec::new();
+        let props = Arc::new(WriterProperties::builder().build());
+        SerializedFileWriter::new(&mut out, Arc::new(schema), props)
+            .unwrap()
+            .close()
+            .unwrap();
+        let Tail::Decoded(schema) = decode_tail(&out, out.len() as u64, "Op").unwrap() else {
+            panic!("the whole file is the tail");
+        };
+        schema
+    }
+
+    #[test]
+    fn the_operation_column_is_the_exact_name_or_another_spelling_in_first_place() {
+        let data = |s: &FileSchema| s.table.names().map(str::to_string).collect::<Vec<_>>();
+        let lower = schema_of(&["op", "id"]);
+        assert_eq!(lower.op.as_deref(), Some("op"), "first, in another case");
+        assert_eq!(data(&lower), ["id"]);
+        let both = schema_of(&["Op", "id", "op"]);
+        assert_eq!(both.op.as_deref(), Some("Op"), "the exact name wins");
+        assert_eq!(data(&both), ["id", "op"], "the other spelling is data");
+        let later = schema_of(&["id", "OP"]);
+        assert_eq!(later.op, None, "a source column OP elsewhere is data");
+        assert_eq!(data(&later), ["id", "OP"]);
+        let exact_later = schema_of(&["id", "Op"]);
+        assert_eq!(
+            exact_later.op.as_deref(),
+            Some("Op"),
+            "the exact name anywhere"
+        );
     }
 
     #[test]

@@ -1087,6 +1087,7 @@ async fn the_op_column_is_found_in_any_case_and_a_cdc_file_without_one_is_report
 /// Mistake 1's way out: a table blocked by a file that can never be applied. `status`
 /// names the blocking file, `ledger skip` (with the worker stopped: DuckDB admits one
 /// process) records it and alerts, and the table's later files go on after the restart.
+/// Long on purpose: one operator's way out, step by step, with what each step shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_table_blocked_by_a_poison_file_goes_on_after_ledger_skip() {
     use crate::harness::{i, s};

@@ -108,6 +108,8 @@ async fn until_alerts(env: &Env, seen: &mut Vec<ReceivedAlert>, kind: &str) {
     panic!("no {kind} alert within 20 s; received: {seen:#?}");
 }
 
+// Long on purpose: one worker's story (old changes, the breach, a tick, recovery, the
+// stages) read top to bottom; its steps share the worker and the alerts seen so far.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn old_changes_miss_the_objective_once_and_a_current_one_recovers_once() {
     let env = Env::new("freshness", |_| {}).await;
@@ -233,7 +235,17 @@ async fn old_changes_miss_the_objective_once_and_a_current_one_recovers_once() {
         worker.until_metric(&series, 3.0).await;
         let le = format!("cdc_worker_stage_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}}");
         assert_eq!(worker.metric(&le).await, Some(3.0), "{le}");
+        // Seconds, plausible ones: three files of a test take well under a minute each
+        // way (milliseconds read as seconds, or a copy's clock, would not).
+        let sum = format!("cdc_worker_stage_seconds_sum{{stage=\"{stage}\"}}");
+        let total = worker.metric(&sum).await.unwrap_or(-1.0);
+        assert!((0.0..60.0).contains(&total), "{sum} = {total}");
     }
+    let batch = worker
+        .metric("cdc_worker_stage_seconds_sum{stage=\"batch_to_commit\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(batch > 0.0, "a commit takes some time: {batch}");
     let text = worker.get("/metrics").await.unwrap();
     assert!(
         text.contains("# HELP cdc_worker_stage_seconds ")

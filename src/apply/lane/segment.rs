@@ -486,13 +486,14 @@ impl Lane {
         };
         let op = &self.ctx.config.dms.op_column;
         let reason = format!(
-            "a CDC file without an `{op}` column (looked for in any case): its rows were applied as inserts and updates; deletes of the source cannot be seen"
+            "a CDC file without an `{op}` column (by that name, or in another case as the first column): its rows were applied as inserts and updates; deletes of the source cannot be seen"
         );
         tracing::warn!(table = %self.table, file = %file.file.key, "{reason}");
-        if !self
-            .state
-            .first_time(AlertKind::OpColumnMissing.as_str().to_string())
-        {
+        if !self.ctx.first_time(format!(
+            "{}/{}",
+            AlertKind::OpColumnMissing.as_str(),
+            self.table
+        )) {
             return;
         }
         let steps = format!(

@@ -46,7 +46,8 @@ fn record_stages(f: &PendingFile, batch_started: Instant, committed: Instant) {
         Some(to?.duration_since(from?).unwrap_or_default())
     };
     if let Some(times) = f.messages.first().map(|m| m.times()) {
-        if let Some(d) = between(f.event_time, times.sent) {
+        // A copy's SentTimestamp is when the worker re-sent it, not when S3 notified.
+        if let Some(d) = between(f.event_time, times.sent.filter(|_| !times.copy)) {
             record_stage(Stage::S3ToSqs, d);
         }
         if let Some(d) = between(times.sent, times.first_receive) {

@@ -2,14 +2,7 @@
 //! p50 and p99 of each stage, estimated from the buckets as Prometheus's
 //! `histogram_quantile` does (linear within the bucket).
 
-/// The stage labels in the order a file goes through them.
-pub const STAGES: [&str; 5] = [
-    "s3_to_sqs",
-    "sqs_to_receive",
-    "receive_to_batch",
-    "batch_to_commit",
-    "commit_to_delete",
-];
+use cdc_worker::telemetry::Stage;
 
 /// One stage's observations: cumulative bucket counts by upper bound, and the total.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -19,12 +12,13 @@ pub struct StageHistogram {
     pub count: f64,
 }
 
-/// The stage histograms in a `/metrics` text, in [`STAGES`] order (stages never observed
+/// The stage histograms in a `/metrics` text, in [`Stage::ALL`] order (stages never observed
 /// are left out).
 pub fn parse(text: &str) -> Vec<StageHistogram> {
-    STAGES
+    Stage::ALL
         .iter()
-        .filter_map(|&stage| {
+        .map(|s| s.label())
+        .filter_map(|stage| {
             let label = format!("stage=\"{stage}\"");
             let mut h = StageHistogram {
                 stage: stage.to_string(),
