@@ -23,7 +23,7 @@ pub struct BatchFile {
     pub order_key: String,
     /// A DMS full-load file (`LOAD*.parquet`): a snapshot holding each key once, written
     /// before any change file of its table. Segments of such files may be inserted without
-    /// the per-key dedupe and MERGE (see [`crate::warehouse::merge::fast_load_blockers`]).
+    /// the per-key dedupe and MERGE (see `warehouse::merge::fast_load_blockers`).
     pub full_load: bool,
 }
 
