@@ -110,8 +110,8 @@ impl Freshness {
     /// Records that `at` is known to be applied to `table` (by the ledger: another
     /// worker, or before a restart), without a check: the next one sees it.
     /// `ours`: whether this worker is to alert for it (true when it is the only worker).
-    pub fn observed(&self, table: &str, at: SystemTime, ours: bool) {
-        let at = at.min(SystemTime::now());
+    pub fn observed(&self, table: &str, at: SystemTime, now: SystemTime, ours: bool) {
+        let at = at.min(now);
         let mut tables = self.tables.lock().expect("freshness");
         let entry = tables.entry(table.to_string()).or_insert(Table {
             newest: at,
@@ -253,11 +253,10 @@ mod tests {
     #[test]
     fn with_several_tasks_the_one_that_committed_last_alerts() {
         let f = Freshness::default();
-        // In the past: `observed` takes no change from the future.
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let objective = |_: &str| Some(30 * MIN);
         let transitions = |v: Vec<Verdict>| v.into_iter().map(|v| v.transition).collect::<Vec<_>>();
-        f.observed("orders", t0, false);
+        f.observed("orders", t0, t0, false);
         assert_eq!(
             f.check_all(t0 + 60 * MIN, objective),
             vec![],
@@ -272,7 +271,7 @@ mod tests {
             [Transition::Missed],
             "committed here last: this task alerts"
         );
-        f.observed("orders", t0 + 101 * MIN, false);
+        f.observed("orders", t0 + 101 * MIN, t0 + 101 * MIN, false);
         assert_eq!(
             transitions(f.check_all(t0 + 102 * MIN, objective)),
             [Transition::Recovered],

@@ -204,8 +204,9 @@ async fn refresh_from_ledger(ctx: &ApplyContext, tables: impl Iterator<Item = St
             && let Some(at) = dms.cdc_time()
         {
             // Alone, this worker speaks for every table; with leases, for those it commits.
+            let now = std::time::SystemTime::now();
             ctx.freshness
-                .observed(&table, at, !ctx.config.lease.enabled);
+                .observed(&table, at, now, !ctx.config.lease.enabled);
         }
     }
 }

@@ -290,27 +290,34 @@ pub fn tombstone_statements(
     Some((create, record))
 }
 
-/// `INSERT INTO target SELECT ...` of every non-delete row, in file and row order.
-pub fn append_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &StagedRows) -> String {
+/// `INSERT INTO target (columns) SELECT values FROM {from} AS s`, without the delete rows;
+/// `target` is already quoted.
+fn insert_rows_from(d: Dialect, target: &str, plan: &ApplyPlan, from: &str) -> String {
     let cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
     let vals: Vec<String> = plan
         .load
         .iter()
         .map(|l| load_expr(d, &l.expr, "s"))
         .collect();
-    let mut order = vec![ident(FILE_ORDINAL_COLUMN)];
-    if rows.row_ordinal.is_some() {
-        order.push(ident(ROW_ORDINAL_COLUMN));
-    }
     let mut sql = format!(
-        "INSERT INTO {target} ({}) SELECT {} FROM ({}) AS s",
+        "INSERT INTO {target} ({}) SELECT {} FROM {from} AS s",
         cols.join(", "),
-        vals.join(", "),
-        staged_select(plan, rows)
+        vals.join(", ")
     );
     if let Some(cond) = not_delete(plan, "s") {
         sql.push_str(&format!(" WHERE {cond}"));
     }
+    sql
+}
+
+/// `INSERT INTO target SELECT ...` of every non-delete row, in file and row order.
+pub fn append_statement(d: Dialect, target: &str, plan: &ApplyPlan, rows: &StagedRows) -> String {
+    let mut order = vec![ident(FILE_ORDINAL_COLUMN)];
+    if rows.row_ordinal.is_some() {
+        order.push(ident(ROW_ORDINAL_COLUMN));
+    }
+    let from = format!("({})", staged_select(plan, rows));
+    let mut sql = insert_rows_from(d, target, plan, &from);
     sql.push_str(&format!(
         " ORDER BY {}",
         order
@@ -354,20 +361,7 @@ pub fn delete_insert_statements(
         "DELETE FROM {target} AS t USING {latest} AS s WHERE {}",
         key_match(key, "t", "s", true)
     );
-    let cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
-    let vals: Vec<String> = plan
-        .load
-        .iter()
-        .map(|l| load_expr(d, &l.expr, "s"))
-        .collect();
-    let mut insert = format!(
-        "INSERT INTO {target} ({}) SELECT {} FROM {latest} AS s",
-        cols.join(", "),
-        vals.join(", ")
-    );
-    if let Some(cond) = not_delete(plan, "s") {
-        insert.push_str(&format!(" WHERE {cond}"));
-    }
+    let insert = insert_rows_from(d, target, plan, &latest);
     Some([dedupe, delete, insert, format!("DROP TABLE {latest}")])
 }
 
@@ -409,10 +403,7 @@ pub fn fast_load_blockers(
         format!(
             "SELECT 1 FROM {} AS s JOIN {table} AS t ON {} LIMIT 1",
             rows.relation,
-            key.iter()
-                .map(|k| format!("t.{} = s.{}", ident(&k.target), ident(&k.source)))
-                .collect::<Vec<_>>()
-                .join(" AND ")
+            key_match(key, "t", "s", true)
         )
     };
     let mut parts = vec![repeated, present(target)];
@@ -439,22 +430,7 @@ pub fn insert_new_rows_statement(
     plan: &ApplyPlan,
     rows: &StagedRows,
 ) -> String {
-    let cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
-    let vals: Vec<String> = plan
-        .load
-        .iter()
-        .map(|l| load_expr(d, &l.expr, "s"))
-        .collect();
-    let mut sql = format!(
-        "INSERT INTO {target} ({}) SELECT {} FROM {} AS s",
-        cols.join(", "),
-        vals.join(", "),
-        rows.relation
-    );
-    if let Some(cond) = not_delete(plan, "s") {
-        sql.push_str(&format!(" WHERE {cond}"));
-    }
-    sql
+    insert_rows_from(d, target, plan, &rows.relation)
 }
 
 /// For a table without a key: how many delete rows cannot be applied.

@@ -235,7 +235,7 @@ impl Lane {
         // file. Following a reload is not built yet: say what the target now lacks.
         let steps = if f.file.full_load {
             format!(
-                "DMS writes a table's full load again when the table is reloaded; this worker does not follow reloads yet, so `{}` keeps the rows of the earlier load. To rebuild it from the new full load, follow docs/operations.md#file_skipped (stop the worker, drop the table and its ledger rows, start it, `cdc-worker replay --table {}`).",
+                "DMS writes a table's full load again when the table is reloaded; this worker does not follow reloads yet, so `{}` keeps the rows of the earlier load. To rebuild it from the new full load, follow docs/operations.md#file_skipped (stop the worker, drop the table, its deleted-keys table and its ledger rows, start it, `cdc-worker replay --table {}`).",
                 self.table, self.table
             )
         } else {

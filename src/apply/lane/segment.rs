@@ -454,11 +454,9 @@ impl Lane {
             "{keys} changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change"
         );
         tracing::warn!(table = %self.table, ambiguous_keys = stats.ambiguous_keys, "{reason}");
-        // A table without an ordering column stays that way: one alert per lane.
-        if self
-            .state
-            .first_time(AlertKind::AmbiguousOrder.as_str().to_string())
-        {
+        // A table without an ordering column stays that way: one alert per table and process.
+        let cause = format!("{}/{}", AlertKind::AmbiguousOrder.as_str(), self.table);
+        if self.ctx.first_time(cause) {
             let steps = "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.";
             self.alert_file(
                 AlertKind::AmbiguousOrder,
@@ -488,14 +486,13 @@ impl Lane {
         let reason = format!(
             "a CDC file without an `{op}` column (by that name, or in another case as the first column): its rows were applied as inserts and updates; deletes of the source cannot be seen"
         );
-        tracing::warn!(table = %self.table, file = %file.file.key, "{reason}");
-        if !self.ctx.first_time(format!(
-            "{}/{}",
-            AlertKind::OpColumnMissing.as_str(),
-            self.table
-        )) {
+        // A CdcInsertsOnly table has no Op in any file: said once, not at every batch.
+        let cause = format!("{}/{}", AlertKind::OpColumnMissing.as_str(), self.table);
+        if !self.ctx.first_time(cause) {
+            tracing::debug!(table = %self.table, file = %file.file.key, "{reason}");
             return;
         }
+        tracing::warn!(table = %self.table, file = %file.file.key, "{reason}");
         let steps = format!(
             "DMS leaves `Op` out only with CdcInsertsOnly: if the table's deletes matter, turn it off on the endpoint and reload the table; if the column has another name, set dms.op_column (now `{op}`)."
         );
