@@ -112,6 +112,16 @@ alert_kinds! {
     FreshnessObjectiveMissed => "freshness_objective_missed",
     /// A table that missed its freshness objective is within it again.
     FreshnessRecovered => "freshness_recovered",
+    /// A DMS reload's new generation replaced the table (one alert per reload, with the
+    /// rows before and after, the old generation's files it made obsolete and the schema
+    /// changes it brought).
+    TableReloaded => "table_reloaded",
+    /// A reload's new generation is built and waits for `cdc-worker table accept-reload`
+    /// (`dms.reload = "hold"`).
+    ReloadWaiting => "reload_waiting",
+    /// The destructive-change guard held a table: a batch deleting, or a reload removing,
+    /// a large part of its rows waits for a person.
+    DestructiveChangeHeld => "destructive_change_held",
 }
 
 /// One alert. Optional fields are omitted from the JSON when empty. It deserializes from

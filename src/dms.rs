@@ -79,6 +79,13 @@ impl DmsKey {
     }
 }
 
+/// When DMS wrote the change file a ledger sort key (`DmsOrder::sort_key`) is of; None for
+/// a full-load file's.
+pub fn change_time_of_sort_key(sort_key: &str) -> Option<std::time::SystemTime> {
+    let (file_name, _folders) = sort_key.strip_prefix("1/")?.split_once('/')?;
+    cdc_name_time(file_name)
+}
+
 /// The UTC time a CDC file name spells: the date, the time of day, then a fraction of a
 /// second of any length (DMS writes three to six digits after the seconds).
 fn cdc_name_time(file_name: &str) -> Option<std::time::SystemTime> {

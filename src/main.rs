@@ -75,6 +75,29 @@ enum Command {
         #[command(subcommand)]
         action: LedgerCommand,
     },
+    /// Release what waits for a person on a table: a reload's swap, or a mass delete the
+    /// destructive-change guard held (docs/reloads.md).
+    Table {
+        #[command(subcommand)]
+        action: TableCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TableCommand {
+    /// Let a table's reload replace it: the new generation, complete and held by
+    /// `dms.reload = "hold"` or by the destructive-change guard, is swapped in.
+    AcceptReload {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+    },
+    /// Let the batch the destructive-change guard held apply (once): the table goes on.
+    ReleaseGuard {
+        #[command(flatten)]
+        config: ConfigArg,
+        table: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +209,10 @@ impl Command {
             Command::Lease { action } => match action {
                 LeaseCommand::Show { config, .. } | LeaseCommand::Hold { config, .. } => config,
             },
+            Command::Table { action } => match action {
+                TableCommand::AcceptReload { config, .. }
+                | TableCommand::ReleaseGuard { config, .. } => config,
+            },
             Command::Ledger { action } => match action {
                 LedgerCommand::Show { config, .. }
                 | LedgerCommand::Skip { config, .. }
@@ -213,6 +240,14 @@ impl Command {
             Command::Schema { action } => action.run(&config).await,
             Command::Lease { action } => action.run(&config).await,
             Command::Ledger { action } => action.run(&config).await,
+            Command::Table { action } => match action {
+                TableCommand::AcceptReload { table, .. } => {
+                    commands::release_guarded(&config, &table, commands::Release::Reload).await
+                }
+                TableCommand::ReleaseGuard { table, .. } => {
+                    commands::release_guarded(&config, &table, commands::Release::Deletes).await
+                }
+            },
         }
     }
 }

@@ -132,6 +132,28 @@ impl ObjectStore {
         Ok(Some(Object { body, etag }))
     }
 
+    /// An object's current ETag (without quotes); `Ok(None)` when it does not exist.
+    pub async fn current_etag(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<String>, StorageError> {
+        match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(bare_etag(out.e_tag().unwrap_or_default()).to_string())),
+            Err(e) => {
+                let e = StorageError::from_sdk(bucket, key, e);
+                if e.is_not_found() { Ok(None) } else { Err(e) }
+            }
+        }
+    }
+
     /// The last `len` bytes of an object (all of it when shorter).
     pub async fn get_tail(&self, bucket: &str, key: &str, len: u64) -> Result<Bytes, StorageError> {
         let out = self

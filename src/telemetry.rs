@@ -167,6 +167,24 @@ pub const METRICS: &[(&str, MetricKind, &str, &str)] = &[
     ),
     // apply::lane
     (
+        "cdc_worker_reloads_total",
+        MetricKind::Counter,
+        "table, outcome",
+        "DMS reloads of a table: started (its full load arrived again) and promoted (the new generation replaced the table).",
+    ),
+    (
+        "cdc_worker_table_generation",
+        MetricKind::Gauge,
+        "table",
+        "The table's generation: 1 for its first full load, one more per DMS reload.",
+    ),
+    (
+        "cdc_worker_guard_holds_total",
+        MetricKind::Counter,
+        "table, kind",
+        "Tables held for a person by the destructive-change guard (kind deletes, reload) or the reload policy (reload_policy).",
+    ),
+    (
         "cdc_worker_files_rejected_total",
         MetricKind::Counter,
         "table",

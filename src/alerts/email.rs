@@ -175,6 +175,30 @@ fn guide(alert: &Alert) -> Guide {
             commands: &["cdc-worker status"],
             docs: &[],
         },
+        AlertKind::TableReloaded => Guide {
+            state: "loading goes on in the table's new generation",
+            did: "built the reload's new generation beside the table from its new full load and the changes after it, then replaced the table by it in one transaction; readers never saw a half-loaded table",
+            todo: "Nothing, if the reload was intended. The row counts above say how much the table changed.",
+            commands: &["cdc-worker status", "cdc-worker ledger show {table}"],
+            docs: &["docs/reloads.md"],
+        },
+        AlertKind::ReloadWaiting => Guide {
+            state: "the table keeps its earlier rows; the reload's new generation is built and waits",
+            did: "built the new generation beside the table (dms.reload = \"hold\"); the table's later files wait",
+            todo: "Compare the new generation with the table, then accept it.",
+            commands: &[
+                "cdc-worker status",
+                "cdc-worker table accept-reload {table}",
+            ],
+            docs: &["docs/reloads.md"],
+        },
+        AlertKind::DestructiveChangeHeld => Guide {
+            state: HELD_STATE,
+            did: "stopped before writing anything: the change would remove more of the table than guard.max_delete_fraction allows",
+            todo: "Check at the source whether the deletes (or the smaller reload) are intended; if so, release the table with the command the alert names. To never hold this table, raise guard.max_delete_fraction or set it to 0.",
+            commands: &["cdc-worker status"],
+            docs: &["docs/reloads.md#the-destructive-change-guard"],
+        },
         AlertKind::SetupProblem => Guide {
             state: "the worker runs, but files may not arrive or may never reach a dead-letter queue",
             did: "started anyway: only a queue it cannot use stops it",
@@ -541,6 +565,44 @@ mod tests {
                 "orders",
                 "orders is within its freshness objective again: 12s behind its source (objective 30m)",
             ),
+            AlertKind::TableReloaded => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "orders",
+                    "orders was reloaded by DMS: generation 2 (3 files) replaced the table; 3,623 rows before, 3,586 after; 2 files of the earlier generation were deleted by DMS before they were applied",
+                );
+                a.source = Some("public.orders".into());
+                a.file = Some("s3://dms-bucket/dms/public/orders/LOAD00000001.parquet".into());
+                a
+            }
+            AlertKind::ReloadWaiting => {
+                let mut a = alert(
+                    kind,
+                    Severity::Warning,
+                    "orders",
+                    "orders was reloaded by DMS: generation 2 (3 files, 3,586 rows) is built beside the table (3,623 rows) and waits for acceptance (dms.reload = \"hold\")",
+                );
+                a.source = Some("public.orders".into());
+                a.held = true;
+                a.next_steps = Some("The table keeps its rows and its later files wait in the new generation's lane (nothing is lost). Compare `_cdc_worker_g00000002__orders` with `orders`, then run `cdc-worker table accept-reload orders`.".into());
+                a
+            }
+            AlertKind::DestructiveChangeHeld => {
+                let mut a = alert(
+                    kind,
+                    Severity::Error,
+                    "orders",
+                    &format!(
+                        "{FILE}: the batch from this file deletes 45,000 of the table's 50,000 rows, more than guard.max_delete_fraction (0.5) allows; nothing of it was applied"
+                    ),
+                );
+                a.source = Some("public.orders".into());
+                a.file = Some(FILE.into());
+                a.held = true;
+                a.next_steps = Some("Files of `orders` wait (nothing is lost; other tables go on). If the deletes are intended, run `cdc-worker table release-guard orders` and the batch is applied as it is.".into());
+                a
+            }
             AlertKind::SetupProblem => {
                 let mut a = alert(
                     kind,

@@ -142,6 +142,10 @@ pub struct LaneInfo {
     pub last_applied: Option<String>,
     /// How the lane's last commit loaded the table (merge on its key columns, or append).
     pub mode: Option<crate::batch::LoadMode>,
+    /// The table's generation (1, and one more per DMS reload), once the lane knows it.
+    pub generation: Option<u32>,
+    /// A reload in progress, in words.
+    pub reload: Option<String>,
 }
 
 static BATCH_COUNTER: AtomicU64 = AtomicU64::new(0);

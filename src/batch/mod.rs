@@ -108,6 +108,8 @@ pub struct ApplyStats {
 pub struct LedgerRecord {
     pub etag: String,
     pub status: LedgerStatus,
+    /// The entry's order key: the file's generation and its place in DMS order.
+    pub order_key: String,
 }
 
 impl LedgerRecord {
@@ -115,6 +117,37 @@ impl LedgerRecord {
     pub fn rejected(&self) -> bool {
         self.status == LedgerStatus::Rejected
     }
+
+    /// The generation of the table the entry belongs to.
+    pub fn generation(&self) -> u32 {
+        split_order_key(&self.order_key).0
+    }
+}
+
+/// Each DMS full load of a table starts a generation of it: 1 for the first, one more for
+/// each reload. The ledger's order key of a file is its generation then its DMS order, so
+/// that the newest generation sorts last and the first one keeps the keys written before
+/// generations (no prefix): `g00000002/0/00000001/...`.
+pub fn generation_order_key(generation: u32, dms_order_key: &str) -> String {
+    if generation <= 1 {
+        dms_order_key.to_string()
+    } else {
+        format!("g{generation:08}/{dms_order_key}")
+    }
+}
+
+/// The generation and the DMS order key of a ledger order key.
+pub fn split_order_key(order_key: &str) -> (u32, &str) {
+    order_key
+        .strip_prefix('g')
+        .and_then(|rest| rest.split_once('/'))
+        .and_then(|(n, rest)| Some((n.parse().ok()?, rest)))
+        .unwrap_or((1, order_key))
+}
+
+/// Whether a DMS order key is a change file's (full-load files sort first, `0/`).
+pub fn is_change_order_key(dms_order_key: &str) -> bool {
+    dms_order_key.starts_with("1/")
 }
 
 /// What the newest ledger entry of a file says.
@@ -255,6 +288,38 @@ pub struct ApplyPlan {
     pub files: Vec<BatchFile>,
     /// The lease token this apply runs under; the ledger commit checks it.
     pub fence: Option<Fence>,
+    /// The table the rows go into when it is not `table`: the next generation being built
+    /// during a reload. The ledger and the fence stay `table`'s.
+    pub into: Option<String>,
+    /// The destructive-change guard: the apply stops before it writes when the segment
+    /// deletes more of the table than it allows (`WarehouseError::Guarded`).
+    pub guard: Option<DeleteGuard>,
+}
+
+impl ApplyPlan {
+    /// The table the rows are written to.
+    pub fn target_table(&self) -> &str {
+        self.into.as_deref().unwrap_or(&self.table)
+    }
+}
+
+/// `guard.*`: how much of a table one batch may delete.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeleteGuard {
+    pub max_fraction: f64,
+    pub min_rows: u64,
+}
+
+impl DeleteGuard {
+    /// Whether `deletes` delete rows against a table of `rows` rows are held. A batch
+    /// removes at most the table's rows, so a small table is never held, however many
+    /// deletes (of keys it lacks) a batch carries.
+    pub fn holds(&self, deletes: u64, rows: u64) -> bool {
+        let removed = deletes.min(rows);
+        self.max_fraction > 0.0
+            && removed > self.min_rows
+            && removed as f64 > self.max_fraction * rows as f64
+    }
 }
 
 /// Fencing: the commit succeeds only if no newer lease holder has committed this table.

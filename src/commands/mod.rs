@@ -17,7 +17,7 @@ use crate::aws::AwsClients;
 use crate::config::{Config, WarehouseKind};
 use crate::preflight::{self, Check, Status};
 use crate::schema::policy::IncompatiblePolicy;
-use crate::schema::store::{SchemaStore, TableStatus};
+use crate::schema::store::{GuardedBy, SchemaStore, TableStatus};
 use crate::storage::ObjectStore;
 
 pub async fn schema_show(config: &Config, table: &str) -> anyhow::Result<()> {
@@ -44,7 +44,7 @@ pub async fn schema_history(config: &Config, table: &str) -> anyhow::Result<()> 
     for v in versions {
         let status = match &v.status {
             TableStatus::Active => "accepted".to_string(),
-            TableStatus::Held { .. } => "held".to_string(),
+            TableStatus::Held { .. } | TableStatus::Guarded { .. } => "held".to_string(),
             TableStatus::Ignored { .. } => "ignored".to_string(),
         };
         println!(
@@ -92,6 +92,11 @@ pub async fn schema_accept(
         .load(table)
         .await?
         .with_context(|| format!("no schema recorded for table `{table}`"))?;
+    if let TableStatus::Guarded { reason, .. } = &before.current.status {
+        anyhow::bail!(
+            "table `{table}` is held by a reload or the destructive-change guard, not its schema policy ({reason}); nothing was changed. Use `cdc-worker table accept-reload {table}` or `cdc-worker table release-guard {table}`, as the reason says"
+        );
+    }
     let TableStatus::Held {
         version, reason, ..
     } = &before.current.status
@@ -122,6 +127,53 @@ pub async fn schema_accept(
         "table `{table}` released at schema v{}; running workers apply its waiting files within seconds",
         stored.current.version
     );
+    Ok(())
+}
+
+/// What `cdc-worker table accept-reload` and `release-guard` release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    Reload,
+    Deletes,
+}
+
+/// Releases a table guarded by the reload policy or the destructive-change guard: the
+/// status goes back to active with what was released recorded, which the worker uses once.
+pub async fn release_guarded(config: &Config, table: &str, release: Release) -> anyhow::Result<()> {
+    let aws = AwsClients::new(&config.aws).await;
+    let schemas = SchemaStore::from_config(config, ObjectStore::new(aws.s3.clone()));
+    let before = schemas
+        .load(table)
+        .await?
+        .with_context(|| format!("no schema recorded for table `{table}`"))?;
+    let (hold, reason) = match &before.current.status {
+        TableStatus::Guarded { hold, reason, .. } => (hold.clone(), reason.clone()),
+        other => anyhow::bail!(
+            "table `{table}` is not held by a reload or the destructive-change guard (status: {}); nothing was changed",
+            other.label()
+        ),
+    };
+    match (&hold, release) {
+        (GuardedBy::Reload { .. }, Release::Reload)
+        | (GuardedBy::Deletes { .. }, Release::Deletes) => {}
+        (GuardedBy::Reload { .. }, Release::Deletes) => anyhow::bail!(
+            "table `{table}` waits for its reload, not a mass delete: use `cdc-worker table accept-reload {table}` ({reason})"
+        ),
+        (GuardedBy::Deletes { .. }, Release::Reload) => anyhow::bail!(
+            "table `{table}` waits for a mass delete, not a reload: use `cdc-worker table release-guard {table}` ({reason})"
+        ),
+    }
+    println!("releasing `{table}`: {reason}");
+    schemas
+        .update(table, |c| {
+            match &hold {
+                GuardedBy::Reload { generation } => c.released.reload = Some(*generation),
+                GuardedBy::Deletes { file } => c.released.deletes_from = Some(file.clone()),
+            }
+            c.status = TableStatus::Active;
+        })
+        .await?;
+    println!("table `{table}` released; running workers apply it within seconds");
     Ok(())
 }
 

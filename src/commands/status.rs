@@ -16,7 +16,7 @@ use crate::config::{Config, WarehouseKind};
 use crate::dms::{KeyClass, SourceTable, classify_key};
 use crate::health::TableReport;
 use crate::keys::KeyResolver;
-use crate::schema::store::{CurrentSchema, SchemaStore, TableStatus};
+use crate::schema::store::{CurrentSchema, GuardedBy, SchemaStore, TableStatus};
 use crate::storage::ObjectStore;
 use crate::warehouse::{self, Warehouse};
 
@@ -55,6 +55,12 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
                 match &c.status {
                     TableStatus::Active => "active".to_string(),
                     TableStatus::Held { .. } => "HELD".to_string(),
+                    TableStatus::Guarded { hold, .. } => match hold {
+                        GuardedBy::Reload { generation } => {
+                            format!("HELD (reload to generation {generation} waits)")
+                        }
+                        GuardedBy::Deletes { .. } => "HELD (mass delete waits)".to_string(),
+                    },
                     TableStatus::Ignored { .. } => "ignored".to_string(),
                 },
             ),

@@ -43,6 +43,7 @@ pub struct Config {
     pub schema: SchemaConfig,
     pub alerts: AlertsConfig,
     pub lease: LeaseConfig,
+    pub guard: GuardConfig,
     pub telemetry: TelemetryConfig,
     /// Per-table settings, keyed by *target* table name.
     pub tables: BTreeMap<String, TableConfig>,
@@ -119,6 +120,13 @@ pub struct DmsConfig {
     /// Column that orders changes across and within files (DMS `TimestampColumnName` or an
     /// `AR_H_CHANGE_SEQ` transformation column). Empty: file order, then row order.
     pub ordering_column: Option<String>,
+    /// What a table's full load arriving again (a DMS reload) does; per table
+    /// `tables.T.reload`. See docs/reloads.md.
+    pub reload: ReloadPolicy,
+    /// A reload is complete at the first change file of its new generation, or after this
+    /// long without a new file of the table (a table without changes gets no CDC file).
+    #[serde(with = "humantime_serde")]
+    pub reload_settle: Duration,
 }
 
 impl Default for DmsConfig {
@@ -126,7 +134,64 @@ impl Default for DmsConfig {
         Self {
             op_column: "Op".into(),
             ordering_column: None,
+            reload: ReloadPolicy::Replace,
+            reload_settle: Duration::from_secs(15 * 60),
         }
+    }
+}
+
+/// What a DMS reload of a table does to its target.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadPolicy {
+    /// Build the next generation beside the live table and swap it in when complete.
+    #[default]
+    Replace,
+    /// Keep the live table; alert and skip the new full load (the behaviour before reloads
+    /// were followed).
+    Alert,
+    /// Build the next generation, then wait for `cdc-worker table accept-reload T`.
+    Hold,
+}
+
+impl ReloadPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadPolicy::Replace => "replace",
+            ReloadPolicy::Alert => "alert",
+            ReloadPolicy::Hold => "hold",
+        }
+    }
+}
+
+/// The destructive-change guard: a batch that would delete, or a reload that would
+/// shrink, a large part of a table is held until a person releases it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Share of a table's rows (0 to 1) a batch may delete, or a reload may remove, before
+    /// it is held. 0 turns the guard off.
+    pub max_delete_fraction: f64,
+    /// Changes of at most this many rows are never held, whatever their share.
+    pub min_rows: u64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            max_delete_fraction: 0.5,
+            min_rows: 10_000,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// The guard as a batch carries it; None when off.
+    pub fn delete_guard(&self) -> Option<crate::batch::DeleteGuard> {
+        (self.max_delete_fraction > 0.0).then_some(crate::batch::DeleteGuard {
+            max_fraction: self.max_delete_fraction,
+            min_rows: self.min_rows,
+        })
     }
 }
 
@@ -441,6 +506,8 @@ pub struct TableConfig {
     /// Overrides `alerts.freshness_objective` ("0s": none for this table).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub freshness_objective: Option<Duration>,
+    /// Overrides `dms.reload`.
+    pub reload: Option<ReloadPolicy>,
 }
 
 /// A key as written in the config file or `table_keys.json`.
@@ -605,6 +672,14 @@ impl Config {
     }
 
     /// The ordering column for a table: its own, else the global one.
+    /// What a reload of `table` does: its own policy, else `dms.reload`.
+    pub fn reload_policy(&self, table: &str) -> ReloadPolicy {
+        self.tables
+            .get(table)
+            .and_then(|t| t.reload)
+            .unwrap_or(self.dms.reload)
+    }
+
     pub fn ordering_column(&self, table: &str) -> Option<String> {
         self.tables
             .get(table)

@@ -19,6 +19,15 @@ impl Config {
         if self.lease.enabled && self.lease.ttl < Duration::from_secs(5) {
             return Err(ConfigError::at("lease.ttl", "must be at least 5s"));
         }
+        let fraction = self.guard.max_delete_fraction;
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(ConfigError::at(
+                "guard.max_delete_fraction",
+                format!(
+                    "`{fraction}` is not a share of rows between 0 (guard off) and 1 (example: 0.5 holds a batch that deletes more than half of a table)"
+                ),
+            ));
+        }
         self.validate_warehouse()?;
         self.validate_tables()?;
         Ok(())

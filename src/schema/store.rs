@@ -31,6 +31,24 @@ pub enum TableStatus {
     },
     /// `new_table = "ignore"`: files are dropped.
     Ignored { since: String },
+    /// A reload or a destructive change waits for a person: `cdc-worker table
+    /// accept-reload` or `cdc-worker table release-guard` releases it.
+    Guarded {
+        hold: GuardedBy,
+        reason: String,
+        since: String,
+    },
+}
+
+/// What waits for a person on a guarded table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuardedBy {
+    /// A reload's new generation is built and waits to replace the table (`dms.reload =
+    /// "hold"`, or it is much smaller than the table).
+    Reload { generation: u32 },
+    /// A batch from this file on deletes a large part of the table.
+    Deletes { file: String },
 }
 
 impl TableStatus {
@@ -38,9 +56,26 @@ impl TableStatus {
     pub fn label(&self) -> &'static str {
         match self {
             TableStatus::Active => "active",
-            TableStatus::Held { .. } => "held",
+            TableStatus::Held { .. } | TableStatus::Guarded { .. } => "held",
             TableStatus::Ignored { .. } => "ignored",
         }
+    }
+}
+
+/// What a person released on a guarded table; the worker acts on it once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    /// The reload generation accepted by `cdc-worker table accept-reload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<u32>,
+    /// The file whose batch `cdc-worker table release-guard` let delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletes_from: Option<String>,
+}
+
+impl Released {
+    pub fn is_empty(&self) -> bool {
+        self.reload.is_none() && self.deletes_from.is_none()
     }
 }
 
@@ -68,6 +103,9 @@ pub struct CurrentSchema {
     /// documents written before keys were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<Vec<String>>,
+    /// Holds of the destructive-change guard or the reload policy a person released.
+    #[serde(default, skip_serializing_if = "Released::is_empty")]
+    pub released: Released,
 }
 
 impl CurrentSchema {
@@ -229,12 +267,16 @@ impl SchemaStore {
             }
             Err(e) => return Err(e.into()),
         }
-        let current = current_of(
+        let mut current = current_of(
             &version,
             previous
                 .map(|p| p.current.resolutions.clone())
                 .unwrap_or_default(),
         );
+        // A release a person gave is not undone by a new schema version.
+        current.released = previous
+            .map(|p| p.current.released.clone())
+            .unwrap_or_default();
         let condition = match previous {
             Some(p) => WriteCondition::Matches(p.etag.clone()),
             None => WriteCondition::Absent,
@@ -443,6 +485,7 @@ fn parse_current(table: &str, body: &[u8]) -> Result<CurrentSchema, String> {
         status: TableStatus::Active,
         resolutions: BTreeMap::new(),
         key: None,
+        released: Released::default(),
     })
 }
 
@@ -461,6 +504,7 @@ fn current_of(
         status: version.status.clone(),
         resolutions,
         key: version.key.clone(),
+        released: Released::default(),
     }
 }
 

@@ -16,8 +16,8 @@ use duckdb::{Connection, params_from_iter};
 use futures::StreamExt;
 
 use crate::batch::{
-    ApplyPlan, ApplyStats, BatchFile, Ddl, LedgerEntry, LedgerRecord, LedgerStatus, LoadMode,
-    StageError, Staged, StagedFile, TargetTable,
+    ApplyPlan, ApplyStats, BatchFile, Ddl, DeleteGuard, LedgerEntry, LedgerRecord, LedgerStatus,
+    LoadMode, StageError, Staged, StagedFile, TargetTable,
 };
 use crate::config::DuckdbConfig;
 use crate::schema::parquet;
@@ -253,7 +253,7 @@ fn merge_segment(
     stats: &mut ApplyStats,
 ) -> Result<(), WarehouseError> {
     let d = Dialect::Duckdb;
-    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
+    let tombstones = qualified(schema, &merge::tombstone_table(plan.target_table()));
     let tombstone_sql = merge::tombstone_statements(target, &tombstones, plan, rows);
     if let Some((create, _)) = &tombstone_sql {
         conn.execute_batch(create).map_err(sql_err)?;
@@ -310,7 +310,7 @@ fn loads_every_column(
         .query_row(
             "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database()
              AND schema_name = ? AND lower(table_name) = lower(?)",
-            duckdb::params![schema, plan.table],
+            duckdb::params![schema, plan.target_table()],
             |r| r.get(0),
         )
         .map_err(sql_err)?;
@@ -323,7 +323,7 @@ fn apply_in_transaction(
     plan: &ApplyPlan,
     parts: &[(ApplyPlan, merge::StagedRows)],
 ) -> Result<ApplyStats, WarehouseError> {
-    let target = qualified(schema, &plan.table);
+    let target = qualified(schema, plan.target_table());
     let mut stats = ApplyStats::default();
 
     if let Some(fence) = &plan.fence {
@@ -348,9 +348,13 @@ fn apply_in_transaction(
         }
     }
     for ddl in &plan.ddl {
-        conn.execute_batch(&ddl_sql(schema, &plan.table, ddl))
+        conn.execute_batch(&ddl_sql(schema, plan.target_table(), ddl))
             .map_err(sql_err)?;
         stats.statements += 1;
+    }
+    if let Some(guard) = &plan.guard {
+        check_delete_guard(conn, &target, plan, parts, guard)?;
+        stats.statements += 2;
     }
     for (part, rows) in parts {
         load_part(conn, schema, &target, part, rows, &mut stats)?;
@@ -359,6 +363,37 @@ fn apply_in_transaction(
         .map_err(sql_err)?;
     stats.statements += 1;
     Ok(stats)
+}
+
+/// The destructive-change guard, before anything is written: the segment's delete rows
+/// against the rows of the table (only a keyed segment deletes).
+fn check_delete_guard(
+    conn: &Connection,
+    target: &str,
+    plan: &ApplyPlan,
+    parts: &[(ApplyPlan, merge::StagedRows)],
+    guard: &DeleteGuard,
+) -> Result<(), WarehouseError> {
+    if !matches!(plan.mode, LoadMode::Merge { .. }) {
+        return Ok(());
+    }
+    let mut deletes = 0u64;
+    for (part, rows) in parts {
+        if let Some(q) = merge::delete_rows_query(part, rows) {
+            deletes += conn
+                .query_row(&q, [], |r| r.get::<_, i64>(0))
+                .map_err(sql_err)? as u64;
+        }
+    }
+    let rows = conn
+        .query_row(&format!("SELECT count(*) FROM {target}"), [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(sql_err)? as u64;
+    if guard.holds(deletes, rows) {
+        return Err(WarehouseError::Guarded { deletes, rows });
+    }
+    Ok(())
 }
 
 /// Loads one part of a segment (its files and how they are read) into the target.
@@ -376,7 +411,7 @@ fn load_part(
         LoadMode::Append => {
             let sql = merge::append_statement(d, target, plan, rows);
             stats.rows_appended += conn.execute(&sql, []).map_err(sql_err)? as u64;
-            if let Some(q) = merge::ignored_deletes_query(plan, rows) {
+            if let Some(q) = merge::delete_rows_query(plan, rows) {
                 stats.deletes_ignored += conn
                     .query_row(&q, [], |r| r.get::<_, i64>(0))
                     .map_err(sql_err)? as u64;
@@ -587,7 +622,7 @@ impl Warehouse for Duckdb {
                     let placeholders = vec!["?"; chunk.len()].join(", ");
                     // The newest entry per key: a fixed re-upload follows its rejection.
                     let sql = format!(
-                        "SELECT s3_key, arg_max(etag, applied_at), arg_max(status, applied_at) FROM {}
+                        "SELECT s3_key, arg_max(etag, applied_at), arg_max(status, applied_at), arg_max(order_key, applied_at) FROM {}
                          WHERE table_name = ? AND s3_key IN ({placeholders}) GROUP BY s3_key",
                         DuckdbWarehouse::ledger(schema)
                     );
@@ -599,16 +634,18 @@ impl Warehouse for Duckdb {
                                 r.get::<_, String>(0)?,
                                 r.get::<_, Option<String>>(1)?,
                                 r.get::<_, Option<String>>(2)?,
+                                r.get::<_, Option<String>>(3)?,
                             ))
                         })
                         .map_err(sql_err)?;
                     for row in rows {
-                        let (k, etag, status) = row.map_err(sql_err)?;
+                        let (k, etag, status, order_key) = row.map_err(sql_err)?;
                         found.insert(
                             k,
                             LedgerRecord {
                                 etag: etag.unwrap_or_default(),
                                 status: LedgerStatus::parse(status.as_deref()),
+                                order_key: order_key.unwrap_or_default(),
                             },
                         );
                     }
@@ -845,6 +882,36 @@ impl Warehouse for Duckdb {
             .await
     }
 
+    async fn promote(&self, table: &str, next: &str) -> Result<(), WarehouseError> {
+        let (table, next) = (table.to_string(), next.to_string());
+        self.0
+            .with_conn(move |conn, schema| {
+                conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
+                match promote_in_transaction(conn, schema, &table, &next) {
+                    Ok(()) => conn.execute_batch("COMMIT").map_err(sql_err),
+                    Err(e) => {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        Err(e)
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn discard(&self, next: &str) -> Result<(), WarehouseError> {
+        let next = next.to_string();
+        self.0
+            .with_conn(move |conn, schema| {
+                conn.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}",
+                    qualified(schema, &next),
+                    qualified(schema, &merge::tombstone_table(&next))
+                ))
+                .map_err(sql_err)
+            })
+            .await
+    }
+
     async fn ping(&self, _timeout: Duration) -> Result<(), WarehouseError> {
         self.0
             .with_conn(|conn, _| {
@@ -854,6 +921,54 @@ impl Warehouse for Duckdb {
             })
             .await
     }
+}
+
+/// The swap of a reload: DROP the live table, RENAME the next generation to its name, and
+/// the same for their deleted-keys tables. DuckDB runs DDL inside the transaction, so a
+/// crash anywhere leaves the old table or the new one.
+fn promote_in_transaction(
+    conn: &Connection,
+    schema: &str,
+    table: &str,
+    next: &str,
+) -> Result<(), WarehouseError> {
+    let exists = |name: &str| -> Result<bool, WarehouseError> {
+        conn.query_row(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database()
+             AND schema_name = ? AND table_name = ?",
+            duckdb::params![schema, name],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(sql_err)
+    };
+    if !exists(next)? {
+        return Err(WarehouseError::Sql(format!(
+            "cannot replace `{table}` by `{next}`: `{next}` does not exist"
+        )));
+    }
+    let rename = |from: &str, to: &str| {
+        format!(
+            "DROP TABLE IF EXISTS {}; ALTER TABLE {} RENAME TO {}",
+            qualified(schema, to),
+            qualified(schema, from),
+            ident(to)
+        )
+    };
+    conn.execute_batch(&rename(next, table)).map_err(sql_err)?;
+    let (tombstones, next_tombstones) =
+        (merge::tombstone_table(table), merge::tombstone_table(next));
+    if exists(&next_tombstones)? {
+        conn.execute_batch(&rename(&next_tombstones, &tombstones))
+            .map_err(sql_err)?;
+    } else {
+        conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {}",
+            qualified(schema, &tombstones)
+        ))
+        .map_err(sql_err)?;
+    }
+    Ok(())
 }
 
 /// Objects up to this size are read into memory and written out with their footer read
@@ -1013,6 +1128,8 @@ mod tests {
             full_load: false,
         };
         let plan = ApplyPlan {
+            into: None,
+            guard: None,
             batch_id: "b1".into(),
             table: "t".into(),
             ddl: vec![Ddl::CreateTable {
@@ -1119,6 +1236,8 @@ mod tests {
             })
             .collect();
         let plan = ApplyPlan {
+            into: None,
+            guard: None,
             batch_id: batch.into(),
             table: "t".into(),
             ddl: if create {

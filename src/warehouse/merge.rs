@@ -433,8 +433,10 @@ pub fn insert_new_rows_statement(
     insert_rows_from(d, target, plan, &rows.relation)
 }
 
-/// For a table without a key: how many delete rows cannot be applied.
-pub fn ignored_deletes_query(plan: &ApplyPlan, rows: &StagedRows) -> Option<String> {
+/// How many of the staged rows are deletes: for a table without a key, those that cannot be
+/// applied; for a keyed one, what the destructive-change guard weighs (at most the rows the
+/// segment deletes).
+pub fn delete_rows_query(plan: &ApplyPlan, rows: &StagedRows) -> Option<String> {
     let op = plan.op_column.as_ref()?;
     Some(format!(
         "SELECT count(*) FROM ({}) AS s WHERE s.{} = 'D'",
@@ -526,6 +528,8 @@ mod tests {
 
     pub(crate) fn sample_plan(mode: LoadMode) -> ApplyPlan {
         ApplyPlan {
+            into: None,
+            guard: None,
             batch_id: "b1".into(),
             table: "orders".into(),
             ddl: vec![],
@@ -617,6 +621,8 @@ mod tests {
         conn.execute_batch("CREATE TABLE t (id BIGINT, seq VARCHAR, val VARCHAR)")
             .unwrap();
         let plan = ApplyPlan {
+            into: None,
+            guard: None,
             load: ["id", "seq", "val"]
                 .iter()
                 .map(|c| LoadColumn {
@@ -700,6 +706,8 @@ mod tests {
         )
         .unwrap();
         let plan = ApplyPlan {
+            into: None,
+            guard: None,
             load: ["id", "v"]
                 .iter()
                 .map(|c| LoadColumn {
@@ -784,6 +792,8 @@ mod tests {
             vec![(1, "a3".into()), (2, "b3".into()), (5, "e2".into())]
         );
         let ordered = ApplyPlan {
+            into: None,
+            guard: None,
             ordering_column: Some("v".into()),
             ..plan
         };

@@ -24,8 +24,15 @@ pub const FENCE_TABLE: &str = "_cdc_worker_fence";
 
 /// Longest name of a target table: tables derived from it (tombstones
 /// `_cdc_worker_deleted__<t>`, Firebolt's rebuild copy `_cdc_worker_rebuild__<t>` and
-/// marker `_cdc_worker_rebuilt__<t>`) must fit the 255-character identifier limit too.
-pub const MAX_TABLE_NAME_LEN: usize = 255 - "_cdc_worker_rebuilt__".len();
+/// marker `_cdc_worker_rebuilt__<t>`, each also of a reload's next generation
+/// `_cdc_worker_gNNNNNNNN__<t>`) must fit the 255-character identifier limit too.
+pub const MAX_TABLE_NAME_LEN: usize =
+    255 - "_cdc_worker_rebuilt__".len() - "_cdc_worker_g00000000__".len();
+
+/// The table a reload builds generation `generation` of `table` in, beside the live one.
+pub fn generation_table(table: &str, generation: u32) -> String {
+    format!("_cdc_worker_g{generation:08}__{table}")
+}
 
 pub fn is_reserved_table(name: &str) -> bool {
     name.to_lowercase().starts_with("_cdc_worker")
@@ -54,6 +61,12 @@ pub enum WarehouseError {
     /// A fencing check failed: another worker holds this table now.
     #[error("fenced out: {0}")]
     Fenced(String),
+    /// The destructive-change guard stopped the apply before it wrote anything: the
+    /// segment's `deletes` delete rows weigh too much against the table's `rows` rows.
+    #[error(
+        "held by the destructive-change guard: {deletes} delete rows against {rows} rows in the table"
+    )]
+    Guarded { deletes: u64, rows: u64 },
     #[error("{0}")]
     Other(String),
 }
@@ -135,6 +148,15 @@ pub trait Warehouse: Send + Sync + 'static {
 
     /// The newest ledger entries, for `cdc-worker status`.
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError>;
+
+    /// Replaces `table` by `next` (a reload's new generation) in one transaction: readers
+    /// see the old table or the new one, never neither. `next`'s deleted-keys table, when
+    /// it has one, replaces `table`'s; `table`'s own goes.
+    async fn promote(&self, table: &str, next: &str) -> Result<(), WarehouseError>;
+
+    /// Drops a reload's abandoned generation table `next` and its deleted-keys table (a
+    /// second reload started before the first was complete).
+    async fn discard(&self, next: &str) -> Result<(), WarehouseError>;
 
     /// A cheap round trip, for `/readyz` and `check-connection`.
     async fn ping(&self, timeout: Duration) -> Result<(), WarehouseError>;

@@ -176,6 +176,8 @@ async fn full_apply_path_on_firebolt_core() {
         .collect();
     let schema = staged[0].schema.table.clone();
     let plan = ApplyPlan {
+        into: None,
+        guard: None,
         batch_id: "core1".into(),
         table: unique.clone(),
         ddl: vec![Ddl::CreateTable {

@@ -41,6 +41,8 @@ fn plan(mode: LoadMode, ordering: Option<&str>, files: &[BatchFile]) -> ApplyPla
         Column::new("seq", ColumnType::String),
     ];
     ApplyPlan {
+        into: None,
+        guard: None,
         batch_id: "b1".into(),
         table: "Orders \"x\"".into(),
         ddl: vec![],
@@ -468,6 +470,8 @@ fn unsigned_integers_get_their_sign_back() {
     .unwrap();
     let files = vec![file("t/1.parquet", "0001")];
     let p = ApplyPlan {
+        into: None,
+        guard: None,
         batch_id: "b1".into(),
         table: "u".into(),
         ddl: vec![],

@@ -44,6 +44,8 @@ fn plan_for(mode: LoadMode, ordering: Option<&str>) -> ApplyPlan {
         Column::new("big", ColumnType::UInt64),
     ];
     ApplyPlan {
+        into: None,
+        guard: None,
         batch_id: "b1".into(),
         table: "orders".into(),
         ddl: vec![],

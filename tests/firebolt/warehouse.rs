@@ -49,6 +49,8 @@ fn staged(key: &str, order: &str, rows: u64) -> StagedFile {
 
 fn plan(files: &[StagedFile], mode: LoadMode) -> ApplyPlan {
     ApplyPlan {
+        into: None,
+        guard: None,
         batch_id: "b1".into(),
         table: "orders".into(),
         ddl: vec![],

@@ -197,6 +197,8 @@ async fn a_fenced_out_holder_cannot_commit() {
         let ready = staged.files[0].as_ref().unwrap().clone();
         let cols = ready.schema.table.columns.clone();
         let plan = ApplyPlan {
+            into: None,
+            guard: None,
             batch_id: format!("fence{n}"),
             table: "t".into(),
             ddl: vec![Ddl::CreateTable {

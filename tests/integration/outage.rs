@@ -232,6 +232,14 @@ impl Warehouse for Switchable {
     async fn ledger_summary(&self) -> Result<Vec<LedgerEntry>, WarehouseError> {
         self.inner.ledger_summary().await
     }
+    async fn promote(&self, table: &str, next: &str) -> Result<(), WarehouseError> {
+        self.check()?;
+        self.inner.promote(table, next).await
+    }
+    async fn discard(&self, next: &str) -> Result<(), WarehouseError> {
+        self.check()?;
+        self.inner.discard(next).await
+    }
     async fn ping(&self, timeout: Duration) -> Result<(), WarehouseError> {
         self.check()?;
         self.inner.ping(timeout).await

@@ -10,7 +10,9 @@ use tracing::Instrument;
 
 use super::Lane;
 use super::segment::{SegmentOutcome, Tally};
-use super::verdicts::{LedgerVerdict, Listing, join_gaps, ledger_verdict, still_to_apply};
+use super::verdicts::{
+    LedgerVerdict, Listing, generation_verdict, join_gaps, needs_current_etag, still_to_apply,
+};
 use crate::alerts::{AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile, new_batch_id};
 use crate::apply::failure::ApplyError;
@@ -119,14 +121,14 @@ impl Lane {
 
     /// Loads what the lane needs to know about its table once: stored schema, status,
     /// last applied file.
-    async fn load_state(&mut self) -> Result<(), ApplyError> {
+    pub(super) async fn load_state(&mut self) -> Result<(), ApplyError> {
         if self.cache.loaded {
             return Ok(());
         }
         let stored = self.ctx.schemas.load(&self.table).await?;
         if let Some(s) = &stored {
             match &s.current.status {
-                TableStatus::Held { reason, .. } => {
+                TableStatus::Held { reason, .. } | TableStatus::Guarded { reason, .. } => {
                     self.state.hold(reason, Vec::new(), Instant::now())
                 }
                 TableStatus::Ignored { .. } => self.cache.ignored = true,
@@ -140,6 +142,7 @@ impl Lane {
             .last_applied(&self.table)
             .await
             .map_err(ApplyError::warehouse("reading the last applied file"))?;
+        let last = self.load_generations(last).await?;
         self.state.set_last_applied(last);
         self.cache.loaded = true;
         Ok(())
@@ -189,9 +192,31 @@ impl Lane {
             Err(e) => return Err((ApplyError::warehouse("reading the ledger")(e), batch)),
         };
         let mut fresh = Vec::with_capacity(batch.len());
-        for f in batch {
-            match ledger_verdict(&f.file, applied.get(&f.file.key)) {
+        for mut f in batch {
+            let record = applied.get(&f.file.key);
+            let generation = self.cache.generations.current;
+            if needs_current_etag(&f.file, record, generation) {
+                match self.current_etag(&f).await {
+                    Ok(Some(etag)) => f.file.etag = etag,
+                    Ok(None) => {
+                        self.skip_missing(f).await;
+                        continue;
+                    }
+                    Err(e) => return Err((e, std::iter::once(f).chain(fresh).collect())),
+                }
+            }
+            if self.skip_if_superseded(&f) {
+                f.resolve(FileOutcome::Skipped);
+                continue;
+            }
+            let after_changes = self.loaded_after_changes(&f);
+            match generation_verdict(&f.file, record, generation, after_changes) {
                 LedgerVerdict::Fresh => fresh.push(f),
+                LedgerVerdict::Reload => {
+                    if let Some(f) = self.reload_or_refuse(f, record).await {
+                        fresh.push(f);
+                    }
+                }
                 LedgerVerdict::StillRejected => {
                     self.state.settled(&f);
                     f.resolve(FileOutcome::Retry(None));
@@ -226,17 +251,17 @@ impl Lane {
         Ok(fresh)
     }
 
-    async fn skip_replaced(&mut self, f: PendingFile, ledger_etag: &str) {
+    pub(super) async fn skip_replaced(&mut self, f: PendingFile, ledger_etag: &str) {
         let reason = format!(
             "replaced after it was applied (ledger ETag {ledger_etag}, now {}); not applied again",
             f.file.etag
         );
-        // DMS rewrites full-load files when a table is reloaded; it never rewrites a change
-        // file. Following a reload is not built yet: say what the target now lacks.
+        // DMS rewrites full-load files when a table is reloaded, never a change file; a
+        // reload reaches here only under `dms.reload = "alert"`.
         let steps = if f.file.full_load {
             format!(
-                "DMS writes a table's full load again when the table is reloaded; this worker does not follow reloads yet, so `{}` keeps the rows of the earlier load. To rebuild it from the new full load, follow docs/operations.md#file_skipped (stop the worker, drop the table, its deleted-keys table and its ledger rows, start it, `cdc-worker replay --table {}`).",
-                self.table, self.table
+                "DMS wrote the full load of `{t}` again (a reload); with dms.reload = \"alert\" for this table the worker keeps the rows of the earlier load. To follow reloads, set dms.reload (or tables.{t}.reload) to \"replace\" and restart: the next reload replaces the table. To rebuild it now, see docs/reloads.md.",
+                t = self.table
             )
         } else {
             "DMS does not rewrite change files: to load the new content, upload it under a new name that sorts after the table's last applied file.".to_string()
@@ -322,7 +347,8 @@ impl Lane {
                 Ok(a) => a,
                 Err(e) => return Err((ApplyError::warehouse("reading the ledger")(e), batch)),
             };
-            gaps.retain(|g| still_to_apply(&g.file, applied.get(&g.file.key)));
+            let (generation, follow) = (self.cache.generations.current, self.follows_reloads());
+            gaps.retain(|g| still_to_apply(&g.file, applied.get(&g.file.key), generation, follow));
             let done: Vec<&str> = gaps_done(&applied);
             let listing = self.cache.listing.as_mut().expect("listed");
             listing.forget(done);
@@ -414,7 +440,8 @@ impl Lane {
             .applied(&self.table, &keys)
             .await
             .map_err(ApplyError::warehouse("reading the ledger"))?;
-        files.retain(|_, f| still_to_apply(&f.file, applied.get(&f.file.key)));
+        let (generation, follow) = (self.cache.generations.current, self.follows_reloads());
+        files.retain(|_, f| still_to_apply(&f.file, applied.get(&f.file.key), generation, follow));
         let through = files.keys().next_back().cloned();
         self.cache.listing = Some(Listing {
             through,
@@ -464,6 +491,18 @@ impl Lane {
     }
 
     async fn skip_missing(&mut self, f: PendingFile) {
+        if self.deleted_by_reload(&f) {
+            FileSkipped {
+                table: &self.table,
+                key: &f.file.key,
+                kind: SkipKind::Missing,
+                reason: "deleted by DMS with the table's earlier generation (a reload)",
+            }
+            .emit();
+            self.state.settled(&f);
+            f.resolve(FileOutcome::Skipped);
+            return;
+        }
         let reason =
             "the object no longer exists (deleted after the notification, or a DMS TRUNCATE)";
         FileSkipped {

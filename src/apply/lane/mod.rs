@@ -13,6 +13,8 @@
 
 mod batch;
 mod notify;
+mod promote;
+pub(crate) mod reload;
 mod segment;
 pub(crate) mod state;
 mod timing;
@@ -44,6 +46,8 @@ struct TableCache {
     listing: Option<Listing>,
     /// How the last commit loaded the table, for `/status`.
     mode: Option<crate::batch::LoadMode>,
+    /// The table's generations: the live one, and the next while a reload builds it.
+    generations: reload::Generations,
 }
 
 pub(super) struct Lane {
@@ -93,14 +97,21 @@ impl Lane {
             if self.stop.is_cancelled() {
                 break;
             }
+            if self.cache.generations.building.is_some() {
+                self.advance_reload().await;
+            }
             self.publish_info();
-            let wake = match self.state.next(Instant::now()) {
-                Next::Idle => match self.wait_idle(idle).await {
+            let now = Instant::now();
+            // A reload completes by its quiet period even when no file comes.
+            let settles = self.reload_due(now);
+            let wake = match self.state.next(now) {
+                Next::Idle if settles.is_none() => match self.wait_idle(idle).await {
                     Some(true) => continue,
                     Some(false) => return Exit::Idle(Box::new(self)),
                     None => break,
                 },
-                Next::Wait(until) => until,
+                Next::Idle => settles.unwrap_or(now),
+                Next::Wait(until) => settles.map_or(until, |s| s.min(until)),
                 Next::RecheckHold => {
                     self.recheck_hold().await;
                     continue;
@@ -208,6 +219,16 @@ impl Lane {
         info.blocked_by = snapshot.blocked_by;
         info.last_applied = self.state.last_applied().map(|(_, key)| key.clone());
         info.mode = self.cache.mode.clone();
+        info.generation = self.cache.loaded.then_some(self.cache.generations.current);
+        info.reload = self.cache.generations.building.as_ref().map(|b| {
+            let stage = if b.complete { "complete" } else { "building" };
+            format!(
+                "generation {} {stage} in {} ({} files applied)",
+                b.generation, b.table, b.files
+            )
+        });
+        metrics::gauge!("cdc_worker_table_generation", "table" => self.table.clone())
+            .set(f64::from(self.cache.generations.current));
     }
 
     /// Re-reads a held table's status; a released table applies its waiting files.
@@ -220,7 +241,12 @@ impl Lane {
         }
         let now = Instant::now();
         match self.ctx.schemas.load(&self.table).await {
-            Ok(Some(stored)) if !matches!(stored.current.status, TableStatus::Held { .. }) => {
+            Ok(Some(stored))
+                if !matches!(
+                    stored.current.status,
+                    TableStatus::Held { .. } | TableStatus::Guarded { .. }
+                ) =>
+            {
                 tracing::info!(table = %self.table, "table released; applying its waiting files");
                 self.state.release_hold();
                 self.cache.ignored = matches!(stored.current.status, TableStatus::Ignored { .. });
@@ -229,7 +255,7 @@ impl Lane {
             }
             Ok(_) => {
                 self.state.hold_checked(now);
-                tracing::info!(table = %self.table, files = self.state.snapshot().pending_files, reason = self.state.held().unwrap_or_default(), "table held; waiting for `cdc-worker schema accept`");
+                tracing::info!(table = %self.table, files = self.state.snapshot().pending_files, reason = self.state.held().unwrap_or_default(), "table held; waiting for a person (`cdc-worker schema accept`, `table accept-reload` or `table release-guard`, as the reason says)");
             }
             Err(e) => {
                 self.state.hold_checked(now);
@@ -269,11 +295,21 @@ impl Lane {
         self.state.blocker_checked(settled, now);
     }
 
+    /// The table the lane writes to: the live one, or the generation a reload builds.
+    fn physical_table(&self) -> &str {
+        self.cache
+            .generations
+            .building
+            .as_ref()
+            .map_or(&self.table, |b| &b.table)
+    }
+
+    /// The table the lane writes to, as the warehouse describes it.
     async fn target(&mut self) -> Result<Option<TargetTable>, WarehouseError> {
         if let Some(t) = &self.cache.target {
             return Ok(t.clone());
         }
-        let t = self.ctx.warehouse.describe(&self.table).await?;
+        let t = self.ctx.warehouse.describe(self.physical_table()).await?;
         self.cache.target = Some(t.clone());
         Ok(t)
     }

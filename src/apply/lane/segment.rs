@@ -10,7 +10,10 @@ use crate::alerts::{AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
 use crate::apply::plan::{self, Decision, PlanInput};
-use crate::batch::{ApplyPlan, ApplyStats, Ddl, Fence, LoadColumn, LoadExpr, LoadMode, StagedFile};
+use crate::batch::{
+    ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, LoadColumn, LoadExpr, LoadMode, StagedFile,
+    generation_order_key, split_order_key,
+};
 use crate::dms::SourceTable;
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
@@ -93,6 +96,10 @@ impl Lane {
             }
             return SegmentOutcome::Waiting(files);
         }
+        if let Some(b) = self.cache.generations.building.as_mut() {
+            b.schema_changes
+                .extend(decided.changes.iter().map(|c| c.describe()));
+        }
         let key_moved = decided.key_transition != KeyTransition::Same;
         if (!decided.changes.is_empty() || self.cache.stored.is_none() || key_moved)
             && let Err(e) = self
@@ -144,6 +151,15 @@ impl Lane {
                 .find(|c| c.name.eq_ignore_ascii_case(&o))
                 .map(|c| c.name.clone())
         });
+        let generation = self.cache.generations.current;
+        let files = staged
+            .iter()
+            .map(|s| {
+                let mut file = s.file.clone();
+                file.order_key = generation_order_key(generation, &file.order_key);
+                file
+            })
+            .collect();
         ApplyPlan {
             batch_id: batch_id.to_string(),
             table: self.table.clone(),
@@ -153,9 +169,34 @@ impl Lane {
             op_column: staged.iter().find_map(|s| s.schema.op.clone()),
             ordering_column: ordering,
             staged_columns: schema.table.columns.clone(),
-            files: staged.iter().map(|s| s.file.clone()).collect(),
+            files,
             fence,
+            into: self
+                .cache
+                .generations
+                .building
+                .as_ref()
+                .map(|b| b.table.clone()),
+            guard: self.delete_guard(&staged[0].file.key),
         }
+    }
+
+    /// The destructive-change guard for a segment from `first` on: none while a reload
+    /// builds a generation (the swap is weighed instead), nor for the batch a person
+    /// released with `cdc-worker table release-guard`.
+    fn delete_guard(&self, first: &str) -> Option<DeleteGuard> {
+        if self.cache.generations.building.is_some() || self.guard_released(first) {
+            return None;
+        }
+        self.ctx.config.guard.delete_guard()
+    }
+
+    fn guard_released(&self, first: &str) -> bool {
+        self.cache
+            .stored
+            .as_ref()
+            .and_then(|s| s.current.released.deletes_from.as_deref())
+            == Some(first)
     }
 
     /// The schema policy held the table: its files wait until `schema accept`.
@@ -190,10 +231,22 @@ impl Lane {
         schema: &FileSchema,
         source: &SourceTable,
     ) -> Result<Decided, ApplyError> {
-        let target = self
+        let mut target = self
             .target()
             .await
             .map_err(ApplyError::warehouse("describing the target table"))?;
+        // A reload's first segment: the new generation starts as the live table's columns
+        // (what the schema policies decided so far), and the segment is planned against them.
+        let mut create_like_live = None;
+        if target.is_none() && self.cache.generations.building.is_some() {
+            target = self
+                .ctx
+                .warehouse
+                .describe(&self.table)
+                .await
+                .map_err(ApplyError::warehouse("describing the live table"))?;
+            create_like_live = target.clone();
+        }
         let key = self
             .ctx
             .keys
@@ -236,7 +289,7 @@ impl Lane {
         let transition = key_transition(recorded_key.as_deref(), &key.columns, target.is_some());
         let warehouse = self.ctx.warehouse.clone();
         let column_name = move |s: &str| warehouse.column_name(s);
-        let decision = plan::plan(&PlanInput {
+        let mut decision = plan::plan(&PlanInput {
             target: target.as_ref(),
             file: schema,
             policy,
@@ -245,6 +298,15 @@ impl Lane {
             key: &key.columns,
             column_name: &column_name,
         });
+        if let (Some(live), Decision::Apply { ddl, .. }) = (create_like_live, &mut decision) {
+            ddl.insert(
+                0,
+                Ddl::CreateTable {
+                    columns: live.columns,
+                    primary_key: live.primary_key,
+                },
+            );
+        }
         Ok(Decided {
             decision,
             changes,
@@ -274,7 +336,7 @@ impl Lane {
         decided.repeated_keys = self
             .ctx
             .warehouse
-            .repeated_keys(&self.table, &columns)
+            .repeated_keys(self.physical_table(), &columns)
             .await
             .map_err(ApplyError::warehouse(
                 "checking the new key for repeated values",
@@ -294,7 +356,7 @@ impl Lane {
     /// The table's lease, when leases are on: `Ok(Some(fence))` to go on (no fence with
     /// leases off), `Ok(None)` when another worker holds the table or committed to it
     /// meanwhile (the files wait and the lane tries again shortly).
-    async fn lease_for(
+    pub(super) async fn lease_for(
         &mut self,
         files: &[PendingFile],
     ) -> Result<Option<Option<Fence>>, ApplyError> {
@@ -351,10 +413,41 @@ impl Lane {
             .last_applied(&self.table)
             .await
             .map_err(ApplyError::warehouse("reading the last applied file"))?;
-        Ok(taken || last.as_ref() != self.state.last_applied())
+        let current = self.cache.generations.current;
+        let ledger_generation = last.as_ref().map_or(1, |(o, _)| split_order_key(o).0);
+        let moved = match &last {
+            // Nothing applied to this generation yet (a reload's start): as expected
+            // while this lane has nothing applied either.
+            Some(_) if ledger_generation < current => self.state.last_applied().is_some(),
+            Some((order, key)) if ledger_generation == current => {
+                let last = (split_order_key(order).1.to_string(), key.clone());
+                Some(&last) != self.state.last_applied()
+            }
+            Some(_) => true,
+            None => self.state.last_applied().is_some(),
+        };
+        Ok(taken || moved || self.reload_swapped_elsewhere(ledger_generation).await?)
     }
 
-    async fn release_lease(&self) {
+    /// Whether another task replaced the table by the generation this lane builds: the
+    /// generation has commits but its table is gone.
+    async fn reload_swapped_elsewhere(&self, ledger_generation: u32) -> Result<bool, ApplyError> {
+        let Some(b) = &self.cache.generations.building else {
+            return Ok(false);
+        };
+        if ledger_generation < b.generation {
+            return Ok(false);
+        }
+        let table = self
+            .ctx
+            .warehouse
+            .describe(&b.table)
+            .await
+            .map_err(ApplyError::warehouse("looking for a reload's table"))?;
+        Ok(table.is_none())
+    }
+
+    pub(super) async fn release_lease(&self) {
         if let Some(leases) = &self.ctx.leases {
             leases.release(&self.table).await;
         }
@@ -374,6 +467,10 @@ impl Lane {
         self.release_lease().await;
         let stats = match result {
             Ok(stats) => stats,
+            Err(WarehouseError::Guarded { deletes, rows }) => {
+                self.hold_for_deletes(&files[0], deletes, rows).await;
+                return SegmentOutcome::Waiting(files);
+            }
             Err(e) => {
                 self.cache.target = None;
                 return SegmentOutcome::Failed(
@@ -397,6 +494,11 @@ impl Lane {
             self.cache.target = None;
         }
         self.cache.mode = Some(plan.mode.clone());
+        let order_keys = staged.iter().map(|s| s.file.order_key.as_str());
+        self.cache.generations.committed(order_keys, Instant::now());
+        if self.guard_released(&files[0].file.key) {
+            self.clear_release(|r| r.deletes_from = None).await;
+        }
         if let Some(recovered) = self.state.committed(&files, Instant::now()) {
             self.alert_recovered(&recovered, &files[0]).await;
         }

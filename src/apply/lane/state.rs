@@ -982,6 +982,7 @@ mod tests {
             } else {
                 LedgerStatus::Applied
             },
+            order_key: String::new(),
         };
         assert_eq!(ledger_verdict(&f, None), LedgerVerdict::Fresh);
         assert_eq!(

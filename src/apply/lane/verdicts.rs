@@ -23,6 +23,8 @@ pub enum LedgerVerdict {
     Replaced { ledger_etag: String },
     /// Skipped by an operator (`cdc-worker ledger skip`), still the same bytes.
     SkippedByOperator,
+    /// A full-load file that starts the table's next generation: a DMS reload.
+    Reload,
 }
 
 pub fn ledger_verdict(file: &BatchFile, record: Option<&LedgerRecord>) -> LedgerVerdict {
@@ -45,9 +47,58 @@ pub fn ledger_verdict(file: &BatchFile, record: Option<&LedgerRecord>) -> Ledger
     }
 }
 
-/// Whether a file still has to be applied, as far as its ledger record says.
-pub fn still_to_apply(file: &BatchFile, record: Option<&LedgerRecord>) -> bool {
-    ledger_verdict(file, record) == LedgerVerdict::Fresh
+/// The ledger's verdict on a file applied to generation `generation` of its table.
+/// `loaded_after_changes`: a change file of that generation is applied already and this
+/// file was uploaded after that change file was written.
+///
+/// A change file is never written twice, so its entries count whatever their generation. A
+/// full-load file belongs to one generation: an entry of an older one does not count (the
+/// key holds the new full load's content now), and a full-load file that replaces one
+/// applied in this generation, or that is new and uploaded after the generation's changes,
+/// is a reload. (A new full-load file uploaded before them is a late file of this load.)
+pub fn generation_verdict(
+    file: &BatchFile,
+    record: Option<&LedgerRecord>,
+    generation: u32,
+    loaded_after_changes: bool,
+) -> LedgerVerdict {
+    if !file.full_load {
+        return ledger_verdict(file, record);
+    }
+    let record = record.filter(|r| r.generation() >= generation);
+    match ledger_verdict(file, record) {
+        LedgerVerdict::Fresh if loaded_after_changes => LedgerVerdict::Reload,
+        LedgerVerdict::Replaced { .. } => LedgerVerdict::Reload,
+        verdict => verdict,
+    }
+}
+
+/// Whether a full-load file's notification may be older than the object's content, so the
+/// object's current ETag is read before the verdict: its key is in the ledger with another
+/// ETag, or from an older generation (a late notification of the content a reload replaced).
+pub fn needs_current_etag(
+    file: &BatchFile,
+    record: Option<&LedgerRecord>,
+    generation: u32,
+) -> bool {
+    file.full_load && record.is_some_and(|r| r.etag != file.etag || r.generation() < generation)
+}
+
+/// Whether a listed file still has to be applied to generation `generation`, as far as its
+/// ledger record says. A full-load file rewritten since it was applied is one when the lane
+/// follows reloads: its batch starts the reload, even when a change file of the new
+/// generation was announced before it.
+pub fn still_to_apply(
+    file: &BatchFile,
+    record: Option<&LedgerRecord>,
+    generation: u32,
+    follow_reloads: bool,
+) -> bool {
+    match generation_verdict(file, record, generation, false) {
+        LedgerVerdict::Fresh => true,
+        LedgerVerdict::Reload => follow_reloads,
+        _ => false,
+    }
 }
 
 /// How the key a segment is applied with compares with the one the table was applied with.

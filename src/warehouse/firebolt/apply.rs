@@ -8,7 +8,7 @@
 //! a crash there is recovered. The invariant: a file is in the ledger if and only if its
 //! changes are in the target, so a redelivered file is either skipped or applied again.
 
-use crate::batch::{ApplyPlan, ApplyStats, BatchFile, Ddl, LoadMode, StagedFile};
+use crate::batch::{ApplyPlan, ApplyStats, BatchFile, Ddl, DeleteGuard, LoadMode, StagedFile};
 use crate::schema::dialect::Dialect;
 use crate::warehouse::merge::{self, RESERVED_PREFIX};
 use crate::warehouse::{FENCE_TABLE, LEDGER_TABLE, WarehouseError};
@@ -59,7 +59,7 @@ pub async fn apply(
             // Nothing of this attempt may stay: the open transaction is rolled back, the
             // staging table dropped (both best effort; prepare() drops stale staging tables).
             run.rollback().await;
-            wh.forget_tombstones(&plan.table);
+            wh.forget_tombstones(plan.target_table());
             if let Err(drop_error) = run.run("drop-stage", sql::drop_table(&stage)).await {
                 tracing::warn!(batch_id = %plan.batch_id, error = %drop_error, "could not drop the staging table after a failure; prepare() drops it later");
             }
@@ -77,23 +77,26 @@ async fn steps(
     stage: &str,
 ) -> Result<ApplyStats, WarehouseError> {
     let schema = &wh.schema;
-    let target = qualified(schema, &plan.table);
+    let target = qualified(schema, plan.target_table());
     let batch: Vec<_> = files.iter().map(|f| f.file.clone()).collect();
     let expected_rows: u64 = files.iter().map(|f| f.schema.rows).sum();
 
-    let mut stats = stage_and_check(wh, run, plan, &batch, stage, expected_rows).await?;
+    let (mut stats, deletes) = stage_and_check(wh, run, plan, &batch, stage, expected_rows).await?;
     apply_ddl(wh, run, plan, &target).await?;
+    if let Some(guard) = &plan.guard {
+        check_delete_guard(run, plan, &target, deletes, guard).await?;
+    }
 
     // 5. The tombstone table (deleted keys with their ordering value), when the plan keeps
     //    them: CREATE IF NOT EXISTS, sent once per process and table.
     let rows = sql::staged_rows(stage, plan, &batch);
-    let tombstones = qualified(schema, &merge::tombstone_table(&plan.table));
+    let tombstones = qualified(schema, &merge::tombstone_table(plan.target_table()));
     let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
     if let Some((create, _)) = &tombstone_sql
-        && !wh.tombstones_known(&plan.table)
+        && !wh.tombstones_known(plan.target_table())
     {
         run.run("create-tombstones", create.clone()).await?;
-        wh.remember_tombstones(&plan.table);
+        wh.remember_tombstones(plan.target_table());
     }
 
     // 6. BEGIN. From here to COMMIT, all or nothing: a crash before COMMIT leaves no
@@ -127,8 +130,30 @@ async fn steps(
     Ok(stats)
 }
 
+/// Step 4b, read only: the destructive-change guard weighs the segment's delete rows
+/// against the table's rows before anything is written.
+async fn check_delete_guard(
+    run: &mut Runner<'_>,
+    plan: &ApplyPlan,
+    target: &str,
+    deletes: u64,
+    guard: &DeleteGuard,
+) -> Result<(), WarehouseError> {
+    if !matches!(plan.mode, LoadMode::Merge { .. }) || deletes == 0 {
+        return Ok(());
+    }
+    let counted = run
+        .run("guard-count", format!("SELECT count(*) FROM {target}"))
+        .await?;
+    let rows = counted.u64_at(0, 0).map_err(WarehouseError::Other)?;
+    if guard.holds(deletes, rows) {
+        return Err(WarehouseError::Guarded { deletes, rows });
+    }
+    Ok(())
+}
+
 /// Steps 1 to 3: the staging table, COPY, and the check of what COPY loaded, which also
-/// gathers the batch's statistics.
+/// gathers the batch's statistics (and the delete rows, for the guard).
 async fn stage_and_check(
     wh: &Firebolt,
     run: &mut Runner<'_>,
@@ -136,7 +161,7 @@ async fn stage_and_check(
     batch: &[BatchFile],
     stage: &str,
     expected_rows: u64,
-) -> Result<ApplyStats, WarehouseError> {
+) -> Result<(ApplyStats, u64), WarehouseError> {
     // 1. The staging table, typed from the footers (never inferred by COPY). Its name is
     //    new for every attempt. Crash: an orphan table that touches no target; prepare()
     //    drops staging tables older than STALE_STAGE_AGE.
@@ -198,7 +223,8 @@ async fn stage_and_check(
             stats.rows_appended = staged - stats.deletes_ignored;
         }
     }
-    Ok(stats)
+    let deletes = layout.deletes.map(at).transpose()?.unwrap_or(0);
+    Ok((stats, deletes))
 }
 
 /// Step 4: DDL, one statement each, outside the transaction. All idempotent (IF NOT EXISTS,
@@ -212,9 +238,10 @@ async fn apply_ddl(
     target: &str,
 ) -> Result<(), WarehouseError> {
     let schema = &wh.schema;
-    if wh.take_pending_rebuild(&plan.table) {
-        let state = super::catalog::inspect(run, schema, &plan.table, &wh.no_indexes).await?;
-        rebuild::recover(run, schema, &plan.table, &state).await?;
+    let table = plan.target_table();
+    if wh.take_pending_rebuild(table) {
+        let state = super::catalog::inspect(run, schema, table, &wh.no_indexes).await?;
+        rebuild::recover(run, schema, table, &state).await?;
     }
     let mut widen = Vec::new();
     for ddl in &plan.ddl {
@@ -237,7 +264,7 @@ async fn apply_ddl(
         }
     }
     if !widen.is_empty() {
-        rebuild::widen(run, schema, &plan.table, &widen, &wh.no_indexes).await?;
+        rebuild::widen(run, schema, table, &widen, &wh.no_indexes).await?;
     }
     Ok(())
 }

@@ -258,6 +258,7 @@ fn in_step(step: &str, e: WarehouseError) -> WarehouseError {
         WarehouseError::Sql(t) => WarehouseError::Sql(m(t)),
         WarehouseError::Fenced(t) => WarehouseError::Fenced(m(t)),
         WarehouseError::Other(t) => WarehouseError::Other(m(t)),
+        guarded @ WarehouseError::Guarded { .. } => guarded,
     }
 }
 
@@ -352,6 +353,7 @@ impl Warehouse for Firebolt {
                     LedgerRecord {
                         etag: rows.text_at(row, 1).unwrap_or_default(),
                         status: LedgerStatus::parse(rows.text_at(row, 2).as_deref()),
+                        order_key: rows.text_at(row, 3).unwrap_or_default(),
                     },
                 );
             }
@@ -482,6 +484,30 @@ impl Warehouse for Firebolt {
                 detail: String::new(),
             })
             .collect())
+    }
+
+    async fn promote(&self, table: &str, next: &str) -> Result<(), WarehouseError> {
+        let mut run = self.runner("promote").await?;
+        let result = rebuild::promote(&mut run, &self.schema, table, next, &self.no_indexes).await;
+        if result.is_err() {
+            run.rollback().await;
+        }
+        self.forget_tombstones(table);
+        self.forget_tombstones(next);
+        result
+    }
+
+    async fn discard(&self, next: &str) -> Result<(), WarehouseError> {
+        let mut run = self.runner("discard").await?;
+        for name in [
+            next.to_string(),
+            crate::warehouse::merge::tombstone_table(next),
+        ] {
+            run.run("discard", sql::drop_table(&qualified(&self.schema, &name)))
+                .await?;
+        }
+        self.forget_tombstones(next);
+        Ok(())
     }
 
     /// Authentication, engine resolution, `SELECT 1`, the engine version against the

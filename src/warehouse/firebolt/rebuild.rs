@@ -21,6 +21,7 @@ use crate::warehouse::WarehouseError;
 use super::catalog::{Inspection, inspect};
 use super::run::Runner;
 use super::sql;
+use crate::warehouse::merge::tombstone_table;
 use crate::warehouse::sql::qualified;
 
 /// Finishes or cleans up whatever an interrupted rebuild of `table` left.
@@ -60,6 +61,54 @@ pub async fn recover(
         }
         (false, None) => Ok(()),
     }
+}
+
+/// A reload's swap (`Warehouse::promote`): the live table is replaced by its next
+/// generation, and its deleted-keys table by the generation's, in one transaction (DDL is
+/// allowed inside BEGIN..COMMIT, audit M6): a reader sees the old table or the new one.
+pub async fn promote(
+    run: &mut Runner<'_>,
+    schema: &str,
+    table: &str,
+    next: &str,
+    no_indexes: &AtomicBool,
+) -> Result<(), WarehouseError> {
+    if inspect(run, schema, next, no_indexes)
+        .await?
+        .target
+        .is_none()
+    {
+        return Err(WarehouseError::Sql(format!(
+            "cannot replace `{table}` by `{next}`: `{next}` does not exist"
+        )));
+    }
+    let (tombstones, next_tombstones) = (tombstone_table(table), tombstone_table(next));
+    let has_tombstones = inspect(run, schema, &next_tombstones, no_indexes)
+        .await?
+        .target
+        .is_some();
+    run.begin().await?;
+    run.run("promote-drop", sql::drop_table(&qualified(schema, table)))
+        .await?;
+    run.run(
+        "promote-rename",
+        sql::rename_table(&qualified(schema, next), table),
+    )
+    .await?;
+    run.run(
+        "promote-drop-tombstones",
+        sql::drop_table(&qualified(schema, &tombstones)),
+    )
+    .await?;
+    if has_tombstones {
+        run.run(
+            "promote-rename-tombstones",
+            sql::rename_table(&qualified(schema, &next_tombstones), &tombstones),
+        )
+        .await?;
+    }
+    run.commit().await?;
+    Ok(())
 }
 
 /// Rebuilds `table` with the columns of `widen` changed to their new types, in one

@@ -363,8 +363,9 @@ fn count_if(condition: &str) -> String {
 
 /// One query, one round trip, before anything touches the target: how many rows COPY
 /// loaded (checked against the footers), rows from unknown files, distinct keys, keys
-/// changed more than once in one file with no ordering column to decide, deletes a
-/// keyless table cannot apply, and values that will not cast.
+/// changed more than once in one file with no ordering column to decide, delete rows (a
+/// keyless table cannot apply them; the guard weighs a keyed table's), and values that will
+/// not cast.
 pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (String, CheckLayout) {
     let mut exprs = vec![
         "count(*)".to_string(),
@@ -399,12 +400,12 @@ pub fn check_query(plan: &ApplyPlan, stage: &str, files: &[BatchFile]) -> (Strin
                 ));
             }
         }
-        LoadMode::Append => {
-            if let Some(op) = &plan.op_column {
-                layout.deletes = Some(exprs.len());
-                exprs.push(count_if(&format!("s.{} = {}", ident(op), literal("D"))));
-            }
-        }
+        LoadMode::Append => {}
+    }
+    // A keyless table cannot apply them; a keyed one's are what the guard weighs.
+    if let Some(op) = &plan.op_column {
+        layout.deletes = Some(exprs.len());
+        exprs.push(count_if(&format!("s.{} = {}", ident(op), literal("D"))));
     }
     let conversions = unsigned_conversions(plan);
     for l in &plan.load {
@@ -512,7 +513,7 @@ pub fn ledger_entries_query(ledger: &str, table: &str, limit: usize) -> String {
 /// only window functions the MERGE already needs.
 pub fn applied_query(ledger: &str, table: &str, keys: &[String]) -> String {
     format!(
-        "SELECT s3_key, etag, status FROM (SELECT s3_key, etag, status, ROW_NUMBER() OVER (PARTITION BY s3_key ORDER BY applied_at DESC) AS rn \
+        "SELECT s3_key, etag, status, order_key FROM (SELECT s3_key, etag, status, order_key, ROW_NUMBER() OVER (PARTITION BY s3_key ORDER BY applied_at DESC) AS rn \
          FROM {ledger} WHERE table_name = {} AND s3_key IN ({})) AS newest WHERE rn = 1",
         literal(table),
         keys.iter()
@@ -705,6 +706,8 @@ mod tests {
 
     fn plan(mode: LoadMode, ordering: Option<&str>) -> ApplyPlan {
         ApplyPlan {
+            into: None,
+            guard: None,
             batch_id: "b1".into(),
             table: "Ordérs\"x".into(),
             ddl: vec![],
@@ -838,12 +841,18 @@ mod tests {
              SUM(CASE WHEN \"ID\" IS NULL THEN 1 ELSE 0 END), \
              (SELECT count(*) FROM (SELECT 1 AS one FROM \"st\" WHERE NOT (\"ID\" IS NULL) GROUP BY \"ID\") AS k), \
              (SELECT count(*) FROM (SELECT 1 AS one FROM \"st\" WHERE NOT (\"ID\" IS NULL) GROUP BY \"ID\", \"__cdc_source_file\" HAVING count(*) > 1) AS a), \
+             SUM(CASE WHEN s.\"Op\" = 'D' THEN 1 ELSE 0 END), \
              SUM(CASE WHEN s.\"x\"\"; DROP TABLE x; --\" IS NOT NULL AND TRY_CAST(s.\"x\"\"; DROP TABLE x; --\" AS BIGINT) IS NULL THEN 1 ELSE 0 END) FROM \"st\" AS s"
         );
         assert_eq!(layout.null_keys, Some(2));
         assert_eq!(layout.distinct_keys, Some(3));
         assert_eq!(layout.ambiguous_keys, Some(4));
-        assert_eq!(layout.cast_failures, vec![("amount".to_string(), 5)]);
+        assert_eq!(
+            layout.deletes,
+            Some(5),
+            "the guard weighs a keyed table's deletes"
+        );
+        assert_eq!(layout.cast_failures, vec![("amount".to_string(), 6)]);
         let (sql, layout) = check_query(&plan(keyed(), Some("seq")), "\"st\"", &p.files);
         assert_eq!(
             layout.ambiguous_keys, None,
@@ -899,7 +908,7 @@ mod tests {
         );
         assert_eq!(
             applied_query("\"l\"", "t", &["a'".into(), "b".into()]),
-            "SELECT s3_key, etag, status FROM (SELECT s3_key, etag, status, ROW_NUMBER() OVER (PARTITION BY s3_key ORDER BY applied_at DESC) AS rn \
+            "SELECT s3_key, etag, status, order_key FROM (SELECT s3_key, etag, status, order_key, ROW_NUMBER() OVER (PARTITION BY s3_key ORDER BY applied_at DESC) AS rn \
              FROM \"l\" WHERE table_name = 't' AND s3_key IN ('a''', 'b')) AS newest WHERE rn = 1"
         );
     }
