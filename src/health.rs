@@ -175,6 +175,12 @@ pub struct TableReport {
     /// The table's freshness objective in seconds, when it has one.
     #[serde(default)]
     pub freshness_objective_s: Option<f64>,
+    /// The table's generation: 1, and one more per DMS reload (docs/reloads.md).
+    #[serde(default)]
+    pub generation: Option<u32>,
+    /// A reload in progress, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<String>,
 }
 
 impl TableReport {
@@ -227,6 +233,8 @@ async fn tables(p: &Probes) -> Vec<TableReport> {
         if let Some(mode) = &lane.mode {
             report.set_mode(mode);
         }
+        report.generation = lane.generation;
+        report.reload = lane.reload;
     }
     add_freshness(&p.engine, &mut tables);
     // The ledger's newest entry is by commit time; the last file by DMS order is the
@@ -235,8 +243,9 @@ async fn tables(p: &Probes) -> Vec<TableReport> {
         .values_mut()
         .filter(|r| r.last_applied_file.is_none())
     {
-        if let Ok(Some((_, key))) = p.warehouse.last_applied(&report.table).await {
+        if let Ok(Some((order, key))) = p.warehouse.last_applied(&report.table).await {
             report.last_applied_file = Some(key);
+            report.generation = Some(crate::batch::split_order_key(&order).0);
         }
     }
     tables.into_values().collect()

@@ -328,3 +328,49 @@ pub struct Fence {
     pub token: u64,
     pub holder: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_keys_carry_the_generation_and_sort_newest_generation_last() {
+        let load = "0/00000001/00000000/";
+        let change = "1/20261202-101500000.parquet/";
+        assert_eq!(
+            generation_order_key(1, change),
+            change,
+            "generation 1 keeps old keys"
+        );
+        let again = generation_order_key(2, load);
+        assert_eq!(again, "g00000002/0/00000001/00000000/");
+        assert_eq!(split_order_key(&again), (2, load));
+        assert_eq!(split_order_key(change), (1, change));
+        // The ledger's newest entry (max of order_key) is the newest generation's.
+        assert!(again.as_str() > change && generation_order_key(3, load) > again);
+        assert!(is_change_order_key(change) && !is_change_order_key(load));
+        assert_eq!(
+            crate::dms::change_time_of_sort_key(change).map(chrono::DateTime::<chrono::Utc>::from),
+            Some("2026-12-02T10:15:00Z".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn the_guard_holds_a_large_share_of_a_large_table_only() {
+        let guard = DeleteGuard {
+            max_fraction: 0.5,
+            min_rows: 10_000,
+        };
+        assert!(guard.holds(90_000, 100_000));
+        assert!(!guard.holds(40_000, 100_000), "less than half");
+        assert!(!guard.holds(9_000, 10_000), "not more than min_rows");
+        // Deletes of keys the table lacks remove nothing: weighed at the table's rows.
+        assert!(!guard.holds(50_000, 5_000));
+        assert!(guard.holds(50_000, 20_000));
+        let off = DeleteGuard {
+            max_fraction: 0.0,
+            ..guard
+        };
+        assert!(!off.holds(100_000, 100_000));
+    }
+}

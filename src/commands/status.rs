@@ -101,7 +101,9 @@ fn notes(name: &str, current: Option<&CurrentSchema>, report: &TableReport) -> V
     // A policy hold is recorded in S3; a condition hold (a missing key column, say)
     // only the running lane knows.
     let held = match current.map(|c| &c.status) {
-        Some(TableStatus::Held { reason, .. }) => Some(reason.clone()),
+        Some(TableStatus::Held { reason, .. } | TableStatus::Guarded { reason, .. }) => {
+            Some(reason.clone())
+        }
         _ => report.held.clone(),
     };
     if let Some(reason) = held {
@@ -111,6 +113,11 @@ fn notes(name: &str, current: Option<&CurrentSchema>, report: &TableReport) -> V
         notes.push(format!(
             "blocked by: {file} (later files wait behind it; `cdc-worker ledger skip {name} FILE --reason ...` if it can never be applied)"
         ));
+    }
+    if let Some(reload) = &report.reload {
+        notes.push(format!("reload: {reload}"));
+    } else if let Some(g) = report.generation.filter(|g| *g > 1) {
+        notes.push(format!("generation {g} (reloaded by DMS {} times)", g - 1));
     }
     notes.extend(objective_note(report));
     notes
@@ -194,10 +201,14 @@ async fn from_warehouse(
     let keys = KeyResolver::new(config, store.clone());
     let mut reports = Vec::new();
     for entry in warehouse.ledger_summary().await? {
-        let last = warehouse.last_applied(&entry.table).await?.map(|(_, k)| k);
+        let last = warehouse.last_applied(&entry.table).await?;
+        let generation = last
+            .as_ref()
+            .map(|(order, _)| crate::batch::split_order_key(order).0);
         let mut report = TableReport {
             table: entry.table.clone(),
-            last_applied_file: last.or(Some(entry.key)),
+            generation,
+            last_applied_file: last.map(|(_, k)| k).or(Some(entry.key)),
             last_applied_at: Some(entry.applied_at),
             ..Default::default()
         };

@@ -1038,3 +1038,62 @@ async fn a_full_load_segment_is_inserted_without_merge_when_its_keys_are_new() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_reload_builds_its_generation_beside_the_table_and_swaps_it_in_one_transaction() {
+    let server = ProtocolServer::core().await;
+    check_answers(&server, &[5, 0, 0, 4, 0, 0]);
+    let wh = ready(&server).await;
+    let next = cdc_worker::warehouse::generation_table("orders", 2);
+    // The reload's first batch creates the generation as the live table's columns and
+    // loads into it; the ledger stays the table's.
+    let files = two_files();
+    let mut p = plan(&files, keyed());
+    p.into = Some(next.clone());
+    p.ddl = vec![Ddl::CreateTable {
+        columns: vec![
+            Column {
+                nullable: false,
+                ..Column::new("id", ColumnType::Int64)
+            },
+            Column::new("n", ColumnType::Int32),
+            Column::new("seq", ColumnType::String),
+        ],
+        primary_key: vec!["id".into()],
+    }];
+    wh.apply(&p, &files).await.unwrap();
+    let merge = &by_kind(&server, "merge")[0].body;
+    assert!(merge.contains(&format!("\"public\".\"{next}\"")), "{merge}");
+    let ledger = &by_kind(&server, "ledger")[0].body;
+    assert!(ledger.contains("'orders'"), "{ledger}");
+    assert!(server.table("public", "orders").is_some());
+
+    server.clear();
+    wh.promote("orders", &next).await.unwrap();
+    let kinds = server.kinds();
+    let begin = kinds
+        .iter()
+        .position(|k| k == "begin")
+        .expect("a transaction");
+    assert_eq!(
+        kinds[begin..],
+        [
+            "begin",
+            "promote-drop",
+            "promote-rename",
+            "promote-drop-tombstones",
+            "commit"
+        ]
+    );
+    for s in by_kind(&server, "promote-rename")
+        .iter()
+        .chain(&by_kind(&server, "promote-drop"))
+    {
+        assert!(s.param("transaction_id").is_some(), "{}", s.body);
+    }
+    // What Firebolt now holds: the generation under the table's name, nothing beside it.
+    let (columns, index) = server.table("public", "orders").expect("the table");
+    assert_eq!(columns.len(), 3);
+    assert_eq!(index, ["id"]);
+    assert!(server.table("public", &next).is_none());
+}

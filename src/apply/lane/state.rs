@@ -598,7 +598,8 @@ mod tests {
     use super::*;
     use crate::apply::failure::Disposition;
     use crate::apply::lane::verdicts::{
-        KeyTransition, LedgerVerdict, Listing, join_gaps, key_transition, ledger_verdict,
+        KeyTransition, LedgerVerdict, Listing, generation_verdict, join_gaps, key_transition,
+        ledger_verdict, needs_current_etag, still_to_apply,
     };
     use crate::batch::{BatchFile, LedgerRecord, LedgerStatus};
     use crate::dms::{KeyClass, classify_key};
@@ -969,6 +970,63 @@ mod tests {
         lane.settled(&again[0]);
         assert_eq!(lane.snapshot().blocked_by, None);
         assert_eq!(names(&lane.take_batch()), ["20261124-100002000.parquet"]);
+    }
+
+    #[test]
+    fn a_full_load_file_counts_as_applied_only_in_its_own_generation() {
+        let t0 = Instant::now();
+        let load = file_at("LOAD00000001.parquet", t0, 10).file;
+        let change = cdc(1, t0).file;
+        let record = |etag: &str, generation: u32, dms: &str| LedgerRecord {
+            etag: etag.into(),
+            status: LedgerStatus::Applied,
+            order_key: crate::batch::generation_order_key(generation, dms),
+        };
+        let load_in = |g| record("e1", g, &load.order_key);
+        // The same bytes again in generation 1: a redelivery.
+        assert_eq!(
+            generation_verdict(&load, Some(&load_in(1)), 1, false),
+            LedgerVerdict::AlreadyApplied
+        );
+        // DMS wrote the key again (new ETag): the table's reload.
+        let rewritten = record("e0", 1, &load.order_key);
+        assert!(needs_current_etag(&load, Some(&rewritten), 1));
+        assert_eq!(
+            generation_verdict(&load, Some(&rewritten), 1, false),
+            LedgerVerdict::Reload
+        );
+        // A new full-load key uploaded after the generation's changes: a reload; before
+        // them (not `loaded_after_changes`): a late file of this load.
+        assert_eq!(
+            generation_verdict(&load, None, 1, true),
+            LedgerVerdict::Reload
+        );
+        assert_eq!(
+            generation_verdict(&load, None, 1, false),
+            LedgerVerdict::Fresh
+        );
+        // In generation 2, generation 1's entry of the key does not count: the key holds
+        // the new load now (its current ETag is read first, the notification may be old).
+        assert!(needs_current_etag(&load, Some(&load_in(1)), 2));
+        assert_eq!(
+            generation_verdict(&load, Some(&load_in(1)), 2, false),
+            LedgerVerdict::Fresh
+        );
+        assert_eq!(
+            generation_verdict(&load, Some(&load_in(2)), 2, false),
+            LedgerVerdict::AlreadyApplied
+        );
+        // A change file is never rewritten: applied in any generation is applied.
+        let change_in_1 = record("e1", 1, &change.order_key);
+        assert_eq!(
+            generation_verdict(&change, Some(&change_in_1), 2, false),
+            LedgerVerdict::AlreadyApplied
+        );
+        assert!(!needs_current_etag(&change, Some(&change_in_1), 2));
+        // A listing brings a rewritten full-load file in only when reloads are followed.
+        assert!(still_to_apply(&load, Some(&rewritten), 1, true));
+        assert!(!still_to_apply(&load, Some(&rewritten), 1, false));
+        assert!(!still_to_apply(&change, Some(&change_in_1), 2, true));
     }
 
     #[test]
