@@ -210,8 +210,8 @@ fn the_latest_change_per_key_wins_by_file_order_without_an_ordering_column() {
     );
     let counts = apply(&conn, &p);
     // staged rows, rows from unknown files, NULL keys, distinct keys, keys changed twice
-    // in one file.
-    assert_eq!(counts, vec![5, 0, 0, 3, 0]);
+    // in one file, delete rows (for the destructive-change guard).
+    assert_eq!(counts, vec![5, 0, 0, 3, 0, 1]);
     assert_eq!(
         target_rows(&conn),
         vec![
@@ -262,8 +262,8 @@ fn an_ordering_column_decides_inside_a_file_and_late_files_never_rewind() {
     let counts = apply(&conn, &p);
     assert_eq!(
         counts.len(),
-        4,
-        "no ambiguity count with an ordering column"
+        5,
+        "no ambiguity count with an ordering column (but the deletes' count)"
     );
     assert_eq!(target_rows(&conn), vec![(1, "newest".into(), "05".into())]);
 
@@ -444,8 +444,8 @@ fn rows_with_a_null_key_are_counted_and_skipped() {
         .unwrap();
     }
     let counts = apply(&conn, &p);
-    // staged, unknown files, NULL keys, distinct (non-NULL) keys, ambiguous keys.
-    assert_eq!(counts, vec![3, 0, 2, 1, 0]);
+    // staged, unknown files, NULL keys, distinct (non-NULL) keys, ambiguous keys, deletes.
+    assert_eq!(counts, vec![3, 0, 2, 1, 0, 0]);
     assert_eq!(target_rows(&conn), vec![(1, "one".into(), "s1".into())]);
 }
 

@@ -17,6 +17,9 @@ use crate::schema::store::{GuardedBy, TableStatus};
 use crate::telemetry::{FileSkipped, SkipKind};
 use crate::warehouse::generation_table;
 
+/// A swap that found the table leased elsewhere is tried again after this long.
+const LEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A failed swap is tried again after this long.
 const PROMOTE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -283,6 +286,9 @@ impl Lane {
         }
         // The lease keeps another task from committing to the generation meanwhile.
         if self.lease_for(&[]).await?.is_none() {
+            if let Some(b) = self.cache.generations.building.as_mut() {
+                b.retry_at = Some(Instant::now() + LEASE_RETRY);
+            }
             return Ok(());
         }
         let swapped = warehouse.promote(&self.table, &b.table).await;
