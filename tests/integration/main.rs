@@ -18,4 +18,5 @@ mod leases;
 mod ops;
 mod outage;
 mod poison;
+mod reload;
 mod schema_matrix;

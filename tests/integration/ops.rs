@@ -229,9 +229,14 @@ async fn endpoints_expose_health_readiness_lanes_and_metrics() {
 /// rebuild (worker stopped, table and ledger rows dropped, then `replay`) ends with exactly
 /// the reloaded source's rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dms_reload_is_alerted_and_the_runbook_rebuild_gives_the_source_s_rows() {
+async fn with_reload_alert_a_dms_reload_is_alerted_and_the_rebuild_by_hand_gives_the_source_s_rows()
+{
     use crate::harness::{i, s};
-    let env = Env::new("reload-by-hand", keyed).await;
+    let env = Env::new("reload-by-hand", |c| {
+        keyed(c);
+        c.dms.reload = cdc_worker::config::ReloadPolicy::Alert;
+    })
+    .await;
     let worker = env.start().await;
     let data = &[("id", "BIGINT"), ("v", "VARCHAR")];
     let load = env.key("orders", "LOAD00000001.parquet");
@@ -261,7 +266,7 @@ async fn a_dms_reload_is_alerted_and_the_runbook_rebuild_gives_the_source_s_rows
         .expect("the rewritten full load is alerted");
     let steps = skipped["next_steps"].as_str().unwrap();
     assert!(
-        steps.contains("reloaded") && steps.contains("docs/operations.md#file_skipped"),
+        steps.contains("reload") && steps.contains("docs/reloads.md"),
         "{skipped}"
     );
 

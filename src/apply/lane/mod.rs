@@ -50,6 +50,9 @@ struct TableCache {
     generations: reload::Generations,
 }
 
+/// How often a lane whose held reload has no file waiting reads the table's status again.
+const HELD_RELOAD_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(super) struct Lane {
     table: String,
     ctx: Arc<ApplyContext>,
@@ -105,6 +108,13 @@ impl Lane {
             // A reload completes by its quiet period even when no file comes.
             let settles = self.reload_due(now);
             let wake = match self.state.next(now) {
+                // A held reload waits for `accept-reload` with no file pending.
+                Next::Idle
+                    if self.state.held().is_some() && self.cache.generations.building.is_some() =>
+                {
+                    self.recheck_hold().await;
+                    now + HELD_RELOAD_RECHECK
+                }
                 Next::Idle if settles.is_none() => match self.wait_idle(idle).await {
                     Some(true) => continue,
                     Some(false) => return Exit::Idle(Box::new(self)),
