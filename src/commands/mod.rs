@@ -86,12 +86,7 @@ pub async fn schema_accept(
         Some("ignore") => Some(IncompatiblePolicy::Ignore),
         Some(other) => anyhow::bail!("--incompatible takes variant, cast or ignore, not `{other}`"),
     };
-    let aws = AwsClients::new(&config.aws).await;
-    let schemas = SchemaStore::from_config(config, ObjectStore::new(aws.s3.clone()));
-    let before = schemas
-        .load(table)
-        .await?
-        .with_context(|| format!("no schema recorded for table `{table}`"))?;
+    let (schemas, before) = recorded_schema(config, table).await?;
     if let TableStatus::Guarded { reason, .. } = &before.current.status {
         anyhow::bail!(
             "table `{table}` is held by a reload or the destructive-change guard, not its schema policy ({reason}); nothing was changed. Use `cdc-worker table accept-reload {table}` or `cdc-worker table release-guard {table}`, as the reason says"
@@ -137,15 +132,24 @@ pub enum Release {
     Deletes,
 }
 
-/// Releases a table guarded by the reload policy or the destructive-change guard: the
-/// status goes back to active with what was released recorded, which the worker uses once.
-pub async fn release_guarded(config: &Config, table: &str, release: Release) -> anyhow::Result<()> {
+/// The schema store and a table's recorded schema, for the commands that change its status.
+async fn recorded_schema(
+    config: &Config,
+    table: &str,
+) -> anyhow::Result<(SchemaStore, crate::schema::store::Stored)> {
     let aws = AwsClients::new(&config.aws).await;
     let schemas = SchemaStore::from_config(config, ObjectStore::new(aws.s3.clone()));
-    let before = schemas
+    let stored = schemas
         .load(table)
         .await?
         .with_context(|| format!("no schema recorded for table `{table}`"))?;
+    Ok((schemas, stored))
+}
+
+/// Releases a table guarded by the reload policy or the destructive-change guard: the
+/// status goes back to active with what was released recorded, which the worker uses once.
+pub async fn release_guarded(config: &Config, table: &str, release: Release) -> anyhow::Result<()> {
+    let (schemas, before) = recorded_schema(config, table).await?;
     let (hold, reason) = match &before.current.status {
         TableStatus::Guarded { hold, reason, .. } => (hold.clone(), reason.clone()),
         other => anyhow::bail!(
