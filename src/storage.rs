@@ -86,6 +86,8 @@ pub struct ListedObject {
     pub key: String,
     pub size: u64,
     pub etag: String,
+    /// When the object was written (S3 keeps whole seconds).
+    pub last_modified: Option<std::time::SystemTime>,
 }
 
 #[derive(Clone, Debug)]
@@ -269,6 +271,9 @@ impl ObjectStore {
                     key: o.key().unwrap_or_default().to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
                     etag: o.e_tag().unwrap_or_default().to_string(),
+                    last_modified: o
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 });
             }
         }

@@ -491,7 +491,7 @@ impl Lane {
     }
 
     async fn skip_missing(&mut self, f: PendingFile) {
-        if self.deleted_by_reload(&f) {
+        if self.deleted_by_reload(&f) || self.deleted_by_earlier_reload(&f).await {
             FileSkipped {
                 table: &self.table,
                 key: &f.file.key,

@@ -7,13 +7,15 @@
 use std::time::{Instant, SystemTime};
 
 use super::Lane;
-use super::reload::{Building, Found};
+use super::reload::{Building, Found, deleted_by_full_load};
 use crate::alerts::{Alert, AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
 use crate::batch::{LedgerRecord, is_change_order_key, split_order_key};
 use crate::config::ReloadPolicy;
+use crate::dms::{KeyClass, classify_key};
 use crate::schema::store::{GuardedBy, TableStatus};
+use crate::storage::bare_etag;
 use crate::telemetry::{FileSkipped, SkipKind};
 use crate::warehouse::generation_table;
 
@@ -68,6 +70,8 @@ impl Lane {
                 ..old
             };
         }
+        generations.gone_before_start =
+            std::mem::take(&mut self.cache.generations.gone_before_start);
         self.cache.generations = generations;
         Ok(last
             .filter(|_| own)
@@ -163,6 +167,62 @@ impl Lane {
             b.gone.push(f.file.key.clone());
         }
         before_reload
+    }
+
+    /// A file announced but gone from S3, uploaded before the table's newest full-load
+    /// file was written: deleted by a reload that swapped in already (its alert went out)
+    /// or whose full load is not announced here yet (then counted for its alert). When the
+    /// full-load files cannot be listed the file is alerted as any missing file.
+    pub(super) async fn deleted_by_earlier_reload(&mut self, f: &PendingFile) -> bool {
+        let Some(uploaded) = f.event_time.filter(|_| self.follows_reloads()) else {
+            return false;
+        };
+        let Some((key, etag, written)) = self.newest_full_load(f).await else {
+            return false;
+        };
+        if !deleted_by_full_load(uploaded, written) {
+            return false;
+        }
+        let applied = self
+            .ctx
+            .warehouse
+            .applied(&self.table, std::slice::from_ref(&key))
+            .await;
+        let reload_applied = applied.is_ok_and(|m| m.get(&key).is_some_and(|r| r.etag == etag));
+        if !reload_applied {
+            self.cache
+                .generations
+                .gone_before_start
+                .push(f.file.key.clone());
+        }
+        true
+    }
+
+    /// The table's newest full-load file in S3 (key, ETag, when written), from the folders
+    /// DMS writes them in (`LOAD…` and `SEGMENTn_LOAD…` at the table's top).
+    async fn newest_full_load(&self, f: &PendingFile) -> Option<(String, String, SystemTime)> {
+        let prefix = &self.ctx.config.source.prefix;
+        let mut newest: Option<(String, String, SystemTime)> = None;
+        for start in ["LOAD", "SEGMENT"] {
+            let folder = format!("{}{start}", f.dms.table_prefix);
+            let listed = match self.ctx.store.list(&f.file.bucket, &folder, None).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    tracing::warn!(table = %self.table, error = %e, "could not list the table's full-load files");
+                    return None;
+                }
+            };
+            for o in listed {
+                let is_load =
+                    matches!(classify_key(prefix, &o.key), Ok(KeyClass::Dms(k)) if k.is_load());
+                if let (true, Some(written)) = (is_load, o.last_modified)
+                    && newest.as_ref().is_none_or(|n| written > n.2)
+                {
+                    newest = Some((o.key, bare_etag(&o.etag).to_string(), written));
+                }
+            }
+        }
+        newest
     }
 
     /// A change file written before the reload being built started: the earlier

@@ -23,6 +23,9 @@ pub struct Generations {
     pub current: u32,
     /// The next generation while a reload builds it.
     pub building: Option<Building>,
+    /// Files announced but deleted by a reload whose full load is not announced yet (its
+    /// notifications come later): they go to that reload's alert when it starts.
+    pub gone_before_start: Vec<String>,
 }
 
 impl Default for Generations {
@@ -30,8 +33,21 @@ impl Default for Generations {
         Self {
             current: 1,
             building: None,
+            gone_before_start: Vec::new(),
         }
     }
+}
+
+/// Whether a file announced but missing from S3 was deleted by a reload: it was uploaded
+/// before the table's newest full-load file was written, and DMS writes a table's full
+/// load again only when it reloads it, after deleting the table's files. Compared in whole
+/// seconds (S3 keeps no more); a file uploaded in the same second is not.
+pub fn deleted_by_full_load(uploaded: SystemTime, newest_load_written: SystemTime) -> bool {
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    secs(newest_load_written) > secs(uploaded)
 }
 
 /// A reload in progress.
@@ -99,6 +115,7 @@ impl Generations {
                 Self {
                     current: g + 1,
                     building: Some(building),
+                    gone_before_start: Vec::new(),
                 },
                 false,
             );
@@ -110,6 +127,7 @@ impl Generations {
                 Self {
                     current: g,
                     building: Some(building),
+                    gone_before_start: Vec::new(),
                 },
                 true,
             );
@@ -118,6 +136,7 @@ impl Generations {
             Self {
                 current: g,
                 building: None,
+                gone_before_start: Vec::new(),
             },
             true,
         )
@@ -128,7 +147,9 @@ impl Generations {
     pub fn start_reload(&mut self, table: &str, now: Instant, at: SystemTime) -> Option<String> {
         let abandoned = self.building.take().map(|b| b.table);
         self.current += 1;
-        self.building = Some(Building::new(table, self.current, now, Some(at)));
+        let mut building = Building::new(table, self.current, now, Some(at));
+        building.gone = std::mem::take(&mut self.gone_before_start);
+        self.building = Some(building);
         abandoned
     }
 
@@ -229,6 +250,28 @@ mod tests {
         assert_eq!(g.building.as_ref().unwrap().files, 2);
         assert_eq!(g.promoted().unwrap().generation, 2);
         assert_eq!((g.current, g.building), (2, None));
+    }
+
+    #[test]
+    fn a_file_uploaded_before_the_newest_full_load_was_deleted_by_a_reload() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_500);
+        assert!(deleted_by_full_load(t, t + Duration::from_secs(1)));
+        assert!(deleted_by_full_load(t, t + Duration::from_secs(600)));
+        // The same second, or the full load first (its own change files): not.
+        assert!(!deleted_by_full_load(t, t + Duration::from_millis(400)));
+        assert!(!deleted_by_full_load(t, t - Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn files_gone_before_a_reload_was_announced_go_to_its_alert() {
+        let t0 = Instant::now();
+        let mut g = Generations::default();
+        g.gone_before_start
+            .push("s/t/20261202-100200000.parquet".into());
+        g.start_reload("t", t0, SystemTime::now());
+        let b = g.building.as_ref().unwrap();
+        assert_eq!(b.gone, ["s/t/20261202-100200000.parquet"]);
+        assert!(g.gone_before_start.is_empty());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::apply::context::PendingFile;
 use crate::apply::failure::Disposition;
+use crate::batch::is_change_order_key;
 use crate::dms::DmsOrder;
 
 /// How often a table held by its schema policy re-reads its status (released by
@@ -343,12 +344,18 @@ impl LaneState {
     }
 
     /// A file ordered before the last applied one, that the lane did not fail itself:
-    /// applying it would rewind newer changes unless an ordering column decides.
+    /// applying it would rewind newer changes unless an ordering column decides. Full-load
+    /// files are never late among themselves: each holds rows no other one does (DMS's
+    /// parallel segments split the table), and segments write side by side, so
+    /// `SEGMENT2_LOAD00000005` can come after `SEGMENT1_LOAD0000000B`.
     pub fn is_late(&self, file: &PendingFile) -> bool {
-        self.last_applied
-            .as_ref()
-            .is_some_and(|(last, _)| file.dms.order().sort_key() < *last)
-            && !self.retrying.contains(&file.file.key)
+        let Some((last, _)) = self.last_applied.as_ref() else {
+            return false;
+        };
+        if file.dms.is_load() && !is_change_order_key(last) {
+            return false;
+        }
+        file.dms.order().sort_key() < *last && !self.retrying.contains(&file.file.key)
     }
 
     /// True the first time a cause is seen by this lane (alert once per cause).
@@ -954,6 +961,18 @@ mod tests {
         let batch = lane.take_batch();
         lane.failed(batch, Disposition::Transient, "down", t0);
         assert!(!lane.is_late(&cdc(4, t0)));
+    }
+
+    #[test]
+    fn full_load_files_of_parallel_segments_are_not_late_among_themselves() {
+        let t0 = Instant::now();
+        let mut lane = LaneState::new(policy());
+        let last = file_at("SEGMENT1_LOAD0000000B.parquet", t0, 10);
+        lane.set_last_applied(Some((last.dms.order().sort_key(), "k".into())));
+        assert!(!lane.is_late(&file_at("SEGMENT2_LOAD00000005.parquet", t0, 10)));
+        // Once a change file is applied, an earlier full-load file is late.
+        lane.set_last_applied(Some((cdc(5, t0).dms.order().sort_key(), "k5".into())));
+        assert!(lane.is_late(&file_at("SEGMENT2_LOAD00000005.parquet", t0, 10)));
     }
 
     #[test]
