@@ -485,6 +485,10 @@ async fn old_generation_files_announced_late_are_not_alerted_alone() {
     let saved = env.pause_notifications().await;
     let written_before = s.uploaded.len();
     new_full_load(&mut s, "accounts").await;
+    // The new generation's first change file: the swap, after which the late file sorts
+    // before the last applied one.
+    s.file("accounts", &now_name(), CDC, &[change("U", 5, "g2")])
+        .await;
     env.send(&env.notification(&early.0, &early.1, early.2))
         .await;
     env.settle(&worker, Duration::from_secs(30)).await;
@@ -503,6 +507,11 @@ async fn old_generation_files_announced_late_are_not_alerted_alone() {
     s.assert_tables();
     assert!(
         inbox.kind("file_skipped").is_empty(),
+        "{:#?}",
+        inbox.summary()
+    );
+    assert!(
+        inbox.kind("file_out_of_order").is_empty(),
         "{:#?}",
         inbox.summary()
     );
@@ -556,6 +565,17 @@ impl Process {
     }
 }
 
+/// The worker log's last WARN and ERROR lines, for a failure message (the log's folder
+/// is gone once the test has failed).
+fn last_warnings(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 /// Waits until both queues stay empty for `quiet`.
 async fn drained(env: &Env, quiet: Duration, timeout: Duration, log: &std::path::Path) {
     let mut quiet_since: Option<Instant> = None;
@@ -563,8 +583,9 @@ async fn drained(env: &Env, quiet: Duration, timeout: Duration, log: &std::path:
     while quiet_since.is_none_or(|q| q.elapsed() < quiet) {
         assert!(
             Instant::now() < deadline,
-            "the worker did not drain the queue; log: {}",
-            log.display()
+            "the worker did not drain the queue (depths {:?}); its last warnings:\n{}",
+            env.depths().await,
+            last_warnings(log)
         );
         if env.depths().await == (0, 0) {
             quiet_since.get_or_insert_with(Instant::now);

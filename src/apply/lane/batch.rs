@@ -287,7 +287,7 @@ impl Lane {
 
     /// Files older than what is applied, that the lane did not fail itself: without an
     /// ordering column they are refused (alerted, message to the DLQ), because applying
-    /// them would overwrite newer changes.
+    /// them would overwrite newer changes; those gone from S3 are skipped as missing.
     async fn refuse_late(&mut self, files: Vec<PendingFile>) -> Vec<PendingFile> {
         if self.ctx.config.ordering_column(&self.table).is_some() {
             return files;
@@ -296,6 +296,12 @@ impl Lane {
         for f in files {
             if !self.state.is_late(&f) {
                 in_order.push(f);
+                continue;
+            }
+            // A late file deleted since (as a reload deletes the earlier generation's
+            // files) cannot overwrite anything: it takes the fate of a missing file.
+            if matches!(self.current_etag(&f).await, Ok(None)) {
+                self.skip_missing(f).await;
                 continue;
             }
             let last = self
