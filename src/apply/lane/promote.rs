@@ -201,28 +201,27 @@ impl Lane {
     /// The table's newest full-load file in S3 (key, ETag, when written), from the folders
     /// DMS writes them in (`LOAD…` and `SEGMENTn_LOAD…` at the table's top).
     async fn newest_full_load(&self, f: &PendingFile) -> Option<(String, String, SystemTime)> {
-        let prefix = &self.ctx.config.source.prefix;
-        let mut newest: Option<(String, String, SystemTime)> = None;
+        let mut listed = Vec::new();
         for start in ["LOAD", "SEGMENT"] {
             let folder = format!("{}{start}", f.dms.table_prefix);
-            let listed = match self.ctx.store.list(&f.file.bucket, &folder, None).await {
-                Ok(listed) => listed,
+            match self.ctx.store.list(&f.file.bucket, &folder, None).await {
+                Ok(objects) => listed.extend(objects),
                 Err(e) => {
                     tracing::warn!(table = %self.table, error = %e, "could not list the table's full-load files");
                     return None;
                 }
-            };
-            for o in listed {
-                let is_load =
-                    matches!(classify_key(prefix, &o.key), Ok(KeyClass::Dms(k)) if k.is_load());
-                if let (true, Some(written)) = (is_load, o.last_modified)
-                    && newest.as_ref().is_none_or(|n| written > n.2)
-                {
-                    newest = Some((o.key, bare_etag(&o.etag).to_string(), written));
-                }
             }
         }
-        newest
+        let prefix = &self.ctx.config.source.prefix;
+        listed
+            .into_iter()
+            .filter(|o| matches!(classify_key(prefix, &o.key), Ok(KeyClass::Dms(k)) if k.is_load()))
+            .filter_map(|o| Some((o.last_modified?, o)))
+            .max_by_key(|(written, _)| *written)
+            .map(|(written, o)| {
+                let etag = bare_etag(&o.etag).to_string();
+                (o.key, etag, written)
+            })
     }
 
     /// A change file written before the reload being built started: the earlier

@@ -115,7 +115,7 @@ impl Generations {
                 Self {
                     current: g + 1,
                     building: Some(building),
-                    gone_before_start: Vec::new(),
+                    ..Self::default()
                 },
                 false,
             );
@@ -127,7 +127,7 @@ impl Generations {
                 Self {
                     current: g,
                     building: Some(building),
-                    gone_before_start: Vec::new(),
+                    ..Self::default()
                 },
                 true,
             );
@@ -136,7 +136,7 @@ impl Generations {
             Self {
                 current: g,
                 building: None,
-                gone_before_start: Vec::new(),
+                ..Self::default()
             },
             true,
         )
