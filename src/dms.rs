@@ -86,6 +86,11 @@ pub fn change_time_of_sort_key(sort_key: &str) -> Option<std::time::SystemTime> 
     cdc_name_time(file_name)
 }
 
+/// When DMS wrote the change file at S3 key `key`, from its name; None for any other file.
+pub fn change_file_time(key: &str) -> Option<std::time::SystemTime> {
+    cdc_name_time(key.rsplit('/').next()?)
+}
+
 /// The UTC time a CDC file name spells: the date, the time of day, then a fraction of a
 /// second of any length (DMS writes three to six digits after the seconds).
 fn cdc_name_time(file_name: &str) -> Option<std::time::SystemTime> {

@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::batch::{Ddl, KeyColumn, LoadColumn, LoadExpr, LoadMode, TargetTable};
+use crate::batch::{
+    Ddl, HISTORY_COLUMNS, HISTORY_OP, IS_CURRENT, KeyColumn, LoadColumn, LoadExpr, LoadMode,
+    TargetTable, VALID_FROM, VALID_TO,
+};
 use crate::schema::diff::{ChangeKind, SchemaChange, TypeChange, classify, fold};
 use crate::schema::policy::{
     IncompatiblePolicy, NewColumnPolicy, NewTablePolicy, RemovedColumnPolicy, SchemaPolicy,
@@ -137,6 +140,8 @@ pub struct PlanInput<'a> {
     /// Key columns (source names); empty: no key, append.
     pub key: &'a [String],
     pub column_name: &'a dyn Fn(&str) -> String,
+    /// `history = "scd2"`: the target keeps every version, in the history columns.
+    pub history: bool,
 }
 
 /// Suffix of variant columns: `price__v_string`.
@@ -151,6 +156,9 @@ pub fn variant_column(column: &str, ty: &ColumnType) -> String {
 
 /// Decides DDL, load expressions and holds for one segment.
 pub fn plan(input: &PlanInput<'_>) -> Decision {
+    if let Some(reason) = history_mismatch(input) {
+        return Decision::Wait { reason };
+    }
     if let Some(hold) = policy_hold(input) {
         return hold;
     }
@@ -180,6 +188,50 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
         mode,
         actions: out.actions,
     }
+}
+
+/// Why the segment cannot go into the table as its `history` setting says, if it cannot:
+/// a history table needs a key and the history column names, and a table keeps the kind
+/// it was created as (changing it is a new table: docs/history.md).
+fn history_mismatch(input: &PlanInput<'_>) -> Option<String> {
+    let has = |columns: &[Column], name: &str| columns.iter().any(|c| fold(&c.name) == name);
+    if input.history {
+        if input.key.is_empty() {
+            return Some("history = \"scd2\" needs a key: set [tables.NAME] key = [...] or add the table to table_keys.json".into());
+        }
+        if let Some(c) = HISTORY_COLUMNS
+            .iter()
+            .find(|c| has(&input.file.table.columns, c))
+        {
+            return Some(format!(
+                "source column `{c}` collides with a history column of history = \"scd2\"; rename it with a DMS transformation rule"
+            ));
+        }
+    }
+    let target = input.target?;
+    let is_history = has(&target.columns, VALID_FROM) && has(&target.columns, IS_CURRENT);
+    match (input.history, is_history) {
+        (true, false) => Some("history = \"scd2\" but the table exists without history columns: keep history = \"latest\", or start a new history table (docs/history.md)".into()),
+        (false, true) => Some("the table is a history table but its history setting is \"latest\": set history = \"scd2\" for it, or start a new table (docs/history.md)".into()),
+        _ => None,
+    }
+}
+
+/// The columns a history table adds to the source's.
+fn history_columns() -> Vec<Column> {
+    [
+        (VALID_FROM, ColumnType::Timestamp),
+        (VALID_TO, ColumnType::Timestamp),
+        (IS_CURRENT, ColumnType::Boolean),
+        (HISTORY_OP, ColumnType::String),
+    ]
+    .into_iter()
+    .map(|(name, ty)| Column {
+        name: name.into(),
+        ty,
+        nullable: true,
+    })
+    .collect()
 }
 
 /// What a plan accumulates column by column.
@@ -250,7 +302,7 @@ fn plan_new_table(
     // Key columns are NOT NULL: Firebolt refuses nullable columns in a primary index
     // (its docs up to 2025), and DMS keys are primary keys. Staged rows with a NULL key
     // are skipped and counted by the warehouse (`ApplyStats::null_key_rows`).
-    let columns: Vec<Column> = loadable
+    let mut columns: Vec<Column> = loadable
         .iter()
         .map(|c| Column {
             name: name(&c.name),
@@ -258,6 +310,9 @@ fn plan_new_table(
             nullable: !key.iter().any(|k| k.source == c.name),
         })
         .collect();
+    if input.history {
+        columns.extend(history_columns());
+    }
     let key_names: Vec<String> = key.iter().map(|k| k.target.clone()).collect();
     out.actions.insert(
         0,
@@ -565,6 +620,7 @@ mod tests {
             resolutions: &BTreeMap::new(),
             key: &key,
             column_name: &identity,
+            history: false,
         })
     }
 

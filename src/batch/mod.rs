@@ -294,6 +294,25 @@ pub struct ApplyPlan {
     /// The destructive-change guard: the apply stops before it writes when the segment
     /// deletes more of the table than it allows (`WarehouseError::Guarded`).
     pub guard: Option<DeleteGuard>,
+    /// `history = "scd2"`: the target keeps every version of a key (`warehouse::history`).
+    pub history: Option<History>,
+}
+
+/// The columns a history table (`history = "scd2"`) adds to the source's: when a version
+/// became valid, when it stopped (NULL while current), whether it is current, and the
+/// operation that opened it (`D` once a delete closed it). Source columns may not use them.
+pub const VALID_FROM: &str = "__valid_from";
+pub const VALID_TO: &str = "__valid_to";
+pub const IS_CURRENT: &str = "__is_current";
+pub const HISTORY_OP: &str = "__op";
+pub const HISTORY_COLUMNS: [&str; 4] = [VALID_FROM, VALID_TO, IS_CURRENT, HISTORY_OP];
+
+/// How a history table's versions are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    /// Target columns whose change opens a new version (`track_history_columns`); an
+    /// update that changes none of them creates no version.
+    pub tracked: Vec<String>,
 }
 
 impl ApplyPlan {

@@ -44,6 +44,7 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub lease: LeaseConfig,
     pub guard: GuardConfig,
+    pub history: HistoryConfig,
     pub telemetry: TelemetryConfig,
     /// Per-table settings, keyed by *target* table name.
     pub tables: BTreeMap<String, TableConfig>,
@@ -193,6 +194,25 @@ impl GuardConfig {
             min_rows: self.min_rows,
         })
     }
+}
+
+/// What a target table keeps of its keys: the latest row, or every version.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryMode {
+    /// One row per key, the latest change winning.
+    #[default]
+    Latest,
+    /// Slowly changing dimension type 2: one row per version of a key, with `__valid_from`,
+    /// `__valid_to`, `__is_current` and `__op` (docs/history.md).
+    Scd2,
+}
+
+/// History tables: the default for every table (per table: `tables.T.history`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    pub default: HistoryMode,
 }
 
 /// How source `schema.table` becomes a target table name.
@@ -508,6 +528,11 @@ pub struct TableConfig {
     pub freshness_objective: Option<Duration>,
     /// Overrides `dms.reload`.
     pub reload: Option<ReloadPolicy>,
+    /// Overrides `history.default`: `"latest"` or `"scd2"` (every version kept).
+    pub history: Option<HistoryMode>,
+    /// Of a history table, the source columns whose change opens a new version; unset: all
+    /// but the key and the ordering column. An update that changes none opens none.
+    pub track_history_columns: Option<Vec<String>>,
 }
 
 /// A key as written in the config file or `table_keys.json`.
@@ -678,6 +703,14 @@ impl Config {
             .get(table)
             .and_then(|t| t.reload)
             .unwrap_or(self.dms.reload)
+    }
+
+    /// Whether `table` keeps every version of its keys: its own setting, else the default.
+    pub fn history(&self, table: &str) -> HistoryMode {
+        self.tables
+            .get(table)
+            .and_then(|t| t.history)
+            .unwrap_or(self.history.default)
     }
 
     pub fn ordering_column(&self, table: &str) -> Option<String> {

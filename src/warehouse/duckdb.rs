@@ -25,6 +25,7 @@ use crate::storage::{ObjectStore, StorageError, bare_etag};
 
 use crate::schema::dialect::Dialect;
 
+use super::history;
 use super::merge::{self, RESERVED_PREFIX};
 use super::sql::{ident, literal, qualified};
 use super::{FENCE_TABLE, LEDGER_TABLE, Warehouse, WarehouseError};
@@ -253,19 +254,19 @@ fn merge_segment(
     stats: &mut ApplyStats,
 ) -> Result<(), WarehouseError> {
     let d = Dialect::Duckdb;
+    if let Some(history) = &plan.history {
+        count_null_keys(conn, plan, rows, stats)?;
+        let sql = history::history_statement(d, target, plan, rows, &history.tracked);
+        stats.rows_merged += conn.execute(&sql, []).map_err(sql_err)? as u64;
+        return Ok(());
+    }
     let tombstones = qualified(schema, &merge::tombstone_table(plan.target_table()));
     let tombstone_sql = merge::tombstone_statements(target, &tombstones, plan, rows);
     if let Some((create, _)) = &tombstone_sql {
         conn.execute_batch(create).map_err(sql_err)?;
         stats.statements += 1;
     }
-    // Rows whose key has a NULL are skipped by every path below; count them for the report.
-    if let Some(q) = merge::null_key_rows_query(plan, rows) {
-        stats.null_key_rows += conn
-            .query_row(&q, [], |r| r.get::<_, i64>(0))
-            .map_err(sql_err)? as u64;
-        stats.statements += 1;
-    }
+    count_null_keys(conn, plan, rows, stats)?;
     let mut fast = false;
     if merge::fast_load_candidate(plan) {
         fast = no_fast_load_blockers(conn, target, &tombstones, plan, rows)?;
@@ -294,6 +295,22 @@ fn merge_segment(
     }
     if let Some((_, record)) = &tombstone_sql {
         conn.execute(record, []).map_err(sql_err)?;
+        stats.statements += 1;
+    }
+    Ok(())
+}
+
+/// Rows whose key has a NULL are skipped by every keyed path; counted for the report.
+fn count_null_keys(
+    conn: &Connection,
+    plan: &ApplyPlan,
+    rows: &merge::StagedRows,
+    stats: &mut ApplyStats,
+) -> Result<(), WarehouseError> {
+    if let Some(q) = merge::null_key_rows_query(plan, rows) {
+        stats.null_key_rows += conn
+            .query_row(&q, [], |r| r.get::<_, i64>(0))
+            .map_err(sql_err)? as u64;
         stats.statements += 1;
     }
     Ok(())
@@ -1130,6 +1147,7 @@ mod tests {
         let plan = ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             batch_id: "b1".into(),
             table: "t".into(),
             ddl: vec![Ddl::CreateTable {
@@ -1238,6 +1256,7 @@ mod tests {
         let plan = ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             batch_id: batch.into(),
             table: "t".into(),
             ddl: if create {

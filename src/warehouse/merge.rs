@@ -65,7 +65,7 @@ fn not_delete(plan: &ApplyPlan, alias: &str) -> Option<String> {
 /// `k1 IS NULL OR k2 IS NULL ...`: a staged row whose key has a NULL. DMS keys are primary
 /// keys, so such a row changes no row of the target: it is skipped and counted, and key
 /// matching can use plain equality (Firebolt needs an equality predicate to join on).
-fn null_key(key: &[String], alias: &str) -> String {
+pub(super) fn null_key(key: &[String], alias: &str) -> String {
     key.iter()
         .map(|k| format!("{alias}.{} IS NULL", ident(k)))
         .collect::<Vec<_>>()
@@ -530,6 +530,7 @@ mod tests {
         ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             batch_id: "b1".into(),
             table: "orders".into(),
             ddl: vec![],
@@ -623,6 +624,7 @@ mod tests {
         let plan = ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             load: ["id", "seq", "val"]
                 .iter()
                 .map(|c| LoadColumn {
@@ -708,6 +710,7 @@ mod tests {
         let plan = ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             load: ["id", "v"]
                 .iter()
                 .map(|c| LoadColumn {
@@ -794,6 +797,7 @@ mod tests {
         let ordered = ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             ordering_column: Some("v".into()),
             ..plan
         };

@@ -4,6 +4,7 @@
 
 pub mod duckdb;
 pub mod firebolt;
+pub mod history;
 pub mod merge;
 pub mod sql;
 

@@ -178,6 +178,7 @@ async fn full_apply_path_on_firebolt_core() {
     let plan = ApplyPlan {
         into: None,
         guard: None,
+        history: None,
         batch_id: "core1".into(),
         table: unique.clone(),
         ddl: vec![Ddl::CreateTable {

@@ -43,6 +43,7 @@ fn plan(mode: LoadMode, ordering: Option<&str>, files: &[BatchFile]) -> ApplyPla
     ApplyPlan {
         into: None,
         guard: None,
+        history: None,
         batch_id: "b1".into(),
         table: "Orders \"x\"".into(),
         ddl: vec![],
@@ -472,6 +473,7 @@ fn unsigned_integers_get_their_sign_back() {
     let p = ApplyPlan {
         into: None,
         guard: None,
+        history: None,
         batch_id: "b1".into(),
         table: "u".into(),
         ddl: vec![],

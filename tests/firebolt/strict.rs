@@ -46,6 +46,7 @@ fn plan_for(mode: LoadMode, ordering: Option<&str>) -> ApplyPlan {
     ApplyPlan {
         into: None,
         guard: None,
+        history: None,
         batch_id: "b1".into(),
         table: "orders".into(),
         ddl: vec![],
@@ -576,6 +577,7 @@ async fn every_column_type_round_trips_through_create_describe_and_plan() {
             resolutions: &resolutions,
             key: &key,
             column_name: &name,
+            history: false,
         })
     };
     let Decision::Apply { ddl, .. } = decide(None) else {

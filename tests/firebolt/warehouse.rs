@@ -51,6 +51,7 @@ fn plan(files: &[StagedFile], mode: LoadMode) -> ApplyPlan {
     ApplyPlan {
         into: None,
         guard: None,
+        history: None,
         batch_id: "b1".into(),
         table: "orders".into(),
         ddl: vec![],

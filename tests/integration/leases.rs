@@ -199,6 +199,7 @@ async fn a_fenced_out_holder_cannot_commit() {
         let plan = ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             batch_id: format!("fence{n}"),
             table: "t".into(),
             ddl: vec![Ddl::CreateTable {

@@ -11,9 +11,10 @@ use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
 use crate::apply::plan::{self, Decision, PlanInput};
 use crate::batch::{
-    ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, LoadColumn, LoadExpr, LoadMode, StagedFile,
-    generation_order_key, split_order_key,
+    ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, History, KeyColumn, LoadColumn, LoadExpr,
+    LoadMode, StagedFile, generation_order_key, split_order_key,
 };
+use crate::config::HistoryMode;
 use crate::dms::SourceTable;
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
@@ -151,6 +152,7 @@ impl Lane {
                 .find(|c| c.name.eq_ignore_ascii_case(&o))
                 .map(|c| c.name.clone())
         });
+        let history = self.history(&applying, ordering.as_deref());
         let generation = self.cache.generations.current;
         let files = staged
             .iter()
@@ -177,8 +179,39 @@ impl Lane {
                 .building
                 .as_ref()
                 .map(|b| b.table.clone()),
-            guard: self.delete_guard(&staged[0].file.key),
+            // A history table's deletes close versions and remove none.
+            guard: self
+                .delete_guard(&staged[0].file.key)
+                .filter(|_| history.is_none()),
+            history,
         }
+    }
+
+    /// How a history table's versions are written; None for a latest-row table. Tracked:
+    /// the configured columns, else every loaded column but the key and the ordering column
+    /// (DMS stamps that one on every change, so it alone would make every update a version).
+    fn history(&self, applying: &Applying, ordering: Option<&str>) -> Option<History> {
+        if self.ctx.config.history(&self.table) != HistoryMode::Scd2 {
+            return None;
+        }
+        let configured = self.ctx.config.table(&self.table).track_history_columns;
+        let key: &[KeyColumn] = match &applying.mode {
+            LoadMode::Merge { key } => key,
+            LoadMode::Append => &[],
+        };
+        let tracked = applying
+            .load
+            .iter()
+            .filter(|l| {
+                let from = |name: &str| l.expr.source_column().eq_ignore_ascii_case(name);
+                match &configured {
+                    Some(columns) => columns.iter().any(|c| from(c)),
+                    None => !key.iter().any(|k| from(&k.source)) && !ordering.is_some_and(from),
+                }
+            })
+            .map(|l| l.target.clone())
+            .collect();
+        Some(History { tracked })
     }
 
     /// The destructive-change guard for a segment from `first` on: none while a reload
@@ -297,6 +330,7 @@ impl Lane {
             resolutions: &resolutions,
             key: &key.columns,
             column_name: &column_name,
+            history: self.ctx.config.history(&self.table) == HistoryMode::Scd2,
         });
         if let (Some(live), Decision::Apply { ddl, .. }) = (create_like_live, &mut decision) {
             ddl.insert(

@@ -10,6 +10,7 @@
 
 use crate::batch::{ApplyPlan, ApplyStats, BatchFile, Ddl, DeleteGuard, LoadMode, StagedFile};
 use crate::schema::dialect::Dialect;
+use crate::warehouse::history;
 use crate::warehouse::merge::{self, RESERVED_PREFIX};
 use crate::warehouse::{FENCE_TABLE, LEDGER_TABLE, WarehouseError};
 
@@ -91,7 +92,8 @@ async fn steps(
     //    them: CREATE IF NOT EXISTS, sent once per process and table.
     let rows = sql::staged_rows(stage, plan, &batch);
     let tombstones = qualified(schema, &merge::tombstone_table(plan.target_table()));
-    let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
+    let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows)
+        .filter(|_| plan.history.is_none());
     if let Some((create, _)) = &tombstone_sql
         && !wh.tombstones_known(plan.target_table())
     {
@@ -323,6 +325,12 @@ async fn write_changes(
     if let LoadMode::Append = plan.mode {
         let append = merge::append_statement(Dialect::Firebolt, target, plan, rows);
         run.run("append", append).await?;
+        return Ok(false);
+    }
+    if let Some(history) = &plan.history {
+        let sql =
+            history::history_statement(Dialect::Firebolt, target, plan, rows, &history.tracked);
+        run.run("history-merge", sql).await?;
         return Ok(false);
     }
     let mut fast_load = false;

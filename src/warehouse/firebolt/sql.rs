@@ -708,6 +708,7 @@ mod tests {
         ApplyPlan {
             into: None,
             guard: None,
+            history: None,
             batch_id: "b1".into(),
             table: "Ordérs\"x".into(),
             ddl: vec![],

@@ -1,0 +1,598 @@
+//! History tables (`history = "scd2"`, slowly changing dimension type 2): the one MERGE
+//! that writes a segment's changes as versions, shared by both warehouses as the latest-row
+//! MERGE is (`merge.rs`).
+//!
+//! Each version of a key is a row with `__valid_from`, `__valid_to` (NULL while current),
+//! `__is_current` and `__op`. A segment's changes are *events* of their key at a version
+//! time (`version_time`). The MERGE rebuilds, for each key the segment touches, the *tail*
+//! of its history (the versions still valid at or after the segment's first change of that
+//! key, usually just the current one) from the tail's own events and the new ones, in
+//! version order: each version ends where the next event begins, and a delete event ends
+//! the version before it with `__op = 'D'`. A late change therefore lands in its place in
+//! the history, not at the end. Versions are matched on (key, `__valid_from`), so applying
+//! the rebuilt tail only updates the versions it closes and inserts the new ones: existing
+//! versions are never removed. Exactly-once is the ledger's, in the same transaction.
+
+use crate::batch::{
+    ApplyPlan, BatchFile, HISTORY_OP, IS_CURRENT, KeyColumn, LoadExpr, LoadMode, VALID_FROM,
+    VALID_TO,
+};
+use crate::schema::dialect::Dialect;
+use crate::schema::types::ColumnType;
+
+use super::merge::{
+    FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN, StagedRows, load_expr, null_key, staged_select,
+};
+use super::sql::{ident, literal};
+
+/// The event columns the statement adds, under the reserved prefix.
+const VT: &str = "__cdc_vt";
+const OP: &str = "__cdc_op";
+const ORD: &str = "__cdc_ord";
+const SRC: &str = "__cdc_src";
+const NEXT_VT: &str = "__cdc_next_vt";
+const NEXT_OP: &str = "__cdc_next_op";
+const NOOP: &str = "__cdc_noop";
+const RANK: &str = "__cdc_rank";
+
+/// The version time of rows of full-load files when no ordering column says better: a full
+/// load does not say when each row last changed, so its rows are valid from the start.
+pub const FULL_LOAD_TIME: &str = "1970-01-01 00:00:00";
+
+/// `TIMESTAMP '...'` of the time DMS wrote each change file of the segment, by its position
+/// (NULL for full-load files).
+fn file_time(plan: &ApplyPlan, file_ordinal: &str) -> String {
+    let arms: Vec<String> = plan
+        .files
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| Some((i, written(f)?)))
+        .map(|(i, at)| format!(" WHEN {i} THEN TIMESTAMP {}", literal(&at)))
+        .collect();
+    if arms.is_empty() {
+        return "CAST(NULL AS TIMESTAMP)".into();
+    }
+    format!("CASE {file_ordinal}{} END", arms.concat())
+}
+
+fn written(file: &BatchFile) -> Option<String> {
+    let at = chrono::DateTime::<chrono::Utc>::from(crate::dms::change_file_time(&file.key)?);
+    Some(at.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
+}
+
+/// The ordering column, when its values may be a time (DMS `TimestampColumnName` writes
+/// `yyyy-MM-dd HH:mm:ss.SSSSSS` strings); `AR_H_CHANGE_SEQ` digits do not cast and fall
+/// back to the file's time, the column still ordering events of the same time.
+fn time_ordering(plan: &ApplyPlan) -> Option<&str> {
+    let ord = plan.ordering_column.as_deref()?;
+    let column = plan.staged_columns.iter().find(|c| c.name == ord)?;
+    matches!(
+        column.ty,
+        ColumnType::String | ColumnType::Timestamp | ColumnType::TimestampTz | ColumnType::Date
+    )
+    .then_some(ord)
+}
+
+/// A staged row's version time (alias `s`): the ordering column as a timestamp where it is
+/// one, else the time DMS wrote its file plus its row position in microseconds (DuckDB
+/// only: Firebolt cannot see a row's position in its file), else [`FULL_LOAD_TIME`].
+fn version_time(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
+    let mut from_file = file_time(plan, &format!("s.{}", ident(FILE_ORDINAL_COLUMN)));
+    if d == Dialect::Duckdb && rows.row_ordinal.is_some() {
+        from_file = format!(
+            "{from_file} + to_microseconds(CAST(s.{} AS BIGINT))",
+            ident(ROW_ORDINAL_COLUMN)
+        );
+    }
+    let fallback = format!(
+        "COALESCE({from_file}, TIMESTAMP {})",
+        literal(FULL_LOAD_TIME)
+    );
+    match time_ordering(plan) {
+        Some(ord) => format!(
+            "COALESCE(TRY_CAST(s.{} AS TIMESTAMP), {fallback})",
+            ident(ord)
+        ),
+        None => fallback,
+    }
+}
+
+/// The ordering column as (target name, source name), when the plan loads it as it is.
+fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
+    let source = plan.ordering_column.as_ref()?;
+    plan.load
+        .iter()
+        .find(|l| matches!(&l.expr, LoadExpr::Column(c) if c == source))
+        .map(|l| (l.target.clone(), source.clone()))
+}
+
+fn key_of(plan: &ApplyPlan) -> &[KeyColumn] {
+    match &plan.mode {
+        LoadMode::Merge { key } => key,
+        LoadMode::Append => panic!("a history statement on a plan without a key"),
+    }
+}
+
+fn on_key(key: &[KeyColumn], left: &str, right: &str) -> String {
+    key.iter()
+        .map(|k| format!("{left}.{t} = {right}.{t}", t = ident(&k.target)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn partition(key: &[KeyColumn], alias: &str) -> String {
+    key.iter()
+        .map(|k| format!("{alias}.{}", ident(&k.target)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The events' order in a key's history: version time, then the ordering column, then
+/// existing versions before the segment's changes, then file and row position.
+fn event_order(plan: &ApplyPlan, alias: &str, descending: bool) -> String {
+    let dir = if descending { " DESC" } else { "" };
+    let nulls = if descending {
+        " NULLS LAST"
+    } else {
+        " NULLS FIRST"
+    };
+    let has_ord = ordering(plan).is_some();
+    [VT, ORD, SRC, FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN]
+        .iter()
+        .filter(|c| has_ord || **c != ORD)
+        .map(|c| {
+            let n = if *c == ORD { nulls } else { "" };
+            format!("{alias}.{}{dir}{n}", ident(c))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The segment's changes as events, under target names (rows with a NULL key left out).
+fn new_events(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
+    let key = key_of(plan);
+    let mut cols: Vec<String> = plan
+        .load
+        .iter()
+        .map(|l| format!("{} AS {}", load_expr(d, &l.expr, "s"), ident(&l.target)))
+        .collect();
+    cols.push(format!("{} AS {}", version_time(d, plan, rows), ident(VT)));
+    let op = match &plan.op_column {
+        Some(op) => format!("COALESCE(s.{}, 'I')", ident(op)),
+        None => "'I'".into(),
+    };
+    cols.push(format!("{op} AS {}", ident(OP)));
+    if let Some((_, source)) = ordering(plan) {
+        cols.push(format!("s.{} AS {}", ident(&source), ident(ORD)));
+    }
+    cols.push(format!("1 AS {}", ident(SRC)));
+    cols.push(format!("s.{f} AS {f}", f = ident(FILE_ORDINAL_COLUMN)));
+    let row = match rows.row_ordinal {
+        Some(_) => format!("s.{}", ident(ROW_ORDINAL_COLUMN)),
+        None => "0".into(),
+    };
+    cols.push(format!("{row} AS {}", ident(ROW_ORDINAL_COLUMN)));
+    let source_key: Vec<String> = key.iter().map(|k| k.source.clone()).collect();
+    format!(
+        "SELECT {} FROM ({}) AS s WHERE NOT ({})",
+        cols.join(", "),
+        staged_select(plan, rows),
+        null_key(&source_key, "s")
+    )
+}
+
+/// The versions of the segment's keys that its changes may end or follow: still valid at
+/// the key's first change in the segment.
+fn tail(target: &str, plan: &ApplyPlan, new_events: &str) -> String {
+    let key = key_of(plan);
+    format!(
+        "SELECT t.* FROM {target} AS t JOIN (SELECT {p}, MIN(n.{vt}) AS {vt} FROM ({new_events}) AS n GROUP BY {p}) AS f ON {on} WHERE t.{to} IS NULL OR t.{to} >= f.{vt}",
+        p = partition(key, "n"),
+        vt = ident(VT),
+        on = on_key(key, "t", "f"),
+        to = ident(VALID_TO),
+    )
+}
+
+/// The tail's versions as events again: each opens at its `__valid_from`; one a delete
+/// closed also gives that delete, at its `__valid_to` (after a version opened and deleted
+/// at the same time, before any other).
+fn tail_events(plan: &ApplyPlan, tail: &str) -> String {
+    let values: Vec<String> = plan
+        .load
+        .iter()
+        .map(|l| format!("x.{}", ident(&l.target)))
+        .collect();
+    let ord = ordering(plan)
+        .map(|(target, _)| format!(", x.{} AS {}", ident(&target), ident(ORD)))
+        .unwrap_or_default();
+    let event = |vt: &str, op: &str, row: &str| {
+        format!(
+            "SELECT {}, x.{} AS {}, {op} AS {}{ord}, 0 AS {}, -1 AS {}, {row} AS {} FROM ({tail}) AS x",
+            values.join(", "),
+            ident(vt),
+            ident(VT),
+            ident(OP),
+            ident(SRC),
+            ident(FILE_ORDINAL_COLUMN),
+            ident(ROW_ORDINAL_COLUMN),
+        )
+    };
+    let op = ident(HISTORY_OP);
+    let opened = event(
+        VALID_FROM,
+        &format!("CASE WHEN x.{op} = 'D' THEN 'U' ELSE x.{op} END"),
+        "-1",
+    );
+    let deleted = event(
+        VALID_TO,
+        "'D'",
+        &format!(
+            "CASE WHEN x.{} = x.{} THEN 1 ELSE -2 END",
+            ident(VALID_FROM),
+            ident(VALID_TO)
+        ),
+    );
+    format!("{opened} UNION ALL {deleted} WHERE x.{op} = 'D'")
+}
+
+/// The events of each key in order, without the new updates that change no tracked column
+/// of the version before them (they open no version).
+fn significant_events(plan: &ApplyPlan, tracked: &[String], events: &str) -> String {
+    let key = key_of(plan);
+    let over = format!(
+        "OVER (PARTITION BY {} ORDER BY {})",
+        partition(key, "e"),
+        event_order(plan, "e", false)
+    );
+    let mut same = vec![format!(
+        "e.{src} = 1 AND e.{op} <> 'D' AND LAG(e.{op}) {over} <> 'D'",
+        src = ident(SRC),
+        op = ident(OP)
+    )];
+    same.extend(
+        tracked
+            .iter()
+            .map(|c| format!("e.{c} IS NOT DISTINCT FROM LAG(e.{c}) {over}", c = ident(c))),
+    );
+    format!(
+        "SELECT * FROM (SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({events}) AS e) AS q WHERE q.{} = 0",
+        same.join(" AND "),
+        ident(NOOP),
+        ident(NOOP)
+    )
+}
+
+/// `MERGE INTO target` of the versions a segment opens and closes; `target` is already
+/// quoted. Long because it is one statement: each layer is one function above.
+pub fn history_statement(
+    d: Dialect,
+    target: &str,
+    plan: &ApplyPlan,
+    rows: &StagedRows,
+    tracked: &[String],
+) -> String {
+    let key = key_of(plan);
+    let new = new_events(d, plan, rows);
+    let tail = tail(target, plan, &new);
+    let events = format!("{new} UNION ALL {}", tail_events(plan, &tail));
+    let significant = significant_events(plan, tracked, &events);
+    let over = format!(
+        "OVER (PARTITION BY {} ORDER BY {})",
+        partition(key, "e"),
+        event_order(plan, "e", false)
+    );
+    let chain = format!(
+        "SELECT e.*, LEAD(e.{vt}) {over} AS {nvt}, LEAD(e.{op}) {over} AS {nop} FROM ({significant}) AS e",
+        vt = ident(VT),
+        op = ident(OP),
+        nvt = ident(NEXT_VT),
+        nop = ident(NEXT_OP),
+    );
+    // One version per (key, time): of events at the same time, the last one's values.
+    let versions = format!(
+        "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY {}, c.{vt} ORDER BY {}) AS {rank} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
+        partition(key, "c"),
+        event_order(plan, "c", true),
+        vt = ident(VT),
+        op = ident(OP),
+        rank = ident(RANK),
+    );
+    let closing_op = format!(
+        "CASE WHEN s.{nop} = 'D' THEN 'D' ELSE s.{op} END",
+        nop = ident(NEXT_OP),
+        op = ident(OP)
+    );
+    let meta = [
+        (VALID_TO, format!("s.{}", ident(NEXT_VT))),
+        (IS_CURRENT, format!("s.{} IS NULL", ident(NEXT_VT))),
+        (HISTORY_OP, closing_op),
+    ];
+    let updates: Vec<String> = plan
+        .load
+        .iter()
+        .filter(|l| !key.iter().any(|k| k.target == l.target))
+        .map(|l| ident(&l.target))
+        .map(|c| format!("{c} = s.{c}"))
+        .chain(meta.iter().map(|(c, v)| format!("{} = {v}", ident(c))))
+        .collect();
+    let mut insert_cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
+    let mut insert_vals: Vec<String> = insert_cols.iter().map(|c| format!("s.{c}")).collect();
+    insert_cols.push(ident(VALID_FROM));
+    insert_vals.push(format!("s.{}", ident(VT)));
+    for (c, v) in &meta {
+        insert_cols.push(ident(c));
+        insert_vals.push(v.clone());
+    }
+    format!(
+        "MERGE INTO {target} AS t USING ({versions}) AS s ON {} AND t.{} = s.{} WHEN MATCHED THEN UPDATE SET {} WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
+        on_key(key, "t", "s"),
+        ident(VALID_FROM),
+        ident(VT),
+        updates.join(", "),
+        insert_cols.join(", "),
+        insert_vals.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::LoadColumn;
+    use crate::schema::types::Column;
+
+    type Version = (i64, String, String, Option<String>, bool, String);
+
+    fn change_file(name: &str) -> BatchFile {
+        BatchFile {
+            bucket: "b".into(),
+            key: format!("dbo/t/{name}"),
+            size: 1,
+            etag: name.into(),
+            order_key: name.into(),
+            full_load: name.starts_with("LOAD"),
+        }
+    }
+
+    fn plan(ordering: Option<&str>) -> ApplyPlan {
+        let columns = ["id", "v", "ts"];
+        ApplyPlan {
+            batch_id: "b".into(),
+            table: "t".into(),
+            ddl: vec![],
+            load: columns
+                .iter()
+                .map(|c| LoadColumn {
+                    target: c.to_string(),
+                    expr: LoadExpr::Column(c.to_string()),
+                })
+                .collect(),
+            mode: LoadMode::Merge {
+                key: vec![KeyColumn {
+                    target: "id".into(),
+                    source: "id".into(),
+                }],
+            },
+            op_column: Some("Op".into()),
+            ordering_column: ordering.map(str::to_string),
+            staged_columns: vec![
+                Column::new("id", ColumnType::Int64),
+                Column::new("v", ColumnType::String),
+                Column::new("ts", ColumnType::String),
+            ],
+            files: vec![],
+            fence: None,
+            into: None,
+            guard: None,
+            history: None,
+        }
+    }
+
+    fn database() -> duckdb::Connection {
+        let conn = duckdb::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (id BIGINT, v VARCHAR, ts VARCHAR, __valid_from TIMESTAMP, __valid_to TIMESTAMP, __is_current BOOLEAN, __op VARCHAR)",
+        )
+        .unwrap();
+        conn
+    }
+
+    /// Applies files of (op, id, v, ts) rows as one segment, in both renderings' terms:
+    /// `firebolt` leaves out the row position, as Firebolt's staging table has none.
+    fn apply(
+        conn: &duckdb::Connection,
+        p: &ApplyPlan,
+        files: &[(&str, &[(&str, i64, &str, &str)])],
+        firebolt: bool,
+    ) {
+        conn.execute_batch("DROP TABLE IF EXISTS stage; CREATE TABLE stage (\"Op\" VARCHAR, id BIGINT, v VARCHAR, ts VARCHAR, f INTEGER, r BIGINT)").unwrap();
+        for (f, (_, rows)) in files.iter().enumerate() {
+            for (r, (op, id, v, ts)) in rows.iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO stage VALUES (?, ?, ?, ?, ?, ?)",
+                    duckdb::params![op, id, v, ts, f as i32, r as i64],
+                )
+                .unwrap();
+            }
+        }
+        let plan = ApplyPlan {
+            files: files.iter().map(|(name, _)| change_file(name)).collect(),
+            ..p.clone()
+        };
+        let staged = StagedRows {
+            relation: "stage".into(),
+            file_ordinal: "f".into(),
+            row_ordinal: (!firebolt).then(|| "r".into()),
+            converted: Vec::new(),
+        };
+        let d = if firebolt {
+            Dialect::Firebolt
+        } else {
+            Dialect::Duckdb
+        };
+        let sql = history_statement(d, "t", &plan, &staged, &["v".to_string()]);
+        conn.execute(&sql, [])
+            .unwrap_or_else(|e| panic!("{e}: {sql}"));
+    }
+
+    fn versions(conn: &duckdb::Connection) -> Vec<Version> {
+        let mut stmt = conn
+            .prepare("SELECT id, v, strftime(__valid_from, '%H:%M:%S.%f'), strftime(__valid_to, '%H:%M:%S.%f'), __is_current, __op FROM t ORDER BY id, __valid_from")
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    fn v(id: i64, val: &str, from: &str, to: Option<&str>, op: &str) -> Version {
+        (
+            id,
+            val.into(),
+            from.into(),
+            to.map(str::to_string),
+            to.is_none(),
+            op.into(),
+        )
+    }
+
+    /// The table as of `at` (a time of 2026-12-01): the docs' as-of query.
+    fn as_of(conn: &duckdb::Connection, at: &str) -> Vec<(i64, String)> {
+        let sql = format!(
+            "SELECT id, v FROM t WHERE __valid_from <= TIMESTAMP '2026-12-01 {at}' AND (__valid_to IS NULL OR __valid_to > TIMESTAMP '2026-12-01 {at}') ORDER BY id"
+        );
+        let mut stmt = conn.prepare(&sql).unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    const EPOCH: &str = "00:00:00.000000";
+
+    #[test]
+    fn updates_deletes_and_reinserts_become_versions_in_file_and_row_order() {
+        let conn = database();
+        let p = plan(None);
+        apply(
+            &conn,
+            &p,
+            &[(
+                "LOAD00000001.parquet",
+                &[("I", 1, "a", ""), ("I", 2, "b", ""), ("I", 3, "c", "")],
+            )],
+            false,
+        );
+        apply(
+            &conn,
+            &p,
+            &[
+                (
+                    "20261201-100000000.parquet",
+                    &[
+                        ("U", 1, "a2", ""),
+                        ("U", 1, "a3", ""),
+                        ("D", 2, "b", ""),
+                        ("U", 3, "c", ""),
+                    ],
+                ),
+                (
+                    "20261201-100100000.parquet",
+                    &[("I", 2, "b2", ""), ("I", 4, "d", ""), ("D", 4, "d", "")],
+                ),
+            ],
+            false,
+        );
+        apply(
+            &conn,
+            &p,
+            &[(
+                "20261201-100200000.parquet",
+                &[("D", 1, "a3", ""), ("U", 3, "c", "")],
+            )],
+            false,
+        );
+        assert_eq!(
+            versions(&conn),
+            vec![
+                v(1, "a", EPOCH, Some("10:00:00.000000"), "I"),
+                v(1, "a2", "10:00:00.000000", Some("10:00:00.000001"), "U"),
+                v(1, "a3", "10:00:00.000001", Some("10:02:00.000000"), "D"),
+                v(2, "b", EPOCH, Some("10:00:00.000002"), "D"),
+                v(2, "b2", "10:01:00.000000", None, "I"),
+                v(3, "c", EPOCH, None, "I"),
+                v(4, "d", "10:01:00.000001", Some("10:01:00.000002"), "D"),
+            ]
+        );
+        assert_eq!(
+            as_of(&conn, "09:00:00"),
+            vec![(1, "a".into()), (2, "b".into()), (3, "c".into())]
+        );
+        assert_eq!(
+            as_of(&conn, "10:00:30"),
+            vec![(1, "a3".into()), (3, "c".into())]
+        );
+        assert_eq!(
+            as_of(&conn, "10:03:00"),
+            vec![(2, "b2".into()), (3, "c".into())]
+        );
+    }
+
+    #[test]
+    fn a_late_change_with_an_ordering_column_lands_in_its_place() {
+        for firebolt in [false, true] {
+            let conn = database();
+            let p = plan(Some("ts"));
+            let t = |hm: &str| format!("2026-12-01 {hm}:00.000000");
+            let (t0, t5, t9) = (t("10:00"), t("10:05"), t("10:09"));
+            apply(
+                &conn,
+                &p,
+                &[(
+                    "20261201-101000000.parquet",
+                    &[("I", 1, "x", &t0), ("U", 1, "z", &t5), ("U", 1, "zz", &t9)],
+                )],
+                firebolt,
+            );
+            // A late file: an update between x and z, a delete after it, one before all.
+            let (t2, t3) = (t("10:02"), t("10:03"));
+            apply(
+                &conn,
+                &p,
+                &[(
+                    "20261201-100400000.parquet",
+                    &[
+                        ("U", 1, "y", &t2),
+                        ("D", 1, "y", &t3),
+                        ("I", 2, "early", &t2),
+                    ],
+                )],
+                firebolt,
+            );
+            assert_eq!(
+                versions(&conn),
+                vec![
+                    v(1, "x", "10:00:00.000000", Some("10:02:00.000000"), "I"),
+                    v(1, "y", "10:02:00.000000", Some("10:03:00.000000"), "D"),
+                    v(1, "z", "10:05:00.000000", Some("10:09:00.000000"), "U"),
+                    v(1, "zz", "10:09:00.000000", None, "U"),
+                    v(2, "early", "10:02:00.000000", None, "I"),
+                ]
+                .into_iter()
+                .map(|(id, val, from, to, cur, op)| (id, val, from, to, cur, op))
+                .collect::<Vec<_>>(),
+                "firebolt rendering: {firebolt}"
+            );
+            assert_eq!(as_of(&conn, "10:04:00"), vec![(2, "early".into())]);
+        }
+    }
+}
