@@ -342,6 +342,8 @@ mod tests {
     use crate::schema::types::Column;
 
     type Version = (i64, String, String, Option<String>, bool, String);
+    /// (op, id, v, ts) rows of one file.
+    type FileRows<'a> = (&'a str, &'a [(&'a str, i64, &'a str, &'a str)]);
 
     fn change_file(name: &str) -> BatchFile {
         BatchFile {
@@ -399,12 +401,7 @@ mod tests {
 
     /// Applies files of (op, id, v, ts) rows as one segment, in both renderings' terms:
     /// `firebolt` leaves out the row position, as Firebolt's staging table has none.
-    fn apply(
-        conn: &duckdb::Connection,
-        p: &ApplyPlan,
-        files: &[(&str, &[(&str, i64, &str, &str)])],
-        firebolt: bool,
-    ) {
+    fn apply(conn: &duckdb::Connection, p: &ApplyPlan, files: &[FileRows<'_>], firebolt: bool) {
         conn.execute_batch("DROP TABLE IF EXISTS stage; CREATE TABLE stage (\"Op\" VARCHAR, id BIGINT, v VARCHAR, ts VARCHAR, f INTEGER, r BIGINT)").unwrap();
         for (f, (_, rows)) in files.iter().enumerate() {
             for (r, (op, id, v, ts)) in rows.iter().enumerate() {
@@ -586,10 +583,7 @@ mod tests {
                     v(1, "z", "10:05:00.000000", Some("10:09:00.000000"), "U"),
                     v(1, "zz", "10:09:00.000000", None, "U"),
                     v(2, "early", "10:02:00.000000", None, "I"),
-                ]
-                .into_iter()
-                .map(|(id, val, from, to, cur, op)| (id, val, from, to, cur, op))
-                .collect::<Vec<_>>(),
+                ],
                 "firebolt rendering: {firebolt}"
             );
             assert_eq!(as_of(&conn, "10:04:00"), vec![(2, "early".into())]);

@@ -152,6 +152,15 @@ fn every_statement_the_worker_renders_is_accepted() {
             )),
         }
         accepted(&sql::ledger_insert("\"public\".\"_cdc_worker_ledger\"", &p));
+        if let LoadMode::Merge { .. } = &p.mode {
+            accepted(&cdc_worker::warehouse::history::history_statement(
+                Dialect::Firebolt,
+                target,
+                &p,
+                &rows,
+                &["na\"me".into(), "big".into()],
+            ));
+        }
     }
     let columns = vec![
         Column {
@@ -169,6 +178,21 @@ fn every_statement_the_worker_renders_is_accepted() {
     ];
     for sql in [
         sql::create_table(target, &columns, &["id".into()], true),
+        sql::create_table(
+            target,
+            &[
+                columns.clone(),
+                vec![
+                    Column::new("__valid_from", ColumnType::Timestamp),
+                    Column::new("__valid_to", ColumnType::Timestamp),
+                    Column::new("__is_current", ColumnType::Boolean),
+                    Column::new("__op", ColumnType::String),
+                ],
+            ]
+            .concat(),
+            &["id".into()],
+            true,
+        ),
         sql::add_column(target, &Column::new("x", ColumnType::TimestampTz)),
         sql::create_ledger("\"public\".\"_cdc_worker_ledger\""),
         sql::create_fence("\"public\".\"_cdc_worker_fence\""),

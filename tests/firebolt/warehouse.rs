@@ -211,6 +211,50 @@ async fn a_keyed_batch_runs_the_documented_steps_in_one_transaction() {
     assert_eq!(st[7].body, format!("DROP TABLE IF EXISTS {stage}"));
 }
 
+/// A history table's batch: one MERGE of versions inside the transaction, no tombstones,
+/// and the statement the server accepts writes the history columns.
+#[tokio::test]
+async fn a_history_batch_merges_versions_in_one_transaction_without_tombstones() {
+    let server = ProtocolServer::core().await;
+    check_answers(&server, &[5, 0, 0, 4, 0]);
+    let wh = ready(&server).await;
+    server.execute("CREATE TABLE \"public\".\"orders_h\" (\"id\" BIGINT NOT NULL, \"n\" INTEGER NULL, \"seq\" TEXT NULL, \"__valid_from\" TIMESTAMP NULL, \"__valid_to\" TIMESTAMP NULL, \"__is_current\" BOOLEAN NULL, \"__op\" TEXT NULL) PRIMARY INDEX \"id\"");
+    server.clear();
+    let files = vec![
+        staged("t/20261201-100000000.parquet", "0001", 3),
+        staged("t/20261201-100100000.parquet", "0002", 2),
+    ];
+    let p = ApplyPlan {
+        table: "orders_h".into(),
+        ordering_column: Some("seq".into()),
+        history: Some(cdc_worker::batch::History {
+            tracked: vec!["n".into()],
+        }),
+        ..plan(&files, keyed())
+    };
+    wh.apply(&p, &files).await.unwrap();
+    assert_eq!(
+        server.kinds(),
+        [
+            "create-stage",
+            "copy",
+            "check",
+            "begin",
+            "history-merge",
+            "ledger",
+            "commit",
+            "drop-stage"
+        ]
+    );
+    let merge = &by_kind(&server, "history-merge")[0];
+    assert_eq!(merge.param("transaction_id"), Some(TX1));
+    assert!(
+        merge.body.contains("WHEN 0 THEN TIMESTAMP '2026-12-01 10:00:00.000000' WHEN 1 THEN TIMESTAMP '2026-12-01 10:01:00.000000'"),
+        "version times come from the file names: {}",
+        merge.body
+    );
+}
+
 #[tokio::test]
 async fn statements_after_commit_never_carry_the_finished_transaction() {
     let server = ProtocolServer::core().await;

@@ -11,6 +11,7 @@ mod end_to_end;
 mod faults;
 mod first_hour;
 mod freshness;
+mod history;
 mod hostile;
 mod keys;
 mod lanes;

@@ -215,7 +215,7 @@ fn assert_columns(env: &Env, table: &str) {
 }
 
 /// The config the CLI and worker processes read (credentials from their environment).
-fn config_file(env: &Env) -> std::path::PathBuf {
+pub(crate) fn config_file(env: &Env) -> std::path::PathBuf {
     let mut child = env.config.clone();
     child.aws.access_key_id = None;
     child.aws.secret_access_key = None;
@@ -521,12 +521,12 @@ async fn old_generation_files_announced_late_are_not_alerted_alone() {
     assert!(message.contains(&early.0), "{message}");
 }
 
-struct Process {
+pub(crate) struct Process {
     child: tokio::process::Child,
 }
 
 impl Process {
-    fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+    pub(crate) fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -546,12 +546,12 @@ impl Process {
         Self { child }
     }
 
-    async fn kill9(mut self) {
+    pub(crate) async fn kill9(mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
     }
 
-    async fn terminate(mut self) {
+    pub(crate) async fn terminate(mut self) {
         let pid = self.child.id().expect("running") as i32;
         std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -577,7 +577,7 @@ fn last_warnings(log: &std::path::Path) -> String {
 }
 
 /// Waits until both queues stay empty for `quiet`.
-async fn drained(env: &Env, quiet: Duration, timeout: Duration, log: &std::path::Path) {
+pub(crate) async fn drained(env: &Env, quiet: Duration, timeout: Duration, log: &std::path::Path) {
     let mut quiet_since: Option<Instant> = None;
     let deadline = Instant::now() + timeout;
     while quiet_since.is_none_or(|q| q.elapsed() < quiet) {
