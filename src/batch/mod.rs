@@ -307,6 +307,45 @@ pub const IS_CURRENT: &str = "__is_current";
 pub const HISTORY_OP: &str = "__op";
 pub const HISTORY_COLUMNS: [&str; 4] = [VALID_FROM, VALID_TO, IS_CURRENT, HISTORY_OP];
 
+/// A reload of a history table: its new generation's versions merged into the live
+/// history instead of replacing it (`warehouse::history::reload_statement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryReload {
+    /// Key columns (target names).
+    pub key: Vec<String>,
+    /// The generation's columns besides the history columns, the key's included; the live
+    /// table has them all (`add_columns` adds those it lacked).
+    pub columns: Vec<String>,
+    /// Columns of the generation the live table lacks, added first.
+    pub add_columns: Vec<Column>,
+    pub tracked: Vec<String>,
+    /// The ordering column (target name), when loaded.
+    pub ordering: Option<String>,
+    /// When the reload started (`yyyy-mm-dd hh:mm:ss.ffffff`, UTC): the new full load's
+    /// rows and the closing of keys it lacks happen then.
+    pub at: String,
+}
+
+/// The columns of a history table whose change opens a version (target names): the
+/// `configured` ones, else all but the key and the ordering column (DMS stamps that one on
+/// every change, so it alone would make every update a version).
+pub fn tracked_columns(
+    columns: &[String],
+    key: &[String],
+    ordering: Option<&str>,
+    configured: Option<&[String]>,
+) -> Vec<String> {
+    let named = |c: &str, names: &[String]| names.iter().any(|n| n.eq_ignore_ascii_case(c));
+    columns
+        .iter()
+        .filter(|c| match configured {
+            Some(names) => named(c, names),
+            None => !named(c, key) && !ordering.is_some_and(|o| o.eq_ignore_ascii_case(c)),
+        })
+        .cloned()
+        .collect()
+}
+
 /// How a history table's versions are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct History {

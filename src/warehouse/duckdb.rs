@@ -16,8 +16,8 @@ use duckdb::{Connection, params_from_iter};
 use futures::StreamExt;
 
 use crate::batch::{
-    ApplyPlan, ApplyStats, BatchFile, Ddl, DeleteGuard, LedgerEntry, LedgerRecord, LedgerStatus,
-    LoadMode, StageError, Staged, StagedFile, TargetTable,
+    ApplyPlan, ApplyStats, BatchFile, Ddl, DeleteGuard, HistoryReload, LedgerEntry, LedgerRecord,
+    LedgerStatus, LoadMode, StageError, Staged, StagedFile, TargetTable,
 };
 use crate::config::DuckdbConfig;
 use crate::schema::parquet;
@@ -905,6 +905,38 @@ impl Warehouse for Duckdb {
             .with_conn(move |conn, schema| {
                 conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
                 match promote_in_transaction(conn, schema, &table, &next) {
+                    Ok(()) => conn.execute_batch("COMMIT").map_err(sql_err),
+                    Err(e) => {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        Err(e)
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn merge_generation(
+        &self,
+        table: &str,
+        next: &str,
+        reload: &HistoryReload,
+    ) -> Result<(), WarehouseError> {
+        let (table, next, reload) = (table.to_string(), next.to_string(), reload.clone());
+        self.0
+            .with_conn(move |conn, schema| {
+                let mut statements: Vec<String> = reload
+                    .add_columns
+                    .iter()
+                    .map(|c| ddl_sql(schema, &table, &Ddl::AddColumn { column: c.clone() }))
+                    .collect();
+                let (live, generation) = (qualified(schema, &table), qualified(schema, &next));
+                statements.push(history::reload_statement(&live, &generation, &reload));
+                statements.push(format!("DROP TABLE {generation}"));
+                conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
+                let result = statements
+                    .iter()
+                    .try_for_each(|sql| conn.execute_batch(sql).map_err(sql_err));
+                match result {
                     Ok(()) => conn.execute_batch("COMMIT").map_err(sql_err),
                     Err(e) => {
                         let _ = conn.execute_batch("ROLLBACK");

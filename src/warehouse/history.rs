@@ -14,7 +14,7 @@
 //! versions are never removed. Exactly-once is the ledger's, in the same transaction.
 
 use crate::batch::{
-    ApplyPlan, BatchFile, HISTORY_OP, IS_CURRENT, KeyColumn, LoadExpr, LoadMode, VALID_FROM,
+    ApplyPlan, BatchFile, HISTORY_OP, HistoryReload, IS_CURRENT, LoadExpr, LoadMode, VALID_FROM,
     VALID_TO,
 };
 use crate::schema::dialect::Dialect;
@@ -106,51 +106,225 @@ fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
         .map(|l| (l.target.clone(), source.clone()))
 }
 
-fn key_of(plan: &ApplyPlan) -> &[KeyColumn] {
-    match &plan.mode {
-        LoadMode::Merge { key } => key,
-        LoadMode::Append => panic!("a history statement on a plan without a key"),
+/// A history table as the statements see it, in target names.
+struct Shape<'a> {
+    key: Vec<&'a str>,
+    /// Every column an event carries, the key's included.
+    values: Vec<&'a str>,
+    /// The ordering column, loaded as it is.
+    ord: Option<String>,
+    tracked: &'a [String],
+}
+
+impl<'a> Shape<'a> {
+    fn of(plan: &'a ApplyPlan, tracked: &'a [String]) -> Self {
+        let LoadMode::Merge { key } = &plan.mode else {
+            panic!("a history statement on a plan without a key");
+        };
+        Self {
+            key: key.iter().map(|k| k.target.as_str()).collect(),
+            values: plan.load.iter().map(|l| l.target.as_str()).collect(),
+            ord: ordering(plan).map(|(target, _)| target),
+            tracked,
+        }
     }
-}
 
-fn on_key(key: &[KeyColumn], left: &str, right: &str) -> String {
-    key.iter()
-        .map(|k| format!("{left}.{t} = {right}.{t}", t = ident(&k.target)))
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
+    fn on_key(&self, left: &str, right: &str) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("{left}.{k} = {right}.{k}", k = ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
 
-fn partition(key: &[KeyColumn], alias: &str) -> String {
-    key.iter()
-        .map(|k| format!("{alias}.{}", ident(&k.target)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+    fn partition(&self, alias: &str) -> String {
+        self.key
+            .iter()
+            .map(|k| format!("{alias}.{}", ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 
-/// The events' order in a key's history: version time, then the ordering column, then
-/// existing versions before the segment's changes, then file and row position.
-fn event_order(plan: &ApplyPlan, alias: &str, descending: bool) -> String {
-    let dir = if descending { " DESC" } else { "" };
-    let nulls = if descending {
-        " NULLS LAST"
-    } else {
-        " NULLS FIRST"
-    };
-    let has_ord = ordering(plan).is_some();
-    [VT, ORD, SRC, FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN]
-        .iter()
-        .filter(|c| has_ord || **c != ORD)
-        .map(|c| {
-            let n = if *c == ORD { nulls } else { "" };
-            format!("{alias}.{}{dir}{n}", ident(c))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    /// The events' order in a key's history: version time, then the ordering column, then
+    /// existing versions before new events, then file and row position.
+    fn event_order(&self, alias: &str, descending: bool) -> String {
+        let dir = if descending { " DESC" } else { "" };
+        let nulls = if descending {
+            " NULLS LAST"
+        } else {
+            " NULLS FIRST"
+        };
+        [VT, ORD, SRC, FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN]
+            .iter()
+            .filter(|c| self.ord.is_some() || **c != ORD)
+            .map(|c| {
+                let n = if *c == ORD { nulls } else { "" };
+                format!("{alias}.{}{dir}{n}", ident(c))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn over(&self, alias: &str) -> String {
+        format!(
+            "OVER (PARTITION BY {} ORDER BY {})",
+            self.partition(alias),
+            self.event_order(alias, false)
+        )
+    }
+
+    /// `x.v1, x.v2, ...`: an event's values from a table aliased `x`.
+    fn values_of(&self, alias: &str) -> String {
+        self.values
+            .iter()
+            .map(|c| format!("{alias}.{}", ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `, x.ord AS __cdc_ord`, when there is an ordering column.
+    fn ord_of(&self, alias: &str) -> String {
+        self.ord
+            .as_ref()
+            .map(|o| format!(", {alias}.{} AS {}", ident(o), ident(ORD)))
+            .unwrap_or_default()
+    }
+
+    /// Versions of `table` (alias `x`) as events: each opens at its `__valid_from` (or at
+    /// `opened`), and one a delete closed also gives that delete at its `__valid_to`
+    /// (after a version opened and deleted at the same time, before any other).
+    fn version_events(&self, table: &str, src: u8, opened: &str, opened_row: &str) -> String {
+        let event = |vt: &str, op: &str, row: &str| {
+            format!(
+                "SELECT {}, {vt} AS {}, {op} AS {}{}, {src} AS {}, -1 AS {}, {row} AS {} FROM ({table}) AS x",
+                self.values_of("x"),
+                ident(VT),
+                ident(OP),
+                self.ord_of("x"),
+                ident(SRC),
+                ident(FILE_ORDINAL_COLUMN),
+                ident(ROW_ORDINAL_COLUMN),
+            )
+        };
+        let op = ident(HISTORY_OP);
+        let (from, to) = (ident(VALID_FROM), ident(VALID_TO));
+        let opened = event(
+            opened,
+            &format!("CASE WHEN x.{op} = 'D' THEN 'U' ELSE x.{op} END"),
+            opened_row,
+        );
+        let deleted = event(
+            &format!("x.{to}"),
+            "'D'",
+            &format!("CASE WHEN x.{from} = x.{to} THEN 1 ELSE -2 END"),
+        );
+        format!("{opened} UNION ALL {deleted} WHERE x.{op} = 'D'")
+    }
+
+    /// The versions of `target` that `new_events` may end or follow: still valid at the
+    /// key's first new event.
+    fn tail(&self, target: &str, new_events: &str) -> String {
+        format!(
+            "SELECT t.* FROM {target} AS t JOIN (SELECT {p}, MIN(n.{vt}) AS {vt} FROM ({new_events}) AS n GROUP BY {p}) AS f ON {on} WHERE t.{to} IS NULL OR t.{to} >= f.{vt}",
+            p = self.partition("n"),
+            vt = ident(VT),
+            on = self.on_key("t", "f"),
+            to = ident(VALID_TO),
+        )
+    }
+
+    /// The events of each key in order, without the new updates that change no tracked
+    /// column of the version before them (they open no version).
+    fn significant(&self, events: &str) -> String {
+        let over = self.over("e");
+        let mut same = vec![format!(
+            "e.{src} = 1 AND e.{op} <> 'D' AND LAG(e.{op}) {over} <> 'D'",
+            src = ident(SRC),
+            op = ident(OP)
+        )];
+        same.extend(
+            self.tracked
+                .iter()
+                .map(|c| format!("e.{c} IS NOT DISTINCT FROM LAG(e.{c}) {over}", c = ident(c))),
+        );
+        format!(
+            "SELECT * FROM (SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({events}) AS e) AS q WHERE q.{} = 0",
+            same.join(" AND "),
+            ident(NOOP),
+            ident(NOOP)
+        )
+    }
+
+    /// `MERGE INTO target` of the versions that `new_events` (existing versions are
+    /// `SRC` 0, new events 1) open and close, over the tail of each key's history.
+    fn merge(&self, target: &str, new_events: &str) -> String {
+        let tail = self.tail(target, new_events);
+        let events = format!(
+            "{new_events} UNION ALL {}",
+            self.version_events(&tail, 0, &format!("x.{}", ident(VALID_FROM)), "-1")
+        );
+        let over = self.over("e");
+        let chain = format!(
+            "SELECT e.*, LEAD(e.{vt}) {over} AS {nvt}, LEAD(e.{op}) {over} AS {nop} FROM ({}) AS e",
+            self.significant(&events),
+            vt = ident(VT),
+            op = ident(OP),
+            nvt = ident(NEXT_VT),
+            nop = ident(NEXT_OP),
+        );
+        // One version per (key, time): of events at the same time, the last one's values.
+        let versions = format!(
+            "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY {}, c.{vt} ORDER BY {}) AS {rank} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
+            self.partition("c"),
+            self.event_order("c", true),
+            vt = ident(VT),
+            op = ident(OP),
+            rank = ident(RANK),
+        );
+        let meta = [
+            (VALID_TO, format!("s.{}", ident(NEXT_VT))),
+            (IS_CURRENT, format!("s.{} IS NULL", ident(NEXT_VT))),
+            (
+                HISTORY_OP,
+                format!(
+                    "CASE WHEN s.{} = 'D' THEN 'D' ELSE s.{} END",
+                    ident(NEXT_OP),
+                    ident(OP)
+                ),
+            ),
+        ];
+        let updates: Vec<String> = self
+            .values
+            .iter()
+            .filter(|c| !self.key.contains(c))
+            .map(|c| format!("{c} = s.{c}", c = ident(c)))
+            .chain(meta.iter().map(|(c, v)| format!("{} = {v}", ident(c))))
+            .collect();
+        let mut insert_cols: Vec<String> = self.values.iter().map(|c| ident(c)).collect();
+        let mut insert_vals: Vec<String> = insert_cols.iter().map(|c| format!("s.{c}")).collect();
+        insert_cols.push(ident(VALID_FROM));
+        insert_vals.push(format!("s.{}", ident(VT)));
+        for (c, v) in &meta {
+            insert_cols.push(ident(c));
+            insert_vals.push(v.clone());
+        }
+        format!(
+            "MERGE INTO {target} AS t USING ({versions}) AS s ON {} AND t.{} = s.{} WHEN MATCHED THEN UPDATE SET {} WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
+            self.on_key("t", "s"),
+            ident(VALID_FROM),
+            ident(VT),
+            updates.join(", "),
+            insert_cols.join(", "),
+            insert_vals.join(", ")
+        )
+    }
 }
 
 /// The segment's changes as events, under target names (rows with a NULL key left out).
 fn new_events(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
-    let key = key_of(plan);
+    let LoadMode::Merge { key } = &plan.mode else {
+        panic!("a history statement on a plan without a key");
+    };
     let mut cols: Vec<String> = plan
         .load
         .iter()
@@ -181,90 +355,8 @@ fn new_events(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
     )
 }
 
-/// The versions of the segment's keys that its changes may end or follow: still valid at
-/// the key's first change in the segment.
-fn tail(target: &str, plan: &ApplyPlan, new_events: &str) -> String {
-    let key = key_of(plan);
-    format!(
-        "SELECT t.* FROM {target} AS t JOIN (SELECT {p}, MIN(n.{vt}) AS {vt} FROM ({new_events}) AS n GROUP BY {p}) AS f ON {on} WHERE t.{to} IS NULL OR t.{to} >= f.{vt}",
-        p = partition(key, "n"),
-        vt = ident(VT),
-        on = on_key(key, "t", "f"),
-        to = ident(VALID_TO),
-    )
-}
-
-/// The tail's versions as events again: each opens at its `__valid_from`; one a delete
-/// closed also gives that delete, at its `__valid_to` (after a version opened and deleted
-/// at the same time, before any other).
-fn tail_events(plan: &ApplyPlan, tail: &str) -> String {
-    let values: Vec<String> = plan
-        .load
-        .iter()
-        .map(|l| format!("x.{}", ident(&l.target)))
-        .collect();
-    let ord = ordering(plan)
-        .map(|(target, _)| format!(", x.{} AS {}", ident(&target), ident(ORD)))
-        .unwrap_or_default();
-    let event = |vt: &str, op: &str, row: &str| {
-        format!(
-            "SELECT {}, x.{} AS {}, {op} AS {}{ord}, 0 AS {}, -1 AS {}, {row} AS {} FROM ({tail}) AS x",
-            values.join(", "),
-            ident(vt),
-            ident(VT),
-            ident(OP),
-            ident(SRC),
-            ident(FILE_ORDINAL_COLUMN),
-            ident(ROW_ORDINAL_COLUMN),
-        )
-    };
-    let op = ident(HISTORY_OP);
-    let opened = event(
-        VALID_FROM,
-        &format!("CASE WHEN x.{op} = 'D' THEN 'U' ELSE x.{op} END"),
-        "-1",
-    );
-    let deleted = event(
-        VALID_TO,
-        "'D'",
-        &format!(
-            "CASE WHEN x.{} = x.{} THEN 1 ELSE -2 END",
-            ident(VALID_FROM),
-            ident(VALID_TO)
-        ),
-    );
-    format!("{opened} UNION ALL {deleted} WHERE x.{op} = 'D'")
-}
-
-/// The events of each key in order, without the new updates that change no tracked column
-/// of the version before them (they open no version).
-fn significant_events(plan: &ApplyPlan, tracked: &[String], events: &str) -> String {
-    let key = key_of(plan);
-    let over = format!(
-        "OVER (PARTITION BY {} ORDER BY {})",
-        partition(key, "e"),
-        event_order(plan, "e", false)
-    );
-    let mut same = vec![format!(
-        "e.{src} = 1 AND e.{op} <> 'D' AND LAG(e.{op}) {over} <> 'D'",
-        src = ident(SRC),
-        op = ident(OP)
-    )];
-    same.extend(
-        tracked
-            .iter()
-            .map(|c| format!("e.{c} IS NOT DISTINCT FROM LAG(e.{c}) {over}", c = ident(c))),
-    );
-    format!(
-        "SELECT * FROM (SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({events}) AS e) AS q WHERE q.{} = 0",
-        same.join(" AND "),
-        ident(NOOP),
-        ident(NOOP)
-    )
-}
-
 /// `MERGE INTO target` of the versions a segment opens and closes; `target` is already
-/// quoted. Long because it is one statement: each layer is one function above.
+/// quoted. `tracked`: the columns whose change opens a version.
 pub fn history_statement(
     d: Dialect,
     target: &str,
@@ -272,73 +364,55 @@ pub fn history_statement(
     rows: &StagedRows,
     tracked: &[String],
 ) -> String {
-    let key = key_of(plan);
-    let new = new_events(d, plan, rows);
-    let tail = tail(target, plan, &new);
-    let events = format!("{new} UNION ALL {}", tail_events(plan, &tail));
-    let significant = significant_events(plan, tracked, &events);
-    let over = format!(
-        "OVER (PARTITION BY {} ORDER BY {})",
-        partition(key, "e"),
-        event_order(plan, "e", false)
+    Shape::of(plan, tracked).merge(target, &new_events(d, plan, rows))
+}
+
+/// A reload of a history table: the versions of its new generation `next` (built from
+/// the new full load and the changes after it) merged into the live history `target`, as
+/// events of the reload. Both names already quoted. The new full load's rows happen at the
+/// reload's time (`reload.at`, or the generation's first change if earlier), so a key whose
+/// values did not change gets no version; a key the new full load lacks is closed then
+/// (`D`); the generation's later changes keep their own times.
+pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> String {
+    let shape = Shape {
+        key: reload.key.iter().map(String::as_str).collect(),
+        values: reload.columns.iter().map(String::as_str).collect(),
+        ord: reload.ordering.clone(),
+        tracked: &reload.tracked,
+    };
+    let from = ident(VALID_FROM);
+    let start = format!("TIMESTAMP {}", literal(FULL_LOAD_TIME));
+    let first_change = format!("(SELECT MIN(g.{from}) FROM {next} AS g WHERE g.{from} <> {start})");
+    let at = format!(
+        "LEAST(TIMESTAMP {at}, COALESCE({first_change}, TIMESTAMP {at}))",
+        at = literal(&reload.at)
     );
-    let chain = format!(
-        "SELECT e.*, LEAD(e.{vt}) {over} AS {nvt}, LEAD(e.{op}) {over} AS {nop} FROM ({significant}) AS e",
-        vt = ident(VT),
-        op = ident(OP),
-        nvt = ident(NEXT_VT),
-        nop = ident(NEXT_OP),
-    );
-    // One version per (key, time): of events at the same time, the last one's values.
-    let versions = format!(
-        "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY {}, c.{vt} ORDER BY {}) AS {rank} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
-        partition(key, "c"),
-        event_order(plan, "c", true),
-        vt = ident(VT),
-        op = ident(OP),
-        rank = ident(RANK),
-    );
-    let closing_op = format!(
-        "CASE WHEN s.{nop} = 'D' THEN 'D' ELSE s.{op} END",
-        nop = ident(NEXT_OP),
-        op = ident(OP)
-    );
-    let meta = [
-        (VALID_TO, format!("s.{}", ident(NEXT_VT))),
-        (IS_CURRENT, format!("s.{} IS NULL", ident(NEXT_VT))),
-        (HISTORY_OP, closing_op),
-    ];
-    let updates: Vec<String> = plan
-        .load
-        .iter()
-        .filter(|l| !key.iter().any(|k| k.target == l.target))
-        .map(|l| ident(&l.target))
-        .map(|c| format!("{c} = s.{c}"))
-        .chain(meta.iter().map(|(c, v)| format!("{} = {v}", ident(c))))
-        .collect();
-    let mut insert_cols: Vec<String> = plan.load.iter().map(|l| ident(&l.target)).collect();
-    let mut insert_vals: Vec<String> = insert_cols.iter().map(|c| format!("s.{c}")).collect();
-    insert_cols.push(ident(VALID_FROM));
-    insert_vals.push(format!("s.{}", ident(VT)));
-    for (c, v) in &meta {
-        insert_cols.push(ident(c));
-        insert_vals.push(v.clone());
-    }
-    format!(
-        "MERGE INTO {target} AS t USING ({versions}) AS s ON {} AND t.{} = s.{} WHEN MATCHED THEN UPDATE SET {} WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
-        on_key(key, "t", "s"),
-        ident(VALID_FROM),
+    let full_load = format!("x.{from} = {start}");
+    let opened = format!("CASE WHEN {full_load} THEN {at} ELSE x.{from} END");
+    // A full-load row comes before a change of its key at the same time.
+    let opened_row = format!("CASE WHEN {full_load} THEN -3 ELSE -1 END");
+    let generation = shape.version_events(next, 1, &opened, &opened_row);
+    let absent = format!(
+        "SELECT {}, {at} AS {}, 'D' AS {}{}, 1 AS {}, -1 AS {}, -1 AS {} FROM {target} AS x LEFT JOIN (SELECT DISTINCT {} FROM {next} AS g) AS k ON {} WHERE x.{} AND k.{} IS NULL",
+        shape.values_of("x"),
         ident(VT),
-        updates.join(", "),
-        insert_cols.join(", "),
-        insert_vals.join(", ")
-    )
+        ident(OP),
+        shape.ord_of("x"),
+        ident(SRC),
+        ident(FILE_ORDINAL_COLUMN),
+        ident(ROW_ORDINAL_COLUMN),
+        shape.partition("g"),
+        shape.on_key("x", "k"),
+        ident(IS_CURRENT),
+        ident(shape.key[0]),
+    );
+    shape.merge(target, &format!("{generation} UNION ALL {absent}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::LoadColumn;
+    use crate::batch::{KeyColumn, LoadColumn};
     use crate::schema::types::Column;
 
     type Version = (i64, String, String, Option<String>, bool, String);
@@ -588,5 +662,81 @@ mod tests {
             );
             assert_eq!(as_of(&conn, "10:04:00"), vec![(2, "early".into())]);
         }
+    }
+
+    #[test]
+    fn a_reload_merges_its_generation_into_the_history() {
+        let conn = database();
+        conn.execute_batch("CREATE TABLE g AS SELECT * FROM t")
+            .unwrap();
+        let p = plan(None);
+        let load: &[(&str, i64, &str, &str)] =
+            &[("I", 1, "a", ""), ("I", 2, "b", ""), ("I", 3, "c", "")];
+        apply(&conn, &p, &[("LOAD00000001.parquet", load)], false);
+        apply(
+            &conn,
+            &p,
+            &[("20261201-100000000.parquet", &[("U", 1, "a2", "")])],
+            false,
+        );
+        // The new generation: 1 as it is, 2 changed, 3 gone, 4 new; then a change of 4.
+        let gen_plan = ApplyPlan {
+            table: "g".into(),
+            ..p.clone()
+        };
+        let into_g = |files: &[FileRows<'_>]| {
+            let sql_plan = ApplyPlan {
+                files: files.iter().map(|(n, _)| change_file(n)).collect(),
+                ..gen_plan.clone()
+            };
+            conn.execute_batch("DROP TABLE IF EXISTS stage; CREATE TABLE stage (\"Op\" VARCHAR, id BIGINT, v VARCHAR, ts VARCHAR, f INTEGER, r BIGINT)").unwrap();
+            for (f, (_, rows)) in files.iter().enumerate() {
+                for (r, (op, id, v, ts)) in rows.iter().enumerate() {
+                    conn.execute(
+                        "INSERT INTO stage VALUES (?, ?, ?, ?, ?, ?)",
+                        duckdb::params![op, id, v, ts, f as i32, r as i64],
+                    )
+                    .unwrap();
+                }
+            }
+            let staged = StagedRows {
+                relation: "stage".into(),
+                file_ordinal: "f".into(),
+                row_ordinal: Some("r".into()),
+                converted: Vec::new(),
+            };
+            conn.execute(
+                &history_statement(Dialect::Duckdb, "g", &sql_plan, &staged, &["v".to_string()]),
+                [],
+            )
+            .unwrap();
+        };
+        into_g(&[(
+            "LOAD00000001.parquet",
+            &[("I", 1, "a2", ""), ("I", 2, "b2", ""), ("I", 4, "d", "")],
+        )]);
+        into_g(&[("20261201-110000000.parquet", &[("U", 4, "d2", "")])]);
+        let reload = HistoryReload {
+            key: vec!["id".into()],
+            columns: vec!["id".into(), "v".into(), "ts".into()],
+            add_columns: vec![],
+            tracked: vec!["v".into()],
+            ordering: None,
+            at: "2026-12-01 10:30:00.000000".into(),
+        };
+        conn.execute(&reload_statement("t", "g", &reload), [])
+            .unwrap();
+        assert_eq!(
+            versions(&conn),
+            vec![
+                v(1, "a", EPOCH, Some("10:00:00.000000"), "I"),
+                v(1, "a2", "10:00:00.000000", None, "U"),
+                v(2, "b", EPOCH, Some("10:30:00.000000"), "I"),
+                v(2, "b2", "10:30:00.000000", None, "I"),
+                v(3, "c", EPOCH, Some("10:30:00.000000"), "D"),
+                v(4, "d", "10:30:00.000000", Some("11:00:00.000000"), "I"),
+                v(4, "d2", "11:00:00.000000", None, "U"),
+            ]
+        );
     }
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::batch::{
-    ApplyPlan, ApplyStats, BatchFile, LedgerEntry, LedgerRecord, LedgerStatus, Staged, StagedFile,
-    TargetTable,
+    ApplyPlan, ApplyStats, BatchFile, HistoryReload, LedgerEntry, LedgerRecord, LedgerStatus,
+    Staged, StagedFile, TargetTable,
 };
 
 /// Bookkeeping tables live beside the targets under these reserved names; a source table
@@ -154,6 +154,15 @@ pub trait Warehouse: Send + Sync + 'static {
     /// see the old table or the new one, never neither. `next`'s deleted-keys table, when
     /// it has one, replaces `table`'s; `table`'s own goes.
     async fn promote(&self, table: &str, next: &str) -> Result<(), WarehouseError>;
+
+    /// A reload of a history table: the versions of its next generation `next` merged into
+    /// `table` (which keeps its history) and `next` dropped, in one transaction.
+    async fn merge_generation(
+        &self,
+        table: &str,
+        next: &str,
+        reload: &HistoryReload,
+    ) -> Result<(), WarehouseError>;
 
     /// Drops a reload's abandoned generation table `next` and its deleted-keys table (a
     /// second reload started before the first was complete).

@@ -74,6 +74,16 @@ impl HistoryModel {
         }
     }
 
+    /// Applies a file at the times its name gives (a full load's: [`START`]).
+    fn apply_file(&mut self, name: &str, columns: &[(&str, &str)], rows: &[Row]) {
+        let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+        if name.starts_with("LOAD") {
+            self.apply(&names, rows, |_| START.to_string());
+        } else {
+            self.apply(&names, rows, file_time(name));
+        }
+    }
+
     fn versions(&self) -> Vec<Version> {
         self.versions.values().flatten().cloned().collect()
     }
@@ -131,12 +141,7 @@ impl<'a> HistoryStream<'a> {
         let body = crate::harness::parquet_bytes(columns, &data);
         let size = body.len() as u64;
         let etag = self.env.put_bytes(&key, body).await;
-        let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
-        if name.starts_with("LOAD") {
-            self.model.apply(&names, rows, |_| START.to_string());
-        } else {
-            self.model.apply(&names, rows, file_time(name));
-        }
+        self.model.apply_file(name, columns, rows);
         self.uploaded.push((key, etag, size));
     }
 }
@@ -200,19 +205,26 @@ fn c(op: &'static str, id: &'static str, v: &'static str) -> Row {
     vec![Some(op), Some(id), Some(v)]
 }
 
-/// The story both stream tests write: a full load; several changes of a key in one file,
-/// a delete, an update that changes nothing, an insert; a re-insert after a delete; a
-/// delete and re-insert in one file; then a new column (NULL in the older versions).
-async fn write_story(s: &mut HistoryStream<'_>) {
+type File = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Vec<Row>,
+);
+
+/// The story the stream tests write: a full load; several changes of a key in one file, a
+/// delete, an update that changes nothing, an insert; a re-insert after a delete; a delete
+/// and re-insert in one file; then a new column (NULL in the older versions).
+fn story() -> Vec<File> {
     let load: Vec<Row> = ["1", "2", "3", "4", "5"]
         .iter()
         .zip(["a1", "a2", "a3", "a4", "a5"])
         .map(|(id, v)| vec![Some(*id), Some(v)])
         .collect();
-    s.file("LOAD00000001.parquet", LOAD, &load).await;
-    let files: [(&str, Vec<Row>); 3] = [
+    vec![
+        ("LOAD00000001.parquet", LOAD, load),
         (
             "20261201-100000000.parquet",
+            CDC,
             vec![
                 c("U", "1", "b1"),
                 c("U", "1", "c1"),
@@ -223,6 +235,7 @@ async fn write_story(s: &mut HistoryStream<'_>) {
         ),
         (
             "20261201-100100000.parquet",
+            CDC,
             vec![
                 c("I", "2", "b2"),
                 c("D", "6", "a6"),
@@ -232,18 +245,24 @@ async fn write_story(s: &mut HistoryStream<'_>) {
         ),
         (
             "20261201-100200000.parquet",
+            CDC,
             vec![c("D", "1", "d1"), c("I", "1", "e1"), c("D", "5", "a5")],
         ),
-    ];
-    for (name, rows) in &files {
-        s.file(name, CDC, rows).await;
+        (
+            "20261201-100300000.parquet",
+            CDC_TIER,
+            vec![
+                vec![Some("U"), Some("3"), Some("a3"), Some("gold")],
+                vec![Some("U"), Some("4"), Some("b4"), None],
+            ],
+        ),
+    ]
+}
+
+async fn write_story(s: &mut HistoryStream<'_>) {
+    for (name, columns, rows) in story() {
+        s.file(name, columns, &rows).await;
     }
-    let tiered: Vec<Row> = vec![
-        vec![Some("U"), Some("3"), Some("a3"), Some("gold")],
-        vec![Some("U"), Some("4"), Some("b4"), None],
-    ];
-    s.file("20261201-100300000.parquet", CDC_TIER, &tiered)
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -453,5 +472,99 @@ async fn a_late_file_with_an_ordering_column_lands_in_its_place() {
             .iter()
             .all(|a| a.body["alert"] != "file_out_of_order"),
         "{alerts:?}"
+    );
+}
+
+impl HistoryModel {
+    /// A reload at `at`: the new full load's rows as inserts then, and the keys it lacks
+    /// closed (`D`) then.
+    fn reload(&mut self, rows: &[Row], at: &str) {
+        self.apply(&["id", "v"], rows, |_| at.to_string());
+        let present: Vec<&str> = rows.iter().map(|r| r[0].unwrap()).collect();
+        for (id, chain) in &mut self.versions {
+            if let Some(cur) = chain.last_mut().filter(|v| v.4)
+                && !present.contains(&id.to_string().as_str())
+            {
+                close(cur, at, "D");
+            }
+        }
+    }
+}
+
+/// A DMS reload of a history table keeps its history: keys the new full load lacks are
+/// closed at the reload, changed ones get a version then, unchanged ones none, and the
+/// changes after the reload follow; no generation table is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_of_a_history_table_closes_absent_keys_and_keeps_the_history() {
+    let env = Env::new("history-reload", |c| {
+        history_config(c, "customers", None);
+        c.dms.reload_settle = Duration::from_secs(3);
+    })
+    .await;
+    let worker = env.start().await;
+    let mut s = HistoryStream::new(&env, "customers");
+    write_story(&mut s).await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+
+    crate::reload::delete_table_objects(&env, "customers").await;
+    let before = chrono::Utc::now().naive_utc();
+    // 1 and 2 as they are, 3 changed, 4 gone, 7 new (5 and 6 were deleted before).
+    let load: Vec<Row> = vec![
+        vec![Some("1"), Some("e1")],
+        vec![Some("2"), Some("b2")],
+        vec![Some("3"), Some("r3")],
+        vec![Some("7"), Some("r7")],
+    ];
+    let key = env.key("customers", "LOAD00000001.parquet");
+    let body =
+        crate::harness::parquet_bytes(LOAD, &load.iter().map(|r| values(r)).collect::<Vec<_>>());
+    env.put_bytes(&key, body).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_name = crate::reload::now_name();
+    s.file(&after_name, CDC, &[c("U", "7", "r7-u")]).await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+    env.eventually("the reload is merged", Duration::from_secs(30), || async {
+        worker
+            .warehouse()
+            .describe(&cdc_worker::warehouse::generation_table("customers", 2))
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+    })
+    .await;
+    worker.shutdown().await;
+
+    // The reload's time, as the worker chose it: when key 4 was closed.
+    let conn = env.db();
+    let at: String = conn
+        .query_row("SELECT strftime(__valid_to, '%Y-%m-%d %H:%M:%S.%f') FROM customers WHERE id = 4 AND __op = 'D'", [], |r| r.get(0))
+        .expect("key 4 closed by the reload");
+    let at_time = chrono::NaiveDateTime::parse_from_str(&at, "%Y-%m-%d %H:%M:%S%.6f").unwrap();
+    let after =
+        chrono::NaiveDateTime::parse_from_str(&file_time(&after_name)(0), "%Y-%m-%d %H:%M:%S%.6f")
+            .unwrap();
+    assert!(
+        before <= at_time && at_time <= after,
+        "reload at {at}, between {before} and {after}"
+    );
+    // The model: the story, the reload at its time, the change after it.
+    let mut expected = HistoryModel::default();
+    for (name, columns, rows) in story() {
+        expected.apply_file(name, columns, &rows);
+    }
+    expected.reload(&load, &at);
+    expected.apply_file(&after_name, CDC, &[c("U", "7", "r7-u")]);
+    let tables: Vec<String> = {
+        let mut stmt = conn.prepare("SELECT table_name FROM information_schema.tables WHERE table_name LIKE '_cdc_worker_g%'").unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(tables.is_empty(), "{tables:?}");
+    assert_eq!(
+        versions(&env, "customers", &expected.columns),
+        expected.versions()
     );
 }

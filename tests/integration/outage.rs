@@ -236,6 +236,15 @@ impl Warehouse for Switchable {
         self.check()?;
         self.inner.promote(table, next).await
     }
+    async fn merge_generation(
+        &self,
+        table: &str,
+        next: &str,
+        reload: &cdc_worker::batch::HistoryReload,
+    ) -> Result<(), WarehouseError> {
+        self.check()?;
+        self.inner.merge_generation(table, next, reload).await
+    }
     async fn discard(&self, next: &str) -> Result<(), WarehouseError> {
         self.check()?;
         self.inner.discard(next).await

@@ -53,7 +53,7 @@ fn change(op: &'static str, id: i64, v: &str) -> Row {
 
 /// A change file's name as DMS writes it now (its time in the name, UTC): the files after
 /// a reload are written after its full load was uploaded.
-fn now_name() -> String {
+pub(crate) fn now_name() -> String {
     std::thread::sleep(Duration::from_millis(3));
     chrono::Utc::now()
         .format("%Y%m%d-%H%M%S%3f.parquet")
@@ -73,7 +73,7 @@ fn keyed(c: &mut Config, tables: &[&str]) {
 }
 
 /// Deletes every object of `table` (what DMS does first on a reload).
-async fn delete_table_objects(env: &Env, table: &str) -> usize {
+pub(crate) async fn delete_table_objects(env: &Env, table: &str) -> usize {
     let prefix = env.key(table, "");
     let out = env
         .aws

@@ -11,13 +11,15 @@ use super::reload::{Building, Found, deleted_by_full_load};
 use crate::alerts::{Alert, AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
-use crate::batch::{LedgerRecord, is_change_order_key, split_order_key};
-use crate::config::ReloadPolicy;
+use crate::batch::{
+    HISTORY_COLUMNS, HistoryReload, LedgerRecord, is_change_order_key, split_order_key,
+};
+use crate::config::{HistoryMode, ReloadPolicy};
 use crate::dms::{KeyClass, classify_key};
 use crate::schema::store::{GuardedBy, TableStatus};
 use crate::storage::bare_etag;
 use crate::telemetry::{FileSkipped, SkipKind};
-use crate::warehouse::generation_table;
+use crate::warehouse::{WarehouseError, generation_table};
 
 /// A swap that found the table leased elsewhere is tried again after this long.
 const LEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -325,7 +327,10 @@ impl Lane {
             .await
             .map_err(ApplyError::warehouse("counting the rows of a reload"))?;
         let removed = before.saturating_sub(after);
+        // A history table keeps its versions: the reload closes some, removes none.
+        let history = self.ctx.config.history(&self.table) == HistoryMode::Scd2;
         if !accepted
+            && !history
             && let Some(guard) = self.ctx.config.guard.delete_guard()
             && guard.holds(removed, before)
         {
@@ -350,7 +355,18 @@ impl Lane {
             }
             return Ok(());
         }
-        let swapped = warehouse.promote(&self.table, &b.table).await;
+        let swapped = if history {
+            match self.history_reload(b).await {
+                Ok(reload) => {
+                    warehouse
+                        .merge_generation(&self.table, &b.table, &reload)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            warehouse.promote(&self.table, &b.table).await
+        };
         self.release_lease().await;
         swapped.map_err(ApplyError::warehouse(
             "replacing the table by its new generation",
@@ -367,11 +383,81 @@ impl Lane {
         Ok(())
     }
 
+    /// How a history table's new generation merges into its history: the generation's
+    /// columns (those the live table lacks added), the key, the tracked columns, and the
+    /// reload's time (when this process saw it start, else now).
+    async fn history_reload(&self, b: &Building) -> Result<HistoryReload, WarehouseError> {
+        let warehouse = &self.ctx.warehouse;
+        let missing =
+            |t: &str| WarehouseError::Sql(format!("cannot merge the reload: `{t}` does not exist"));
+        let live = warehouse
+            .describe(&self.table)
+            .await?
+            .ok_or_else(|| missing(&self.table))?;
+        let next = warehouse
+            .describe(&b.table)
+            .await?
+            .ok_or_else(|| missing(&b.table))?;
+        let is_history = |name: &str| HISTORY_COLUMNS.iter().any(|h| h.eq_ignore_ascii_case(name));
+        let generation: Vec<_> = next
+            .columns
+            .iter()
+            .filter(|c| !is_history(&c.name))
+            .collect();
+        let has = |name: &str| {
+            live.columns
+                .iter()
+                .any(|c| c.name.eq_ignore_ascii_case(name))
+        };
+        let columns: Vec<String> = generation.iter().map(|c| c.name.clone()).collect();
+        let key: Vec<String> = self
+            .cache
+            .stored
+            .as_ref()
+            .and_then(|s| s.current.key.clone())
+            .unwrap_or_default()
+            .iter()
+            .map(|k| warehouse.column_name(k))
+            .collect();
+        if key.is_empty() {
+            return Err(WarehouseError::Sql(format!(
+                "cannot merge the reload of history table `{}`: its key is not known",
+                self.table
+            )));
+        }
+        let ordering = self
+            .ctx
+            .config
+            .ordering_column(&self.table)
+            .map(|o| warehouse.column_name(&o))
+            .filter(|o| columns.iter().any(|c| c.eq_ignore_ascii_case(o)));
+        let at = chrono::DateTime::<chrono::Utc>::from(b.started.unwrap_or_else(SystemTime::now));
+        Ok(HistoryReload {
+            tracked: self.tracked_columns(&columns, &key, ordering.as_deref()),
+            add_columns: generation
+                .iter()
+                .filter(|c| !has(&c.name))
+                .map(|c| (*c).clone())
+                .collect(),
+            key,
+            columns,
+            ordering,
+            at: at.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+        })
+    }
+
     async fn alert_reloaded(&mut self, b: &Building, before: u64, after: u64) {
-        let mut message = format!(
-            "DMS reloaded the table: generation {} replaced it ({before} rows before, {after} after; {} files applied to it by this worker)",
-            b.generation, b.files
-        );
+        let mut message = if self.ctx.config.history(&self.table) == HistoryMode::Scd2 {
+            format!(
+                "DMS reloaded the table: generation {} ({after} versions, {} files applied to it by this worker) was merged into its history ({before} versions before): keys the new full load lacks were closed, changed keys got a version",
+                b.generation, b.files
+            )
+        } else {
+            format!(
+                "DMS reloaded the table: generation {} replaced it ({before} rows before, {after} after; {} files applied to it by this worker)",
+                b.generation, b.files
+            )
+        };
         if !b.gone.is_empty() {
             let shown: Vec<&str> = b.gone.iter().take(5).map(String::as_str).collect();
             let more = b.gone.len().saturating_sub(shown.len());

@@ -11,8 +11,8 @@ use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
 use crate::apply::plan::{self, Decision, PlanInput};
 use crate::batch::{
-    ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, History, KeyColumn, LoadColumn, LoadExpr,
-    LoadMode, StagedFile, generation_order_key, split_order_key,
+    ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, History, LoadColumn, LoadExpr, LoadMode,
+    StagedFile, generation_order_key, split_order_key, tracked_columns,
 };
 use crate::config::HistoryMode;
 use crate::dms::SourceTable;
@@ -187,31 +187,37 @@ impl Lane {
         }
     }
 
-    /// How a history table's versions are written; None for a latest-row table. Tracked:
-    /// the configured columns, else every loaded column but the key and the ordering column
-    /// (DMS stamps that one on every change, so it alone would make every update a version).
+    /// How a history table's versions are written; None for a latest-row table.
     fn history(&self, applying: &Applying, ordering: Option<&str>) -> Option<History> {
         if self.ctx.config.history(&self.table) != HistoryMode::Scd2 {
             return None;
         }
-        let configured = self.ctx.config.table(&self.table).track_history_columns;
-        let key: &[KeyColumn] = match &applying.mode {
-            LoadMode::Merge { key } => key,
-            LoadMode::Append => &[],
+        let LoadMode::Merge { key } = &applying.mode else {
+            return None;
         };
-        let tracked = applying
-            .load
-            .iter()
-            .filter(|l| {
-                let from = |name: &str| l.expr.source_column().eq_ignore_ascii_case(name);
-                match &configured {
-                    Some(columns) => columns.iter().any(|c| from(c)),
-                    None => !key.iter().any(|k| from(&k.source)) && !ordering.is_some_and(from),
-                }
-            })
-            .map(|l| l.target.clone())
-            .collect();
-        Some(History { tracked })
+        let columns: Vec<String> = applying.load.iter().map(|l| l.target.clone()).collect();
+        let key: Vec<String> = key.iter().map(|k| k.target.clone()).collect();
+        Some(History {
+            tracked: self.tracked_columns(&columns, &key, ordering),
+        })
+    }
+
+    /// [`tracked_columns`] of this table, from target names and its config.
+    pub(super) fn tracked_columns(
+        &self,
+        columns: &[String],
+        key: &[String],
+        ordering: Option<&str>,
+    ) -> Vec<String> {
+        let name = |c: &String| self.ctx.warehouse.column_name(c);
+        let configured: Option<Vec<String>> = self
+            .ctx
+            .config
+            .table(&self.table)
+            .track_history_columns
+            .map(|cs| cs.iter().map(name).collect());
+        let ordering = ordering.map(|o| self.ctx.warehouse.column_name(o));
+        tracked_columns(columns, key, ordering.as_deref(), configured.as_deref())
     }
 
     /// The destructive-change guard for a segment from `first` on: none while a reload

@@ -497,6 +497,20 @@ impl Warehouse for Firebolt {
         result
     }
 
+    async fn merge_generation(
+        &self,
+        table: &str,
+        next: &str,
+        reload: &crate::batch::HistoryReload,
+    ) -> Result<(), WarehouseError> {
+        let mut run = self.runner("merge-generation").await?;
+        let result = rebuild::merge_generation(&mut run, &self.schema, table, next, reload).await;
+        if result.is_err() {
+            run.rollback().await;
+        }
+        result
+    }
+
     async fn discard(&self, next: &str) -> Result<(), WarehouseError> {
         let mut run = self.runner("discard").await?;
         for name in [

@@ -111,6 +111,30 @@ pub async fn promote(
     Ok(())
 }
 
+/// A history table's reload (`Warehouse::merge_generation`): the columns the generation
+/// added, the MERGE of its versions into the live history, and the generation dropped, in
+/// one transaction (DDL is allowed inside BEGIN..COMMIT, audit M6).
+pub async fn merge_generation(
+    run: &mut Runner<'_>,
+    schema: &str,
+    table: &str,
+    next: &str,
+    reload: &crate::batch::HistoryReload,
+) -> Result<(), WarehouseError> {
+    let (live, generation) = (qualified(schema, table), qualified(schema, next));
+    run.begin().await?;
+    for column in &reload.add_columns {
+        run.run("reload-add-column", sql::add_column(&live, column))
+            .await?;
+    }
+    let merge = crate::warehouse::history::reload_statement(&live, &generation, reload);
+    run.run("reload-history-merge", merge).await?;
+    run.run("reload-drop-generation", sql::drop_table(&generation))
+        .await?;
+    run.commit().await?;
+    Ok(())
+}
+
 /// Rebuilds `table` with the columns of `widen` changed to their new types, in one
 /// transaction (the caller rolls it back when this fails).
 pub async fn widen(
