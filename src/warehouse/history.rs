@@ -190,7 +190,7 @@ impl<'a> Shape<'a> {
             .unwrap_or_default()
     }
 
-    /// Versions of `table` (alias `x`) as events: each opens at its `__valid_from` (or at
+    /// Versions of the query `table` (alias `x`) as events: each opens at its `__valid_from` (or at
     /// `opened`), and one a delete closed also gives that delete at its `__valid_to`
     /// (after a version opened and deleted at the same time, before any other).
     fn version_events(&self, table: &str, src: u8, opened: &str, opened_row: &str) -> String {
@@ -383,15 +383,17 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
     let from = ident(VALID_FROM);
     let start = format!("TIMESTAMP {}", literal(FULL_LOAD_TIME));
     let first_change = format!("(SELECT MIN(g.{from}) FROM {next} AS g WHERE g.{from} <> {start})");
+    // The earlier of the two, without LEAST (not found in the Firebolt function reference we checked).
     let at = format!(
-        "LEAST(TIMESTAMP {at}, COALESCE({first_change}, TIMESTAMP {at}))",
+        "COALESCE(CASE WHEN {first_change} < TIMESTAMP {at} THEN {first_change} END, TIMESTAMP {at})",
         at = literal(&reload.at)
     );
     let full_load = format!("x.{from} = {start}");
     let opened = format!("CASE WHEN {full_load} THEN {at} ELSE x.{from} END");
     // A full-load row comes before a change of its key at the same time.
     let opened_row = format!("CASE WHEN {full_load} THEN -3 ELSE -1 END");
-    let generation = shape.version_events(next, 1, &opened, &opened_row);
+    let generation =
+        shape.version_events(&format!("SELECT * FROM {next}"), 1, &opened, &opened_row);
     let absent = format!(
         "SELECT {}, {at} AS {}, 'D' AS {}{}, 1 AS {}, -1 AS {}, -1 AS {} FROM {target} AS x LEFT JOIN (SELECT DISTINCT {} FROM {next} AS g) AS k ON {} WHERE x.{} AND k.{} IS NULL",
         shape.values_of("x"),

@@ -210,6 +210,18 @@ fn every_statement_the_worker_renders_is_accepted() {
         sql::staging_tables_query("public"),
         sql::rebuild_copy("\"c\"", target, &columns, &["n".into()]),
         sql::rename_table("\"public\".\"c\"", "orders"),
+        cdc_worker::warehouse::history::reload_statement(
+            target,
+            "\"public\".\"_cdc_worker_g00000002__orders\"",
+            &cdc_worker::batch::HistoryReload {
+                key: vec!["id".into()],
+                columns: vec!["id".into(), "n".into()],
+                add_columns: vec![],
+                tracked: vec!["n".into()],
+                ordering: Some("n".into()),
+                at: "2026-12-01 10:30:00.000000".into(),
+            },
+        ),
         sql::row_counts(target, "\"c\""),
         sql::drop_table(target),
         "BEGIN TRANSACTION".into(),

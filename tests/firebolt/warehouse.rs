@@ -1142,3 +1142,54 @@ async fn a_reload_builds_its_generation_beside_the_table_and_swaps_it_in_one_tra
     assert_eq!(index, ["id"]);
     assert!(server.table("public", &next).is_none());
 }
+
+/// A history table's reload: the generation's new column added to the live table, its
+/// versions merged in and the generation dropped, all inside one transaction the server
+/// accepts; the live table stays, with the column.
+#[tokio::test]
+async fn a_history_reload_merges_its_generation_into_the_live_table_in_one_transaction() {
+    let server = ProtocolServer::core().await;
+    let wh = ready(&server).await;
+    let history = "\"__valid_from\" TIMESTAMP NULL, \"__valid_to\" TIMESTAMP NULL, \"__is_current\" BOOLEAN NULL, \"__op\" TEXT NULL";
+    let next = cdc_worker::warehouse::generation_table("orders_h", 2);
+    server.execute(&format!("CREATE TABLE \"public\".\"orders_h\" (\"id\" BIGINT NOT NULL, \"n\" INTEGER NULL, {history}) PRIMARY INDEX \"id\""));
+    server.execute(&format!("CREATE TABLE \"public\".\"{next}\" (\"id\" BIGINT NOT NULL, \"n\" INTEGER NULL, \"tier\" TEXT NULL, {history}) PRIMARY INDEX \"id\""));
+    server.clear();
+    let reload = cdc_worker::batch::HistoryReload {
+        key: vec!["id".into()],
+        columns: vec!["id".into(), "n".into(), "tier".into()],
+        add_columns: vec![Column::new("tier", ColumnType::String)],
+        tracked: vec!["n".into(), "tier".into()],
+        ordering: None,
+        at: "2026-12-01 10:30:00.000000".into(),
+    };
+    wh.merge_generation("orders_h", &next, &reload)
+        .await
+        .unwrap();
+    assert_eq!(
+        server.kinds(),
+        [
+            "begin",
+            "reload-add-column",
+            "reload-history-merge",
+            "reload-drop-generation",
+            "commit"
+        ]
+    );
+    for kind in [
+        "reload-add-column",
+        "reload-history-merge",
+        "reload-drop-generation",
+    ] {
+        assert_eq!(
+            by_kind(&server, kind)[0].param("transaction_id"),
+            Some(TX1),
+            "{kind}"
+        );
+    }
+    let (columns, _) = server
+        .table("public", "orders_h")
+        .expect("the live table stays");
+    assert!(columns.iter().any(|c| c.0 == "tier"), "{columns:?}");
+    assert!(server.table("public", &next).is_none());
+}
