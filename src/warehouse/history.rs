@@ -33,6 +33,9 @@ const SRC: &str = "__cdc_src";
 const NEXT_VT: &str = "__cdc_next_vt";
 const NEXT_OP: &str = "__cdc_next_op";
 const NOOP: &str = "__cdc_noop";
+const GROUP: &str = "__cdc_version";
+const GROUP_VT: &str = "__cdc_version_at";
+const GROUP_OP: &str = "__cdc_version_op";
 const RANK: &str = "__cdc_rank";
 
 /// The version time of rows of full-load files when no ordering column says better: a full
@@ -233,9 +236,11 @@ impl<'a> Shape<'a> {
         )
     }
 
-    /// The events of each key in order, without the new updates that change no tracked
-    /// column of the version before them (they open no version).
-    fn significant(&self, events: &str) -> String {
+    /// The events of each key in order, each with the version it belongs to (`GVT`, when
+    /// that version opened, and `GOP`, the operation that opened it): a new update that
+    /// changes no tracked column of the event before it opens no version, it updates the
+    /// version before it in place, as AUTO CDC's `TRACK HISTORY ON` does.
+    fn grouped(&self, events: &str) -> String {
         let over = self.over("e");
         let mut same = vec![format!(
             "e.{src} = 1 AND e.{op} <> 'D' AND LAG(e.{op}) {over} <> 'D'",
@@ -247,11 +252,28 @@ impl<'a> Shape<'a> {
                 .iter()
                 .map(|c| format!("e.{c} IS NOT DISTINCT FROM LAG(e.{c}) {over}", c = ident(c))),
         );
-        format!(
-            "SELECT * FROM (SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({events}) AS e) AS q WHERE q.{} = 0",
+        let flagged = format!(
+            "SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({events}) AS e",
             same.join(" AND "),
             ident(NOOP),
-            ident(NOOP)
+        );
+        // Explicit ROWS: events that tie on every order column (several changes of a key in
+        // one Firebolt file) still count one by one.
+        let numbered = format!(
+            "SELECT q.*, SUM(1 - q.{noop}) OVER (PARTITION BY {} ORDER BY {} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS {grp} FROM ({flagged}) AS q",
+            self.partition("q"),
+            self.event_order("q", false),
+            noop = ident(NOOP),
+            grp = ident(GROUP),
+        );
+        let version = format!("PARTITION BY {}, g.{}", self.partition("g"), ident(GROUP));
+        format!(
+            "SELECT g.*, MIN(g.{vt}) OVER ({version}) AS {gvt}, MAX(CASE WHEN g.{noop} = 0 THEN g.{op} END) OVER ({version}) AS {gop} FROM ({numbered}) AS g",
+            vt = ident(VT),
+            noop = ident(NOOP),
+            op = ident(OP),
+            gvt = ident(GROUP_VT),
+            gop = ident(GROUP_OP),
         )
     }
 
@@ -266,18 +288,18 @@ impl<'a> Shape<'a> {
         let over = self.over("e");
         let chain = format!(
             "SELECT e.*, LEAD(e.{vt}) {over} AS {nvt}, LEAD(e.{op}) {over} AS {nop} FROM ({}) AS e",
-            self.significant(&events),
+            self.grouped(&events),
             vt = ident(VT),
             op = ident(OP),
             nvt = ident(NEXT_VT),
             nop = ident(NEXT_OP),
         );
-        // One version per (key, time): of events at the same time, the last one's values.
+        // One version per (key, time): of its events, the last one's values.
         let versions = format!(
-            "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY {}, c.{vt} ORDER BY {}) AS {rank} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
+            "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY {}, c.{gvt} ORDER BY {}) AS {rank} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
             self.partition("c"),
             self.event_order("c", true),
-            vt = ident(VT),
+            gvt = ident(GROUP_VT),
             op = ident(OP),
             rank = ident(RANK),
         );
@@ -289,7 +311,7 @@ impl<'a> Shape<'a> {
                 format!(
                     "CASE WHEN s.{} = 'D' THEN 'D' ELSE s.{} END",
                     ident(NEXT_OP),
-                    ident(OP)
+                    ident(GROUP_OP)
                 ),
             ),
         ];
@@ -303,7 +325,7 @@ impl<'a> Shape<'a> {
         let mut insert_cols: Vec<String> = self.values.iter().map(|c| ident(c)).collect();
         let mut insert_vals: Vec<String> = insert_cols.iter().map(|c| format!("s.{c}")).collect();
         insert_cols.push(ident(VALID_FROM));
-        insert_vals.push(format!("s.{}", ident(VT)));
+        insert_vals.push(format!("s.{}", ident(GROUP_VT)));
         for (c, v) in &meta {
             insert_cols.push(ident(c));
             insert_vals.push(v.clone());
@@ -312,7 +334,7 @@ impl<'a> Shape<'a> {
             "MERGE INTO {target} AS t USING ({versions}) AS s ON {} AND t.{} = s.{} WHEN MATCHED THEN UPDATE SET {} WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
             self.on_key("t", "s"),
             ident(VALID_FROM),
-            ident(VT),
+            ident(GROUP_VT),
             updates.join(", "),
             insert_cols.join(", "),
             insert_vals.join(", ")
@@ -738,6 +760,71 @@ mod tests {
                 v(3, "c", EPOCH, Some("10:30:00.000000"), "D"),
                 v(4, "d", "10:30:00.000000", Some("11:00:00.000000"), "I"),
                 v(4, "d2", "11:00:00.000000", None, "U"),
+            ]
+        );
+    }
+
+    /// `ts` is not tracked: an update that changes only it opens no version but updates the
+    /// version before it in place.
+    #[test]
+    fn an_update_of_untracked_columns_only_updates_its_version_in_place() {
+        let conn = database();
+        let p = plan(None);
+        apply(
+            &conn,
+            &p,
+            &[(
+                "20261201-100000000.parquet",
+                &[
+                    ("I", 1, "a", "t1"),
+                    ("I", 2, "x", "s1"),
+                    ("U", 2, "x", "s2"),
+                ],
+            )],
+            false,
+        );
+        apply(
+            &conn,
+            &p,
+            &[(
+                "20261201-100100000.parquet",
+                &[("U", 1, "a", "t2"), ("U", 1, "b", "t3")],
+            )],
+            false,
+        );
+        let mut stmt = conn
+            .prepare("SELECT id, v, ts, strftime(__valid_from, '%H:%M:%S.%f'), __is_current, __op FROM t ORDER BY id, __valid_from")
+            .unwrap();
+        let rows: Vec<(i64, String, String, String, bool, String)> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let row = |id, v: &str, ts: &str, from: &str, current, op: &str| {
+            (
+                id,
+                v.to_string(),
+                ts.to_string(),
+                from.to_string(),
+                current,
+                op.to_string(),
+            )
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row(1, "a", "t2", "10:00:00.000000", false, "I"),
+                row(1, "b", "t3", "10:01:00.000001", true, "U"),
+                row(2, "x", "s2", "10:00:00.000001", true, "I"),
             ]
         );
     }
