@@ -257,6 +257,8 @@ fn valid_values(key: &str) -> Option<Vec<String>> {
         (_, "removed_column") => variants::<RemovedColumnPolicy>(),
         (_, "widening") => variants::<WideningPolicy>(),
         (_, "incompatible") => variants::<IncompatiblePolicy>(),
+        (_, "reload") => variants::<super::ReloadPolicy>(),
+        ("history.default", _) | (_, "history") => variants::<super::HistoryMode>(),
         _ => return None,
     })
 }

@@ -291,6 +291,7 @@ impl Config {
                     format!("`{other}` and `{name}` name the same table"),
                 ));
             }
+            self.validate_history(name, table)?;
             if let Some(key) = &table.key {
                 let columns = key.columns();
                 if columns.iter().any(|c| c.is_empty()) {
@@ -309,6 +310,37 @@ impl Config {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `history` and `track_history_columns` of one table: a history table needs a key,
+    /// and tracked columns mean something only for one.
+    fn validate_history(&self, name: &str, table: &super::TableConfig) -> Result<(), ConfigError> {
+        let history = self.history(name) == super::HistoryMode::Scd2;
+        if history && table.key.as_ref().is_some_and(|k| k.columns().is_empty()) {
+            return Err(ConfigError::at(
+                format!("tables.{name}.history"),
+                "a history table (\"scd2\") needs a key, and key = [] says it has none",
+            ));
+        }
+        let Some(tracked) = &table.track_history_columns else {
+            return Ok(());
+        };
+        let at = format!("tables.{name}.track_history_columns");
+        if !history {
+            return Err(ConfigError::at(
+                at,
+                "applies only to a history table: set history = \"scd2\" for it, or remove the setting",
+            ));
+        }
+        if tracked.is_empty() || tracked.iter().any(|c| c.is_empty()) {
+            return Err(ConfigError::at(
+                at,
+                "must name the columns whose change opens a version; leave it unset to track all but the key and the ordering column",
+            ));
         }
         Ok(())
     }
@@ -386,6 +418,25 @@ mod tests {
         let err = Config::from_toml(&format!("{}[worker]\nconcurrency = \"many\"\n", base()))
             .unwrap_err();
         assert!(err.to_string().contains("concurrency"), "{err}");
+    }
+
+    #[test]
+    fn history_settings_that_cannot_work_name_their_key() {
+        let with = |tables: &str| Config::from_toml(&format!("{}{tables}", base()));
+        let err = with("[tables.t]\nhistory = \"scd\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("scd2"),
+            "the choices are named: {err}"
+        );
+        let err = with("[tables.t]\nhistory = \"scd2\"\nkey = []\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tables.t.history"));
+        let err = with("[tables.t]\ntrack_history_columns = [\"v\"]\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tables.t.track_history_columns"));
+        let err = with("[tables.t]\nhistory = \"scd2\"\ntrack_history_columns = []\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tables.t.track_history_columns"));
+        let ok =
+            with("[history]\ndefault = \"scd2\"\n[tables.t]\ntrack_history_columns = [\"v\"]\n");
+        assert!(ok.is_ok(), "the default makes t a history table: {ok:?}");
     }
 
     #[test]
