@@ -568,3 +568,41 @@ async fn a_reload_of_a_history_table_closes_absent_keys_and_keeps_the_history() 
         expected.versions()
     );
 }
+
+/// A typo in `track_history_columns` would make every update open no version: the table
+/// waits instead, with a `table_held` alert naming the unknown column, and nothing loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tracked_column_the_files_lack_holds_the_table_with_an_alert() {
+    let env = Env::new("history-typo", |c| {
+        history_config(c, "customers", None);
+        c.tables.get_mut("customers").unwrap().track_history_columns = Some(vec!["vv".into()]);
+    })
+    .await;
+    let worker = env.start().await;
+    let mut s = HistoryStream::new(&env, "customers");
+    s.file("LOAD00000001.parquet", LOAD, &[vec![Some("1"), Some("a1")]])
+        .await;
+    let mut seen = Vec::new();
+    let started = std::time::Instant::now();
+    while !seen
+        .iter()
+        .any(|a: &cdc_worker::devkit::resources::ReceivedAlert| a.body["alert"] == "table_held")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no table_held alert: {seen:?}"
+        );
+        seen.extend(env.alerts().await);
+    }
+    let held = seen
+        .iter()
+        .find(|a| a.body["alert"] == "table_held")
+        .unwrap();
+    let message = held.body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("track_history_columns") && message.contains("vv"),
+        "{message}"
+    );
+    assert_eq!(worker.warehouse().row_count("customers").await.unwrap(), 0);
+    worker.shutdown().await;
+}
