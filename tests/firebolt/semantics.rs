@@ -590,3 +590,92 @@ fn the_full_load_fast_path_inserts_what_the_merge_would_and_refuses_a_repeated_k
     );
     assert!(blockers(&conn) > 0, "a repeated key");
 }
+
+/// A history table's MERGE as the Firebolt apply renders it (the staging table COPY fills,
+/// version times from the file names, no row position), on DuckDB. With an ordering
+/// column that is not a time (`AR_H_CHANGE_SEQ`), changes of a key in one file share the
+/// file's time: the last one by the column is that time's version.
+#[test]
+fn a_history_batch_writes_versions_at_the_times_of_its_files() {
+    let conn = Connection::open_in_memory().unwrap();
+    let mut columns = target_columns();
+    columns.extend([
+        Column::new("__valid_from", ColumnType::Timestamp),
+        Column::new("__valid_to", ColumnType::Timestamp),
+        Column::new("__is_current", ColumnType::Boolean),
+        Column::new("__op", ColumnType::String),
+    ]);
+    conn.execute_batch(&without_primary_index(&sql::create_table(
+        TARGET,
+        &columns,
+        &["id".into()],
+        true,
+    )))
+    .unwrap();
+    let (f1, f2) = (
+        "t/20261201-100000000.parquet",
+        "t/20261201-100100000.parquet",
+    );
+    let files = vec![file(f1, "0001"), file(f2, "0002")];
+    let p = ApplyPlan {
+        history: Some(cdc_worker::batch::History {
+            tracked: vec!["na\"me; --".into()],
+        }),
+        ..plan(keyed(), Some("seq"), &files)
+    };
+    stage(
+        &conn,
+        &p,
+        &[
+            (f1, "U", 1, "b", "0002"),
+            (f1, "U", 1, "a", "0001"),
+            (f1, "I", 2, "x", "0003"),
+            (f2, "D", 2, "x", "0004"),
+            (f2, "U", 1, "c", "0005"),
+        ],
+    );
+    let rows = sql::staged_rows(STAGE, &p, &p.files);
+    let statement = cdc_worker::warehouse::history::history_statement(
+        Dialect::Firebolt,
+        TARGET,
+        &p,
+        &rows,
+        &p.history.as_ref().unwrap().tracked,
+    );
+    conn.execute_batch(&statement).unwrap();
+    let mut stmt = conn
+        .prepare(&format!("SELECT id, \"na\"\"me; --\", strftime(__valid_from, '%H:%M'), strftime(__valid_to, '%H:%M'), __is_current, __op FROM {TARGET} ORDER BY id, __valid_from"))
+        .unwrap();
+    let versions: Vec<(i64, String, String, Option<String>, bool, String)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let v = |id, name: &str, from: &str, to: Option<&str>, op: &str| {
+        (
+            id,
+            name.to_string(),
+            from.to_string(),
+            to.map(str::to_string),
+            to.is_none(),
+            op.to_string(),
+        )
+    };
+    assert_eq!(
+        versions,
+        vec![
+            v(1, "b", "10:00", Some("10:01"), "U"),
+            v(1, "c", "10:01", None, "U"),
+            v(2, "x", "10:00", Some("10:01"), "D"),
+        ]
+    );
+}
