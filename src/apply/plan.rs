@@ -209,8 +209,7 @@ fn history_mismatch(input: &PlanInput<'_>) -> Option<String> {
         }
     }
     let target = input.target?;
-    let is_history = has(&target.columns, VALID_FROM) && has(&target.columns, IS_CURRENT);
-    match (input.history, is_history) {
+    match (input.history, target.is_history()) {
         (true, false) => Some("history = \"scd2\" but the table exists without history columns: keep history = \"latest\", or start a new history table (docs/history.md)".into()),
         (false, true) => Some("the table is a history table but its history setting is \"latest\": set history = \"scd2\" for it, or start a new table (docs/history.md)".into()),
         _ => None,

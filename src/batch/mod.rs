@@ -346,6 +346,15 @@ pub fn tracked_columns(
         .collect()
 }
 
+impl TargetTable {
+    /// Whether this is a history table (`history = "scd2"`): it has the history columns.
+    pub fn is_history(&self) -> bool {
+        [VALID_FROM, IS_CURRENT]
+            .iter()
+            .all(|h| self.columns.iter().any(|c| c.name.eq_ignore_ascii_case(h)))
+    }
+}
+
 /// How a history table's versions are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct History {

@@ -705,6 +705,14 @@ impl Config {
             .unwrap_or(self.dms.reload)
     }
 
+    /// Whether `table` keeps every version of a key, given whether it has a key: its own
+    /// setting, else the default, which a table without a key does not follow (its rows
+    /// are appended, every one kept already); its own setting it does, and waits for a key.
+    pub fn keeps_history(&self, table: &str, keyed: bool) -> bool {
+        let own = self.tables.get(table).and_then(|t| t.history);
+        own.unwrap_or(self.history.default) == HistoryMode::Scd2 && (keyed || own.is_some())
+    }
+
     /// Whether `table` keeps every version of its keys: its own setting, else the default.
     pub fn history(&self, table: &str) -> HistoryMode {
         self.tables
@@ -725,6 +733,34 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_default_applies_to_keyed_tables_and_a_table_s_own_setting_always() {
+        let mut c = Config::default();
+        assert!(!c.keeps_history("t", true), "latest by default");
+        c.history.default = HistoryMode::Scd2;
+        assert!(c.keeps_history("t", true));
+        assert!(!c.keeps_history("t", false), "a keyless table is appended");
+        c.tables.insert(
+            "k".into(),
+            TableConfig {
+                history: Some(HistoryMode::Scd2),
+                ..Default::default()
+            },
+        );
+        assert!(
+            c.keeps_history("k", false),
+            "its own setting: it waits for a key"
+        );
+        c.tables.insert(
+            "l".into(),
+            TableConfig {
+                history: Some(HistoryMode::Latest),
+                ..Default::default()
+            },
+        );
+        assert!(!c.keeps_history("l", true));
+    }
 
     #[test]
     fn parallel_batches_follow_the_warehouse_unless_set() {

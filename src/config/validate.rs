@@ -320,7 +320,8 @@ impl Config {
     /// and tracked columns mean something only for one.
     fn validate_history(&self, name: &str, table: &super::TableConfig) -> Result<(), ConfigError> {
         let history = self.history(name) == super::HistoryMode::Scd2;
-        if history && table.key.as_ref().is_some_and(|k| k.columns().is_empty()) {
+        let own = table.history == Some(super::HistoryMode::Scd2);
+        if own && table.key.as_ref().is_some_and(|k| k.columns().is_empty()) {
             return Err(ConfigError::at(
                 format!("tables.{name}.history"),
                 "a history table (\"scd2\") needs a key, and key = [] says it has none",
@@ -437,6 +438,11 @@ mod tests {
         let ok =
             with("[history]\ndefault = \"scd2\"\n[tables.t]\ntrack_history_columns = [\"v\"]\n");
         assert!(ok.is_ok(), "the default makes t a history table: {ok:?}");
+        let ok = with("[history]\ndefault = \"scd2\"\n[tables.events]\nkey = []\n");
+        assert!(
+            ok.is_ok(),
+            "a keyless table does not follow the default: {ok:?}"
+        );
     }
 
     #[test]

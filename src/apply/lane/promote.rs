@@ -14,7 +14,7 @@ use crate::apply::failure::ApplyError;
 use crate::batch::{
     HISTORY_COLUMNS, HistoryReload, LedgerRecord, is_change_order_key, split_order_key,
 };
-use crate::config::{HistoryMode, ReloadPolicy};
+use crate::config::ReloadPolicy;
 use crate::dms::{KeyClass, classify_key};
 use crate::schema::store::{GuardedBy, TableStatus};
 use crate::storage::bare_etag;
@@ -315,7 +315,10 @@ impl Lane {
     async fn promote(&mut self, b: &Building, accepted: bool) -> Result<(), ApplyError> {
         let warehouse = self.ctx.warehouse.clone();
         let counting = ApplyError::warehouse("counting the rows of a reload");
-        let before = match warehouse.describe(&self.table).await.map_err(counting)? {
+        let live = warehouse.describe(&self.table).await.map_err(counting)?;
+        // A history table keeps its versions: the reload closes some, removes none.
+        let history = live.as_ref().is_some_and(|t| t.is_history());
+        let before = match live {
             Some(_) => {
                 let counting = ApplyError::warehouse("counting the rows of a reload");
                 warehouse.row_count(&self.table).await.map_err(counting)?
@@ -327,8 +330,6 @@ impl Lane {
             .await
             .map_err(ApplyError::warehouse("counting the rows of a reload"))?;
         let removed = before.saturating_sub(after);
-        // A history table keeps its versions: the reload closes some, removes none.
-        let history = self.ctx.config.history(&self.table) == HistoryMode::Scd2;
         if !accepted
             && !history
             && let Some(guard) = self.ctx.config.guard.delete_guard()
@@ -376,7 +377,7 @@ impl Lane {
         metrics::counter!("cdc_worker_reloads_total", "table" => self.table.clone(), "outcome" => "promoted")
             .increment(1);
         tracing::warn!(table = %self.table, generation = b.generation, rows_before = before, rows_after = after, gone = b.gone.len(), "DMS reload applied: the table was replaced by its new generation");
-        self.alert_reloaded(b, before, after).await;
+        self.alert_reloaded(b, before, after, history).await;
         if accepted {
             self.clear_release(|r| r.reload = None).await;
         }
@@ -446,8 +447,8 @@ impl Lane {
         })
     }
 
-    async fn alert_reloaded(&mut self, b: &Building, before: u64, after: u64) {
-        let mut message = if self.ctx.config.history(&self.table) == HistoryMode::Scd2 {
+    async fn alert_reloaded(&mut self, b: &Building, before: u64, after: u64, history: bool) {
+        let mut message = if history {
             format!(
                 "DMS reloaded the table: generation {} ({after} versions, {} files applied to it by this worker) was merged into its history ({before} versions before): keys the new full load lacks were closed, changed keys got a version",
                 b.generation, b.files

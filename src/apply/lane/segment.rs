@@ -367,7 +367,10 @@ impl Lane {
             resolutions: &resolutions,
             key: &key.columns,
             column_name: &column_name,
-            history: self.ctx.config.history(&self.table) == HistoryMode::Scd2,
+            history: self
+                .ctx
+                .config
+                .keeps_history(&self.table, !key.columns.is_empty()),
         });
         if let (Some(live), Decision::Apply { ddl, .. }) = (create_like_live, &mut decision) {
             ddl.insert(
