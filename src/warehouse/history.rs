@@ -36,11 +36,17 @@ const NOOP: &str = "__cdc_noop";
 const GROUP: &str = "__cdc_version";
 const GROUP_VT: &str = "__cdc_version_at";
 const GROUP_OP: &str = "__cdc_version_op";
+const SEQ: &str = "__cdc_seq";
+const VERSION_END: &str = "__cdc_version_end";
+const VERSION_END_OP: &str = "__cdc_version_end_op";
 const RANK: &str = "__cdc_rank";
 
 /// The version time of rows of full-load files when no ordering column says better: a full
 /// load does not say when each row last changed, so its rows are valid from the start.
 pub const FULL_LOAD_TIME: &str = "1970-01-01 00:00:00";
+
+/// The largest row offset added to a change file's time.
+const MAX_ROW_OFFSET_MICROS: u32 = 999;
 
 /// `TIMESTAMP '...'` of the time DMS wrote each change file of the segment, by its position
 /// (NULL for full-load files).
@@ -77,13 +83,17 @@ fn time_ordering(plan: &ApplyPlan) -> Option<&str> {
 }
 
 /// A staged row's version time (alias `s`): the ordering column as a timestamp where it is
-/// one, else the time DMS wrote its file plus its row position in microseconds (DuckDB
-/// only: Firebolt cannot see a row's position in its file), else [`FULL_LOAD_TIME`].
+/// one, else the time DMS wrote its file plus its row position in microseconds, up to
+/// [`MAX_ROW_OFFSET_MICROS`] (DuckDB only: Firebolt cannot see a row's position in its
+/// file), else [`FULL_LOAD_TIME`].
 fn version_time(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
     let mut from_file = file_time(plan, &format!("s.{}", ident(FILE_ORDINAL_COLUMN)));
+    // At most 999 µs: file names have millisecond resolution, so a file's rows never reach
+    // the time of the next file (later rows of a file share its last microsecond, and keep
+    // their order by row position).
     if d == Dialect::Duckdb && rows.row_ordinal.is_some() {
         from_file = format!(
-            "{from_file} + to_microseconds(CAST(s.{} AS BIGINT))",
+            "{from_file} + to_microseconds(LEAST(CAST(s.{} AS BIGINT), {MAX_ROW_OFFSET_MICROS}))",
             ident(ROW_ORDINAL_COLUMN)
         );
     }
@@ -148,31 +158,33 @@ impl<'a> Shape<'a> {
             .join(", ")
     }
 
-    /// The events' order in a key's history: version time, then the ordering column, then
-    /// existing versions before new events, then file and row position.
-    fn event_order(&self, alias: &str, descending: bool) -> String {
-        let dir = if descending { " DESC" } else { "" };
-        let nulls = if descending {
-            " NULLS LAST"
-        } else {
-            " NULLS FIRST"
-        };
-        [VT, ORD, SRC, FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN]
+    /// The events of each key numbered once in their order (`SEQ`): version time, then the
+    /// ordering column, then existing versions before new events, then file and row
+    /// position. Every later window orders by that number alone, so events that tie on all
+    /// of these (changes of a key in one Firebolt file, which has no row position) are in
+    /// the same order in each window.
+    fn sequenced(&self, events: &str) -> String {
+        let order: Vec<String> = [VT, ORD, SRC, FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN]
             .iter()
             .filter(|c| self.ord.is_some() || **c != ORD)
             .map(|c| {
-                let n = if *c == ORD { nulls } else { "" };
-                format!("{alias}.{}{dir}{n}", ident(c))
+                let nulls = if *c == ORD { " NULLS FIRST" } else { "" };
+                format!("e.{}{nulls}", ident(c))
             })
-            .collect::<Vec<_>>()
-            .join(", ")
+            .collect();
+        format!(
+            "SELECT e.*, ROW_NUMBER() OVER (PARTITION BY {} ORDER BY {}) AS {} FROM ({events}) AS e",
+            self.partition("e"),
+            order.join(", "),
+            ident(SEQ)
+        )
     }
 
     fn over(&self, alias: &str) -> String {
         format!(
-            "OVER (PARTITION BY {} ORDER BY {})",
+            "OVER (PARTITION BY {} ORDER BY {alias}.{})",
             self.partition(alias),
-            self.event_order(alias, false)
+            ident(SEQ)
         )
     }
 
@@ -253,16 +265,15 @@ impl<'a> Shape<'a> {
                 .map(|c| format!("e.{c} IS NOT DISTINCT FROM LAG(e.{c}) {over}", c = ident(c))),
         );
         let flagged = format!(
-            "SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({events}) AS e",
+            "SELECT e.*, CASE WHEN {} THEN 1 ELSE 0 END AS {} FROM ({}) AS e",
             same.join(" AND "),
             ident(NOOP),
+            self.sequenced(events),
         );
-        // Explicit ROWS: events that tie on every order column (several changes of a key in
-        // one Firebolt file) still count one by one.
         let numbered = format!(
-            "SELECT q.*, SUM(1 - q.{noop}) OVER (PARTITION BY {} ORDER BY {} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS {grp} FROM ({flagged}) AS q",
+            "SELECT q.*, SUM(1 - q.{noop}) OVER (PARTITION BY {} ORDER BY q.{seq} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS {grp} FROM ({flagged}) AS q",
             self.partition("q"),
-            self.event_order("q", false),
+            seq = ident(SEQ),
             noop = ident(NOOP),
             grp = ident(GROUP),
         );
@@ -294,23 +305,37 @@ impl<'a> Shape<'a> {
             nvt = ident(NEXT_VT),
             nop = ident(NEXT_OP),
         );
-        // One version per (key, time): of its events, the last one's values.
-        let versions = format!(
-            "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY {}, c.{gvt} ORDER BY {}) AS {rank} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
+        // One version per (key, time). Its values: its newest event by the ordering column
+        // (a late update of untracked columns does not undo a newer one), else its last;
+        // its end: where the event after its last one begins.
+        let version = format!(
+            "PARTITION BY {}, c.{}",
             self.partition("c"),
-            self.event_order("c", true),
-            gvt = ident(GROUP_VT),
+            ident(GROUP_VT)
+        );
+        let newest = match &self.ord {
+            Some(_) => format!("c.{} DESC NULLS LAST, ", ident(ORD)),
+            None => String::new(),
+        };
+        let last = format!("ORDER BY c.{} DESC", ident(SEQ));
+        let versions = format!(
+            "SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER ({version} ORDER BY {newest}c.{seq} DESC) AS {rank}, FIRST_VALUE(c.{nvt}) OVER ({version} {last}) AS {vnvt}, FIRST_VALUE(c.{nop}) OVER ({version} {last}) AS {vnop} FROM ({chain}) AS c WHERE c.{op} <> 'D') AS v WHERE v.{rank} = 1",
+            seq = ident(SEQ),
+            nvt = ident(NEXT_VT),
+            nop = ident(NEXT_OP),
+            vnvt = ident(VERSION_END),
+            vnop = ident(VERSION_END_OP),
             op = ident(OP),
             rank = ident(RANK),
         );
         let meta = [
-            (VALID_TO, format!("s.{}", ident(NEXT_VT))),
-            (IS_CURRENT, format!("s.{} IS NULL", ident(NEXT_VT))),
+            (VALID_TO, format!("s.{}", ident(VERSION_END))),
+            (IS_CURRENT, format!("s.{} IS NULL", ident(VERSION_END))),
             (
                 HISTORY_OP,
                 format!(
                     "CASE WHEN s.{} = 'D' THEN 'D' ELSE s.{} END",
-                    ident(NEXT_OP),
+                    ident(VERSION_END_OP),
                     ident(GROUP_OP)
                 ),
             ),
@@ -416,8 +441,13 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
     let opened_row = format!("CASE WHEN {full_load} THEN -3 ELSE -1 END");
     let generation =
         shape.version_events(&format!("SELECT * FROM {next}"), 1, &opened, &opened_row);
+    // In the new full load: a version from before the reload started (a full-load row's
+    // time is `FULL_LOAD_TIME`, or the ordering column's, before it). A key only inserted
+    // after it was absent from the load, and is closed in between. A live version that
+    // began after the reload's time is closed when it began.
+    let closed_at = format!("CASE WHEN x.{from} > {at} THEN x.{from} ELSE {at} END");
     let absent = format!(
-        "SELECT {}, {at} AS {}, 'D' AS {}{}, 1 AS {}, -1 AS {}, -1 AS {} FROM {target} AS x LEFT JOIN (SELECT DISTINCT {} FROM {next} AS g) AS k ON {} WHERE x.{} AND k.{} IS NULL",
+        "SELECT {}, {closed_at} AS {}, 'D' AS {}{}, 1 AS {}, -1 AS {}, -1 AS {} FROM {target} AS x LEFT JOIN (SELECT DISTINCT {} FROM {next} AS g WHERE g.{from} <= TIMESTAMP {}) AS k ON {} WHERE x.{} AND k.{} IS NULL",
         shape.values_of("x"),
         ident(VT),
         ident(OP),
@@ -426,6 +456,7 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
         ident(FILE_ORDINAL_COLUMN),
         ident(ROW_ORDINAL_COLUMN),
         shape.partition("g"),
+        literal(&reload.at),
         shape.on_key("x", "k"),
         ident(IS_CURRENT),
         ident(shape.key[0]),
@@ -739,7 +770,11 @@ mod tests {
             "LOAD00000001.parquet",
             &[("I", 1, "a2", ""), ("I", 2, "b2", ""), ("I", 4, "d", "")],
         )]);
-        into_g(&[("20261201-110000000.parquet", &[("U", 4, "d2", "")])]);
+        // 3 is not in the new full load but inserted again after it.
+        into_g(&[(
+            "20261201-110000000.parquet",
+            &[("U", 4, "d2", ""), ("I", 3, "c", "")],
+        )]);
         let reload = HistoryReload {
             key: vec!["id".into()],
             columns: vec!["id".into(), "v".into(), "ts".into()],
@@ -758,6 +793,7 @@ mod tests {
                 v(2, "b", EPOCH, Some("10:30:00.000000"), "I"),
                 v(2, "b2", "10:30:00.000000", None, "I"),
                 v(3, "c", EPOCH, Some("10:30:00.000000"), "D"),
+                v(3, "c", "11:00:00.000001", None, "I"),
                 v(4, "d", "10:30:00.000000", Some("11:00:00.000000"), "I"),
                 v(4, "d2", "11:00:00.000000", None, "U"),
             ]
@@ -827,5 +863,74 @@ mod tests {
                 row(2, "x", "s2", "10:00:00.000001", true, "I"),
             ]
         );
+    }
+
+    /// Changes of a key that tie on every order column (one Firebolt file, one commit time)
+    /// are ordered once for all windows: the key keeps exactly one current version.
+    #[test]
+    fn changes_that_tie_in_a_firebolt_file_leave_one_current_version() {
+        for _ in 0..5 {
+            let conn = database();
+            let p = plan(Some("ts"));
+            let t = |hm: &str| format!("2026-12-01 {hm}:00.000000");
+            let (t0, t5) = (t("10:00"), t("10:05"));
+            let first: &[(&str, i64, &str, &str)] = &[("I", 1, "x", &t0)];
+            apply(&conn, &p, &[("20261201-100000000.parquet", first)], true);
+            let tied: &[(&str, i64, &str, &str)] = &[("U", 1, "a", &t5), ("U", 1, "b", &t5)];
+            apply(&conn, &p, &[("20261201-100500000.parquet", tied)], true);
+            let current: Vec<Version> = versions(&conn).into_iter().filter(|v| v.4).collect();
+            assert_eq!(current.len(), 1, "{:?}", versions(&conn));
+            assert_eq!(current[0].2, "10:05:00.000000");
+        }
+    }
+
+    /// A file's row offsets stop short of the next file's time (names have millisecond
+    /// resolution), so the next file's change stays the later one.
+    #[test]
+    fn row_offsets_never_reach_the_next_file() {
+        let conn = database();
+        let p = plan(None);
+        let mut big: Vec<(&str, i64, &str, &str)> =
+            (0..1499).map(|n| ("I", 100 + n, "o", "")).collect();
+        big.push(("U", 1, "old", ""));
+        let next: &[(&str, i64, &str, &str)] = &[("U", 1, "new", "")];
+        apply(
+            &conn,
+            &p,
+            &[
+                ("20261201-100000000.parquet", &big),
+                ("20261201-100000001.parquet", next),
+            ],
+            false,
+        );
+        let one: Vec<Version> = versions(&conn).into_iter().filter(|v| v.0 == 1).collect();
+        assert_eq!(
+            one,
+            vec![
+                v(1, "old", "10:00:00.000999", Some("10:00:00.001000"), "U"),
+                v(1, "new", "10:00:00.001000", None, "U"),
+            ]
+        );
+    }
+
+    /// A late update of untracked columns only does not undo a newer one.
+    #[test]
+    fn a_late_untracked_update_keeps_the_newer_values() {
+        let conn = database();
+        let p = plan(Some("ts"));
+        let t = |hm: &str| format!("2026-12-01 {hm}:00.000000");
+        let (t0, t2, t4) = (t("10:00"), t("10:02"), t("10:04"));
+        let on_time: &[(&str, i64, &str, &str)] = &[("I", 1, "x", &t0), ("U", 1, "x", &t4)];
+        apply(&conn, &p, &[("20261201-100500000.parquet", on_time)], false);
+        let late: &[(&str, i64, &str, &str)] = &[("U", 1, "x", &t2)];
+        apply(&conn, &p, &[("20261201-100300000.parquet", late)], false);
+        let ts: Vec<String> = conn
+            .prepare("SELECT ts FROM t")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ts, vec![t4], "one version, with the newest ts");
     }
 }

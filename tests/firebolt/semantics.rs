@@ -262,9 +262,8 @@ fn an_ordering_column_decides_inside_a_file_and_late_files_never_rewind() {
     );
     let counts = apply(&conn, &p);
     assert_eq!(
-        counts.len(),
-        5,
-        "no ambiguity count with an ordering column (but the deletes' count)"
+        counts[4], 0,
+        "with an ordering column only changes with the same value are ambiguous"
     );
     assert_eq!(target_rows(&conn), vec![(1, "newest".into(), "05".into())]);
 
@@ -678,4 +677,25 @@ fn a_history_batch_writes_versions_at_the_times_of_its_files() {
             v(2, "x", "10:00", Some("10:01"), "D"),
         ]
     );
+}
+
+/// With an ordering column, changes of a key in one file that share its value cannot be
+/// ordered on Firebolt either: the check counts them.
+#[test]
+fn ties_of_the_ordering_column_in_one_file_are_counted_as_ambiguous() {
+    let conn = setup();
+    let files = vec![file("t/1.parquet", "0001")];
+    let p = plan(keyed(), Some("seq"), &files);
+    stage(
+        &conn,
+        &p,
+        &[
+            ("t/1.parquet", "U", 1, "a", "05"),
+            ("t/1.parquet", "U", 1, "b", "05"),
+            ("t/1.parquet", "U", 2, "c", "05"),
+            ("t/1.parquet", "U", 2, "d", "06"),
+        ],
+    );
+    let counts = apply(&conn, &p);
+    assert_eq!(counts[4], 1, "key 1 ties, key 2 is ordered: {counts:?}");
 }

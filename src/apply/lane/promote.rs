@@ -400,10 +400,25 @@ impl Lane {
             .await?
             .ok_or_else(|| missing(&b.table))?;
         let is_history = |name: &str| HISTORY_COLUMNS.iter().any(|h| h.eq_ignore_ascii_case(name));
+        // The source's columns as the new full load has them: the generation was created
+        // with the live table's, so a column the source removed is there too, all NULL, and
+        // would make every key a change.
+        let source: Option<Vec<String>> = self.cache.stored.as_ref().map(|s| {
+            s.current
+                .columns
+                .iter()
+                .map(|c| warehouse.column_name(&c.name))
+                .collect()
+        });
+        let in_source = |name: &str| {
+            source
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|c| c.eq_ignore_ascii_case(name)))
+        };
         let generation: Vec<_> = next
             .columns
             .iter()
-            .filter(|c| !is_history(&c.name))
+            .filter(|c| !is_history(&c.name) && in_source(&c.name))
             .collect();
         let has = |name: &str| {
             live.columns

@@ -626,14 +626,24 @@ impl Lane {
             1 => "1 key".to_string(),
             n => format!("{n} keys"),
         };
+        let ordered = self.ctx.config.ordering_column(&self.table).is_some();
+        let why = if ordered {
+            "with the same ordering value"
+        } else {
+            "and no ordering column decides which change is last"
+        };
         let reason = format!(
-            "{keys} changed more than once inside one file and no ordering column decides which change is last; the result for those keys may not be the latest change"
+            "{keys} changed more than once inside one file {why}; the result for those keys may not be the latest change"
         );
         tracing::warn!(table = %self.table, ambiguous_keys = stats.ambiguous_keys, "{reason}");
         // A table without an ordering column stays that way: one alert per table and process.
         let cause = format!("{}/{}", AlertKind::AmbiguousOrder.as_str(), self.table);
         if self.ctx.first_time(cause) {
-            let steps = "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column.";
+            let steps = if ordered {
+                "The ordering column ties for these changes (TimestampColumnName is the commit time, shared by a transaction's changes): add an AR_H_CHANGE_SEQ column, unique per change, and order by it."
+            } else {
+                "Enable a DMS TimestampColumnName or an AR_H_CHANGE_SEQ column and set dms.ordering_column."
+            };
             self.alert_file(
                 AlertKind::AmbiguousOrder,
                 Severity::Warning,

@@ -202,7 +202,7 @@ async fn stage_and_check(
         stats.ambiguous_keys = at(col)?;
         if stats.ambiguous_keys > 0 {
             tracing::warn!(table = %plan.table, batch_id = %plan.batch_id, keys = stats.ambiguous_keys,
-                "keys changed more than once inside one file and no ordering column decides: Firebolt cannot see row order");
+                "keys changed more than once inside one file and neither an ordering column nor its values decide: Firebolt cannot see row order");
         }
     }
     for (column, col) in &layout.cast_failures {
