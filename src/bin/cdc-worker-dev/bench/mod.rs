@@ -7,7 +7,8 @@
 //! - a CDC backlog (`batched`), with the same files one at a time (`per-file`, a
 //!   one-file-per-invocation Lambda) and arriving at a steady rate (`steady`);
 //! - a full load of large tables plus a little CDC (`full-load`);
-//! - one 1 GiB LOAD file under `warehouse.duckdb.memory_limit` (`big-load`).
+//! - one 1 GiB LOAD file under `warehouse.duckdb.memory_limit` (`big-load`);
+//! - the CDC backlog into history tables (`history = "scd2"`, `history`, on request).
 //!
 //! `floor` and `dlt` run the peers on the CDC backlog and, with `full-load`, on the full
 //! load. The steady run also prints where its files' time went: the p50 and p99 of each
@@ -79,7 +80,8 @@ pub struct BenchArgs {
     /// Runs of each peer; the least of each figure is reported.
     #[arg(long, default_value_t = 3)]
     pub peer_runs: usize,
-    /// Phases: batched, per-file, steady, floor, dlt, full-load, big-load.
+    /// Phases: batched, per-file, steady, floor, dlt, full-load, big-load, and history (the
+    /// batched run into history tables; not in the default set).
     #[arg(
         long,
         value_delimiter = ',',
@@ -133,6 +135,7 @@ impl BenchArgs {
             linger: "1s",
             rate: None,
             memory_limit: None,
+            history: false,
         }
     }
 }
@@ -259,6 +262,22 @@ async fn cdc_backlog(args: &BenchArgs, tools: &Tools, work: &Path) -> anyhow::Re
             verifier.check(|t| format!("batched.main.{}", cdc_worker::warehouse::sql::ident(t)));
         report::worker("batched", &m, &verdict);
         figures.worker = Some((m, verdict));
+    }
+    if args.wants("history") {
+        let phase = Phase {
+            history: true,
+            ..args.phase("history")
+        };
+        let m = worker_run::run(&args.endpoint, &tools.worker, &phase, &w.files, work).await?;
+        verifier.attach(&m.db, "history")?;
+        // Its current versions must be the source's rows.
+        let verdict = verifier.check(|t| {
+            format!(
+                "(SELECT * FROM history.main.{} WHERE __is_current)",
+                cdc_worker::warehouse::sql::ident(t)
+            )
+        });
+        report::worker("history", &m, &verdict);
     }
     if args.wants("per-file") {
         let subset = &w.files[..args.per_file_files.min(w.files.len())];

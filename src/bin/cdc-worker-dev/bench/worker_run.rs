@@ -34,6 +34,8 @@ pub struct Phase<'a> {
     pub rate: Option<f64>,
     /// `warehouse.duckdb.memory_limit`, when set.
     pub memory_limit: Option<&'a str>,
+    /// `history.default = "scd2"`: every table keeps its versions.
+    pub history: bool,
 }
 
 /// What one worker run measured.
@@ -128,6 +130,11 @@ fn config_text(
         .memory_limit
         .map(|l| format!("memory_limit = \"{l}\"\n"))
         .unwrap_or_default();
+    let history = if phase.history {
+        "[history]\ndefault = \"scd2\"\n"
+    } else {
+        ""
+    };
     format!(
         r#"[aws]
 region = "us-east-1"
@@ -147,7 +154,7 @@ max_files = {max_files}
 linger = "{linger}"
 [warehouse.duckdb]
 path = "{db}"
-{memory_limit}[telemetry]
+{memory_limit}{history}[telemetry]
 log_format = "json"
 log_level = "info,aws=warn"
 listen = "127.0.0.1:{port}"
