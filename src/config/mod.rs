@@ -714,7 +714,7 @@ impl Config {
     }
 
     /// Whether `table` keeps every version of its keys: its own setting, else the default.
-    pub fn history(&self, table: &str) -> HistoryMode {
+    pub fn history_setting(&self, table: &str) -> HistoryMode {
         self.tables
             .get(table)
             .and_then(|t| t.history)

@@ -319,7 +319,7 @@ impl Config {
     /// `history` and `track_history_columns` of one table: a history table needs a key,
     /// and tracked columns mean something only for one.
     fn validate_history(&self, name: &str, table: &super::TableConfig) -> Result<(), ConfigError> {
-        let history = self.history(name) == super::HistoryMode::Scd2;
+        let history = self.history_setting(name) == super::HistoryMode::Scd2;
         let own = table.history == Some(super::HistoryMode::Scd2);
         if own && table.key.as_ref().is_some_and(|k| k.columns().is_empty()) {
             return Err(ConfigError::at(

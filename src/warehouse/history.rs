@@ -37,6 +37,8 @@ const GROUP: &str = "__cdc_version";
 const GROUP_VT: &str = "__cdc_version_at";
 const GROUP_OP: &str = "__cdc_version_op";
 const SEQ: &str = "__cdc_seq";
+/// 1 for a key of a reload's generation with a full-load version, else 0.
+const LOADED: &str = "__cdc_loaded";
 const VERSION_END: &str = "__cdc_version_end";
 const VERSION_END_OP: &str = "__cdc_version_end_op";
 const RANK: &str = "__cdc_rank";
@@ -101,13 +103,32 @@ fn version_time(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
         "COALESCE({from_file}, TIMESTAMP {})",
         literal(FULL_LOAD_TIME)
     );
-    match time_ordering(plan) {
+    let time = match time_ordering(plan) {
         Some(ord) => format!(
             "COALESCE(TRY_CAST(s.{} AS TIMESTAMP), {fallback})",
             ident(ord)
         ),
         None => fallback,
+    };
+    // A reload's generation times its full-load rows at FULL_LOAD_TIME whatever the
+    // ordering column says (DMS's transfer time, later for each load file): that is how
+    // `reload_statement` tells the keys of the new full load, and times them itself.
+    let loads: Vec<String> = plan
+        .files
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.full_load)
+        .map(|(i, _)| i.to_string())
+        .collect();
+    if plan.into.is_none() || loads.is_empty() {
+        return time;
     }
+    format!(
+        "CASE WHEN s.{} IN ({}) THEN TIMESTAMP {} ELSE {time} END",
+        ident(FILE_ORDINAL_COLUMN),
+        loads.join(", "),
+        literal(FULL_LOAD_TIME)
+    )
 }
 
 /// The ordering column as (target name, source name), when the plan loads it as it is.
@@ -441,13 +462,16 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
     let opened_row = format!("CASE WHEN {full_load} THEN -3 ELSE -1 END");
     let generation =
         shape.version_events(&format!("SELECT * FROM {next}"), 1, &opened, &opened_row);
-    // In the new full load: a version from before the reload started (a full-load row's
-    // time is `FULL_LOAD_TIME`, or the ordering column's, before it). A key only inserted
-    // after it was absent from the load, and is closed in between. A live version that
-    // began after the reload's time is closed when it began.
-    let closed_at = format!("CASE WHEN x.{from} > {at} THEN x.{from} ELSE {at} END");
+    // A key of the live table absent from the new full load (no version of the generation
+    // at FULL_LOAD_TIME) is closed at the reload's time, or before the generation's first
+    // change of it if that is earlier (a change DMS cached during the load), and never
+    // before its current version began. Row -4: before a generation event at that time.
+    let first = format!("k.{}", ident(VT));
+    let closed_at = format!(
+        "CASE WHEN x.{from} > {at} THEN x.{from} WHEN {first} IS NOT NULL AND {first} < {at} AND {first} >= x.{from} THEN {first} ELSE {at} END"
+    );
     let absent = format!(
-        "SELECT {}, {closed_at} AS {}, 'D' AS {}{}, 1 AS {}, -1 AS {}, -1 AS {} FROM {target} AS x LEFT JOIN (SELECT DISTINCT {} FROM {next} AS g WHERE g.{from} <= TIMESTAMP {}) AS k ON {} WHERE x.{} AND k.{} IS NULL",
+        "SELECT {}, {closed_at} AS {}, 'D' AS {}{}, 1 AS {}, -1 AS {}, -4 AS {} FROM {target} AS x LEFT JOIN (SELECT {p}, MIN(g.{from}) AS {vt}, MAX(CASE WHEN g.{from} = {start} THEN 1 ELSE 0 END) AS {loaded} FROM {next} AS g GROUP BY {p}) AS k ON {} WHERE x.{} AND (k.{} IS NULL OR k.{loaded} = 0)",
         shape.values_of("x"),
         ident(VT),
         ident(OP),
@@ -455,11 +479,12 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
         ident(SRC),
         ident(FILE_ORDINAL_COLUMN),
         ident(ROW_ORDINAL_COLUMN),
-        shape.partition("g"),
-        literal(&reload.at),
         shape.on_key("x", "k"),
         ident(IS_CURRENT),
         ident(shape.key[0]),
+        p = shape.partition("g"),
+        vt = ident(VT),
+        loaded = ident(LOADED),
     );
     shape.merge(target, &format!("{generation} UNION ALL {absent}"))
 }
@@ -932,5 +957,64 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(ts, vec![t4], "one version, with the newest ts");
+    }
+
+    /// With a time ordering column, a generation's full-load rows carry DMS's transfer
+    /// times, later for each load file: the generation times them at FULL_LOAD_TIME, so the
+    /// keys of the new full load are told by that, not by their times.
+    #[test]
+    fn a_reload_with_a_time_ordering_column_tells_its_full_load_keys_by_their_files() {
+        let conn = database();
+        conn.execute_batch("CREATE TABLE g AS SELECT * FROM t")
+            .unwrap();
+        let p = plan(Some("ts"));
+        let t = |hm: &str| format!("2026-12-01 {hm}:00.000000");
+        let load: &[(&str, i64, &str, &str)] = &[
+            ("I", 1, "a", &t("09:00")),
+            ("I", 2, "b", &t("09:00")),
+            ("I", 4, "d", &t("09:00")),
+        ];
+        apply(&conn, &p, &[("LOAD00000001.parquet", load)], false);
+        let generation = ApplyPlan {
+            table: "g".into(),
+            into: Some("g".into()),
+            ..p.clone()
+        };
+        let (t10_20, t10_40) = (t("10:20"), t("10:40"));
+        // 1 as it is, in the second load file (transferred after the reload's time); 2 and 4
+        // gone from the load; 4 and 3 inserted by changes DMS cached during it.
+        let second: &[(&str, i64, &str, &str)] = &[("I", 1, "a", &t10_40)];
+        let cached: &[(&str, i64, &str, &str)] = &[("I", 4, "d2", &t10_20), ("I", 3, "c", &t10_20)];
+        let gen_files = [
+            ("LOAD00000001.parquet", &[][..]),
+            ("LOAD00000002.parquet", second),
+            ("20261201-110000000.parquet", cached),
+        ];
+        conn.execute_batch("ALTER TABLE t RENAME TO live; ALTER TABLE g RENAME TO t")
+            .unwrap();
+        apply(&conn, &generation, &gen_files, false);
+        conn.execute_batch("ALTER TABLE t RENAME TO g; ALTER TABLE live RENAME TO t")
+            .unwrap();
+        let reload = HistoryReload {
+            key: vec!["id".into()],
+            columns: vec!["id".into(), "v".into(), "ts".into()],
+            add_columns: vec![],
+            tracked: vec!["v".into()],
+            ordering: Some("ts".into()),
+            at: "2026-12-01 10:30:00.000000".into(),
+        };
+        conn.execute(&reload_statement("t", "g", &reload), [])
+            .unwrap();
+        let nine = "09:00:00.000000";
+        assert_eq!(
+            versions(&conn),
+            vec![
+                v(1, "a", nine, None, "I"),
+                v(2, "b", nine, Some("10:20:00.000000"), "D"),
+                v(3, "c", "10:20:00.000000", None, "I"),
+                v(4, "d", nine, Some("10:20:00.000000"), "D"),
+                v(4, "d2", "10:20:00.000000", None, "I"),
+            ]
+        );
     }
 }

@@ -606,3 +606,59 @@ async fn a_tracked_column_the_files_lack_holds_the_table_with_an_alert() {
     assert_eq!(worker.warehouse().row_count("customers").await.unwrap(), 0);
     worker.shutdown().await;
 }
+
+/// A user who turns `history = "scd2"` on for a table already loaded as a latest table:
+/// its files wait with a `table_held` alert saying how to start the history, and the rows
+/// already there are left as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn turning_history_on_for_an_existing_latest_table_holds_it_with_an_alert() {
+    let env = Env::new("history-switch", |c| {
+        c.tables.insert(
+            "customers".into(),
+            TableConfig {
+                key: Some(KeySpec::One("id".into())),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let worker = env.start().await;
+    let mut s = HistoryStream::new(&env, "customers");
+    s.file("LOAD00000001.parquet", LOAD, &[vec![Some("1"), Some("a1")]])
+        .await;
+    env.settle(&worker, Duration::from_secs(60)).await;
+    worker.shutdown().await;
+    let before = env.rows("customers", &["id", "v"]);
+
+    let mut config = env.config.clone();
+    history_config(&mut config, "customers", None);
+    let worker = cdc_worker::worker::Worker::start(config)
+        .await
+        .expect("worker starts");
+    s.file("20261201-100000000.parquet", CDC, &[c("U", "1", "b1")])
+        .await;
+    let mut seen = Vec::new();
+    let started = std::time::Instant::now();
+    while !seen
+        .iter()
+        .any(|a: &cdc_worker::devkit::resources::ReceivedAlert| a.body["alert"] == "table_held")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no table_held alert: {seen:?}"
+        );
+        seen.extend(env.alerts().await);
+    }
+    worker.shutdown().await;
+    let held = seen
+        .iter()
+        .find(|a| a.body["alert"] == "table_held")
+        .unwrap();
+    let message = held.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("docs/history.md"), "{message}");
+    assert_eq!(
+        env.rows("customers", &["id", "v"]),
+        before,
+        "the loaded rows are left alone"
+    );
+}

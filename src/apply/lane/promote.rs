@@ -317,7 +317,7 @@ impl Lane {
         let counting = ApplyError::warehouse("counting the rows of a reload");
         let live = warehouse.describe(&self.table).await.map_err(counting)?;
         // A history table keeps its versions: the reload closes some, removes none.
-        let history = live.as_ref().is_some_and(|t| t.is_history());
+        let history = live.as_ref().is_some_and(|t| self.is_history_table(t));
         let before = match live {
             Some(_) => {
                 let counting = ApplyError::warehouse("counting the rows of a reload");
@@ -376,7 +376,12 @@ impl Lane {
         self.cache.target = None;
         metrics::counter!("cdc_worker_reloads_total", "table" => self.table.clone(), "outcome" => "promoted")
             .increment(1);
-        tracing::warn!(table = %self.table, generation = b.generation, rows_before = before, rows_after = after, gone = b.gone.len(), "DMS reload applied: the table was replaced by its new generation");
+        let how = if history {
+            "its new generation was merged into its history"
+        } else {
+            "the table was replaced by its new generation"
+        };
+        tracing::warn!(table = %self.table, generation = b.generation, rows_before = before, rows_after = after, gone = b.gone.len(), "DMS reload applied: {how}");
         self.alert_reloaded(b, before, after, history).await;
         if accepted {
             self.clear_release(|r| r.reload = None).await;
@@ -410,10 +415,12 @@ impl Lane {
                 .map(|c| warehouse.column_name(&c.name))
                 .collect()
         });
+        // Variant columns (`price__v_string`, apply/plan.rs) hold source values too.
         let in_source = |name: &str| {
-            source
-                .as_ref()
-                .is_none_or(|s| s.iter().any(|c| c.eq_ignore_ascii_case(name)))
+            name.contains("__v_")
+                || source
+                    .as_ref()
+                    .is_none_or(|s| s.iter().any(|c| c.eq_ignore_ascii_case(name)))
         };
         let generation: Vec<_> = next
             .columns

@@ -12,7 +12,7 @@ use crate::apply::failure::ApplyError;
 use crate::apply::plan::{self, Decision, PlanInput};
 use crate::batch::{
     ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, History, LoadColumn, LoadExpr, LoadMode,
-    StagedFile, generation_order_key, split_order_key, tracked_columns,
+    StagedFile, TargetTable, VALID_FROM, generation_order_key, split_order_key, tracked_columns,
 };
 use crate::config::HistoryMode;
 use crate::dms::SourceTable;
@@ -52,6 +52,8 @@ pub(super) struct Decided {
     pub key_transition: KeyTransition,
     /// Key values repeated in the table when a key appears or changes.
     pub repeated_keys: u64,
+    /// The segment goes into a history table (`Lane::keeps_history`).
+    pub history: bool,
 }
 
 /// The plan's parts a segment is applied with.
@@ -59,6 +61,7 @@ struct Applying {
     ddl: Vec<Ddl>,
     load: Vec<LoadColumn>,
     mode: LoadMode,
+    history: bool,
 }
 
 impl Lane {
@@ -125,7 +128,12 @@ impl Lane {
             Decision::Wait { .. } => unreachable!("handled above"),
             Decision::Apply {
                 ddl, load, mode, ..
-            } => Applying { ddl, load, mode },
+            } => Applying {
+                ddl,
+                load,
+                mode,
+                history: decided.history,
+            },
         };
         let fence = match self.lease_for(&files).await {
             Ok(Some(fence)) => fence,
@@ -189,7 +197,7 @@ impl Lane {
 
     /// How a history table's versions are written; None for a latest-row table.
     fn history(&self, applying: &Applying, ordering: Option<&str>) -> Option<History> {
-        if self.ctx.config.history(&self.table) != HistoryMode::Scd2 {
+        if !applying.history {
             return None;
         }
         let LoadMode::Merge { key } = &applying.mode else {
@@ -251,7 +259,7 @@ impl Lane {
     /// `track_history_columns` naming a column the segment does not have: a typo there
     /// would make every update of the table open no version, so the table waits instead.
     fn unknown_tracked_columns(&self, schema: &FileSchema) -> Option<String> {
-        if self.ctx.config.history(&self.table) != HistoryMode::Scd2 {
+        if self.ctx.config.history_setting(&self.table) != HistoryMode::Scd2 {
             return None;
         }
         let tracked = self.ctx.config.table(&self.table).track_history_columns?;
@@ -359,6 +367,7 @@ impl Lane {
         let transition = key_transition(recorded_key.as_deref(), &key.columns, target.is_some());
         let warehouse = self.ctx.warehouse.clone();
         let column_name = move |s: &str| warehouse.column_name(s);
+        let history = self.keeps_history(target.as_ref(), !key.columns.is_empty());
         let mut decision = plan::plan(&PlanInput {
             target: target.as_ref(),
             file: schema,
@@ -367,10 +376,7 @@ impl Lane {
             resolutions: &resolutions,
             key: &key.columns,
             column_name: &column_name,
-            history: self
-                .ctx
-                .config
-                .keeps_history(&self.table, !key.columns.is_empty()),
+            history,
         });
         if let (Some(live), Decision::Apply { ddl, .. }) = (create_like_live, &mut decision) {
             ddl.insert(
@@ -388,7 +394,33 @@ impl Lane {
             key: key.columns,
             key_transition: transition,
             repeated_keys: 0,
+            history,
         })
+    }
+
+    /// Whether the table keeps every version: its own `history` setting; else, once it
+    /// exists, what it was created as (`history.default` applies to tables created after
+    /// it is set, so changing the default holds no table); else the default, for a keyed
+    /// table.
+    fn keeps_history(&self, target: Option<&TargetTable>, keyed: bool) -> bool {
+        let own = self.ctx.config.table(&self.table).history;
+        match (own, target) {
+            (Some(mode), _) => mode == HistoryMode::Scd2,
+            (None, Some(t)) => self.is_history_table(t),
+            (None, None) => self.ctx.config.keeps_history(&self.table, keyed),
+        }
+    }
+
+    /// Whether `table` (the live table or its generation) is a history table: it has the
+    /// history columns, and the source does not (a latest table may have them as columns).
+    pub(super) fn is_history_table(&self, table: &TargetTable) -> bool {
+        let from_source = self.cache.stored.as_ref().is_some_and(|s| {
+            s.current
+                .columns
+                .iter()
+                .any(|c| c.name.eq_ignore_ascii_case(VALID_FROM))
+        });
+        table.is_history() && !from_source
     }
 
     /// A key that appears (or changes) on a table that exists: the rows appended before
@@ -401,6 +433,17 @@ impl Lane {
             return Ok(decided);
         };
         if !matches!(decided.decision, Decision::Apply { .. }) {
+            return Ok(decided);
+        }
+        if decided.history {
+            // Its versions repeat every key: counting them would say nothing, and removing
+            // "repeated" rows would delete history.
+            decided.decision = Decision::Wait {
+                reason: format!(
+                    "the key of this history table is now ({}): its versions are kept per key, so a new key needs a new history; rebuild the table (docs/history.md) or set the key back",
+                    key.join(", ")
+                ),
+            };
             return Ok(decided);
         }
         let columns: Vec<String> = key

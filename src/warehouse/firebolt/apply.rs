@@ -311,8 +311,8 @@ async fn check_fence(
     Ok(())
 }
 
-/// Step 8, inside the transaction: the MERGE of the latest change per key (or the append),
-/// the SQL DuckDB runs. A segment of full-load files whose keys are unique and new to the
+/// Step 8, inside the transaction: the MERGE of the latest change per key (or the append,
+/// or a history table's MERGE of versions), the SQL DuckDB runs. A segment of full-load files whose keys are unique and new to the
 /// table is inserted as it is (merge::fast_load_blockers), checked here, inside the
 /// transaction. Returns whether the fast path was taken.
 async fn write_changes(
