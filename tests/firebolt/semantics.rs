@@ -593,7 +593,8 @@ fn the_full_load_fast_path_inserts_what_the_merge_would_and_refuses_a_repeated_k
 /// A history table's MERGE as the Firebolt apply renders it (the staging table COPY fills,
 /// version times from the file names, no row position), on DuckDB. With an ordering
 /// column that is not a time (`AR_H_CHANGE_SEQ`), changes of a key in one file share the
-/// file's time: the last one by the column is that time's version.
+/// file's time: the last one by the column is that time's version. Long because the
+/// staged rows and the expected versions are spelled out.
 #[test]
 fn a_history_batch_writes_versions_at_the_times_of_its_files() {
     let conn = Connection::open_in_memory().unwrap();

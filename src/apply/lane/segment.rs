@@ -332,27 +332,7 @@ impl Lane {
             .await?;
         let table_config = self.ctx.config.table(&self.table);
         let policy = self.ctx.config.schema.resolve(table_config.schema.as_ref());
-        // Against the last accepted schema, else what the target has.
-        let baseline = self
-            .cache
-            .stored
-            .as_ref()
-            .map(|s| s.current.schema())
-            .or_else(|| target.as_ref().map(|t| TableSchema::new(t.columns.clone())));
-        // A column becoming nullable is reported (once: the recorded schema keeps it
-        // nullable); a file that happens to mark a column REQUIRED is not a change.
-        let changes: Vec<SchemaChange> = diff(baseline.as_ref(), &schema.table)
-            .into_iter()
-            .filter(|c| {
-                !matches!(
-                    c,
-                    SchemaChange::Nullability {
-                        nullable: false,
-                        ..
-                    }
-                )
-            })
-            .collect();
+        let changes = self.source_changes(target.as_ref(), schema);
         let resolutions = self
             .cache
             .stored
@@ -396,6 +376,34 @@ impl Lane {
             repeated_keys: 0,
             history,
         })
+    }
+
+    /// The segment's changes against the last accepted schema, else what the target has.
+    /// A column becoming nullable is reported (once: the recorded schema keeps it nullable);
+    /// a file that happens to mark a column REQUIRED is not a change.
+    fn source_changes(
+        &self,
+        target: Option<&TargetTable>,
+        schema: &FileSchema,
+    ) -> Vec<SchemaChange> {
+        let baseline = self
+            .cache
+            .stored
+            .as_ref()
+            .map(|s| s.current.schema())
+            .or_else(|| target.map(|t| TableSchema::new(t.columns.clone())));
+        diff(baseline.as_ref(), &schema.table)
+            .into_iter()
+            .filter(|c| {
+                !matches!(
+                    c,
+                    SchemaChange::Nullability {
+                        nullable: false,
+                        ..
+                    }
+                )
+            })
+            .collect()
     }
 
     /// Whether the table keeps every version: its own `history` setting; else, once it
