@@ -142,6 +142,8 @@ pub struct PlanInput<'a> {
     pub column_name: &'a dyn Fn(&str) -> String,
     /// `history = "scd2"`: the target keeps every version, in the history columns.
     pub history: bool,
+    /// `track_history_columns`, when configured (source names).
+    pub tracked: Option<&'a [String]>,
 }
 
 /// Suffix of variant columns: `price__v_string`.
@@ -182,6 +184,9 @@ pub fn plan(input: &PlanInput<'_>) -> Decision {
             }
         }
     }
+    if let Some(reason) = untracked_configured_columns(input, &out.load) {
+        return Decision::Wait { reason };
+    }
     Decision::Apply {
         ddl: out.ddl,
         load: out.load,
@@ -216,6 +221,25 @@ fn history_mismatch(input: &PlanInput<'_>) -> Option<String> {
         (false, true) => Some("the table is a history table but its history setting is \"latest\": set history = \"scd2\" for it, or start a new table (docs/history.md)".into()),
         _ => None,
     }
+}
+
+/// Configured `track_history_columns` the segment does not load (a type that cannot be
+/// loaded, a column a policy ignores): tracking fewer columns than asked would quietly
+/// turn updates of them into in-place changes, so the table waits instead.
+fn untracked_configured_columns(input: &PlanInput<'_>, load: &[LoadColumn]) -> Option<String> {
+    let tracked = input.tracked.filter(|_| input.history)?;
+    let loaded = |c: &str| load.iter().any(|l| fold(l.expr.source_column()) == fold(c));
+    let missing: Vec<&str> = tracked
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !loaded(c))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "track_history_columns names columns this table does not load: {}; name loaded columns only",
+            missing.join(", ")
+        )
+    })
 }
 
 /// The columns a history table adds to the source's.
@@ -599,6 +623,61 @@ mod tests {
         }
     }
 
+    /// A new history table of `f` keyed on `id`, tracking `tracked`.
+    fn history_plan(f: &FileSchema, tracked: &[String]) -> Decision {
+        let key = vec!["id".to_string()];
+        let identity = |s: &str| s.to_string();
+        plan(&PlanInput {
+            target: None,
+            file: f,
+            policy: PolicyPreset::Evolve.policy(),
+            source_changes: &[],
+            resolutions: &BTreeMap::new(),
+            key: &key,
+            column_name: &identity,
+            history: true,
+            tracked: Some(tracked),
+        })
+    }
+
+    #[test]
+    fn a_history_table_gets_its_columns_and_waits_for_tracked_columns_it_cannot_load() {
+        let f = file(&[
+            ("id", ColumnType::Int64),
+            ("v", ColumnType::String),
+            ("shape", ColumnType::Unsupported("GEOMETRY".into())),
+        ]);
+        let Decision::Apply { ddl, .. } = history_plan(&f, &["V".into()]) else {
+            panic!("a tracked column that loads applies")
+        };
+        let Ddl::CreateTable { columns, .. } = &ddl[0] else {
+            panic!("{ddl:?}")
+        };
+        let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "v",
+                "__valid_from",
+                "__valid_to",
+                "__is_current",
+                "__op"
+            ]
+        );
+        for tracked in ["shape", "typo"] {
+            match history_plan(&f, &[tracked.into()]) {
+                Decision::Wait { reason } => assert!(reason.contains(tracked), "{reason}"),
+                other => panic!("{tracked}: {other:?}"),
+            }
+        }
+        let with_op = file(&[("id", ColumnType::Int64), ("__op", ColumnType::String)]);
+        match history_plan(&with_op, &[]) {
+            Decision::Wait { reason } => assert!(reason.contains("__op"), "{reason}"),
+            other => panic!("a source column named like a history column: {other:?}"),
+        }
+    }
+
     fn run(
         target: Option<&TargetTable>,
         stored: Option<&TableSchema>,
@@ -622,6 +701,7 @@ mod tests {
             key: &key,
             column_name: &identity,
             history: false,
+            tracked: None,
         })
     }
 

@@ -615,6 +615,7 @@ async fn every_column_type_round_trips_through_create_describe_and_plan() {
             key: &key,
             column_name: &name,
             history: false,
+            tracked: None,
         })
     };
     let Decision::Apply { ddl, .. } = decide(None) else {

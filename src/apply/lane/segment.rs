@@ -256,43 +256,12 @@ impl Lane {
         tracing::warn!(table = %self.table, reason, files, "table held by schema policy");
     }
 
-    /// `track_history_columns` naming a column the segment does not have: a typo there
-    /// would make every update of the table open no version, so the table waits instead.
-    fn unknown_tracked_columns(&self, schema: &FileSchema) -> Option<String> {
-        if self.ctx.config.history_setting(&self.table) != HistoryMode::Scd2 {
-            return None;
-        }
-        let tracked = self.ctx.config.table(&self.table).track_history_columns?;
-        let has = |c: &str| {
-            schema
-                .table
-                .columns
-                .iter()
-                .any(|s| s.name.eq_ignore_ascii_case(c))
-        };
-        let unknown: Vec<&str> = tracked
-            .iter()
-            .map(String::as_str)
-            .filter(|c| !has(c))
-            .collect();
-        (!unknown.is_empty()).then(|| {
-            format!(
-                "tables.{}.track_history_columns names columns the table's files do not have: {}; fix the names in the config",
-                self.table,
-                unknown.join(", ")
-            )
-        })
-    }
-
     /// A reason to hold the table when the segment's column names cannot be created.
     fn unusable_names(&self, schema: &FileSchema) -> Option<String> {
         if let Some((a, b)) = folding_collision(&schema.table) {
             return Some(format!(
                 "columns `{a}` and `{b}` are the same column once case is folded; rename one at the source or with a DMS transformation rule"
             ));
-        }
-        if let Some(reason) = self.unknown_tracked_columns(schema) {
-            return Some(reason);
         }
         let max = self.ctx.warehouse.max_identifier_len();
         schema
@@ -357,6 +326,7 @@ impl Lane {
             key: &key.columns,
             column_name: &column_name,
             history,
+            tracked: table_config.track_history_columns.as_deref(),
         });
         if let (Some(live), Decision::Apply { ddl, .. }) = (create_like_live, &mut decision) {
             ddl.insert(
