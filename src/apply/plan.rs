@@ -214,9 +214,7 @@ fn history_mismatch(input: &PlanInput<'_>) -> Option<String> {
         }
     }
     let target = input.target?;
-    // A latest table whose source has history column names is not a history table.
-    let is_history = target.is_history() && !has(&input.file.table.columns, VALID_FROM);
-    match (input.history, is_history) {
+    match (input.history, target.is_history(&input.file.table.columns)) {
         (true, false) => Some("history = \"scd2\" but the table exists without history columns: keep history = \"latest\", or start a new history table (docs/history.md)".into()),
         (false, true) => Some("the table is a history table but its history setting is \"latest\": set history = \"scd2\" for it, or start a new table (docs/history.md)".into()),
         _ => None,

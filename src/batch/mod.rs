@@ -321,9 +321,9 @@ pub struct HistoryReload {
     pub tracked: Vec<String>,
     /// The ordering column (target name), when loaded.
     pub ordering: Option<String>,
-    /// When the reload started (`yyyy-mm-dd hh:mm:ss.ffffff`, UTC): the new full load's
-    /// rows and the closing of keys it lacks happen then.
-    pub at: String,
+    /// When the reload started: the new full load's rows and the closing of keys it lacks
+    /// happen then.
+    pub at: std::time::SystemTime,
 }
 
 /// The columns of a history table whose change opens a version (target names): the
@@ -347,11 +347,17 @@ pub fn tracked_columns(
 }
 
 impl TargetTable {
-    /// Whether this is a history table (`history = "scd2"`): it has the history columns.
-    pub fn is_history(&self) -> bool {
+    /// Whether this is a history table (`history = "scd2"`) of a source with `source`
+    /// columns: it has the history columns, and the source does not (a latest table may
+    /// have them as source columns).
+    pub fn is_history(&self, source: &[Column]) -> bool {
+        let has = |columns: &[Column], name: &str| {
+            columns.iter().any(|c| c.name.eq_ignore_ascii_case(name))
+        };
         [VALID_FROM, IS_CURRENT]
             .iter()
-            .all(|h| self.columns.iter().any(|c| c.name.eq_ignore_ascii_case(h)))
+            .all(|h| has(&self.columns, h))
+            && !has(source, VALID_FROM)
     }
 }
 

@@ -705,12 +705,17 @@ impl Config {
             .unwrap_or(self.dms.reload)
     }
 
-    /// Whether `table` keeps every version of a key, given whether it has a key: its own
-    /// setting, else the default, which a table without a key does not follow (its rows
-    /// are appended, every one kept already); its own setting it does, and waits for a key.
-    pub fn keeps_history(&self, table: &str, keyed: bool) -> bool {
-        let own = self.tables.get(table).and_then(|t| t.history);
-        own.unwrap_or(self.history.default) == HistoryMode::Scd2 && (keyed || own.is_some())
+    /// Whether `table` keeps every version of a key: its own setting; else, once it exists,
+    /// what it was created as (`existing`: the default applies to tables created after it
+    /// is set, so changing it holds no table); else the default, which a table without a
+    /// key does not follow (its rows are appended, every one kept already). Its own
+    /// setting it follows without a key too, and waits for one.
+    pub fn keeps_history(&self, table: &str, existing: Option<bool>, keyed: bool) -> bool {
+        match (self.tables.get(table).and_then(|t| t.history), existing) {
+            (Some(own), _) => own == HistoryMode::Scd2,
+            (None, Some(is_history)) => is_history,
+            (None, None) => keyed && self.history.default == HistoryMode::Scd2,
+        }
     }
 
     /// Whether `table` keeps every version of its keys: its own setting, else the default.
@@ -737,10 +742,17 @@ mod tests {
     #[test]
     fn the_history_default_applies_to_keyed_tables_and_a_table_s_own_setting_always() {
         let mut c = Config::default();
-        assert!(!c.keeps_history("t", true), "latest by default");
+        assert!(!c.keeps_history("t", None, true), "latest by default");
         c.history.default = HistoryMode::Scd2;
-        assert!(c.keeps_history("t", true));
-        assert!(!c.keeps_history("t", false), "a keyless table is appended");
+        assert!(c.keeps_history("t", None, true));
+        assert!(
+            !c.keeps_history("t", None, false),
+            "a keyless table is appended"
+        );
+        assert!(
+            !c.keeps_history("t", Some(false), true),
+            "an existing latest table keeps its kind"
+        );
         c.tables.insert(
             "k".into(),
             TableConfig {
@@ -749,7 +761,7 @@ mod tests {
             },
         );
         assert!(
-            c.keeps_history("k", false),
+            c.keeps_history("k", Some(false), false),
             "its own setting: it waits for a key"
         );
         c.tables.insert(
@@ -759,7 +771,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(!c.keeps_history("l", true));
+        assert!(!c.keeps_history("l", Some(true), true));
     }
 
     #[test]

@@ -316,6 +316,24 @@ fn count_null_keys(
     Ok(())
 }
 
+/// Runs `work` in one transaction: committed if it succeeds, rolled back if not.
+fn in_transaction<T>(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> Result<T, WarehouseError>,
+) -> Result<T, WarehouseError> {
+    conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
+    match work(conn) {
+        Ok(value) => {
+            conn.execute_batch("COMMIT").map_err(sql_err)?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 /// Whether the plan fills every column of the target (a column it does not load keeps
 /// its values under a MERGE's UPDATE, and would lose them to a delete-and-insert).
 fn loads_every_column(
@@ -783,17 +801,9 @@ impl Warehouse for Duckdb {
         let mut stats = self
             .0
             .with_conn(move |conn, schema| {
-                conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
-                match apply_in_transaction(conn, schema, &plan, &parts) {
-                    Ok(stats) => {
-                        conn.execute_batch("COMMIT").map_err(sql_err)?;
-                        Ok(stats)
-                    }
-                    Err(e) => {
-                        let _ = conn.execute_batch("ROLLBACK");
-                        Err(e)
-                    }
-                }
+                in_transaction(conn, |conn| {
+                    apply_in_transaction(conn, schema, &plan, &parts)
+                })
             })
             .await?;
         stats.rows_staged = rows_staged;
@@ -903,14 +913,9 @@ impl Warehouse for Duckdb {
         let (table, next) = (table.to_string(), next.to_string());
         self.0
             .with_conn(move |conn, schema| {
-                conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
-                match promote_in_transaction(conn, schema, &table, &next) {
-                    Ok(()) => conn.execute_batch("COMMIT").map_err(sql_err),
-                    Err(e) => {
-                        let _ = conn.execute_batch("ROLLBACK");
-                        Err(e)
-                    }
-                }
+                in_transaction(conn, |conn| {
+                    promote_in_transaction(conn, schema, &table, &next)
+                })
             })
             .await
     }
@@ -932,17 +937,11 @@ impl Warehouse for Duckdb {
                 let (live, generation) = (qualified(schema, &table), qualified(schema, &next));
                 statements.push(history::reload_statement(&live, &generation, &reload));
                 statements.push(format!("DROP TABLE {generation}"));
-                conn.execute_batch("BEGIN TRANSACTION").map_err(sql_err)?;
-                let result = statements
-                    .iter()
-                    .try_for_each(|sql| conn.execute_batch(sql).map_err(sql_err));
-                match result {
-                    Ok(()) => conn.execute_batch("COMMIT").map_err(sql_err),
-                    Err(e) => {
-                        let _ = conn.execute_batch("ROLLBACK");
-                        Err(e)
-                    }
-                }
+                in_transaction(conn, |conn| {
+                    statements
+                        .iter()
+                        .try_for_each(|sql| conn.execute_batch(sql).map_err(sql_err))
+                })
             })
             .await
     }

@@ -14,14 +14,14 @@
 //! versions are never removed. Exactly-once is the ledger's, in the same transaction.
 
 use crate::batch::{
-    ApplyPlan, BatchFile, HISTORY_OP, HistoryReload, IS_CURRENT, LoadExpr, LoadMode, VALID_FROM,
-    VALID_TO,
+    ApplyPlan, BatchFile, HISTORY_OP, HistoryReload, IS_CURRENT, LoadMode, VALID_FROM, VALID_TO,
 };
 use crate::schema::dialect::Dialect;
 use crate::schema::types::ColumnType;
 
 use super::merge::{
-    FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN, StagedRows, load_expr, null_key, staged_select,
+    FILE_ORDINAL_COLUMN, ROW_ORDINAL_COLUMN, StagedRows, load_expr, null_key, ordering,
+    staged_select,
 };
 use super::sql::{ident, literal};
 
@@ -47,6 +47,10 @@ const RANK: &str = "__cdc_rank";
 /// load does not say when each row last changed, so its rows are valid from the start.
 pub const FULL_LOAD_TIME: &str = "1970-01-01 00:00:00";
 
+fn full_load_time() -> String {
+    format!("TIMESTAMP {}", literal(FULL_LOAD_TIME))
+}
+
 /// The largest row offset added to a change file's time.
 const MAX_ROW_OFFSET_MICROS: u32 = 999;
 
@@ -58,7 +62,7 @@ fn file_time(plan: &ApplyPlan, file_ordinal: &str) -> String {
         .iter()
         .enumerate()
         .filter_map(|(i, f)| Some((i, written(f)?)))
-        .map(|(i, at)| format!(" WHEN {i} THEN TIMESTAMP {}", literal(&at)))
+        .map(|(i, at)| format!(" WHEN {i} THEN {at}"))
         .collect();
     if arms.is_empty() {
         return "CAST(NULL AS TIMESTAMP)".into();
@@ -67,8 +71,16 @@ fn file_time(plan: &ApplyPlan, file_ordinal: &str) -> String {
 }
 
 fn written(file: &BatchFile) -> Option<String> {
-    let at = chrono::DateTime::<chrono::Utc>::from(crate::dms::change_file_time(&file.key)?);
-    Some(at.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
+    crate::dms::change_file_time(&file.key).map(timestamp)
+}
+
+/// `TIMESTAMP 'yyyy-mm-dd hh:mm:ss.ffffff'` (UTC) of a time.
+fn timestamp(at: std::time::SystemTime) -> String {
+    let at = chrono::DateTime::<chrono::Utc>::from(at);
+    format!(
+        "TIMESTAMP {}",
+        literal(&at.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
+    )
 }
 
 /// The ordering column, when its values may be a time (DMS `TimestampColumnName` writes
@@ -99,10 +111,7 @@ fn version_time(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
             ident(ROW_ORDINAL_COLUMN)
         );
     }
-    let fallback = format!(
-        "COALESCE({from_file}, TIMESTAMP {})",
-        literal(FULL_LOAD_TIME)
-    );
+    let fallback = format!("COALESCE({from_file}, {})", full_load_time());
     let time = match time_ordering(plan) {
         Some(ord) => format!(
             "COALESCE(TRY_CAST(s.{} AS TIMESTAMP), {fallback})",
@@ -124,20 +133,20 @@ fn version_time(d: Dialect, plan: &ApplyPlan, rows: &StagedRows) -> String {
         return time;
     }
     format!(
-        "CASE WHEN s.{} IN ({}) THEN TIMESTAMP {} ELSE {time} END",
+        "CASE WHEN s.{} IN ({}) THEN {} ELSE {time} END",
         ident(FILE_ORDINAL_COLUMN),
         loads.join(", "),
-        literal(FULL_LOAD_TIME)
+        full_load_time()
     )
 }
 
-/// The ordering column as (target name, source name), when the plan loads it as it is.
-fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
-    let source = plan.ordering_column.as_ref()?;
-    plan.load
+/// `a."c1", a."c2", ...`
+fn columns_of(alias: &str, columns: &[&str]) -> String {
+    columns
         .iter()
-        .find(|l| matches!(&l.expr, LoadExpr::Column(c) if c == source))
-        .map(|l| (l.target.clone(), source.clone()))
+        .map(|c| format!("{alias}.{}", ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A history table as the statements see it, in target names.
@@ -172,11 +181,7 @@ impl<'a> Shape<'a> {
     }
 
     fn partition(&self, alias: &str) -> String {
-        self.key
-            .iter()
-            .map(|k| format!("{alias}.{}", ident(k)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        columns_of(alias, &self.key)
     }
 
     /// The events of each key numbered once in their order (`SEQ`): version time, then the
@@ -211,11 +216,7 @@ impl<'a> Shape<'a> {
 
     /// `x.v1, x.v2, ...`: an event's values from a table aliased `x`.
     fn values_of(&self, alias: &str) -> String {
-        self.values
-            .iter()
-            .map(|c| format!("{alias}.{}", ident(c)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        columns_of(alias, &self.values)
     }
 
     /// `, x.ord AS __cdc_ord`, when there is an ordering column.
@@ -449,12 +450,12 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
         tracked: &reload.tracked,
     };
     let from = ident(VALID_FROM);
-    let start = format!("TIMESTAMP {}", literal(FULL_LOAD_TIME));
+    let start = full_load_time();
     let first_change = format!("(SELECT MIN(g.{from}) FROM {next} AS g WHERE g.{from} <> {start})");
     // The earlier of the two, without LEAST (not found in the Firebolt function reference we checked).
     let at = format!(
-        "COALESCE(CASE WHEN {first_change} < TIMESTAMP {at} THEN {first_change} END, TIMESTAMP {at})",
-        at = literal(&reload.at)
+        "COALESCE(CASE WHEN {first_change} < {at} THEN {first_change} END, {at})",
+        at = timestamp(reload.at)
     );
     let full_load = format!("x.{from} = {start}");
     let opened = format!("CASE WHEN {full_load} THEN {at} ELSE x.{from} END");
@@ -492,7 +493,7 @@ pub fn reload_statement(target: &str, next: &str, reload: &HistoryReload) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{KeyColumn, LoadColumn};
+    use crate::batch::{KeyColumn, LoadColumn, LoadExpr};
     use crate::schema::types::Column;
 
     type Version = (i64, String, String, Option<String>, bool, String);
@@ -806,7 +807,8 @@ mod tests {
             add_columns: vec![],
             tracked: vec!["v".into()],
             ordering: None,
-            at: "2026-12-01 10:30:00.000000".into(),
+            // 2026-12-01 10:30:00 UTC
+            at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_121_000),
         };
         conn.execute(&reload_statement("t", "g", &reload), [])
             .unwrap();
@@ -1001,7 +1003,8 @@ mod tests {
             add_columns: vec![],
             tracked: vec!["v".into()],
             ordering: Some("ts".into()),
-            at: "2026-12-01 10:30:00.000000".into(),
+            // 2026-12-01 10:30:00 UTC
+            at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_121_000),
         };
         conn.execute(&reload_statement("t", "g", &reload), [])
             .unwrap();

@@ -136,7 +136,7 @@ pub fn tombstone_table(table: &str) -> String {
 
 /// The ordering column as (target name, source name), when the plan orders by one and
 /// loads it into the target (only then can the target's value be compared).
-fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
+pub(super) fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
     let source = plan.ordering_column.as_ref()?;
     plan.load
         .iter()
@@ -144,9 +144,11 @@ fn ordering(plan: &ApplyPlan) -> Option<(String, String)> {
         .map(|l| (l.target.clone(), source.clone()))
 }
 
-/// Whether this plan keeps tombstones (ordering column loaded, deletes possible, a key).
+/// Whether this plan keeps tombstones (ordering column loaded, deletes possible, a key,
+/// and no history: a history table keeps its deleted versions instead).
 pub fn uses_tombstones(plan: &ApplyPlan) -> bool {
     matches!(plan.mode, LoadMode::Merge { .. })
+        && plan.history.is_none()
         && plan.op_column.is_some()
         && ordering(plan).is_some()
 }

@@ -220,7 +220,8 @@ fn every_statement_the_worker_renders_is_accepted() {
                 add_columns: vec![],
                 tracked: vec!["n".into()],
                 ordering: Some("n".into()),
-                at: "2026-12-01 10:30:00.000000".into(),
+                // 2026-12-01 10:30:00 UTC
+                at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_121_000),
             },
         ),
         sql::row_counts(target, "\"c\""),

@@ -1161,7 +1161,8 @@ async fn a_history_reload_merges_its_generation_into_the_live_table_in_one_trans
         add_columns: vec![Column::new("tier", ColumnType::String)],
         tracked: vec!["n".into(), "tier".into()],
         ordering: None,
-        at: "2026-12-01 10:30:00.000000".into(),
+        // 2026-12-01 10:30:00 UTC
+        at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_121_000),
     };
     wh.merge_generation("orders_h", &next, &reload)
         .await

@@ -12,11 +12,12 @@ use crate::alerts::{Alert, AlertKind, Severity};
 use crate::apply::context::{EngineEvent, PendingFile};
 use crate::apply::failure::ApplyError;
 use crate::batch::{
-    HISTORY_COLUMNS, HistoryReload, LedgerRecord, is_change_order_key, split_order_key,
+    HISTORY_COLUMNS, HistoryReload, LedgerRecord, TargetTable, is_change_order_key, split_order_key,
 };
 use crate::config::ReloadPolicy;
 use crate::dms::{KeyClass, classify_key};
 use crate::schema::store::{GuardedBy, TableStatus};
+use crate::schema::types::Column;
 use crate::storage::bare_etag;
 use crate::telemetry::{FileSkipped, SkipKind};
 use crate::warehouse::{WarehouseError, generation_table};
@@ -316,9 +317,10 @@ impl Lane {
         let warehouse = self.ctx.warehouse.clone();
         let counting = ApplyError::warehouse("counting the rows of a reload");
         let live = warehouse.describe(&self.table).await.map_err(counting)?;
+        let source = self.source_columns();
         // A history table keeps its versions: the reload closes some, removes none.
-        let history = live.as_ref().is_some_and(|t| self.is_history_table(t));
-        let before = match live {
+        let history = live.as_ref().filter(|t| t.is_history(&source));
+        let before = match &live {
             Some(_) => {
                 let counting = ApplyError::warehouse("counting the rows of a reload");
                 warehouse.row_count(&self.table).await.map_err(counting)?
@@ -331,7 +333,7 @@ impl Lane {
             .map_err(ApplyError::warehouse("counting the rows of a reload"))?;
         let removed = before.saturating_sub(after);
         if !accepted
-            && !history
+            && history.is_none()
             && let Some(guard) = self.ctx.config.guard.delete_guard()
             && guard.holds(removed, before)
         {
@@ -356,18 +358,18 @@ impl Lane {
             }
             return Ok(());
         }
-        let swapped = if history {
-            match self.history_reload(b).await {
+        let swapped = match history {
+            Some(live) => match self.history_reload(b, live, &source).await {
                 Ok(reload) => {
                     warehouse
                         .merge_generation(&self.table, &b.table, &reload)
                         .await
                 }
                 Err(e) => Err(e),
-            }
-        } else {
-            warehouse.promote(&self.table, &b.table).await
+            },
+            None => warehouse.promote(&self.table, &b.table).await,
         };
+        let history = history.is_some();
         self.release_lease().await;
         swapped.map_err(ApplyError::warehouse(
             "replacing the table by its new generation",
@@ -389,38 +391,44 @@ impl Lane {
         Ok(())
     }
 
+    /// The source's columns as last accepted (empty before any).
+    fn source_columns(&self) -> Vec<Column> {
+        self.cache
+            .stored
+            .as_ref()
+            .map(|s| s.current.columns.clone())
+            .unwrap_or_default()
+    }
+
     /// How a history table's new generation merges into its history: the generation's
     /// columns (those the live table lacks added), the key, the tracked columns, and the
     /// reload's time (when this process saw it start, else now).
-    async fn history_reload(&self, b: &Building) -> Result<HistoryReload, WarehouseError> {
+    async fn history_reload(
+        &self,
+        b: &Building,
+        live: &TargetTable,
+        source: &[Column],
+    ) -> Result<HistoryReload, WarehouseError> {
         let warehouse = &self.ctx.warehouse;
-        let missing =
-            |t: &str| WarehouseError::Sql(format!("cannot merge the reload: `{t}` does not exist"));
-        let live = warehouse
-            .describe(&self.table)
-            .await?
-            .ok_or_else(|| missing(&self.table))?;
-        let next = warehouse
-            .describe(&b.table)
-            .await?
-            .ok_or_else(|| missing(&b.table))?;
+        let next = warehouse.describe(&b.table).await?.ok_or_else(|| {
+            WarehouseError::Sql(format!(
+                "cannot merge the reload: `{}` does not exist",
+                b.table
+            ))
+        })?;
         let is_history = |name: &str| HISTORY_COLUMNS.iter().any(|h| h.eq_ignore_ascii_case(name));
         // The source's columns as the new full load has them: the generation was created
         // with the live table's, so a column the source removed is there too, all NULL, and
-        // would make every key a change.
-        let source: Option<Vec<String>> = self.cache.stored.as_ref().map(|s| {
-            s.current
-                .columns
-                .iter()
-                .map(|c| warehouse.column_name(&c.name))
-                .collect()
-        });
-        // Variant columns (`price__v_string`, apply/plan.rs) hold source values too.
+        // would make every key a change. Variant columns (`price__v_string`, apply/plan.rs)
+        // hold source values too.
+        let source: Vec<String> = source
+            .iter()
+            .map(|c| warehouse.column_name(&c.name))
+            .collect();
         let in_source = |name: &str| {
             name.contains("__v_")
-                || source
-                    .as_ref()
-                    .is_none_or(|s| s.iter().any(|c| c.eq_ignore_ascii_case(name)))
+                || source.is_empty()
+                || source.iter().any(|c| c.eq_ignore_ascii_case(name))
         };
         let generation: Vec<_> = next
             .columns
@@ -454,7 +462,6 @@ impl Lane {
             .ordering_column(&self.table)
             .map(|o| warehouse.column_name(&o))
             .filter(|o| columns.iter().any(|c| c.eq_ignore_ascii_case(o)));
-        let at = chrono::DateTime::<chrono::Utc>::from(b.started.unwrap_or_else(SystemTime::now));
         Ok(HistoryReload {
             tracked: self.tracked_columns(&columns, &key, ordering.as_deref()),
             add_columns: generation
@@ -465,7 +472,7 @@ impl Lane {
             key,
             columns,
             ordering,
-            at: at.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+            at: b.started.unwrap_or_else(SystemTime::now),
         })
     }
 

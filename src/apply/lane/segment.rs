@@ -12,9 +12,8 @@ use crate::apply::failure::ApplyError;
 use crate::apply::plan::{self, Decision, PlanInput};
 use crate::batch::{
     ApplyPlan, ApplyStats, Ddl, DeleteGuard, Fence, History, LoadColumn, LoadExpr, LoadMode,
-    StagedFile, TargetTable, VALID_FROM, generation_order_key, split_order_key, tracked_columns,
+    StagedFile, TargetTable, generation_order_key, split_order_key, tracked_columns,
 };
-use crate::config::HistoryMode;
 use crate::dms::SourceTable;
 use crate::queue::FileOutcome;
 use crate::schema::diff::{SchemaChange, diff, folding_collision};
@@ -52,7 +51,7 @@ pub(super) struct Decided {
     pub key_transition: KeyTransition,
     /// Key values repeated in the table when a key appears or changes.
     pub repeated_keys: u64,
-    /// The segment goes into a history table (`Lane::keeps_history`).
+    /// The segment goes into a history table (`Config::keeps_history`).
     pub history: bool,
 }
 
@@ -316,7 +315,11 @@ impl Lane {
         let transition = key_transition(recorded_key.as_deref(), &key.columns, target.is_some());
         let warehouse = self.ctx.warehouse.clone();
         let column_name = move |s: &str| warehouse.column_name(s);
-        let history = self.keeps_history(target.as_ref(), !key.columns.is_empty());
+        let history = self.ctx.config.keeps_history(
+            &self.table,
+            target.as_ref().map(|t| t.is_history(&schema.table.columns)),
+            !key.columns.is_empty(),
+        );
         let mut decision = plan::plan(&PlanInput {
             target: target.as_ref(),
             file: schema,
@@ -374,31 +377,6 @@ impl Lane {
                 )
             })
             .collect()
-    }
-
-    /// Whether the table keeps every version: its own `history` setting; else, once it
-    /// exists, what it was created as (`history.default` applies to tables created after
-    /// it is set, so changing the default holds no table); else the default, for a keyed
-    /// table.
-    fn keeps_history(&self, target: Option<&TargetTable>, keyed: bool) -> bool {
-        let own = self.ctx.config.table(&self.table).history;
-        match (own, target) {
-            (Some(mode), _) => mode == HistoryMode::Scd2,
-            (None, Some(t)) => self.is_history_table(t),
-            (None, None) => self.ctx.config.keeps_history(&self.table, keyed),
-        }
-    }
-
-    /// Whether `table` (the live table or its generation) is a history table: it has the
-    /// history columns, and the source does not (a latest table may have them as columns).
-    pub(super) fn is_history_table(&self, table: &TargetTable) -> bool {
-        let from_source = self.cache.stored.as_ref().is_some_and(|s| {
-            s.current
-                .columns
-                .iter()
-                .any(|c| c.name.eq_ignore_ascii_case(VALID_FROM))
-        });
-        table.is_history() && !from_source
     }
 
     /// A key that appears (or changes) on a table that exists: the rows appended before

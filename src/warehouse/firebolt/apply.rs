@@ -92,8 +92,7 @@ async fn steps(
     //    them: CREATE IF NOT EXISTS, sent once per process and table.
     let rows = sql::staged_rows(stage, plan, &batch);
     let tombstones = qualified(schema, &merge::tombstone_table(plan.target_table()));
-    let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows)
-        .filter(|_| plan.history.is_none());
+    let tombstone_sql = merge::tombstone_statements(&target, &tombstones, plan, &rows);
     if let Some((create, _)) = &tombstone_sql
         && !wh.tombstones_known(plan.target_table())
     {
