@@ -554,7 +554,8 @@ mod tests {
         conn
     }
 
-    /// Applies files of (op, id, v, ts) rows as one segment, in both renderings' terms:
+    /// Applies files of (op, id, v, ts) rows as one segment to the plan's table, in both
+    /// renderings' terms:
     /// `firebolt` leaves out the row position, as Firebolt's staging table has none.
     fn apply(conn: &duckdb::Connection, p: &ApplyPlan, files: &[FileRows<'_>], firebolt: bool) {
         conn.execute_batch("DROP TABLE IF EXISTS stage; CREATE TABLE stage (\"Op\" VARCHAR, id BIGINT, v VARCHAR, ts VARCHAR, f INTEGER, r BIGINT)").unwrap();
@@ -582,7 +583,7 @@ mod tests {
         } else {
             Dialect::Duckdb
         };
-        let sql = history_statement(d, "t", &plan, &staged, &["v".to_string()]);
+        let sql = history_statement(d, plan.target_table(), &plan, &staged, &["v".to_string()]);
         conn.execute(&sql, [])
             .unwrap_or_else(|e| panic!("{e}: {sql}"));
     }
@@ -761,46 +762,26 @@ mod tests {
             false,
         );
         // The new generation: 1 as it is, 2 changed, 3 gone, 4 new; then a change of 4.
-        let gen_plan = ApplyPlan {
-            table: "g".into(),
+        let generation = ApplyPlan {
+            into: Some("g".into()),
             ..p.clone()
         };
-        let into_g = |files: &[FileRows<'_>]| {
-            let sql_plan = ApplyPlan {
-                files: files.iter().map(|(n, _)| change_file(n)).collect(),
-                ..gen_plan.clone()
-            };
-            conn.execute_batch("DROP TABLE IF EXISTS stage; CREATE TABLE stage (\"Op\" VARCHAR, id BIGINT, v VARCHAR, ts VARCHAR, f INTEGER, r BIGINT)").unwrap();
-            for (f, (_, rows)) in files.iter().enumerate() {
-                for (r, (op, id, v, ts)) in rows.iter().enumerate() {
-                    conn.execute(
-                        "INSERT INTO stage VALUES (?, ?, ?, ?, ?, ?)",
-                        duckdb::params![op, id, v, ts, f as i32, r as i64],
-                    )
-                    .unwrap();
-                }
-            }
-            let staged = StagedRows {
-                relation: "stage".into(),
-                file_ordinal: "f".into(),
-                row_ordinal: Some("r".into()),
-                converted: Vec::new(),
-            };
-            conn.execute(
-                &history_statement(Dialect::Duckdb, "g", &sql_plan, &staged, &["v".to_string()]),
-                [],
-            )
-            .unwrap();
-        };
-        into_g(&[(
-            "LOAD00000001.parquet",
-            &[("I", 1, "a2", ""), ("I", 2, "b2", ""), ("I", 4, "d", "")],
-        )]);
+        let new_load: &[(&str, i64, &str, &str)] =
+            &[("I", 1, "a2", ""), ("I", 2, "b2", ""), ("I", 4, "d", "")];
+        apply(
+            &conn,
+            &generation,
+            &[("LOAD00000001.parquet", new_load)],
+            false,
+        );
         // 3 is not in the new full load but inserted again after it.
-        into_g(&[(
-            "20261201-110000000.parquet",
-            &[("U", 4, "d2", ""), ("I", 3, "c", "")],
-        )]);
+        let after: &[(&str, i64, &str, &str)] = &[("U", 4, "d2", ""), ("I", 3, "c", "")];
+        apply(
+            &conn,
+            &generation,
+            &[("20261201-110000000.parquet", after)],
+            false,
+        );
         let reload = HistoryReload {
             key: vec!["id".into()],
             columns: vec!["id".into(), "v".into(), "ts".into()],
@@ -855,41 +836,29 @@ mod tests {
             )],
             false,
         );
-        let mut stmt = conn
-            .prepare("SELECT id, v, ts, strftime(__valid_from, '%H:%M:%S.%f'), __is_current, __op FROM t ORDER BY id, __valid_from")
-            .unwrap();
-        let rows: Vec<(i64, String, String, String, bool, String)> = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let row = |id, v: &str, ts: &str, from: &str, current, op: &str| {
-            (
-                id,
-                v.to_string(),
-                ts.to_string(),
-                from.to_string(),
-                current,
-                op.to_string(),
-            )
-        };
         assert_eq!(
-            rows,
+            versions(&conn),
             vec![
-                row(1, "a", "t2", "10:00:00.000000", false, "I"),
-                row(1, "b", "t3", "10:01:00.000001", true, "U"),
-                row(2, "x", "s2", "10:00:00.000001", true, "I"),
+                v(1, "a", "10:00:00.000000", Some("10:01:00.000001"), "I"),
+                v(1, "b", "10:01:00.000001", None, "U"),
+                v(2, "x", "10:00:00.000001", None, "I"),
             ]
         );
+        assert_eq!(
+            ts_values(&conn),
+            ["t2", "t3", "s2"],
+            "untracked values updated in place"
+        );
+    }
+
+    /// `ts` of every version, in the order of [`versions`].
+    fn ts_values(conn: &duckdb::Connection) -> Vec<String> {
+        conn.prepare("SELECT ts FROM t ORDER BY id, __valid_from")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 
     /// Changes of a key that tie on every order column (one Firebolt file, one commit time)
@@ -951,14 +920,11 @@ mod tests {
         apply(&conn, &p, &[("20261201-100500000.parquet", on_time)], false);
         let late: &[(&str, i64, &str, &str)] = &[("U", 1, "x", &t2)];
         apply(&conn, &p, &[("20261201-100300000.parquet", late)], false);
-        let ts: Vec<String> = conn
-            .prepare("SELECT ts FROM t")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(ts, vec![t4], "one version, with the newest ts");
+        assert_eq!(
+            ts_values(&conn),
+            vec![t4],
+            "one version, with the newest ts"
+        );
     }
 
     /// With a time ordering column, a generation's full-load rows carry DMS's transfer
@@ -978,7 +944,6 @@ mod tests {
         ];
         apply(&conn, &p, &[("LOAD00000001.parquet", load)], false);
         let generation = ApplyPlan {
-            table: "g".into(),
             into: Some("g".into()),
             ..p.clone()
         };
@@ -992,11 +957,7 @@ mod tests {
             ("LOAD00000002.parquet", second),
             ("20261201-110000000.parquet", cached),
         ];
-        conn.execute_batch("ALTER TABLE t RENAME TO live; ALTER TABLE g RENAME TO t")
-            .unwrap();
         apply(&conn, &generation, &gen_files, false);
-        conn.execute_batch("ALTER TABLE t RENAME TO g; ALTER TABLE live RENAME TO t")
-            .unwrap();
         let reload = HistoryReload {
             key: vec!["id".into()],
             columns: vec!["id".into(), "v".into(), "ts".into()],
