@@ -516,9 +516,8 @@ async fn a_reload_of_a_history_table_closes_absent_keys_and_keeps_the_history() 
         vec![Some("7"), Some("r7")],
     ];
     let key = env.key("customers", "LOAD00000001.parquet");
-    let body =
-        crate::harness::parquet_bytes(LOAD, &load.iter().map(|r| values(r)).collect::<Vec<_>>());
-    env.put_bytes(&key, body).await;
+    let data: Vec<_> = load.iter().map(|r| values(r)).collect();
+    env.put_parquet(&key, LOAD, &data).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after_name = crate::reload::now_name();
     s.file(&after_name, CDC, &[c("U", "7", "r7-u")]).await;
